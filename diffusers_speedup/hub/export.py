@@ -1,0 +1,326 @@
+"""Hub-ready pipeline folders: weights, model_index.json, the single-file code, config, samples and a model card.
+
+Folder layout written by `export_pipeline` (a U-ViT pipeline as the example):
+
+    model_index.json                 {"_class_name": ["pipeline_class_conditional", "ClassConditionalPipeline"],
+                                      "transformer": ["uvit", "UViTModel"],
+                                      "scheduler": ["diffusers", "DDIMScheduler"], "vae": ["diffusers", ...]}
+    pipeline_class_conditional.py    the pipeline's source file, copied unchanged
+    transformer/config.json, transformer/diffusion_pytorch_model.safetensors
+    transformer/uvit.py              the model's source file, copied unchanged
+    scheduler/scheduler_config.json  (+ scheduler/<file>.py when the scheduler is not a diffusers class)
+    vae/...                          (latent models only)
+    training_config.yaml, samples.png, README.md
+
+Why this model_index.json. diffusers 0.42 resolves a component entry `[library, class]` by first looking for
+`<component>/<library>.py` in the folder (custom code, which needs `trust_remote_code=True`), and otherwise takes
+`library` from `sys.modules` (it never imports a library just because a folder names it). A `_class_name` given as
+`[file, class]` likewise loads the pipeline class from `<file>.py`. So:
+
+- `DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)` without this package installed finds
+  the pipeline and every non-diffusers component in the shipped files. This needs the file-named entries above;
+  entries such as `["diffusers_speedup", "UViTModel"]` would fail there, because that library cannot be imported.
+- `ClassConditionalPipeline.from_pretrained(folder_or_repo)` with the package installed must not run the shipped
+  files. diffusers' generic loader would take the shipped files as soon as they exist, so the pipeline class loads
+  such folders through `load_pipeline_components` below: every component whose entry names a shipped file is built
+  from the installed class of the same name, everything else the way diffusers does it.
+
+Both routes read the same folder; neither needs the other's entries.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .model_card import ModelCardInfo, build_model_card
+
+logger = logging.getLogger(__name__)
+
+# Libraries whose classes diffusers loads by name; anything else is third-party code that ships as a file.
+DIFFUSERS_LOADABLE_LIBRARIES = ("diffusers", "transformers", "onnxruntime.training")
+# What a shipped single-file module may import (ARCHITECTURE principle 1): stdlib, torch, diffusers, and
+# optional accelerators.
+_ALLOWED_IMPORTS = {"torch", "diffusers", "numpy", "PIL", "xformers", "safetensors", "huggingface_hub"}
+# Config keys that may carry credentials; they are never written into an exported folder.
+_SECRET_KEY_PARTS = ("token", "password", "secret", "api_key")
+
+MODEL_INDEX = "model_index.json"
+TRAINING_CONFIG_FILE = "training_config.yaml"
+SAMPLE_GRID_STEM = "samples"
+
+
+def source_file_of(cls: type) -> Path:
+    """The .py file that defines `cls`.
+
+    `inspect.getsourcefile(cls)` goes through `sys.modules[cls.__module__]`, which is the package root once the
+    package sets `__module__ = "diffusers_speedup"` on its public classes; the code objects of the class's own
+    methods still point at the defining file.
+    """
+    counts: collections.Counter[str] = collections.Counter()
+    for value in vars(cls).values():
+        if isinstance(value, property):
+            value = value.fget
+        func = (
+            inspect.unwrap(getattr(value, "__func__", value)) if callable(getattr(value, "__func__", value)) else None
+        )
+        code = getattr(func, "__code__", None)
+        if code is not None and getattr(func, "__qualname__", "").startswith(cls.__qualname__ + "."):
+            counts[code.co_filename] += 1
+    if not counts:
+        module = sys.modules.get(cls.__module__)
+        if module is None or not getattr(module, "__file__", None):
+            raise ValueError(f"Cannot find the source file of {cls.__qualname__} (module {cls.__module__!r})")
+        return Path(module.__file__)
+    return Path(counts.most_common(1)[0][0])
+
+
+def _non_shippable_imports(source: Path) -> list[str]:
+    """Top-level imports of `source` outside the standard library, torch and diffusers (plus relative imports)."""
+    tree = ast.parse(source.read_text(encoding="utf-8"), filename=str(source))
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            bad.append("." * node.level + (node.module or ""))
+            continue
+        names = (
+            [alias.name for alias in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module]
+            if isinstance(node, ast.ImportFrom)
+            else []
+        )
+        for name in names:
+            top = name.split(".")[0]
+            if top not in _ALLOWED_IMPORTS and top not in sys.stdlib_module_names:
+                bad.append(name)
+    return bad
+
+
+def _is_custom_library(library: str | None) -> bool:
+    if library is None or library in DIFFUSERS_LOADABLE_LIBRARIES:
+        return False
+    from diffusers import pipelines
+
+    return not hasattr(pipelines, library)  # a diffusers pipeline module (e.g. "stable_diffusion")
+
+
+def _copy_code(cls: type, destination_dir: Path) -> str:
+    source = source_file_of(cls)
+    bad = _non_shippable_imports(source)
+    if bad:
+        # The folder still loads with the package installed; only the trust_remote_code route would break.
+        logger.warning(
+            "%s imports %s, which a user without diffusers-speedup installed will not have; "
+            "DiffusionPipeline.from_pretrained(..., trust_remote_code=True) will fail on the exported folder.",
+            source,
+            bad,
+        )
+    destination_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, destination_dir / source.name)
+    return source.stem
+
+
+def ship_pipeline_code(pipeline, folder: str | os.PathLike) -> dict[str, Any]:
+    """Copies the source file of the pipeline class and of each non-diffusers component into `folder` (a folder
+    just written by `pipeline.save_pretrained`) and rewrites model_index.json to name those files. Returns the new
+    model_index dict.
+    """
+    folder = Path(folder)
+    index = json.loads((folder / MODEL_INDEX).read_text())
+    for name, entry in list(index.items()):
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2:
+            continue
+        library, class_name = entry
+        if not _is_custom_library(library):
+            continue
+        component = getattr(pipeline, name)
+        component = getattr(component, "_orig_mod", component)  # torch.compile wrapper
+        stem = _copy_code(type(component), folder / name)
+        index[name] = [stem, class_name]
+
+    pipeline_cls = type(pipeline)
+    if pipeline_cls.__module__.split(".")[0] != "diffusers":
+        stem = _copy_code(pipeline_cls, folder)
+        index["_class_name"] = [stem, pipeline_cls.__name__]
+
+    (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return index
+
+
+def _plain_config(config: Any) -> dict:
+    if config is None:
+        return {}
+    try:  # OmegaConf configs (the trainer's own format) resolve their interpolations here.
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(config, DictConfig):
+            config = OmegaConf.to_container(config, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"training_config must be a dict, DictConfig or dataclass, got {type(config).__name__}")
+    return _without_secrets(config)
+
+
+def _without_secrets(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {
+            str(k): _without_secrets(v)
+            for k, v in value.items()
+            if not any(part in str(k).lower() for part in _SECRET_KEY_PARTS)
+        }
+    if isinstance(value, (list, tuple)):
+        return [_without_secrets(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _write_yaml(data: dict, path: Path) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def _write_sample_grid(sample_grid, folder: Path) -> str:
+    if isinstance(sample_grid, (str, os.PathLike)):
+        source = Path(sample_grid)
+        if not source.is_file():
+            raise FileNotFoundError(f"sample_grid file not found: {source}")
+        name = SAMPLE_GRID_STEM + source.suffix.lower()
+        shutil.copyfile(source, folder / name)
+        return name
+    if hasattr(sample_grid, "save"):  # PIL.Image
+        name = SAMPLE_GRID_STEM + ".png"
+        sample_grid.save(folder / name)
+        return name
+    raise TypeError(f"sample_grid must be a PIL image or a path, got {type(sample_grid).__name__}")
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Renames `new` to `target`; an existing `target` is moved aside first and deleted only afterwards."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def export_pipeline(
+    pipeline,
+    output_dir: str | os.PathLike,
+    *,
+    training_config: Mapping[str, Any] | Any | None = None,
+    sample_grid=None,
+    card_info: ModelCardInfo | Mapping[str, Any] | None = None,
+    overwrite: bool = True,
+    ship_code: bool = True,
+) -> Path:
+    """Writes a complete, Hub-ready pipeline folder and returns its path.
+
+    The folder is built next to `output_dir` under a temporary name and renamed into place at the end, so
+    `output_dir` is either the previous complete export or the new complete one, never a half-written folder.
+
+    Args:
+        pipeline: a `DiffusionPipeline` holding the weights to release (register the EMA weights and unwrapped
+            modules, not DDP wrappers).
+        output_dir: folder to write; replaced if it exists and `overwrite` is True.
+        training_config: the resolved training config (dict, OmegaConf DictConfig or dataclass), written as
+            training_config.yaml with any key naming a token/password/secret removed; also read for the card.
+        sample_grid: a PIL image or an image file path, written as samples.<ext> and shown in the card.
+        card_info: `ModelCardInfo` or a dict of its fields (model name, repo id, FID, training facts, ...).
+        overwrite: replace an existing `output_dir` (else raise FileExistsError).
+        ship_code: copy the single-file code of non-diffusers classes into the folder so that
+            `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` works without this package.
+    """
+    target = Path(output_dir)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"output_dir already exists and overwrite=False: {target}")
+    info = ModelCardInfo.from_value(card_info)
+    config = _plain_config(training_config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        if ship_code:
+            index = ship_pipeline_code(pipeline, staging)
+        else:
+            index = json.loads((staging / MODEL_INDEX).read_text())
+        if config:
+            _write_yaml(config, staging / TRAINING_CONFIG_FILE)
+        grid_name = _write_sample_grid(sample_grid, staging) if sample_grid is not None else None
+        components = {
+            name: entry[1]
+            for name, entry in index.items()
+            if not name.startswith("_") and isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+        }
+        card = build_model_card(info, training_config=config, component_classes=components, sample_grid_file=grid_name)
+        card.save(staging / "README.md")
+        _replace_folder(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("Exported pipeline to %s", target)
+    return target
+
+
+def _is_model_class(cls: type) -> bool:
+    from diffusers import SchedulerMixin
+
+    return not issubclass(cls, SchedulerMixin)
+
+
+def load_pipeline_components(folder: str | os.PathLike, installed_library, **from_pretrained_kwargs) -> dict[str, Any]:
+    """Builds the components of an exported folder from installed classes, without running code shipped in it.
+
+    Args:
+        folder: a local pipeline folder (download a repo first with `huggingface_hub.snapshot_download`).
+        installed_library: module exposing the installed classes by name (e.g. `diffusers_speedup`); a component
+            entry naming a shipped file `[file, ClassName]` is built with `installed_library.ClassName`.
+        from_pretrained_kwargs: passed to every component's `from_pretrained` (e.g. `torch_dtype`).
+
+    Returns a dict of component name -> loaded object (None for components saved as null), ready for
+    `PipelineClass(**components)`.
+    """
+    import importlib
+
+    folder = Path(folder)
+    index = json.loads((folder / MODEL_INDEX).read_text())
+    components: dict[str, Any] = {}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2:
+            continue
+        library, class_name = entry
+        if library is None or class_name is None:
+            components[name] = None
+            continue
+        if (folder / name / f"{library}.py").is_file() or _is_custom_library(library):
+            cls = getattr(installed_library, class_name, None)
+            if cls is None:
+                raise ValueError(
+                    f"{folder / MODEL_INDEX} names {name}=[{library!r}, {class_name!r}], but the installed "
+                    f"{installed_library.__name__} has no class {class_name}"
+                )
+        elif library in DIFFUSERS_LOADABLE_LIBRARIES:
+            cls = getattr(importlib.import_module(library), class_name)
+        else:  # a module of diffusers.pipelines, e.g. a safety checker
+            cls = getattr(getattr(importlib.import_module("diffusers.pipelines"), library), class_name)
+        kwargs = from_pretrained_kwargs if isinstance(cls, type) and _is_model_class(cls) else {}
+        components[name] = cls.from_pretrained(folder, subfolder=name, **kwargs)
+    return components

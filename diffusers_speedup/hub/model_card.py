@@ -1,0 +1,316 @@
+"""Model cards for exported pipelines: Hub metadata (YAML) plus a README a newcomer can act on."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+# One entry per technique the card can name: Hub tag, display name, citation, and the paper's arXiv id.
+TECHNIQUES: dict[str, dict[str, str]] = {
+    "min-snr": {
+        "name": "Min-SNR-γ loss weighting",
+        "citation": "Hang et al., *Efficient Diffusion Training via Min-SNR Weighting Strategy*, ICCV 2023",
+        "arxiv": "2303.09556",
+    },
+    "speed": {
+        "name": "SpeeD timestep sampling",
+        "citation": "Wang et al., *A Closer Look at Time Steps is Worthy of Triple Speed-Up for Diffusion Model Training*",
+        "arxiv": "2405.17403",
+    },
+    "edm2": {
+        "name": "EDM2 magnitude-preserving network and learned loss weighting",
+        "citation": "Karras et al., *Analyzing and Improving the Training Dynamics of Diffusion Models*, CVPR 2024",
+        "arxiv": "2312.02696",
+    },
+    "scalelong": {
+        "name": "ScaleLong long-skip-connection scaling",
+        "citation": "Huang et al., *ScaleLong: Towards More Stable Training of Diffusion Model via Scaling Network "
+        "Long Skip Connection*, NeurIPS 2023",
+        "arxiv": "2310.13545",
+    },
+    "limited-interval-guidance": {
+        "name": "Classifier-free guidance in a limited interval",
+        "citation": "Kynkäänniemi et al., *Applying Guidance in a Limited Interval Improves Sample and Distribution "
+        "Quality in Diffusion Models*, NeurIPS 2024",
+        "arxiv": "2404.07724",
+    },
+    "u-vit": {
+        "name": "U-ViT backbone",
+        "citation": "Bao et al., *All are Worth Words: A ViT Backbone for Diffusion Models*, CVPR 2023",
+        "arxiv": "2209.12152",
+    },
+}
+
+# The Hub has no pipeline tag for class-conditional generation; this is the closest one it lists.
+PIPELINE_TAG = "unconditional-image-generation"
+BASE_TAGS = ["diffusers", "diffusers-speedup", "class-conditional-image-generation", "class-conditional"]
+
+
+@dataclasses.dataclass
+class ModelCardInfo:
+    """What the model card says beyond what the training config and the pipeline already tell.
+
+    Args:
+        model_name: short name shown as the card's title and in `model-index` (e.g. "uvit-s2-imagenet256").
+        repo_id: Hub repository the folder is meant for; used in the copy-paste loading code (a local path is
+            shown instead when None).
+        description: one paragraph on what the model is; a generic sentence is written when None.
+        license: SPDX-like license id for the weights (the Hub's `license` field).
+        datasets: Hub dataset ids trained on (e.g. ["ILSVRC/imagenet-1k"]).
+        dataset_name: human name of the training data and resolution (e.g. "ImageNet 256×256").
+        fid: FID of samples from this model, when an evaluation has run; goes into `model-index`.
+        fid_num_samples: number of generated images the FID used (names the metric "FID-50K" and so on).
+        fid_split: dataset split the reference statistics came from.
+        fid_settings: free text on how the samples for the FID were drawn (steps, guidance, ...).
+        training_steps, images_seen, batch_size, hardware, training_time: how it was trained, as reported.
+        techniques: Hub tags of techniques used (keys of `TECHNIQUES`); derived from the training config if None.
+        extra_tags: more Hub tags.
+        num_inference_steps, guidance_scale, guidance_interval: sampling settings shown in the example code.
+        class_labels: class ids used in the example code.
+    """
+
+    model_name: str = "diffusers-speedup-model"
+    repo_id: str | None = None
+    description: str | None = None
+    license: str = "apache-2.0"
+    datasets: list[str] = dataclasses.field(default_factory=list)
+    dataset_name: str | None = None
+    fid: float | None = None
+    fid_num_samples: int | None = None
+    fid_split: str = "train"
+    fid_settings: str | None = None
+    training_steps: int | None = None
+    images_seen: int | None = None
+    batch_size: int | None = None
+    hardware: str | None = None
+    training_time: str | None = None
+    techniques: list[str] | None = None
+    extra_tags: list[str] = dataclasses.field(default_factory=list)
+    num_inference_steps: int = 50
+    guidance_scale: float = 4.0
+    guidance_interval: tuple[float, float] | None = None
+    class_labels: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2, 3])
+
+    @classmethod
+    def from_value(cls, value: ModelCardInfo | Mapping[str, Any] | None) -> ModelCardInfo:
+        """Accepts a ModelCardInfo, a dict of its fields (unknown keys are an error), or None (defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"card_info must be a ModelCardInfo or a dict, got {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"card_info has unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**dict(value))
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _is_off(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, str) and value.lower() in ("", "none", "off", "false"))
+
+
+def detect_techniques(training_config: Mapping[str, Any] | None, pipeline_class_names: list[str] = ()) -> list[str]:
+    """Techniques (keys of `TECHNIQUES`) a training config and the pipeline's component classes show.
+
+    The config is searched by key name rather than by a fixed schema so the card keeps working while the config
+    layout evolves: a loss weighting or timestep sampler whose value names the technique, a `skip_scaling` other
+    than "none" (ScaleLong), a `guidance_interval` that is set, and the model classes themselves.
+    """
+    found: list[str] = []
+
+    def add(tag):
+        if tag not in found:
+            found.append(tag)
+
+    for key, value in _flatten(training_config or {}).items():
+        leaf = key.rsplit(".", 1)[-1].lower()
+        text = str(value).lower().replace("-", "_")
+        if leaf in ("weighting", "loss_weighting", "weighting_scheme", "kind") and text in ("min_snr", "soft_min_snr"):
+            add("min-snr")
+        if leaf in ("snr_gamma", "min_snr_gamma") and not _is_off(value):
+            add("min-snr")
+        if leaf in ("sampler", "timestep_sampler", "timestep_sampling", "kind") and text == "speed":
+            add("speed")
+        if leaf == "skip_scaling" and not _is_off(value):
+            add("scalelong")
+        if leaf == "guidance_interval" and not _is_off(value):
+            add("limited-interval-guidance")
+        if leaf in ("model", "model_type", "type", "architecture", "name", "kind", "weighting") and text.startswith(
+            "edm2"
+        ):
+            add("edm2")
+        if leaf in ("model", "model_type", "type", "architecture", "name") and text.startswith("uvit"):
+            add("u-vit")
+    for class_name in pipeline_class_names:
+        if class_name == "UViTModel":
+            add("u-vit")
+        if class_name == "EDM2UNetModel":
+            add("edm2")
+    return found
+
+
+def _loading_code(location: str, info: ModelCardInfo) -> str:
+    labels = ", ".join(str(c) for c in info.class_labels)
+    lo, hi = info.guidance_interval or (0.28, 2.9)
+    return f"""With this package installed (`pip install diffusers-speedup`), the installed classes are used and no
+code from the repository runs:
+
+```python
+import torch
+from diffusers_speedup import ClassConditionalPipeline
+
+pipe = ClassConditionalPipeline.from_pretrained("{location}")
+generator = torch.Generator().manual_seed(0)
+images = pipe(class_labels=[{labels}], num_inference_steps={info.num_inference_steps},
+              guidance_scale={info.guidance_scale}, generator=generator).images
+images[0].save("sample.png")
+```
+
+With plain 🤗 diffusers only, the single-file code shipped in this repository is used (read it first: it runs on
+your machine):
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{location}", trust_remote_code=True)
+images = pipe(class_labels=[{labels}], num_inference_steps={info.num_inference_steps}).images
+```
+
+Classifier-free guidance limited to an interval of noise levels (Kynkäänniemi et al., 2024): the unconditional
+pass runs only while the noise level σ is inside `(sigma_lo, sigma_hi)`, which is both faster and better than
+guiding at every step. The paper's EDM2 setting for ImageNet-512 is σ ∈ (0.28, 2.9]; tune the interval and scale for this model:
+
+```python
+images = pipe(class_labels=[{labels}], num_inference_steps={info.num_inference_steps},
+              guidance_scale={info.guidance_scale}, guidance_interval=({lo}, {hi}),
+              generator=torch.Generator().manual_seed(0)).images
+```
+"""
+
+
+def build_model_card(
+    info: ModelCardInfo | Mapping[str, Any] | None = None,
+    *,
+    training_config: Mapping[str, Any] | None = None,
+    component_classes: Mapping[str, str] | None = None,
+    sample_grid_file: str | None = None,
+    location: str | None = None,
+) -> ModelCard:
+    """Builds the README.md model card of an exported pipeline.
+
+    Args:
+        info: what to say about the model (`ModelCardInfo` or a dict of its fields).
+        training_config: the resolved training config; techniques and the training recipe are read from it.
+        component_classes: component name -> class name (from model_index.json), e.g. {"transformer": "UViTModel"}.
+        sample_grid_file: file name of the sample grid inside the folder, shown in the card when given.
+        location: repo id or path shown in the loading code; `info.repo_id` or "path/to/this/folder" when None.
+    """
+    info = ModelCardInfo.from_value(info)
+    component_classes = dict(component_classes or {})
+    techniques = (
+        list(info.techniques)
+        if info.techniques is not None
+        else detect_techniques(training_config, list(component_classes.values()))
+    )
+    unknown = [t for t in techniques if t not in TECHNIQUES]
+    if unknown:
+        raise ValueError(f"card_info.techniques has unknown entries {unknown}; known: {sorted(TECHNIQUES)}")
+
+    eval_results = None
+    if info.fid is not None:
+        metric_name = f"FID-{info.fid_num_samples // 1000}K" if info.fid_num_samples else "FID"
+        eval_results = [
+            EvalResult(
+                task_type="image-generation",
+                task_name="Class-conditional image generation",
+                dataset_type=info.datasets[0] if info.datasets else "custom",
+                dataset_name=info.dataset_name or (info.datasets[0] if info.datasets else "training data"),
+                dataset_split=info.fid_split,
+                metric_type="fid",
+                metric_name=metric_name,
+                metric_value=float(info.fid),
+            )
+        ]
+    tags = list(dict.fromkeys(BASE_TAGS + techniques + list(info.extra_tags)))
+    card_data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag=PIPELINE_TAG,
+        license=info.license,
+        tags=tags,
+        datasets=list(info.datasets) or None,
+        model_name=info.model_name,
+        eval_results=eval_results,
+    )
+
+    location = location or info.repo_id or "path/to/this/folder"
+    backbone = component_classes.get("transformer") or component_classes.get("unet") or "diffusion model"
+    uses_vae = "vae" in component_classes
+    space = "the latent space of a Stable Diffusion VAE (`vae/`)" if uses_vae else "pixel space"
+    description = info.description or (
+        f"A class-conditional image generation model ({backbone}) trained in {space}"
+        + (f" on {info.dataset_name}" if info.dataset_name else "")
+        + " with diffusers-speedup, a set of training speed-ups for 🤗 diffusers."
+    )
+
+    lines = [f"# {info.model_name}", "", description, ""]
+    if sample_grid_file:
+        lines += [f"![Samples]({sample_grid_file})", ""]
+
+    lines += ["## Components", ""]
+    lines += [f"- `{name}`: `{cls}`" for name, cls in component_classes.items()]
+    lines += [""]
+
+    lines += ["## How it was trained", ""]
+    recipe = []
+    if info.dataset_name or info.datasets:
+        recipe.append(f"- **Data:** {info.dataset_name or ', '.join(info.datasets)}")
+    for label, value in (
+        ("Optimizer steps", info.training_steps),
+        ("Images seen", info.images_seen),
+        ("Global batch size", info.batch_size),
+        ("Hardware", info.hardware),
+        ("Training time", info.training_time),
+    ):
+        if value is not None:
+            recipe.append(f"- **{label}:** {value:,}" if isinstance(value, int) else f"- **{label}:** {value}")
+    if training_config:
+        recipe.append("- **Full recipe:** [`training_config.yaml`](training_config.yaml) (the resolved config)")
+    lines += recipe or ["Not recorded."]
+    lines += [""]
+
+    if techniques:
+        lines += ["### Techniques", ""]
+        for tag in techniques:
+            t = TECHNIQUES[tag]
+            lines.append(
+                f"- **{t['name']}**: {t['citation']} ([arXiv:{t['arxiv']}](https://arxiv.org/abs/{t['arxiv']}))"
+            )
+        lines += [""]
+
+    if info.fid is not None:
+        lines += ["## Evaluation", ""]
+        lines.append(f"- **{eval_results[0].metric_name}:** {info.fid:.2f}")
+        if info.fid_settings:
+            lines.append(f"- **Sampling settings:** {info.fid_settings}")
+        lines += [""]
+
+    lines += ["## Usage", "", _loading_code(location, info)]
+
+    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip() + "\n"
+    return ModelCard(content)
