@@ -64,7 +64,7 @@ def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
     from scipy import linalg
 
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         warnings.warn(f"FID: singular product of covariances; adding {eps} to their diagonals", stacklevel=3)
         offset = np.eye(sigma1.shape[0]) * eps

@@ -91,7 +91,7 @@ def npz_keys(path: str | os.PathLike) -> list[str]:
 
 def iter_npz_array(path: str | os.PathLike, key: str = IMAGES_KEY, batch_size: int = 256) -> Iterator[np.ndarray]:
     """Yield consecutive slices of length `batch_size` (the last may be shorter) of one array in an `.npz`,
-    reading only one slice into memory at a time."""
+    reading only one slice into memory at a time. The slices are writable copies."""
     if batch_size < 1:
         raise ValueError(f"iter_npz_array: batch_size must be >= 1, got {batch_size}")
     with zipfile.ZipFile(path) as archive:
@@ -115,7 +115,7 @@ def iter_npz_array(path: str | os.PathLike, key: str = IMAGES_KEY, batch_size: i
                 data = member.read(count * item_bytes)
                 if len(data) != count * item_bytes:
                     raise ValueError(f"{path}: array {key!r} is truncated (expected {shape[0]} rows)")
-                yield np.frombuffer(data, dtype=dtype).reshape((count, *item_shape))
+                yield np.frombuffer(bytearray(data), dtype=dtype).reshape((count, *item_shape))
 
 
 def npz_array_shape(path: str | os.PathLike, key: str = IMAGES_KEY) -> tuple[int, ...]:
