@@ -4,6 +4,25 @@
 # base classes (diffusers looks them up in the library module itself).
 from diffusers import ModelMixin, SchedulerMixin
 
+from .objectives import (
+    DiffusionObjective,
+    LogitNormalTimestepSampler,
+    LogNormalSigmaSampler,
+    SpeeDTimestepSampler,
+    UniformTimestepSampler,
+    compute_loss_weights,
+)
+
 __version__ = "0.1.0"
 
-__all__ = ["ModelMixin", "SchedulerMixin", "__version__"]
+__all__ = [
+    "DiffusionObjective",
+    "LogNormalSigmaSampler",
+    "LogitNormalTimestepSampler",
+    "ModelMixin",
+    "SchedulerMixin",
+    "SpeeDTimestepSampler",
+    "UniformTimestepSampler",
+    "__version__",
+    "compute_loss_weights",
+]

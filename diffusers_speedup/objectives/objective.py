@@ -1,0 +1,335 @@
+"""The training objective: a noise schedule, a noise-level sampler, a loss weighting and a prediction type."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .samplers import (
+    LogitNormalTimestepSampler,
+    LogNormalSigmaSampler,
+    SpeeDTimestepSampler,
+    UniformTimestepSampler,
+)
+from .weighting import MAX_SNR, MIN_SNR, PREDICTION_TYPES, compute_loss_weights, x0_space_weights
+
+
+class UncertaintyHead(nn.Module):
+    """EDM2's learned uncertainty u(σ) (Karras et al. 2024, Eq. 21): Fourier features of the noise level → linear.
+
+    The per-sample loss becomes λ(σ)/e^{u(σ)}·‖D − x0‖² + u(σ); the optimum e^u tracks the weighted loss at each
+    noise level, which keeps the loss balanced across σ. The output starts at 0 (zero-initialised linear layer),
+    where the loss equals the unlearned one. It is a training-only module: it is optimised and checkpointed
+    with the model but not exported. Models that have their own log-variance output (EDM2UNetModel) use that instead.
+
+    Args:
+        num_features: number of Fourier features.
+        seed: seed of the fixed random frequencies and phases, so that every process builds the same head.
+    """
+
+    def __init__(self, num_features: int = 128, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("frequencies", torch.randn(num_features, generator=generator))
+        self.register_buffer("phases", torch.rand(num_features, generator=generator))
+        self.linear = nn.Linear(num_features, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        features = math.sqrt(2.0) * torch.cos(2 * math.pi * (c_noise[:, None].float() * self.frequencies + self.phases))
+        return self.linear(features).squeeze(1)
+
+
+@dataclass
+class ObjectiveOutput:
+    """What one evaluation of the objective returns (all per sample, float32).
+
+    Attributes:
+        loss: the loss to average and back-propagate.
+        mse: the unweighted mean squared error of the regressed target.
+        snr: the signal-to-noise ratio of each sample's noise level (for per-noise-level logging).
+        logvar: the learned uncertainty u, when learned_uncertainty is on.
+    """
+
+    loss: torch.Tensor
+    mse: torch.Tensor
+    snr: torch.Tensor
+    logvar: torch.Tensor | None = None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's model behind DDP/FSDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        if inner is None:
+            inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+class DiffusionObjective(nn.Module):
+    """Ties a noise schedule, a noise-level sampler, a loss weighting and a prediction type into one loss.
+
+    Two families of noise schedules meet in the SNR (ᾱ/(1−ᾱ) = 1/σ²):
+
+    * **discrete** — any diffusers scheduler with ``alphas_cumprod`` (DDPMScheduler with linear, scaled_linear or
+      squaredcos_cap_v2 betas, with or without ``rescale_betas_zero_snr``): x_t = √ᾱ·x0 + √(1−ᾱ)·ε, the model is
+      called as ``model(hidden_states=x_t, timestep=t, class_labels=y)`` (DiT, U-ViT) and regresses ε, v or x0.
+    * **EDM** — a scheduler with ``config.sigma_data`` (diffusers' EDMEulerScheduler, EDMHeunScheduler):
+      x = x0 + σ·n. A model with ``input_is_sigma = True`` (EDM2UNetModel) is called as ``model(x, σ, y)`` and
+      returns the denoised sample (prediction_type "sample"). Any other model is wrapped in EDM's preconditioning
+      exactly as diffusers' EDM schedulers expect at sampling time: input c_in·x, timestep c_noise = ln(σ)/4, and
+      it regresses F = (x0 − c_skip·x)/c_out (prediction_type "epsilon"; "v_prediction" negates c_out).
+
+    Every weighting is applied in x0-space and converted to the regressed target (see ``weighting.py``), so ε-, v-
+    and x0-prediction minimise the same objective for the same denoiser.
+
+    Args:
+        noise_scheduler: the schedule (see above).
+        sampler: an object with ``sample(batch_size, device, generator) -> (noise_levels, weights)``; defaults to
+            uniform timesteps (discrete) or EDM's log-normal σ (EDM).
+        weighting: a kind of :func:`compute_loss_weights` ("constant", "min_snr", "soft_min_snr", "p2", "edm").
+        weighting_params: its parameters, e.g. ``{"gamma": 5.0}``. "edm" takes the schedule's σ_data by default.
+        prediction_type: "epsilon", "v_prediction" or "sample"; defaults to the scheduler's own.
+        learned_uncertainty: EDM2's learned uncertainty weighting; uses the model's log-variance output if it has
+            one (``return_logvar``), otherwise an :class:`UncertaintyHead` owned by this objective.
+        label_dropout: probability of replacing a class label by the null label ``num_classes`` during training,
+            for classifier-free guidance. Leave 0 for models that drop labels themselves (diffusers' DiT drops 10%).
+        num_classes: number of classes (the null label's id); needed when label_dropout > 0.
+    """
+
+    def __init__(
+        self,
+        noise_scheduler,
+        sampler=None,
+        weighting: str = "constant",
+        weighting_params: dict | None = None,
+        prediction_type: str | None = None,
+        learned_uncertainty: bool = False,
+        label_dropout: float = 0.0,
+        num_classes: int | None = None,
+    ):
+        super().__init__()
+        config = getattr(noise_scheduler, "config", None)
+        if getattr(noise_scheduler, "alphas_cumprod", None) is not None:
+            self.schedule = "discrete"
+            self.register_buffer(
+                "alphas_cumprod", torch.as_tensor(noise_scheduler.alphas_cumprod, dtype=torch.float64), persistent=False
+            )
+            self.sigma_data = None
+        elif config is not None and "sigma_data" in config:
+            self.schedule = "edm"
+            self.sigma_data = float(config.sigma_data)
+        else:
+            raise ValueError(
+                f"noise_scheduler must be a discrete diffusers scheduler (with alphas_cumprod) or an EDM scheduler "
+                f"(with config.sigma_data); got {type(noise_scheduler).__name__}."
+            )
+        self.prediction_type = prediction_type or getattr(config, "prediction_type", None) or "epsilon"
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}.")
+
+        if sampler is None:
+            sampler = (
+                UniformTimestepSampler(noise_scheduler) if self.schedule == "discrete" else LogNormalSigmaSampler()
+            )
+        draws_sigma = isinstance(sampler, LogNormalSigmaSampler)
+        if self.schedule == "edm" and not draws_sigma:
+            raise ValueError(
+                f"{type(sampler).__name__} draws discrete timesteps; an EDM schedule needs σ (LogNormalSigmaSampler)."
+            )
+        if self.schedule == "discrete" and draws_sigma:
+            raise ValueError("LogNormalSigmaSampler draws continuous σ; a discrete schedule needs timesteps.")
+        self.sampler = sampler
+
+        self.weighting = weighting
+        self.weighting_params = dict(weighting_params or {})
+        if weighting == "edm" and self.sigma_data is not None:
+            self.weighting_params.setdefault("sigma_data", self.sigma_data)
+        compute_loss_weights(weighting, torch.ones(1), self.prediction_type, **self.weighting_params)  # validates
+
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}.")
+        if label_dropout > 0 and num_classes is None:
+            raise ValueError("label_dropout > 0 needs num_classes (the null label's id).")
+        self.label_dropout, self.num_classes = label_dropout, num_classes
+
+        self.learned_uncertainty = learned_uncertainty
+        self.uncertainty_head = UncertaintyHead() if learned_uncertainty else None
+
+    @classmethod
+    def from_config(cls, config: dict, noise_scheduler, num_classes: int | None = None) -> DiffusionObjective:
+        """Build from the recipe form, e.g. ``{"sampler": {"kind": "speed", "k": 5}, "weighting": {"kind": "min_snr",
+        "gamma": 5}, "prediction_type": "epsilon", "learned_uncertainty": False, "label_dropout": 0.1}``."""
+        config = dict(config)
+        sampler = build_sampler(dict(config.pop("sampler", {"kind": "default"})), noise_scheduler)
+        weighting = dict(config.pop("weighting", {"kind": "constant"}))
+        kind = weighting.pop("kind", "constant")
+        return cls(
+            noise_scheduler,
+            sampler=sampler,
+            weighting=kind,
+            weighting_params=weighting,
+            num_classes=num_classes,
+            **config,
+        )
+
+    # --- noise levels ---------------------------------------------------------------------------------------
+
+    def snr(self, noise_levels: torch.Tensor) -> torch.Tensor:
+        """SNR of timesteps (discrete) or σ (EDM), float32."""
+        if self.schedule == "discrete":
+            alphas_cumprod = self.alphas_cumprod[noise_levels.to(self.alphas_cumprod.device)]
+            return (alphas_cumprod / (1.0 - alphas_cumprod)).float().to(noise_levels.device)
+        return noise_levels.float().pow(-2)
+
+    def _drop_labels(self, class_labels):
+        if class_labels is None or not self.training or self.label_dropout == 0:
+            return class_labels
+        drop = torch.rand(class_labels.shape, device=class_labels.device) < self.label_dropout
+        return torch.where(drop, torch.full_like(class_labels, self.num_classes), class_labels)
+
+    def _uncertainty(self, model_logvar, snr):
+        if not self.learned_uncertainty:
+            return None
+        if model_logvar is not None:
+            return model_logvar.reshape(-1).float()
+        c_noise = -snr.clamp(MIN_SNR, MAX_SNR).log() / 8  # ln(σ)/4 with σ = SNR^(-1/2)
+        return self.uncertainty_head(c_noise)
+
+    # --- the loss -----------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ObjectiveOutput:
+        """Draw noise levels and noise for the clean batch ``x0`` and return the per-sample loss of ``model``."""
+        batch_size = x0.shape[0]
+        noise_levels, sampler_weights = self.sampler.sample(batch_size, device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device)
+        noise = noise.to(device=x0.device, dtype=x0.dtype)
+        class_labels = self._drop_labels(class_labels)
+        snr = self.snr(noise_levels)
+        takes_sigma = getattr(_unwrap(model), "input_is_sigma", False)
+        model_logvar = None
+
+        if self.schedule == "discrete":
+            if takes_sigma:
+                raise ValueError(
+                    f"{type(_unwrap(model)).__name__} takes σ and returns the denoised sample; train it "
+                    "with an EDM schedule, not a discrete one."
+                )
+            alphas_cumprod = self.alphas_cumprod[noise_levels.to(self.alphas_cumprod.device)].to(x0.device)
+            alpha, sigma = _expand(alphas_cumprod.sqrt(), x0), _expand((1.0 - alphas_cumprod).sqrt(), x0)
+            noisy = alpha * x0 + sigma * noise
+            prediction = _first_channels(
+                model(hidden_states=noisy, timestep=noise_levels, class_labels=class_labels, return_dict=False)[0], x0
+            )
+            target = {"epsilon": noise, "v_prediction": alpha * noise - sigma * x0, "sample": x0}[self.prediction_type]
+            weights = compute_loss_weights(self.weighting, snr, self.prediction_type, **self.weighting_params)
+        else:
+            sigma = _expand(noise_levels, x0)
+            noisy = x0 + sigma * noise
+            if takes_sigma:
+                if self.prediction_type != "sample":
+                    raise ValueError(
+                        f"{type(_unwrap(model)).__name__} returns the denoised sample: use "
+                        f"prediction_type 'sample', not {self.prediction_type!r}."
+                    )
+                output = model(noisy, noise_levels, class_labels, return_logvar=self.learned_uncertainty)
+                prediction, model_logvar, target = output.sample, output.logvar, x0
+                output_scale_sq = torch.ones_like(snr)
+            else:
+                if self.prediction_type == "sample":
+                    raise ValueError(
+                        "With an EDM schedule, prediction_type 'sample' is for models that take σ and "
+                        "return the denoised sample (input_is_sigma = True)."
+                    )
+                sigma_data = self.sigma_data
+                c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+                c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+                c_out = -c_out if self.prediction_type == "v_prediction" else c_out
+                c_in = 1.0 / (sigma**2 + sigma_data**2).sqrt()
+                c_noise = noise_levels.log() / 4
+                prediction = _first_channels(
+                    model(hidden_states=c_in * noisy, timestep=c_noise, class_labels=class_labels, return_dict=False)[
+                        0
+                    ],
+                    x0,
+                )
+                target = (x0 - c_skip * noisy) / c_out
+                output_scale_sq = c_out.reshape(-1).float() ** 2
+            # The regressed target is D (σ-input models) or F, whose error is the x0 error divided by c_out.
+            if self.weighting == "constant":
+                weights = torch.ones_like(snr)
+            else:
+                weights = x0_space_weights(self.weighting, snr, **self.weighting_params) * output_scale_sq
+
+        mse = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+        loss = weights * sampler_weights * mse
+        logvar = self._uncertainty(model_logvar, snr)
+        if logvar is not None:
+            loss = loss / logvar.exp() + logvar
+        return ObjectiveOutput(loss=loss, mse=mse, snr=snr, logvar=logvar)
+
+    def loss(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The per-sample loss (shape (B,)); average it for back-propagation."""
+        return self(model, x0, class_labels, generator=generator).loss
+
+
+def _first_channels(prediction: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """A learned-variance model (DiT with learn_sigma) outputs 2C channels; the mean prediction is the first C."""
+    if prediction.shape[1] == 2 * x0.shape[1]:
+        return prediction[:, : x0.shape[1]]
+    if prediction.shape != x0.shape:
+        raise ValueError(f"The model's output has shape {tuple(prediction.shape)}, the data {tuple(x0.shape)}.")
+    return prediction
+
+
+SAMPLER_KINDS = ("default", "uniform", "speed", "lognormal", "logit_normal")
+
+
+def build_sampler(config: dict, noise_scheduler):
+    """A sampler from its recipe form ``{"kind": ..., **params}``; "default" picks the schedule's usual one."""
+    config = dict(config)
+    kind = config.pop("kind", "default")
+    discrete = getattr(noise_scheduler, "alphas_cumprod", None) is not None
+    if kind == "default":
+        kind = "uniform" if discrete else "lognormal"
+    if kind not in SAMPLER_KINDS:
+        raise ValueError(f"Unknown sampler kind {kind!r}; expected one of {', '.join(SAMPLER_KINDS)}.")
+    if kind in ("uniform", "speed", "logit_normal") and not discrete:
+        raise ValueError(
+            f"The {kind!r} sampler draws discrete timesteps and needs a discrete (DDPM-style) schedule; "
+            f"{type(noise_scheduler).__name__} is continuous. Use the 'lognormal' sampler."
+        )
+    if kind == "lognormal" and discrete:
+        raise ValueError("The 'lognormal' sampler draws continuous σ and needs an EDM schedule.")
+    try:
+        if kind == "uniform":
+            return UniformTimestepSampler(noise_scheduler, **config)
+        if kind == "speed":
+            return SpeeDTimestepSampler(noise_scheduler, **config)
+        if kind == "logit_normal":
+            return LogitNormalTimestepSampler(noise_scheduler, **config)
+        return LogNormalSigmaSampler(**config)
+    except TypeError as error:
+        raise ValueError(f"Sampler {kind!r}: {error}") from error

@@ -1,0 +1,180 @@
+"""Noise-level samplers for training.
+
+All samplers share one contract::
+
+    noise_levels, weights = sampler.sample(batch_size, device=None, generator=None)
+
+``noise_levels`` are integer timesteps (LongTensor) for discrete schedules and σ (float32) for EDM; ``weights`` are
+per-sample float32 multipliers on the loss (all ones unless the sampler also reweights, as SpeeD does).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from diffusers.training_utils import compute_density_for_timestep_sampling
+
+
+def _draw_device(generator: torch.Generator | None, device) -> torch.device | str:
+    """Random draws happen where the generator lives (a CPU generator cannot fill a CUDA tensor)."""
+    if generator is not None:
+        return generator.device
+    return device if device is not None else "cpu"
+
+
+def _alphas_cumprod(noise_scheduler, sampler_name: str) -> torch.Tensor:
+    alphas_cumprod = getattr(noise_scheduler, "alphas_cumprod", None)
+    if alphas_cumprod is None:
+        raise ValueError(
+            f"{sampler_name} needs a discrete noise schedule with `alphas_cumprod` (e.g. DDPMScheduler); "
+            f"got {type(noise_scheduler).__name__}."
+        )
+    return torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+
+
+class UniformTimestepSampler:
+    """Timesteps drawn uniformly from {0, …, T−1}: the baseline of DDPM, DiT and Min-SNR.
+
+    Args:
+        noise_scheduler: a diffusers scheduler with ``config.num_train_timesteps`` (or pass an int T).
+    """
+
+    def __init__(self, noise_scheduler):
+        if isinstance(noise_scheduler, int):
+            self.num_train_timesteps = noise_scheduler
+        else:
+            self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
+
+    def sample(self, batch_size: int, device=None, generator: torch.Generator | None = None):
+        draw_device = _draw_device(generator, device)
+        timesteps = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=draw_device)
+        return timesteps.to(device), torch.ones(batch_size, device=device)
+
+
+def speed_pivot(alphas_cumprod: torch.Tensor, threshold: float = 1e-4) -> int:
+    """SpeeD's "meaningful steps": the first t at which d√(1−ᾱ_t)/dt falls below ``threshold``, plus one.
+
+    Beyond it the noisy input barely changes from step to step (the paper's convergence area). It is 642 for DiT's
+    linear schedule (β from 1e-4 to 0.02, T = 1000) and 959 for the cosine schedule.
+    """
+    gradient = np.gradient(np.sqrt(1.0 - alphas_cumprod.numpy()))
+    below = gradient < threshold
+    return int(np.argmax(below)) + 1 if below.any() else len(alphas_cumprod)
+
+
+class SpeeDTimestepSampler:
+    """SpeeD (Wang et al. 2024, "A Closer Look at Time Steps is Worthy of Triple Speed-Up for Diffusion Model
+    Training"): asymmetric timestep sampling, dual sampling and change-aware weighting.
+
+    * Sampling: p(t) ∝ k for t < τ and ∝ 1 for t ≥ τ, suppressing the convergence area t ≥ τ.
+    * Dual sampling: the second half of the batch mirrors the first about the schedule's pivot τ_ms
+      (:func:`speed_pivot`): t′ = |t − τ_ms|. The official code draws ⌊n/2⌋+1 timesteps and mirrors all of them
+      before truncating to n, which for even n keeps one mirror fewer than originals; here the first ⌈n/2⌉ draws
+      and their mirrors pair up exactly.
+    * Change-aware weights: with g_t = d(1−ᾱ_t)/dt min-max normalised over all T steps,
+      w_t = (1−λ) + (2λ−1)·g_t for t < τ and w_t = 1 for t ≥ τ (the official code's ``weighting="ours"``).
+
+    Args:
+        noise_scheduler: a discrete diffusers scheduler (``alphas_cumprod``), e.g. DDPMScheduler.
+        k: suppression factor, > 0 (paper configs: 5; FFHQ: 2). k = 1 turns the asymmetric sampling off.
+        tau: start of the suppressed region, in (0, T]. The paper's configs use 700; ``None`` takes τ_ms.
+        lam: λ in [0.5, 1] (paper configs: 0.6). λ > 1 would make weights negative, and λ < 0.5 inverts the
+            emphasis on fast-changing steps. The official class default of 5 is such an invalid value.
+        dual: mirror half of the batch about τ_ms.
+        weighting: return the change-aware weights (otherwise all ones).
+    """
+
+    def __init__(
+        self,
+        noise_scheduler,
+        k: float = 5.0,
+        tau: int | None = None,
+        lam: float = 0.6,
+        dual: bool = True,
+        weighting: bool = True,
+    ):
+        alphas_cumprod = _alphas_cumprod(noise_scheduler, "SpeeDTimestepSampler")
+        num_steps = len(alphas_cumprod)
+        if not k > 0:
+            raise ValueError(f"SpeeDTimestepSampler: k must be > 0, got {k}.")
+        if not 0.5 <= lam <= 1.0:
+            raise ValueError(
+                f"SpeeDTimestepSampler: lam must lie in [0.5, 1], got {lam} (lam > 1 makes the weights negative; "
+                "the paper's configs use 0.6)."
+            )
+        self.pivot = speed_pivot(alphas_cumprod)
+        self.tau = self.pivot if tau is None else int(tau)
+        if not 0 < self.tau <= num_steps:
+            raise ValueError(f"SpeeDTimestepSampler: tau must lie in (0, {num_steps}], got {tau}.")
+        self.k, self.lam, self.dual = float(k), float(lam), dual
+
+        steps = torch.arange(num_steps)
+        unnormalised = torch.where(steps < self.tau, self.k, 1.0).double()
+        self.probabilities = (unnormalised / unnormalised.sum()).float()
+
+        change = torch.from_numpy(np.gradient(1.0 - alphas_cumprod.numpy()))
+        change = (change - change.min()) / (change.max() - change.min())
+        weights = (1.0 - self.lam) + (2.0 * self.lam - 1.0) * change
+        self.weights = torch.where(steps < self.tau, weights, torch.ones_like(weights)).float()
+        if not weighting:
+            self.weights = torch.ones(num_steps)
+
+    def mirror(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Dual timesteps: t′ = τ_ms − t below the pivot and t − τ_ms above it."""
+        return (timesteps - self.pivot).abs()
+
+    def sample(self, batch_size: int, device=None, generator: torch.Generator | None = None):
+        draw_device = _draw_device(generator, device)
+        num_drawn = math.ceil(batch_size / 2) if self.dual else batch_size
+        probabilities = self.probabilities.to(draw_device)
+        drawn = torch.multinomial(probabilities, num_drawn, replacement=True, generator=generator)
+        if self.dual:
+            drawn = torch.cat([drawn, self.mirror(drawn[: batch_size - num_drawn])])
+        weights = self.weights.to(draw_device)[drawn]
+        return drawn.to(device), weights.to(device)
+
+
+class LogNormalSigmaSampler:
+    """EDM's training noise levels: ln σ ~ N(P_mean, P_std²).
+
+    EDM (Karras et al. 2022) uses (−1.2, 1.2); EDM2 (Karras et al. 2024) uses (−0.4, 1.0) for ImageNet-512 latents
+    and (−0.8, 1.6) for 64×64 pixels.
+    """
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2):
+        if not p_std > 0:
+            raise ValueError(f"LogNormalSigmaSampler: p_std must be > 0, got {p_std}.")
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+
+    def sample(self, batch_size: int, device=None, generator: torch.Generator | None = None):
+        normal = torch.randn(batch_size, generator=generator, device=_draw_device(generator, device)).to(device)
+        return (normal * self.p_std + self.p_mean).exp(), torch.ones(batch_size, device=device)
+
+
+class LogitNormalTimestepSampler:
+    """SD3's logit-normal density (Esser et al. 2024) on a discrete schedule: t = ⌊sigmoid(n)·T⌋, n ~ N(m, s²).
+
+    Uses diffusers' ``compute_density_for_timestep_sampling``. Larger t is noisier here, as in the SD3 paper, so a
+    positive ``logit_mean`` shifts training towards noise (diffusers' SD3 scripts index a descending table, which
+    flips that sign).
+    """
+
+    def __init__(self, noise_scheduler, logit_mean: float = 0.0, logit_std: float = 1.0):
+        if not logit_std > 0:
+            raise ValueError(f"LogitNormalTimestepSampler: logit_std must be > 0, got {logit_std}.")
+        self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
+        self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)
+
+    def sample(self, batch_size: int, device=None, generator: torch.Generator | None = None):
+        u = compute_density_for_timestep_sampling(
+            "logit_normal",
+            batch_size,
+            logit_mean=self.logit_mean,
+            logit_std=self.logit_std,
+            device=_draw_device(generator, device),
+            generator=generator,
+        )
+        timesteps = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
+        return timesteps.to(device), torch.ones(batch_size, device=device)

@@ -1,0 +1,235 @@
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, EDMEulerScheduler
+from torch import nn
+
+from diffusers_speedup import DiffusionObjective, LogNormalSigmaSampler, SpeeDTimestepSampler
+
+LINEAR = DDPMScheduler(beta_schedule="linear")
+
+
+class FixedDenoiser(nn.Module):
+    """One denoiser x̂0 = f(x_t, t), reported as the ε, v or x0 prediction it implies."""
+
+    def __init__(self, alphas_cumprod, prediction_type):
+        super().__init__()
+        self.alphas_cumprod, self.prediction_type = alphas_cumprod.double(), prediction_type
+
+    def forward(self, hidden_states, timestep, class_labels=None, return_dict=True):
+        alpha_bar = self.alphas_cumprod[timestep].reshape(-1, 1, 1, 1)
+        alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        x_t = hidden_states.double()
+        x0_hat = 0.6 * torch.tanh(x_t) + 0.001 * timestep.reshape(-1, 1, 1, 1)
+        eps_hat = (x_t - alpha * x0_hat) / sigma
+        prediction = {"sample": x0_hat, "epsilon": eps_hat, "v_prediction": alpha * eps_hat - sigma * x0_hat}
+        return (prediction[self.prediction_type].to(hidden_states.dtype),)
+
+
+class TinyTransformer(nn.Module):
+    """A 1×1 convolution behind the DiT call signature."""
+
+    def __init__(self, channels=3):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, hidden_states, timestep, class_labels=None, return_dict=True):
+        return (self.conv(hidden_states),)
+
+
+class FixedTimesteps:
+    def __init__(self, timesteps):
+        self.timesteps = torch.as_tensor(timesteps)
+
+    def sample(self, batch_size, device=None, generator=None):
+        return self.timesteps[:batch_size].to(device), torch.ones(batch_size, device=device)
+
+
+@pytest.mark.parametrize("kind", ["min_snr", "soft_min_snr", "p2", "edm"])
+def test_weighted_losses_agree_across_prediction_types_for_the_same_denoiser(kind):
+    x0 = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    timesteps = torch.tensor([0, 10, 150, 400, 700, 999])
+    losses = {}
+    for prediction_type in ("epsilon", "v_prediction", "sample"):
+        objective = DiffusionObjective(
+            LINEAR, sampler=FixedTimesteps(timesteps), weighting=kind, prediction_type=prediction_type
+        )
+        model = FixedDenoiser(LINEAR.alphas_cumprod, prediction_type)
+        losses[prediction_type] = objective.loss(model, x0, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(losses["epsilon"], losses["sample"], rtol=1e-4, atol=0)
+    torch.testing.assert_close(losses["v_prediction"], losses["sample"], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("kind", ["constant", "min_snr", "soft_min_snr", "p2"])
+def test_zero_terminal_snr_schedule_gives_finite_losses(prediction_type, kind):
+    schedule = DDPMScheduler(
+        beta_schedule="scaled_linear", rescale_betas_zero_snr=True, prediction_type=prediction_type
+    )
+    assert schedule.alphas_cumprod[-1] == 0
+    objective = DiffusionObjective(schedule, sampler=FixedTimesteps([999, 998, 0, 500]), weighting=kind)
+    model = TinyTransformer()
+    output = objective(model, torch.randn(4, 3, 4, 4))
+    assert torch.isfinite(output.loss).all() and output.snr[0] == 0
+    output.loss.mean().backward()
+    assert torch.isfinite(model.conv.weight.grad).all()
+
+
+def test_min_snr_loss_equals_hand_computed_epsilon_loss():
+    x0 = torch.randn(4, 2, 3, 3)
+    timesteps = torch.tensor([5, 200, 600, 900])
+    objective = DiffusionObjective(
+        LINEAR,
+        sampler=FixedTimesteps(timesteps),
+        weighting="min_snr",
+        weighting_params={"gamma": 5.0},
+        prediction_type="epsilon",
+    )
+    model = nn.Conv2d(2, 2, 1)
+    wrapped = lambda hidden_states, timestep, class_labels, return_dict: (model(hidden_states),)
+    loss = objective.loss(wrapped, x0, generator=torch.Generator().manual_seed(0))
+
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    alpha_bar = LINEAR.alphas_cumprod[timesteps].double()
+    x_t = alpha_bar.sqrt().reshape(-1, 1, 1, 1) * x0 + (1 - alpha_bar).sqrt().reshape(-1, 1, 1, 1) * noise
+    snr = alpha_bar / (1 - alpha_bar)
+    mse = ((model(x_t.float()) - noise) ** 2).mean(dim=(1, 2, 3)).double()
+    expected = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr * mse
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_edm_preconditioning_matches_diffusers_edm_scheduler():
+    scheduler = EDMEulerScheduler(sigma_data=0.5)
+    x0 = torch.randn(5, 3, 4, 4)
+    seen = {}
+
+    def oracle(hidden_states, timestep, class_labels=None, return_dict=True):
+        # Recover σ and x from what the model is shown, then return the exact F that makes D = x0.
+        sigma = (4 * timestep).exp().reshape(-1, 1, 1, 1)
+        noisy = hidden_states * (sigma**2 + 0.25).sqrt()
+        seen.update(sigma=sigma.flatten(), noisy=noisy, model_input=hidden_states, timestep=timestep)
+        c_skip = 0.25 / (sigma**2 + 0.25)
+        c_out = sigma * 0.5 / (sigma**2 + 0.25).sqrt()
+        return ((x0 - c_skip * noisy) / c_out,)
+
+    objective = DiffusionObjective(scheduler, weighting="edm")
+    output = objective(oracle, x0, generator=torch.Generator().manual_seed(0))
+    assert output.loss.abs().max() < 1e-8
+    # The model saw exactly what diffusers' EDM schedulers feed it at sampling time.
+    sigma = seen["sigma"]
+    torch.testing.assert_close(seen["timestep"], scheduler.precondition_noise(sigma))
+    torch.testing.assert_close(
+        seen["model_input"], scheduler.precondition_inputs(seen["noisy"], sigma.reshape(-1, 1, 1, 1))
+    )
+    # "edm" is unit weight on F, i.e. the same loss as "constant".
+    model = lambda hidden_states, timestep, class_labels=None, return_dict=True: (0.3 * hidden_states,)
+    edm = DiffusionObjective(scheduler, weighting="edm").loss(model, x0, generator=torch.Generator().manual_seed(1))
+    constant = DiffusionObjective(scheduler).loss(model, x0, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(edm, constant, rtol=1e-5, atol=0)
+
+
+class SigmaDenoiser(nn.Module):
+    """A model that takes σ and returns the denoised sample (the EDM2UNetModel contract)."""
+
+    input_is_sigma = True
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, sample, sigma, class_labels=None, return_logvar=False):
+        logvar = torch.full((sample.shape[0], 1, 1, 1), 0.3) if return_logvar else None
+        return SimpleNamespace(sample=self.scale * sample, logvar=logvar)
+
+
+def test_sigma_input_model_with_edm_weighting_and_learned_uncertainty():
+    x0 = torch.randn(4, 3, 4, 4)
+    model = SigmaDenoiser()
+    objective = DiffusionObjective(
+        EDMEulerScheduler(),
+        sampler=LogNormalSigmaSampler(-0.4, 1.0),
+        weighting="edm",
+        prediction_type="sample",
+        learned_uncertainty=True,
+    )
+    output = objective(model, x0, generator=torch.Generator().manual_seed(0))
+
+    generator = torch.Generator().manual_seed(0)
+    sigma = (torch.randn(4, generator=generator) * 1.0 - 0.4).exp()
+    noise = torch.randn(x0.shape, generator=generator)
+    denoised = 0.5 * (x0 + sigma.reshape(-1, 1, 1, 1) * noise)
+    lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    expected = lam / math.exp(0.3) * ((denoised - x0) ** 2).mean(dim=(1, 2, 3)) + 0.3
+    torch.testing.assert_close(output.loss, expected, rtol=1e-5, atol=1e-6)
+    assert objective.uncertainty_head is not None  # unused here: the model brings its own log-variance
+
+
+def test_uncertainty_head_starts_at_zero_and_learns_the_loss_level():
+    objective = DiffusionObjective(LINEAR, learned_uncertainty=True)
+    x0 = torch.randn(64, 3, 4, 4)
+    model = TinyTransformer()
+    torch.testing.assert_close(
+        objective.loss(model, x0, generator=torch.Generator().manual_seed(0)),
+        DiffusionObjective(LINEAR).loss(model, x0, generator=torch.Generator().manual_seed(0)),
+    )
+    # A model that always predicts 2 has ε-mse E[(2 − ε)²] = 5 at every noise level; minimising mse/e^u + u over u
+    # gives u = ln 5 everywhere.
+    constant = lambda hidden_states, timestep, class_labels=None, return_dict=True: (
+        torch.full_like(hidden_states, 2.0),
+    )
+    optimizer = torch.optim.Adam(objective.uncertainty_head.parameters(), lr=0.05)
+    for step in range(150):
+        output = objective(constant, x0, generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        output.loss.mean().backward()
+        optimizer.step()
+    assert abs(output.logvar.mean().item() - math.log(5.0)) < 0.15
+
+
+def test_label_dropout_uses_the_null_label():
+    seen = []
+
+    def model(hidden_states, timestep, class_labels=None, return_dict=True):
+        seen.append(class_labels)
+        return (hidden_states,)
+
+    objective = DiffusionObjective(LINEAR, label_dropout=0.25, num_classes=10)
+    objective.loss(model, torch.randn(4000, 1, 1, 1), torch.zeros(4000, dtype=torch.long))
+    dropped = (seen[0] == 10).double().mean().item()
+    assert set(seen[0].unique().tolist()) <= {0, 10}
+    assert abs(dropped - 0.25) < 5 * math.sqrt(0.25 * 0.75 / 4000)
+    objective.eval()
+    objective.loss(model, torch.randn(8, 1, 1, 1), torch.zeros(8, dtype=torch.long))
+    assert (seen[1] == 0).all()
+
+
+def test_from_config_and_mismatches_raise_clear_errors():
+    objective = DiffusionObjective.from_config(
+        {
+            "sampler": {"kind": "speed", "k": 5, "tau": 700},
+            "weighting": {"kind": "min_snr", "gamma": 5},
+            "prediction_type": "v_prediction",
+            "label_dropout": 0.1,
+        },
+        LINEAR,
+        num_classes=10,
+    )
+    assert isinstance(objective.sampler, SpeeDTimestepSampler) and objective.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="'speed' sampler draws discrete timesteps"):
+        DiffusionObjective.from_config({"sampler": {"kind": "speed"}}, EDMEulerScheduler())
+    with pytest.raises(ValueError, match="needs num_classes"):
+        DiffusionObjective(LINEAR, label_dropout=0.1)
+    with pytest.raises(ValueError, match="must be a discrete diffusers scheduler"):
+        DiffusionObjective(object())
+    with pytest.raises(ValueError, match="train it with an EDM schedule"):
+        DiffusionObjective(LINEAR).loss(SigmaDenoiser(), torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="use prediction_type 'sample'"):
+        DiffusionObjective(EDMEulerScheduler()).loss(SigmaDenoiser(), torch.randn(2, 3, 4, 4))
+
+
+def test_learned_sigma_output_uses_the_first_half_of_the_channels():
+    model = lambda hidden_states, timestep, class_labels=None, return_dict=True: (torch.cat([hidden_states] * 2, 1),)
+    loss = DiffusionObjective(LINEAR).loss(model, torch.randn(2, 4, 2, 2))
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
