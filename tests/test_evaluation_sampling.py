@@ -1,0 +1,260 @@
+import os
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_speedup.evaluation.sampling import (
+    float_images_to_uint8,
+    generate_samples,
+    load_samples,
+    make_class_labels,
+    merge_shards,
+)
+
+
+class FakePipeline:
+    """Same call convention as DiTPipeline; images depend on the generator's noise and on the labels."""
+
+    def __init__(self, fail_after=None):
+        self.calls = 0
+        self.fail_after = fail_after
+        self.kwargs_seen = []
+
+    def __call__(self, class_labels, generator=None, output_type="pil", num_inference_steps=50, **kwargs):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RuntimeError("simulated crash")
+        self.calls += 1
+        self.kwargs_seen.append(dict(kwargs, num_inference_steps=num_inference_steps, output_type=output_type))
+        noise = torch.rand(len(class_labels), 4, 4, 3, generator=generator)
+        labels = torch.tensor(class_labels, dtype=torch.float32).view(-1, 1, 1, 1)
+        return SimpleNamespace(images=((noise + labels / 10) / 2).numpy())
+
+
+class FakeAccelerator:
+    """Rank `process_index` of `num_processes`; processes are run one after another in the test."""
+
+    def __init__(self, process_index, num_processes):
+        self.process_index = process_index
+        self.num_processes = num_processes
+        self.is_main_process = process_index == 0
+        self.is_local_main_process = process_index == 0
+
+    def wait_for_everyone(self):
+        pass
+
+
+RUN = dict(num_samples=11, batch_size=3, class_labels="balanced", num_classes=4, seed=7, num_inference_steps=2)
+
+
+def read(path):
+    with np.load(path) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def test_uint8_conversion_rounds_like_edm():
+    x = np.array([-0.3, 0.0, 0.49 / 255, 0.5 / 255, 0.5, 254.5 / 255, 1.0, 1.7], dtype=np.float32)
+    # EDM: clip(x * 127.5 + 128) on [-1, 1] images == floor(255 x + 0.5) on [0, 1]; 0.5 -> 128.
+    np.testing.assert_array_equal(float_images_to_uint8(x), [0, 0, 0, 1, 128, 255, 255, 255])
+    assert float_images_to_uint8(x).dtype == np.uint8
+
+
+def test_balanced_labels_are_balanced_and_ordered():
+    labels = make_class_labels("balanced", 50, 10, seed=0)
+    assert Counter(labels.tolist()) == {c: 5 for c in range(10)}
+    counts = Counter(make_class_labels("balanced", 23, 5, seed=0).tolist())
+    assert max(counts.values()) - min(counts.values()) <= 1 and sum(counts.values()) == 23
+    np.testing.assert_array_equal(make_class_labels("balanced", 23, 5, seed=0), make_class_labels("balanced", 23, 5, 1))
+
+
+def test_random_labels_are_seeded_and_in_range():
+    a = make_class_labels("random", 200, 7, seed=3)
+    np.testing.assert_array_equal(a, make_class_labels("random", 200, 7, seed=3))
+    assert not np.array_equal(a, make_class_labels("random", 200, 7, seed=4))
+    assert a.min() >= 0 and a.max() < 7 and len(set(a.tolist())) == 7
+
+
+def test_bad_label_settings_are_named():
+    with pytest.raises(ValueError, match="num_classes"):
+        make_class_labels("balanced", 10, None, 0)
+    with pytest.raises(ValueError, match="'sorted'"):
+        make_class_labels("sorted", 10, 3, 0)
+    with pytest.raises(ValueError, match="num_samples=4"):
+        make_class_labels([1, 2], 4, 3, 0)
+    with pytest.raises(ValueError, match="num_classes=3"):
+        make_class_labels([0, 1, 2, 3], 4, 3, 0)
+
+
+def test_adm_layout_and_pngs(tmp_path):
+    pipe = FakePipeline()
+    path = generate_samples(pipe, tmp_path, save_png=True, guidance_scale=1.5, **RUN)
+    assert path == tmp_path / "samples_11x4x4x3.npz"
+    archive = read(path)
+    assert sorted(archive) == ["arr_0", "arr_1"]
+    assert archive["arr_0"].dtype == np.uint8 and archive["arr_0"].shape == (11, 4, 4, 3)
+    assert archive["arr_1"].dtype == np.int64
+    np.testing.assert_array_equal(archive["arr_1"], np.arange(11) % 4)
+    assert len({image.tobytes() for image in archive["arr_0"]}) == 11
+    for i in (0, 5, 10):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "png" / f"{i:06d}.png")), archive["arr_0"][i])
+    assert pipe.calls == 4  # ceil(11 / 3) shards, one call each
+    assert pipe.kwargs_seen[0] == {"guidance_scale": 1.5, "num_inference_steps": 2, "output_type": "np"}
+    images, labels = load_samples(path)
+    np.testing.assert_array_equal(images, archive["arr_0"])
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    reference = read(generate_samples(FakePipeline(), tmp_path / "straight", **RUN))
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        generate_samples(FakePipeline(fail_after=2), tmp_path / "resumed", **RUN)
+    assert sorted(os.listdir(tmp_path / "resumed" / "shards")) == ["shard_000000.npz", "shard_000001.npz"]
+    resumed_pipe = FakePipeline()
+    resumed = read(generate_samples(resumed_pipe, tmp_path / "resumed", **RUN))
+    assert resumed_pipe.calls == 2  # only the missing shards were made
+    np.testing.assert_array_equal(resumed["arr_0"], reference["arr_0"])
+    np.testing.assert_array_equal(resumed["arr_1"], reference["arr_1"])
+    assert len({image.tobytes() for image in resumed["arr_0"]}) == RUN["num_samples"]
+
+
+def test_two_processes_equal_one_even_after_a_crash(tmp_path):
+    reference = read(generate_samples(FakePipeline(), tmp_path / "one", **RUN))
+
+    # A one-process run dies after one shard; the job is then finished by two processes.
+    with pytest.raises(RuntimeError):
+        generate_samples(FakePipeline(fail_after=1), tmp_path / "two", **RUN)
+    rank1 = FakePipeline()
+    generate_samples(rank1, tmp_path / "two", accelerator=FakeAccelerator(1, 2), **RUN)
+    assert rank1.calls == 2  # shards 1 and 3
+    assert not list((tmp_path / "two").glob("samples_*.npz"))  # only the main process merges
+    rank0 = FakePipeline()
+    path = generate_samples(rank0, tmp_path / "two", accelerator=FakeAccelerator(0, 2), **RUN)
+    assert rank0.calls == 1  # shard 2; shard 0 survived the crash
+    merged = read(path)
+    np.testing.assert_array_equal(merged["arr_0"], reference["arr_0"])
+    np.testing.assert_array_equal(merged["arr_1"], reference["arr_1"])
+
+
+def test_changed_settings_on_resume_are_refused(tmp_path):
+    generate_samples(FakePipeline(), tmp_path, **RUN)
+    with pytest.raises(ValueError, match="seed=7.*seed=8"):
+        generate_samples(FakePipeline(), tmp_path, **{**RUN, "seed": 8})
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        generate_samples(FakePipeline(), tmp_path, **{**RUN, "num_inference_steps": 3})
+
+
+def test_merge_refuses_missing_shards(tmp_path):
+    with pytest.raises(RuntimeError):
+        generate_samples(FakePipeline(fail_after=1), tmp_path, **RUN)
+    with pytest.raises(FileNotFoundError, match="3 of 4 shards are missing"):
+        merge_shards(tmp_path, RUN["num_samples"], RUN["batch_size"])
+
+
+def tiny_dit_pipeline():
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        sample_size=4,
+        patch_size=2,
+        num_embeds_ada_norm=1000,  # DiTPipeline hard-codes class 1000 as the unconditional label
+        norm_type="ada_norm_zero",
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+    pipe = DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_with_diffusers_dit_pipeline(tmp_path):
+    pipe = tiny_dit_pipeline()
+    run = dict(num_samples=5, batch_size=2, class_labels="random", num_classes=1000, seed=1)
+    sampling = dict(num_inference_steps=2, guidance_scale=1.5)
+    reference = read(generate_samples(pipe, tmp_path / "a", **run, **sampling))
+    assert reference["arr_0"].shape == (5, 4, 4, 3) and reference["arr_0"].dtype == np.uint8
+    np.testing.assert_array_equal(reference["arr_1"], make_class_labels("random", 5, 1000, 1))
+
+    failing_calls = {"n": 0}
+
+    def crash_after_one_shard(**kwargs):
+        failing_calls["n"] += 1
+        if failing_calls["n"] > 1:
+            raise RuntimeError("killed")
+        return pipe(**kwargs)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        generate_samples(crash_after_one_shard, tmp_path / "b", **run, **sampling)
+    resumed = read(generate_samples(pipe, tmp_path / "b", **run, **sampling))
+    np.testing.assert_array_equal(resumed["arr_0"], reference["arr_0"])
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate import Accelerator
+
+    from diffusers_speedup.evaluation.sampling import generate_samples
+
+    def pipe(class_labels, generator=None, output_type="np", **kwargs):
+        noise = torch.rand(len(class_labels), 4, 4, 3, generator=generator)
+        return SimpleNamespace(images=noise.numpy())
+
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == int(sys.argv[2])
+    generate_samples(pipe, sys.argv[1], num_samples=7, batch_size=2, class_labels="random", num_classes=5, seed=3,
+                     accelerator=accelerator, show_progress=False)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("DIFFUSERS_SPEEDUP_SLOW_TESTS") != "1",
+    reason="starts two torch processes (about 30 s on two cores); set DIFFUSERS_SPEEDUP_SLOW_TESTS=1 to run",
+)
+def test_torchrun_two_processes_equal_one(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = str(29500 + os.getpid() % 1000)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    command += [str(script), str(tmp_path / "two"), "2"]
+    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = read(tmp_path / "two" / "samples_7x4x4x3.npz")
+
+    # The same run in this process, as a single process.
+    namespace = {}
+    exec(WORKER.split("accelerator = Accelerator")[0], namespace)
+    one = read(
+        generate_samples(
+            namespace["pipe"],
+            tmp_path / "one",
+            num_samples=7,
+            batch_size=2,
+            class_labels="random",
+            num_classes=5,
+            seed=3,
+        )
+    )
+    np.testing.assert_array_equal(one["arr_0"], two["arr_0"])
+    np.testing.assert_array_equal(one["arr_1"], two["arr_1"])
