@@ -21,9 +21,10 @@ Why this model_index.json. diffusers 0.42 resolves a component entry `[library, 
   the pipeline and every non-diffusers component in the shipped files. This needs the file-named entries above;
   entries such as `["diffusers_speedup", "UViTModel"]` would fail there, because that library cannot be imported.
 - `ClassConditionalPipeline.from_pretrained(folder_or_repo)` with the package installed must not run the shipped
-  files. diffusers' generic loader would take the shipped files as soon as they exist, so the pipeline class loads
-  such folders through `load_pipeline_components` below: every component whose entry names a shipped file is built
-  from the installed class of the same name, everything else the way diffusers does it.
+  files, yet diffusers' generic loader takes `<component>/<library>.py` whenever it exists. So the pipeline class
+  overrides `load_config` to point file-named entries at the installed package (`["uvit", "UViTModel"]` ->
+  `["diffusers_speedup", "UViTModel"]`, and the `_class_name` list back to its own name); this needs the package
+  root to export those class names.
 
 Both routes read the same folder; neither needs the other's entries.
 """
@@ -278,49 +279,3 @@ def export_pipeline(
         raise
     logger.info("Exported pipeline to %s", target)
     return target
-
-
-def _is_model_class(cls: type) -> bool:
-    from diffusers import SchedulerMixin
-
-    return not issubclass(cls, SchedulerMixin)
-
-
-def load_pipeline_components(folder: str | os.PathLike, installed_library, **from_pretrained_kwargs) -> dict[str, Any]:
-    """Builds the components of an exported folder from installed classes, without running code shipped in it.
-
-    Args:
-        folder: a local pipeline folder (download a repo first with `huggingface_hub.snapshot_download`).
-        installed_library: module exposing the installed classes by name (e.g. `diffusers_speedup`); a component
-            entry naming a shipped file `[file, ClassName]` is built with `installed_library.ClassName`.
-        from_pretrained_kwargs: passed to every component's `from_pretrained` (e.g. `torch_dtype`).
-
-    Returns a dict of component name -> loaded object (None for components saved as null), ready for
-    `PipelineClass(**components)`.
-    """
-    import importlib
-
-    folder = Path(folder)
-    index = json.loads((folder / MODEL_INDEX).read_text())
-    components: dict[str, Any] = {}
-    for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2:
-            continue
-        library, class_name = entry
-        if library is None or class_name is None:
-            components[name] = None
-            continue
-        if (folder / name / f"{library}.py").is_file() or _is_custom_library(library):
-            cls = getattr(installed_library, class_name, None)
-            if cls is None:
-                raise ValueError(
-                    f"{folder / MODEL_INDEX} names {name}=[{library!r}, {class_name!r}], but the installed "
-                    f"{installed_library.__name__} has no class {class_name}"
-                )
-        elif library in DIFFUSERS_LOADABLE_LIBRARIES:
-            cls = getattr(importlib.import_module(library), class_name)
-        else:  # a module of diffusers.pipelines, e.g. a safety checker
-            cls = getattr(getattr(importlib.import_module("diffusers.pipelines"), library), class_name)
-        kwargs = from_pretrained_kwargs if isinstance(cls, type) and _is_model_class(cls) else {}
-        components[name] = cls.from_pretrained(folder, subfolder=name, **kwargs)
-    return components

@@ -1,0 +1,172 @@
+"""Export of a pipeline to a Hub-ready folder and its model card (no network, no Hub)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from diffusers import DDIMScheduler
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from diffusers_speedup.hub import ModelCardInfo, build_model_card, detect_techniques, export_pipeline
+from diffusers_speedup.models.uvit import UViTModel
+from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
+from diffusers_speedup.schedulers.scheduling_edm_heun import EDMHeunScheduler
+
+import diffusers_speedup  # noqa: I001 - checked for the root exports route (a) relies on
+
+
+def tiny_pipeline(scheduler=None):
+    model = UViTModel(
+        sample_size=8, patch_size=2, in_channels=3, num_layers=3, hidden_size=32, num_attention_heads=2, num_classes=4
+    )
+    return ClassConditionalPipeline(transformer=model, scheduler=scheduler or EDMHeunScheduler())
+
+
+SAMPLE_KW = dict(class_labels=[0, 3], num_inference_steps=2, guidance_scale=1.0, output_type="pt")
+
+
+def sample(pipe):
+    return pipe(**SAMPLE_KW, generator=torch.Generator().manual_seed(0)).images
+
+
+root_exports_classes = pytest.mark.xfail(
+    not all(hasattr(diffusers_speedup, n) for n in ("UViTModel", "EDMHeunScheduler")),
+    reason="ClassConditionalPipeline.from_pretrained needs diffusers_speedup to export UViTModel/EDMHeunScheduler",
+    strict=True,
+)
+
+CONFIG = {
+    "model": {"type": "uvit", "skip_scaling": "constant"},
+    "objective": {"weighting": "min_snr", "snr_gamma": 5.0, "sampler": "speed"},
+    "sampling": {"guidance_interval": [0.28, 2.9]},
+    "hub": {"hub_token": "hf_shouldNeverBeWritten", "repo_id": "me/model"},
+}
+
+
+def test_exported_folder_layout_and_model_index(tmp_path):
+    pipe = tiny_pipeline()
+    grid = Image.new("RGB", (16, 16), (200, 10, 10))
+    out = export_pipeline(
+        pipe, tmp_path / "export", training_config=CONFIG, sample_grid=grid, card_info={"model_name": "tiny-uvit"}
+    )
+
+    index = json.loads((out / "model_index.json").read_text())
+    # Entries name the shipped files, so plain diffusers finds the code with trust_remote_code=True.
+    assert index["_class_name"] == ["pipeline_class_conditional", "ClassConditionalPipeline"]
+    assert index["transformer"] == ["uvit", "UViTModel"]
+    assert index["scheduler"] == ["scheduling_edm_heun", "EDMHeunScheduler"]
+    # The shipped files are the installed source files, unchanged.
+    import diffusers_speedup.models.uvit as uvit_module
+    import diffusers_speedup.pipelines.pipeline_class_conditional as pipeline_module
+    import diffusers_speedup.schedulers.scheduling_edm_heun as scheduler_module
+
+    for shipped, module in (
+        (out / "transformer" / "uvit.py", uvit_module),
+        (out / "scheduler" / "scheduling_edm_heun.py", scheduler_module),
+        (out / "pipeline_class_conditional.py", pipeline_module),
+    ):
+        assert shipped.read_bytes() == open(module.__file__, "rb").read()
+    assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert Image.open(out / "samples.png").size == (16, 16)
+    saved_config = yaml.safe_load((out / "training_config.yaml").read_text())
+    assert saved_config["objective"] == CONFIG["objective"]
+    assert "hub_token" not in saved_config["hub"]
+    assert not any("hf_shouldNeverBeWritten" in p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file())
+    # Nothing but the export is left next to it (the staging folder was renamed into place).
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_diffusers_classes_ship_no_code(tmp_path):
+    out = export_pipeline(tiny_pipeline(DDIMScheduler(num_train_timesteps=50)), tmp_path / "export")
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
+    assert sorted(p.name for p in (out / "scheduler").iterdir()) == ["scheduler_config.json"]
+
+
+def test_export_replaces_atomically_and_refuses_without_overwrite(tmp_path):
+    target = tmp_path / "export"
+    export_pipeline(tiny_pipeline(), target)
+    (target / "stale.txt").write_text("from an older export")
+    export_pipeline(tiny_pipeline(), target)
+    assert not (target / "stale.txt").exists()
+    with pytest.raises(FileExistsError, match="overwrite=False"):
+        export_pipeline(tiny_pipeline(), target, overwrite=False)
+
+    class Broken(RuntimeError):
+        pass
+
+    pipe = tiny_pipeline()
+    pipe.save_pretrained = lambda *a, **k: (_ for _ in ()).throw(Broken("disk full"))
+    with pytest.raises(Broken):
+        export_pipeline(pipe, target)
+    assert (target / "model_index.json").is_file()  # the previous export is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+@root_exports_classes
+def test_export_loads_with_installed_classes(tmp_path):
+    pipe = tiny_pipeline()
+    out = export_pipeline(pipe, tmp_path / "export")
+    loaded = ClassConditionalPipeline.from_pretrained(out)
+    # The installed classes, not copies from the folder's code.
+    assert type(loaded.transformer) is UViTModel and type(loaded.scheduler) is EDMHeunScheduler
+    torch.testing.assert_close(sample(loaded), sample(pipe))
+
+
+def test_model_card_metadata_parses_and_carries_fid(tmp_path):
+    info = ModelCardInfo(
+        model_name="uvit-tiny",
+        repo_id="me/uvit-tiny",
+        datasets=["ILSVRC/imagenet-1k"],
+        dataset_name="ImageNet 256x256",
+        fid=7.25,
+        fid_num_samples=50_000,
+        training_steps=1000,
+        images_seen=256_000,
+        batch_size=256,
+        hardware="1x H100",
+        training_time="2h",
+    )
+    out = export_pipeline(tiny_pipeline(), tmp_path / "export", training_config=CONFIG, card_info=info)
+    card = ModelCard.load(out / "README.md")
+    data = card.data
+    assert data.library_name == "diffusers"
+    assert data.pipeline_tag == "unconditional-image-generation"
+    assert data.license == "apache-2.0"
+    assert data.datasets == ["ILSVRC/imagenet-1k"]
+    for tag in ("diffusers", "min-snr", "speed", "scalelong", "limited-interval-guidance", "u-vit"):
+        assert tag in data.tags
+    assert "edm2" not in data.tags
+    (result,) = data.eval_results
+    assert (result.metric_type, result.metric_value, result.metric_name) == ("fid", 7.25, "FID-50K")
+    raw = yaml.safe_load(card.content.split("---")[1])
+    assert raw["model-index"][0]["results"][0]["metrics"][0]["value"] == 7.25
+    text = card.text
+    for needle in ("2303.09556", "2405.17403", "2310.13545", "2404.07724", "2209.12152"):
+        assert needle in text
+    assert "256,000" in text and "1x H100" in text
+    assert 'ClassConditionalPipeline.from_pretrained("me/uvit-tiny")' in text
+    assert 'DiffusionPipeline.from_pretrained("me/uvit-tiny", trust_remote_code=True)' in text
+    assert "guidance_interval=" in text
+
+
+def test_model_card_without_fid_has_no_model_index():
+    card = build_model_card({"model_name": "x"}, component_classes={"transformer": "UViTModel"})
+    assert "model-index" not in card.content
+    assert card.data.eval_results is None
+
+
+def test_detect_techniques_from_config_and_classes():
+    assert detect_techniques({"loss": {"weighting": "soft-min-snr"}}) == ["min-snr"]
+    assert detect_techniques({"model": {"skip_scaling": "none"}, "guidance_interval": None}) == []
+    assert detect_techniques({}, ["EDM2UNetModel"]) == ["edm2"]
+    assert detect_techniques({"timestep_sampler": {"kind": "speed"}}) == ["speed"]
+
+
+def test_bad_card_info_is_named():
+    with pytest.raises(ValueError, match="unknown keys.*'fdi'"):
+        ModelCardInfo.from_value({"fdi": 3.0})
+    with pytest.raises(ValueError, match="techniques.*'dreambooth'"):
+        build_model_card({"techniques": ["dreambooth"]})
