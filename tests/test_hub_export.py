@@ -6,15 +6,14 @@ import pytest
 import torch
 import yaml
 from diffusers import DDIMScheduler
+from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 from huggingface_hub import ModelCard
 from PIL import Image
 
+import diffusers_speedup
 from diffusers_speedup.hub import ModelCardInfo, build_model_card, detect_techniques, export_pipeline
 from diffusers_speedup.models.uvit import UViTModel
-from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 from diffusers_speedup.schedulers.scheduling_edm_heun import EDMHeunScheduler
-
-import diffusers_speedup  # noqa: I001 - checked for the root exports route (a) relies on
 
 
 def tiny_pipeline(scheduler=None):
@@ -58,8 +57,9 @@ def test_exported_folder_layout_and_model_index(tmp_path):
     assert index["transformer"] == ["uvit", "UViTModel"]
     assert index["scheduler"] == ["scheduling_edm_heun", "EDMHeunScheduler"]
     # The shipped files are the installed source files, unchanged.
-    import diffusers_speedup.models.uvit as uvit_module
     import diffusers_speedup.pipelines.pipeline_class_conditional as pipeline_module
+
+    import diffusers_speedup.models.uvit as uvit_module
     import diffusers_speedup.schedulers.scheduling_edm_heun as scheduler_module
 
     for shipped, module in (
