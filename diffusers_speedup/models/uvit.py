@@ -287,7 +287,8 @@ class UViTModel(ModelMixin, ConfigMixin):
         self.conv_out = nn.Conv2d(out_channels, out_channels, 3, padding=1) if final_conv else nn.Identity()
 
         # U-ViT init: trunc-normal(0.02) Linear weights, zero biases, LayerNorm (1, 0), trunc-normal position
-        # embedding; convolutions and the class table keep PyTorch's defaults.
+        # embedding; convolutions and the class table keep PyTorch's defaults. Like timm's trunc_normal_, the cut is
+        # at ±2 absolute (100σ), so this is in effect N(0, 0.02²), exactly what the official models started from.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(_init_uvit_weights)
 
