@@ -319,3 +319,59 @@ def test_reconstruction_errors(tmp_path):
         reconstruct_posthoc_ema(tmp_path, 0.1)
     with pytest.raises(ValueError, match="valid range"):
         reconstruct_posthoc_ema(tmp_path, 0.3)
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+
+def load_cli():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "train" / "posthoc_ema.py"
+    spec = importlib.util.spec_from_file_location("posthoc_ema_cli", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_posthoc_cli_writes_state_dicts_and_pipeline_copy(tmp_path):
+    from safetensors.torch import save_file
+
+    run_dir = tmp_path / "run"
+    model = torch.nn.Linear(3, 2)
+    ema = PowerFunctionEMA(model, sigma_rels=(0.05, 0.15), snapshot_dir=run_dir / "ema_snapshots", snapshot_every=4)
+    for step in range(1, 13):
+        with torch.no_grad():
+            model.weight.add_(0.1 * step)
+            model.bias.sub_(0.05)
+        ema.update(model, step)
+
+    pipeline = run_dir / "pipeline"
+    (pipeline / "transformer").mkdir(parents=True)
+    (pipeline / "model_index.json").write_text("{}")
+    (pipeline / "transformer" / "config.json").write_text('{"in": 3}')
+    save_file(
+        {k: v.half().contiguous() for k, v in model.state_dict().items()},
+        str(pipeline / "transformer" / "diffusion_pytorch_model.safetensors"),
+    )
+
+    cli = load_cli()
+    out = tmp_path / "out"
+    cli.main(["--run_dir", str(run_dir), "--sigma_rel", "0.1", "0.05", "--output_dir", str(out)])
+
+    expected = reconstruct_posthoc_ema(run_dir / "ema_snapshots", 0.1)
+    written = load_file(out / "phema-0.100.safetensors")
+    for key in ("weight", "bias"):
+        torch.testing.assert_close(written[key], expected[key])
+    restored = torch.nn.Linear(3, 2)
+    restored.load_state_dict(load_file(out / "phema-0.050.safetensors"))
+
+    copied = out / "phema-0.100"
+    assert (copied / "model_index.json").is_file() and (copied / "transformer" / "config.json").is_file()
+    weights = load_file(copied / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert weights["weight"].dtype == torch.float16  # keeps the exported dtype
+    torch.testing.assert_close(weights["weight"], expected["weight"].half())
+
+    with pytest.raises(FileNotFoundError, match="no phema"):
+        cli.main(["--run_dir", str(tmp_path / "out"), "--sigma_rel", "0.1", "--output_dir", str(tmp_path / "x")])
