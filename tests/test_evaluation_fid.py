@@ -232,3 +232,28 @@ def test_bad_sources_are_named(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         compute_fid_statistics(np.zeros((3, 4, 4, 3), np.float32), feature_extractor=two_channel_means)
     assert isinstance(compute_fid_statistics(FIDStatistics(np.zeros(1), np.eye(1))), FIDStatistics)
+
+
+def test_evaluate_cli_writes_json(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "train" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("train_evaluate", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    monkeypatch.setattr(cli, "InceptionFeatureExtractor", lambda device, weights_path: two_channel_means)
+
+    rng = np.random.default_rng(11)
+    samples = rng.integers(0, 256, (9, 6, 6, 3), dtype=np.uint8)
+    real = rng.integers(0, 128, (12, 6, 6, 3), dtype=np.uint8)
+    write_adm_npz(tmp_path / "samples.npz", [samples], 9, (6, 6, 3))
+    np.savez(tmp_path / "real.npz", arr_0=real)
+    result = cli.main(
+        [str(tmp_path / "samples.npz"), str(tmp_path / "real.npz"), "--save_reference_stats", str(tmp_path / "r.npz")]
+    )
+    saved = json.loads((tmp_path / "samples.npz.fid.json").read_text())
+    expected = compute_fid(samples, real, feature_extractor=two_channel_means)
+    assert saved["fid"] == pytest.approx(expected, rel=1e-12) and result["num_samples"] == 9
+    assert load_fid_statistics(tmp_path / "r.npz").num_images == 12

@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -258,3 +259,25 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     )
     np.testing.assert_array_equal(one["arr_0"], two["arr_0"])
     np.testing.assert_array_equal(one["arr_1"], two["arr_1"])
+
+
+def load_script(name):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "train" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"train_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_cli_on_a_saved_pipeline_folder(tmp_path):
+    tiny_dit_pipeline().save_pretrained(tmp_path / "pipe")
+    cli = load_script("sample")
+    argv = ["--pipeline", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "out"), "--num_samples", "3"]
+    argv += ["--batch_size", "2", "--steps", "2", "--guidance_scale", "1.5", "--class_labels", "random", "--png"]
+    cli.main(argv)
+    archive = read(tmp_path / "out" / "samples_3x4x4x3.npz")
+    assert archive["arr_0"].shape == (3, 4, 4, 3)
+    np.testing.assert_array_equal(archive["arr_1"], make_class_labels("random", 3, 1000, 0))
+    assert len(list((tmp_path / "out" / "png").glob("*.png"))) == 3
