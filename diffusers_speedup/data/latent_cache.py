@@ -1,0 +1,547 @@
+"""Cache the AutoencoderKL posterior of an image dataset into a 🤗 datasets folder, resumably, on any number of processes.
+
+Layout of ``output_dir``::
+
+    cache_config.json        identity of the cache (VAE weights hash, resolution, crop, input list hash, ...);
+                             written first, a later run with a different identity is refused
+    chunks/000123.arrow      rows of chunk 123 (``chunk_size`` consecutive inputs), written to a temp file + renamed
+    chunks/000123.json       its rejected inputs; its presence marks the chunk as done
+    data-*.arrow, dataset_info.json, state.json    the final dataset (``datasets.load_from_disk``)
+    latents_metadata.json    written last: its presence marks the cache as complete
+
+Chunks, not processes, are the unit of work: chunk ``c`` belongs to rank ``c % world_size``, and the final dataset
+concatenates chunks in order. So the rows and their order depend only on the input list, never on the number of
+processes, and a killed run (or one resumed with another number of processes) redoes at most the unfinished chunks.
+
+Every row stores the posterior mean and std of the image *and of its horizontal mirror* (fp16), so a trainer can
+sample ``z = (mean + std * eps - shift_factor) * scaling_factor`` afresh each step with a random mirror
+(REPA/EDM2/U-ViT practice) instead of freezing one sample and one flip (fast-DiT).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from .preprocessing import CROP_METHOD, ImageRejectedError, preprocess_image
+from .sources import ImageSource, make_source
+
+CONFIG_NAME = "cache_config.json"
+METADATA_NAME = "latents_metadata.json"
+CHUNKS_DIR = "chunks"
+FORMAT_VERSION = 1
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The VAE
+
+
+def vae_fingerprint(vae) -> str:
+    """SHA-256 of a VAE's config and weights: two caches are compatible only if it matches."""
+    digest = hashlib.sha256(json.dumps(_plain_config(vae.config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _plain_config(config) -> dict:
+    return {key: value for key, value in dict(config).items() if not key.startswith("_")}
+
+
+def load_vae(vae: str = DEFAULT_VAE, revision: str | None = None, subfolder: str | None = None):
+    """Load an ``AutoencoderKL`` in fp32 on CPU and describe where it came from.
+
+    Args:
+        vae: Hub id or local folder of an ``AutoencoderKL`` (or an already built ``AutoencoderKL``).
+        revision: Hub branch, tag or commit.
+        subfolder: sub-folder of the repo holding the VAE (e.g. ``"vae"`` in a full pipeline repo).
+
+    Returns:
+        ``(vae, info)`` where ``info`` has ``vae_id``, ``vae_revision``, ``vae_subfolder``, ``vae_commit`` (resolved
+        Hub commit when known) and ``vae_fingerprint``.
+    """
+    from diffusers import AutoencoderKL
+
+    if isinstance(vae, AutoencoderKL):
+        model, vae_id, commit = vae, vae.config.get("_name_or_path") or "<in-memory AutoencoderKL>", None
+    else:
+        vae_id = os.path.abspath(vae) if os.path.isdir(vae) else vae
+        try:
+            model = AutoencoderKL.from_pretrained(
+                vae, revision=revision, subfolder=subfolder, torch_dtype=torch.float32
+            )
+        except Exception as error:
+            raise OSError(f"cannot load an AutoencoderKL from vae={vae!r} (revision={revision!r}): {error}") from error
+        commit = None if os.path.isdir(vae) else _hub_commit(vae, revision, subfolder)
+    if next(model.parameters()).dtype != torch.float32 or next(model.parameters()).device.type != "cpu":
+        model = model.to("cpu", torch.float32)
+    model = model.eval().requires_grad_(False)
+    info = {
+        "vae_id": vae_id,
+        "vae_revision": revision,
+        "vae_subfolder": subfolder,
+        "vae_commit": commit,
+        "vae_fingerprint": vae_fingerprint(model),
+    }
+    return model, info
+
+
+def _hub_commit(repo_id: str, revision: str | None, subfolder: str | None) -> str | None:
+    """Commit hash of the downloaded config (from the local cache path), or ``None`` if it cannot be told."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import extract_commit_hash
+
+        path = hf_hub_download(repo_id, "config.json", subfolder=subfolder, revision=revision)
+        return extract_commit_hash(path, None)
+    except Exception:
+        return None
+
+
+def latent_shape_of(vae, resolution: int) -> tuple[int, int, int]:
+    """``(latent_channels, resolution / f, resolution / f)`` with ``f = 2 ** (len(block_out_channels) - 1)``."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution % factor:
+        raise ValueError(f"resolution={resolution} is not a multiple of the VAE's downsampling factor {factor}")
+    return (vae.config.latent_channels, resolution // factor, resolution // factor)
+
+
+class LatentEncoder:
+    """Encodes uint8 ``(B, H, W, 3)`` pixel batches into fp16 posterior mean/std of each image and its mirror.
+
+    Args:
+        vae: an fp32 ``AutoencoderKL`` (moved to ``device`` here).
+        device: where to encode.
+        dtype: ``"fp16"``, ``"bf16"`` (autocast) or ``"fp32"``. A batch whose low-precision result is not finite is
+            encoded again in fp32 (fp16 VAE overflows are documented for some VAEs).
+        flip: also encode the horizontal mirror.
+        compile: ``torch.compile`` the encoder (worth it for long runs on GPU).
+    """
+
+    def __init__(self, vae, device: torch.device, dtype: str = "fp32", flip: bool = True, compile: bool = False):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {tuple(_DTYPES)}")
+        self.device, self.flip = torch.device(device), flip
+        self.amp_dtype = None if dtype == "fp32" else _DTYPES[dtype]
+        self.vae = vae.to(self.device)
+        if self.device.type == "cuda":
+            self.vae.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        self.encoder_call = torch.compile(self.vae.encode) if compile else self.vae.encode
+
+    def _moments(self, pixels: torch.Tensor, amp_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            distribution = self.encoder_call(pixels).latent_dist
+        return distribution.mean.float(), distribution.std.float()
+
+    @torch.no_grad()
+    def __call__(self, pixels_uint8: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Returns fp16 CPU tensors ``mean``, ``std`` (and ``mean_flip``, ``std_flip``) of shape ``(B, C, h, w)``."""
+        count = pixels_uint8.shape[0]
+        pixels = pixels_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        if self.flip:
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+        if self.device.type == "cuda":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        mean, std = self._moments(pixels, self.amp_dtype)
+        if self.amp_dtype is not None and not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            mean, std = self._moments(pixels, None)
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise FloatingPointError("the VAE produced non-finite latents even in fp32")
+        mean, std = mean.half().cpu(), std.half().cpu()
+        out = {"mean": mean[:count], "std": std[:count]}
+        if self.flip:
+            out.update(mean_flip=mean[count:], std_flip=std[count:])
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Decoding images on DataLoader workers
+
+
+class _PreprocessedImages(TorchDataset):
+    """Item ``i`` of the source, decoded and centre-cropped on a worker: ``(i, uint8 HWC array or None, reason)``."""
+
+    def __init__(self, source: ImageSource, resolution: int):
+        self.source, self.resolution = source, resolution
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, preprocess_image(self.source.read(index), self.resolution), None
+        except ImageRejectedError as error:
+            return index, None, str(error)
+        except Exception as error:  # an unexpected failure on one file must not end a 1.28M-image run
+            return index, None, f"failed to read ({type(error).__name__}: {error})"
+
+
+def _collate(items):
+    accepted = [(index, array) for index, array, _ in items if array is not None]
+    pixels = torch.from_numpy(np.stack([array for _, array in accepted])) if accepted else None
+    return {
+        "indices": [index for index, _ in accepted],
+        "pixels": pixels,
+        "rejected": [(index, reason) for index, array, reason in items if array is None],
+        "count": len(items),
+    }
+
+
+def _chunk_range(chunk: int, chunk_size: int, num_items: int) -> range:
+    return range(chunk * chunk_size, min((chunk + 1) * chunk_size, num_items))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Output folder: identity, chunks, final dataset
+
+
+def _atomic_write_json(path: str, payload) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as file:
+        json.dump(payload, file, indent=2, default=str)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def _check_output_dir(output_dir: str, identity: dict) -> None:
+    """Refuse an output folder made for a different cache (never append to it)."""
+    if not os.path.isdir(output_dir):
+        return
+    config_path = os.path.join(output_dir, CONFIG_NAME)
+    if not os.path.exists(config_path):
+        if os.listdir(output_dir):
+            raise FileExistsError(
+                f"output_dir={output_dir!r} is not empty and has no {CONFIG_NAME}: it is not a latent cache; "
+                "choose an empty or new folder"
+            )
+        return
+    with open(config_path) as file:
+        stored = json.load(file)
+    differences = _differences(stored, identity)
+    if differences:
+        raise ValueError(
+            f"output_dir={output_dir!r} holds a latent cache made with different settings, refusing to append to it "
+            f"({'; '.join(differences)}). Use a new output_dir, or delete this one to start over."
+        )
+
+
+def _differences(stored, current, prefix: str = "") -> list[str]:
+    if isinstance(stored, dict) and isinstance(current, dict):
+        found = []
+        for key in sorted(set(stored) | set(current)):
+            found += _differences(stored.get(key), current.get(key), f"{prefix}{key}.")
+        return found
+    if stored != current:
+        return [f"{prefix.rstrip('.')}: cache has {stored!r}, this run has {current!r}"]
+    return []
+
+
+def _features(class_names: list[str] | None, latent_shape: tuple[int, int, int], flip: bool):
+    from datasets import Array3D, ClassLabel, Features, Value
+
+    columns = {
+        "index": Value("int64"),
+        "path": Value("string"),
+        "label": ClassLabel(names=class_names) if class_names else Value("int64"),
+        "mean": Array3D(shape=latent_shape, dtype="float16"),
+        "std": Array3D(shape=latent_shape, dtype="float16"),
+    }
+    if flip:
+        columns["mean_flip"] = Array3D(shape=latent_shape, dtype="float16")
+        columns["std_flip"] = Array3D(shape=latent_shape, dtype="float16")
+    return Features(columns)
+
+
+def _write_chunk(chunk_dir: str, chunk: int, rows: dict, rejected: list[dict], features) -> None:
+    from datasets.arrow_writer import ArrowWriter
+
+    arrow_path = os.path.join(chunk_dir, f"{chunk:06d}.arrow")
+    temporary = f"{arrow_path}.tmp-{os.getpid()}"
+    writer = ArrowWriter(features=features, path=temporary)
+    writer.write_batch(rows)
+    writer.finalize()
+    writer.close()
+    os.replace(temporary, arrow_path)
+    # The JSON goes last: a chunk counts as done only once both files are in place.
+    _atomic_write_json(os.path.join(chunk_dir, f"{chunk:06d}.json"), {"chunk": chunk, "rejected": rejected})
+
+
+def _chunk_done(chunk_dir: str, chunk: int) -> bool:
+    return os.path.exists(os.path.join(chunk_dir, f"{chunk:06d}.json")) and os.path.exists(
+        os.path.join(chunk_dir, f"{chunk:06d}.arrow")
+    )
+
+
+def _finalize(output_dir: str, num_chunks: int, listing_rejected: list[dict], metadata: dict, keep_chunks: bool):
+    from datasets import Dataset, concatenate_datasets
+
+    chunk_dir = os.path.join(output_dir, CHUNKS_DIR)
+    missing = [chunk for chunk in range(num_chunks) if not _chunk_done(chunk_dir, chunk)]
+    if missing:
+        raise RuntimeError(f"chunks {missing[:10]} of {num_chunks} are missing in {chunk_dir!r}; run again to resume")
+    parts, rejected = [], list(listing_rejected)
+    for chunk in range(num_chunks):
+        parts.append(Dataset.from_file(os.path.join(chunk_dir, f"{chunk:06d}.arrow")))
+        with open(os.path.join(chunk_dir, f"{chunk:06d}.json")) as file:
+            rejected += json.load(file)["rejected"]
+    dataset = concatenate_datasets(parts)
+    dataset.save_to_disk(output_dir)
+    metadata.update(num_accepted=len(dataset), num_rejected=len(rejected), rejected=rejected)
+    _atomic_write_json(os.path.join(output_dir, METADATA_NAME), metadata)
+    if not keep_chunks:
+        shutil.rmtree(chunk_dir, ignore_errors=True)
+
+
+def read_cache_metadata(output_dir: str) -> dict:
+    """The ``latents_metadata.json`` of a complete cache (raises if the cache is incomplete)."""
+    path = os.path.join(output_dir, METADATA_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{output_dir!r} is not a complete latent cache (no {METADATA_NAME})")
+    with open(path) as file:
+        return json.load(file)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The entry point
+
+
+def cache_latents(
+    output_dir: str,
+    *,
+    image_folder: str | None = None,
+    dataset: str | None = None,
+    builtin: str | None = None,
+    split: str = "train",
+    image_column: str = "image",
+    label_column: str = "label",
+    vae=DEFAULT_VAE,
+    vae_revision: str | None = None,
+    vae_subfolder: str | None = None,
+    resolution: int = 256,
+    flip: bool = True,
+    batch_size: int = 64,
+    chunk_size: int = 1024,
+    num_workers: int = 8,
+    dtype: str = "auto",
+    device: str | torch.device | None = None,
+    compile: bool = False,
+    max_images: int | None = None,
+    keep_chunks: bool = False,
+    progress: bool = True,
+    push_to_hub: str | None = None,
+    private: bool = True,
+    on_chunk_written: Callable[[int], None] | None = None,
+) -> dict:
+    """Encode every image of one input with an ``AutoencoderKL`` and save the posteriors as a 🤗 datasets folder.
+
+    Run it in every process of ``accelerate launch`` / ``torchrun`` (or in one plain process): each process encodes
+    its own chunks; the main process assembles the final dataset.
+
+    Args:
+        output_dir: folder of the cache. Resumed if it holds an unfinished cache with the same identity; refused if
+            it holds a different one.
+        image_folder: ImageNet-style folder (one sub-folder per class; class id = sorted folder index).
+        dataset: 🤗 dataset name on the Hub or local folder, with ``image_column`` and ``label_column``.
+        builtin: name of a built-in dataset (``"digits"``). Exactly one of ``image_folder``, ``dataset``,
+            ``builtin`` is given.
+        split: split of ``dataset`` / ``builtin``.
+        image_column, label_column: columns of ``dataset``.
+        vae: Hub id or local folder of an ``AutoencoderKL`` (or the model itself).
+        vae_revision, vae_subfolder: where in the Hub repo the VAE is.
+        resolution: side of the ADM centre crop fed to the VAE; smaller images are rejected.
+        flip: also store the posterior of each image's horizontal mirror (``mean_flip``, ``std_flip``).
+        batch_size: images per VAE call (the mirror doubles the VAE batch).
+        chunk_size: inputs per chunk file, the unit of resumption and of work split. Part of the cache identity.
+        num_workers: DataLoader workers decoding images per process (``0`` decodes in the main thread).
+        dtype: VAE compute precision: ``"auto"`` (fp16 on GPU, fp32 on CPU), ``"fp16"``, ``"bf16"``, ``"fp32"``.
+        device: encoding device (default: this process's accelerator device).
+        compile: ``torch.compile`` the VAE encoder.
+        max_images: only the first ``max_images`` inputs (for trials and benchmarks).
+        keep_chunks: keep the chunk files after the final dataset is written.
+        progress: show a tqdm bar (images/s) on the main process.
+        push_to_hub: dataset repo id to push the finished cache to (``Dataset.push_to_hub`` + the metadata JSON).
+        private: create the Hub repo as private.
+        on_chunk_written: called with the chunk number after each chunk is safely on disk.
+
+    Returns:
+        The cache metadata (also in ``output_dir/latents_metadata.json``): VAE id/revision/fingerprint,
+        ``scaling_factor``, ``shift_factor``, ``resolution``, ``latent_shape``, ``crop_method``, counts, rejected
+        files with reasons, class names.
+    """
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    if not isinstance(resolution, int) or resolution < 8:
+        raise ValueError(f"resolution must be an integer >= 8, got {resolution!r}")
+    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if dtype not in ("auto", *_DTYPES):
+        raise ValueError(f"dtype={dtype!r} is not one of ('auto', 'fp16', 'bf16', 'fp32')")
+
+    state = PartialState()
+    device = torch.device(device) if device is not None else state.device
+    encode_dtype = ("fp16" if device.type == "cuda" else "fp32") if dtype == "auto" else dtype
+    output_dir = os.path.abspath(output_dir)
+
+    source = make_source(image_folder, dataset, builtin, split, image_column, label_column, resolution)
+    if max_images is not None:
+        source.keys, source.labels = source.keys[:max_images], source.labels[:max_images]
+        source.description["max_images"] = max_images
+    if len(source) == 0:
+        raise ValueError(f"no images found in the input {source.description}")
+    model, vae_info = load_vae(vae, vae_revision, vae_subfolder)
+    latent_shape = latent_shape_of(model, resolution)
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "vae_fingerprint": vae_info["vae_fingerprint"],
+        "resolution": resolution,
+        "crop_method": CROP_METHOD,
+        "flip": flip,
+        "encode_dtype": encode_dtype,
+        "chunk_size": chunk_size,
+        "input": {**source.description, "num_items": len(source), "fingerprint": source.fingerprint()},
+    }
+
+    # Every rank checks (read-only) before anyone writes, so a refusal stops all ranks instead of hanging them.
+    _check_output_dir(output_dir, identity)
+    state.wait_for_everyone()
+    chunk_dir = os.path.join(output_dir, CHUNKS_DIR)
+    if state.is_main_process:
+        os.makedirs(chunk_dir, exist_ok=True)
+        if not os.path.exists(os.path.join(output_dir, CONFIG_NAME)):
+            _atomic_write_json(os.path.join(output_dir, CONFIG_NAME), identity)
+    state.wait_for_everyone()
+    _check_output_dir(output_dir, identity)  # also catches ranks that listed a different input
+
+    if os.path.exists(os.path.join(output_dir, METADATA_NAME)):
+        metadata = read_cache_metadata(output_dir)
+        _maybe_push(metadata, output_dir, push_to_hub, private, state.is_main_process)
+        return metadata
+
+    num_items = len(source)
+    num_chunks = math.ceil(num_items / chunk_size)
+    my_chunks = [
+        chunk
+        for chunk in range(state.process_index, num_chunks, state.num_processes)
+        if not _chunk_done(chunk_dir, chunk)
+    ]
+    batches = []  # (chunk, indices) in order; batches never cross a chunk boundary
+    for chunk in my_chunks:
+        indices = list(_chunk_range(chunk, chunk_size, num_items))
+        batches += [(chunk, indices[start : start + batch_size]) for start in range(0, len(indices), batch_size)]
+    features = _features(source.class_names, latent_shape, flip)
+    encoder = LatentEncoder(model, device, encode_dtype, flip, compile)
+
+    loader = DataLoader(
+        _PreprocessedImages(source, resolution),
+        batch_sampler=[indices for _, indices in batches],
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    bar = tqdm(
+        total=sum(len(indices) for _, indices in batches),
+        unit="img",
+        desc=f"encoding (rank 0 of {state.num_processes})",
+        disable=not (progress and state.is_main_process),
+        smoothing=0.05,
+    )
+    rows, rejected, started = _empty_rows(flip), [], time.perf_counter()
+    for (chunk, indices), batch in zip(batches, loader):
+        if batch["indices"]:
+            encoded = encoder(batch["pixels"])
+            for name, values in encoded.items():
+                if tuple(values.shape[1:]) != latent_shape:  # datasets does not validate Array3D shapes on write
+                    raise RuntimeError(
+                        f"VAE output {name} has shape {tuple(values.shape[1:])}, expected {latent_shape}"
+                    )
+                rows[name].append(values.numpy())
+            rows["index"] += batch["indices"]
+            rows["path"] += [source.keys[index] for index in batch["indices"]]
+            rows["label"] += [source.labels[index] for index in batch["indices"]]
+        rejected += [
+            {"index": index, "path": source.keys[index], "reason": reason} for index, reason in batch["rejected"]
+        ]
+        bar.update(batch["count"])
+        if indices[-1] == _chunk_range(chunk, chunk_size, num_items)[-1]:
+            _write_chunk(chunk_dir, chunk, _stack_rows(rows, latent_shape), rejected, features)
+            if on_chunk_written is not None:
+                on_chunk_written(chunk)
+            rows, rejected = _empty_rows(flip), []
+    bar.close()
+    encode_seconds = time.perf_counter() - started
+
+    state.wait_for_everyone()
+    metadata_path = os.path.join(output_dir, METADATA_NAME)
+    if state.is_main_process:
+        metadata = {
+            **identity,
+            **vae_info,
+            "scaling_factor": float(model.config.scaling_factor),
+            "shift_factor": None if model.config.get("shift_factor") is None else float(model.config.shift_factor),
+            "latent_shape": list(latent_shape),
+            "storage_dtype": "float16",
+            "columns": list(features),
+            "class_names": source.class_names,
+            "num_classes": len(source.class_names or []) or (max(source.labels) + 1),
+            "num_inputs": num_items + len(source.listing_rejected),
+            "source": source.description,
+        }
+        _finalize(output_dir, num_chunks, source.listing_rejected, metadata, keep_chunks)
+        if progress:
+            print(
+                f"latent cache: {metadata['num_accepted']} images encoded, {metadata['num_rejected']} rejected; "
+                f"rank 0 encoded at {bar.n / max(encode_seconds, 1e-9):.1f} img/s; saved to {output_dir}"
+            )
+    state.wait_for_everyone()
+    metadata = read_cache_metadata(output_dir) if os.path.exists(metadata_path) else {}
+    _maybe_push(metadata, output_dir, push_to_hub, private, state.is_main_process)
+    return metadata
+
+
+def _empty_rows(flip: bool) -> dict:
+    names = ["mean", "std", "mean_flip", "std_flip"] if flip else ["mean", "std"]
+    return {"index": [], "path": [], "label": [], **{name: [] for name in names}}
+
+
+def _stack_rows(rows: dict, latent_shape: tuple[int, int, int]) -> dict:
+    stacked = dict(rows)
+    for name in ("mean", "std", "mean_flip", "std_flip"):
+        if name in rows:
+            parts = rows[name]
+            stacked[name] = np.concatenate(parts) if parts else np.zeros((0, *latent_shape), np.float16)
+    return stacked
+
+
+def _maybe_push(metadata: dict, output_dir: str, repo_id: str | None, private: bool, is_main: bool) -> None:
+    if not repo_id or not is_main:
+        return
+    from datasets import load_from_disk
+    from huggingface_hub import HfApi
+
+    load_from_disk(output_dir).push_to_hub(repo_id, private=private, commit_message="Add cached VAE latents")
+    HfApi().upload_file(
+        path_or_fileobj=os.path.join(output_dir, METADATA_NAME),
+        path_in_repo=METADATA_NAME,
+        repo_id=repo_id,
+        repo_type="dataset",
+        commit_message="Add latent cache metadata",
+    )

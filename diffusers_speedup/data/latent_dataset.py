@@ -1,0 +1,205 @@
+"""Trainer-side reader of a latent cache: whole batches from Arrow, ``z`` sampled afresh every step.
+
+Typical use in a training loop (every rank)::
+
+    latents = LatentDataset("cache/imagenet256")
+    loader = latents.loader(batch_size, epoch=epoch, seed=seed, rank=rank, world_size=world, start_step=k, num_workers=2)
+    for batch in loader:
+        z, labels = latents.sample(batch, generator=generator, device=device)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader
+
+from .batching import index_batches, steps_per_epoch
+from .latent_cache import METADATA_NAME, read_cache_metadata
+
+_LATENT_COLUMNS = ("mean", "std", "mean_flip", "std_flip")
+
+
+def sample_latents(
+    batch: dict[str, torch.Tensor],
+    scaling_factor: float,
+    shift_factor: float | None = None,
+    random_flip: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw ``z = (mean + std * eps - shift_factor) * scaling_factor`` for a batch of cached posteriors.
+
+    Args:
+        batch: ``mean`` and ``std`` (and optionally ``mean_flip``, ``std_flip``), each ``(B, C, h, w)``, any float dtype.
+        scaling_factor: the VAE's ``config.scaling_factor`` (0.18215 for SD VAEs).
+        shift_factor: the VAE's ``config.shift_factor`` (``None`` or 0 for SD VAEs); decode with
+            ``vae.decode(z / scaling_factor + shift_factor)``.
+        random_flip: pick each sample's mirrored posterior with probability 1/2 (needs the ``*_flip`` entries).
+        generator: RNG on the batch's device for the mirror choice and ``eps`` (``None``: global RNG).
+
+    Returns:
+        ``float32`` tensor ``(B, C, h, w)``.
+    """
+    mean, std = batch["mean"].float(), batch["std"].float()
+    if random_flip and "mean_flip" in batch:
+        mirrored = (torch.rand(mean.shape[0], generator=generator, device=mean.device) < 0.5)[:, None, None, None]
+        mean = torch.where(mirrored, batch["mean_flip"].float(), mean)
+        std = torch.where(mirrored, batch["std_flip"].float(), std)
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    latents = mean + std * eps
+    if shift_factor:
+        latents = latents - shift_factor
+    return latents * scaling_factor
+
+
+class LatentDataset:
+    """A latent cache written by :func:`~diffusers_speedup.data.latent_cache.cache_latents`.
+
+    Args:
+        path: the cache folder, or a Hub dataset repo id it was pushed to.
+        random_flip: default for :meth:`sample`: use the mirrored posterior for half of the samples.
+        in_memory: read every row into RAM now (``device`` moves it further, e.g. onto the GPU: ImageNet-256 with both
+            mirrors is about 21 GB in fp16); otherwise batches are gathered from the memory-mapped Arrow files.
+        device: where to keep the in-memory tensors.
+
+    Attributes:
+        metadata: the cache's ``latents_metadata.json``.
+        latent_shape, scaling_factor, shift_factor, num_classes, class_names, has_flip.
+        labels: ``int64`` tensor of every row's label.
+    """
+
+    def __init__(
+        self, path: str, random_flip: bool = True, in_memory: bool = False, device: str | torch.device = "cpu"
+    ):
+        from datasets import load_from_disk
+
+        if os.path.isdir(path):
+            self.dataset, self.metadata = load_from_disk(path), read_cache_metadata(path)
+        else:
+            from datasets import load_dataset
+            from huggingface_hub import hf_hub_download
+
+            self.dataset = load_dataset(path, split="train")
+            with open(hf_hub_download(path, METADATA_NAME, repo_type="dataset")) as file:
+                import json
+
+                self.metadata = json.load(file)
+        if self.dataset._indices is not None:
+            self.dataset = self.dataset.flatten_indices()
+        self.latent_shape = tuple(self.metadata["latent_shape"])
+        self.scaling_factor = float(self.metadata["scaling_factor"])
+        self.shift_factor = self.metadata.get("shift_factor")
+        self.class_names = self.metadata.get("class_names")
+        self.num_classes = int(self.metadata["num_classes"])
+        self.has_flip = "mean_flip" in self.dataset.column_names
+        self.random_flip = random_flip and self.has_flip
+        self.columns = [name for name in _LATENT_COLUMNS if name in self.dataset.column_names]
+        self.labels = torch.from_numpy(np.asarray(self.dataset.data.table.column("label").to_numpy(), dtype=np.int64))
+        self._memory = None
+        if in_memory:
+            everything = self._gather(np.arange(len(self)))
+            self._memory = {name: tensor.to(device) for name, tensor in everything.items()}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _gather(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        # One Arrow `take` per batch, then a zero-copy-ish flatten of the fixed-shape lists: no per-row Python.
+        taken = self.dataset.data.table.select([*self.columns]).take(pa.array(indices, type=pa.int64()))
+        batch = {}
+        for name in self.columns:
+            column = taken.column(name).combine_chunks()
+            values = column.storage if hasattr(column, "storage") else column
+            for _ in self.latent_shape:
+                values = values.flatten()
+            array = values.to_numpy(zero_copy_only=False).reshape(len(indices), *self.latent_shape)
+            batch[name] = torch.from_numpy(array)
+        return batch
+
+    def read_batch(self, indices) -> dict[str, torch.Tensor]:
+        """Rows ``indices`` as ``float16`` ``mean``, ``std`` (``mean_flip``, ``std_flip``) ``(B, C, h, w)`` plus
+        ``int64`` ``label`` ``(B,)`` and ``index`` (the row numbers), on CPU (or on the in-memory device)."""
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        if self._memory is not None:
+            device_indices = indices.to(self._memory["mean"].device)
+            batch = {name: tensor[device_indices] for name, tensor in self._memory.items()}
+            batch["label"] = self.labels.to(device_indices.device)[device_indices]
+        else:
+            batch = self._gather(indices.numpy())
+            batch["label"] = self.labels[indices]
+        batch["index"] = indices
+        return batch
+
+    # torch's DataLoader calls __getitems__ with a whole index batch (torch >= 2.1).
+    __getitems__ = read_batch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: value[0] for name, value in self.read_batch([index]).items()}
+
+    def sample(
+        self,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator | None = None,
+        device: str | torch.device | None = None,
+        random_flip: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move a batch to ``device`` and draw ``(z float32 (B, C, h, w), labels int64 (B,))``; see
+        :func:`sample_latents`. ``generator`` must live on ``device``."""
+        if device is not None:
+            batch = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
+        flip = self.random_flip if random_flip is None else random_flip and self.has_flip
+        z = sample_latents(batch, self.scaling_factor, self.shift_factor, flip, generator)
+        return z, batch["label"]
+
+    def steps_per_epoch(self, batch_size: int, world_size: int = 1, drop_last: bool = True) -> int:
+        """Batches per rank in one epoch."""
+        return steps_per_epoch(len(self), batch_size, world_size, drop_last)
+
+    def index_batches(
+        self, batch_size: int, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, **kwargs
+    ) -> Iterator[torch.Tensor]:
+        """This rank's index batches of one epoch (``shuffle``, ``drop_last``, ``start_step`` as in
+        :func:`~diffusers_speedup.data.batching.index_batches`)."""
+        return index_batches(len(self), batch_size, epoch, seed, rank, world_size, **kwargs)
+
+    def loader(
+        self,
+        batch_size: int,
+        epoch: int = 0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> DataLoader:
+        """A DataLoader over this rank's batches of one epoch, each a :meth:`read_batch` dict.
+
+        Do not pass it through ``accelerator.prepare``: it is already split across ranks and resumable
+        (``start_step``), which ``prepare`` would undo.
+        """
+        if self._memory is not None and num_workers:
+            raise ValueError("num_workers must be 0 for an in-memory LatentDataset (the tensors are already loaded)")
+        batches = list(
+            self.index_batches(
+                batch_size, epoch, seed, rank, world_size, shuffle=shuffle, drop_last=drop_last, start_step=start_step
+            )
+        )
+        return DataLoader(
+            self,
+            batch_sampler=batches,
+            collate_fn=_identity,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=False,
+        )
+
+
+def _identity(batch):
+    return batch
