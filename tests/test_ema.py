@@ -232,7 +232,7 @@ def test_posthoc_reconstruction_matches_directly_tracked_ema(tmp_path):
         model,
         sigma_rels=(0.05, 0.15),
         snapshot_dir=tmp_path,
-        snapshot_every=snapshot_every_steps * batch_size,
+        snapshot_every=snapshot_every_steps,
         snapshot_dtype=torch.float32,
     )
     direct = PowerFunctionEMA(model, sigma_rels=(0.05, 0.09, 0.15))

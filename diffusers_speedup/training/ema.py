@@ -137,7 +137,8 @@ class ConstantEMA(_ShadowModule):
         else:
             return
         live = [p.to(device=s.device, dtype=s.dtype) for p, s in zip(live, self._shadow_params)]
-        torch._foreach_lerp_(self._shadow_params, live, 1.0 - decay)
+        if live:
+            torch._foreach_lerp_(self._shadow_params, live, 1.0 - decay)
         self._copy_buffers(model, self.model)
 
     def copy_to(self, model: torch.nn.Module) -> None:
@@ -238,8 +239,9 @@ class PowerFunctionEMA(_ShadowModule):
             training time; each must be in (0, 12^-0.5).
         snapshot_dir (`str`, *optional*): folder for snapshots. Pass it only on the main process; other ranks keep
             the same averages without writing anything.
-        snapshot_every (`int`, *optional*): write a snapshot of every profile each time the training time crosses a
-            multiple of this (in the units of `t`: images when `nimg` is given). EDM2 uses 8Mi images.
+        snapshot_every (`int`, *optional*): write a snapshot of every profile each time the optimizer step count
+            crosses a multiple of this (counted in steps even when `t` is images; EDM2 snapshots every 8Mi images,
+            i.e. 4096 steps at batch 2048).
         snapshot_dtype (`torch.dtype`, defaults to `torch.float16`): dtype of the stored parameters (buffers keep
             their own dtype). fp16 halves the disk use, as in EDM2.
     """
@@ -306,17 +308,18 @@ class PowerFunctionEMA(_ShadowModule):
                 f"{t} after {self.t}."
             )
         delta_t = t - self.t
-        previous_t, self.t, self.step = self.t, t, int(step)
+        previous_step, self.t, self.step = self.step, t, int(step)
         live_by_device: dict = {}
         for gamma, shadow_params, shadow in zip(self.gammas, self._shadow_params, self.models):
             key = (shadow_params[0].device, shadow_params[0].dtype) if shadow_params else None
             if key not in live_by_device:
                 live_by_device[key] = [p.to(device=s.device, dtype=s.dtype) for p, s in zip(live, shadow_params)]
             beta = power_function_ema_beta(t, delta_t, gamma)
-            torch._foreach_lerp_(shadow_params, live_by_device[key], 1.0 - beta)
+            if shadow_params:
+                torch._foreach_lerp_(shadow_params, live_by_device[key], 1.0 - beta)
             self._copy_buffers(model, shadow)
         if self.snapshot_dir is not None and self.snapshot_every is not None:
-            if t // self.snapshot_every > previous_t // self.snapshot_every:
+            if self.step // self.snapshot_every > previous_step // self.snapshot_every:
                 self.save_snapshot()
 
     def save_snapshot(self, snapshot_dir: str | os.PathLike | None = None) -> list[Path]:
