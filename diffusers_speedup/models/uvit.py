@@ -292,7 +292,7 @@ class UViTModel(ModelMixin, ConfigMixin):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(_init_uvit_weights)
 
-        gate_count = {"learned": 1, "learned_per_skip": num_skips}.get(skip_scaling, 0)
+        gate_count = {"learned": min(1, num_skips), "learned_per_skip": num_skips}.get(skip_scaling, 0)
         self.skip_gates = nn.ModuleList([SkipGate(num_tokens, skip_gate_reduction) for _ in range(gate_count)])
         # ScaleLong builds its gates after the U-ViT init, so they start from PyTorch's default Linear init.
         for gate in self.skip_gates:
