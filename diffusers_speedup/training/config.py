@@ -1,0 +1,357 @@
+"""Typed training recipes: YAML files validated against dataclasses, with ``key.sub=value`` overrides.
+
+Every field has a type and a default; unknown keys, wrong types and contradictory options stop the run before any
+work, with one message naming the key. The resolved config is saved with every checkpoint and export.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+MODEL_KINDS = ("uvit", "edm2_unet", "dit")
+DATA_KINDS = ("builtin", "image_folder", "hf_dataset", "latents")
+SCHEDULE_KINDS = ("ddpm", "edm")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SAMPLING_SCHEDULERS = ("ddim", "ddpm", "dpm_solver", "edm_euler", "edm_heun")
+EMA_KINDS = ("none", "constant", "power")
+OPTIMIZERS = ("adamw", "adam")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "inverse_sqrt")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+ATTENTION = ("sdpa", "xformers")
+TRACKERS = ("tensorboard", "wandb", "none")
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "uvit"  # uvit | edm2_unet | dit
+    preset: str | None = None  # e.g. uvit-s, edm2-xs, dit-xl-2; None builds from params alone
+    params: dict[str, Any] = field(default_factory=dict)  # constructor arguments, overriding the preset
+    pretrained: str | None = None  # a saved model folder to start from instead
+
+
+@dataclass
+class DataConfig:
+    kind: str = "builtin"  # builtin | image_folder | hf_dataset | latents
+    name: str = "digits"  # the built-in dataset
+    path: str | None = None  # image folder, 🤗 dataset name or folder, or cached-latents folder
+    resolution: int = 32
+    channels: int = 3  # 1 keeps the built-in digits grayscale
+    random_flip: bool = False
+    image_column: str = "image"
+    label_column: str = "label"
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "ddpm"  # ddpm (discrete, DDPMScheduler) | edm (continuous σ)
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    rescale_betas_zero_snr: bool = False
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+
+
+@dataclass
+class ObjectiveConfig:
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    prediction_type: str = "epsilon"  # epsilon | v_prediction | sample
+    sampler: dict[str, Any] = field(default_factory=lambda: {"kind": "default"})
+    weighting: dict[str, Any] = field(default_factory=lambda: {"kind": "constant"})
+    learned_uncertainty: bool = False
+    label_dropout: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    # inverse_sqrt (EDM2): lr / sqrt(max(step / ref_batches, 1)), ramped up over the first rampup_images images
+    ref_batches: float = 70000.0
+    rampup_images: float = 10_000_000.0
+    max_grad_norm: float | None = 1.0
+
+
+@dataclass
+class EMAConfig:
+    kind: str = "constant"  # none | constant | power
+    decay: float = 0.9999
+    start_step: int = 0
+    sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
+    snapshot_every: int = 0  # power EMA: steps between snapshots for post-hoc reconstruction (0 = at checkpoints)
+
+
+@dataclass
+class SamplingConfig:
+    scheduler: str | None = None  # ddim | ddpm | dpm_solver | edm_euler | edm_heun; None picks by schedule
+    num_inference_steps: int = 50
+    guidance_scale: float = 1.0
+    guidance_interval: list[float] | None = None  # [sigma_lo, sigma_hi]
+    images_per_class: int = 4
+    max_classes: int = 10
+
+
+@dataclass
+class HubConfig:
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    private: bool = False
+    push_checkpoints: bool = False
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    batch_size: int = 64  # global batch (all processes, all accumulation steps)
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000
+    mixed_precision: str = "no"
+    allow_tf32: bool = True
+    compile: bool = False
+    attention: str = "sdpa"
+    gradient_checkpointing: bool = False
+    num_workers: int = 0
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int | None = 3
+    resume: str | None = None  # "latest" or a checkpoint folder
+    log_every: int = 50
+    sample_every: int = 0  # steps between sample grids (0: only at the end)
+    export_every_checkpoint: bool = False
+    max_consecutive_nonfinite: int = 10
+    report_to: str = "tensorboard"
+    cpu: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _omegaconf_message(error: OmegaConfBaseException) -> str:
+    # OmegaConf appends "full_key: ..., object_type=..." lines; the first line plus the key is what a user needs.
+    key = getattr(error, "full_key", None)
+    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"{key}: {first_line}" if key else first_line
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a recipe, apply ``key.sub=value`` overrides, validate, and return the typed config.
+
+    Raises:
+        ConfigError: naming the file and the key for unknown keys, wrong types and contradictory options.
+    """
+    schema = OmegaConf.structured(Config)
+    source = "defaults"
+    try:
+        if path is not None:
+            source = str(path)
+            if not Path(path).is_file():
+                raise ConfigError(f"Config file {path} does not exist.")
+            schema = OmegaConf.merge(schema, OmegaConf.load(path))
+        for override in overrides:
+            source = f"override {override!r}"
+            if "=" not in override:
+                raise ConfigError(f"Override {override!r} is not of the form key.sub=value.")
+            schema = OmegaConf.merge(schema, OmegaConf.from_dotlist([override]))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{source}: {_omegaconf_message(error)}") from None
+    config: Config = OmegaConf.to_object(schema)
+    validate_config(config)
+    return config
+
+
+def config_to_dict(config: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+def config_to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}.")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
+
+
+def model_class(kind: str):
+    from ..models.edm2_unet import EDM2UNetModel
+    from ..models.uvit import UViTModel
+
+    if kind == "dit":
+        from diffusers import DiTTransformer2DModel
+
+        return DiTTransformer2DModel
+    return {"uvit": UViTModel, "edm2_unet": EDM2UNetModel}[kind]
+
+
+def model_presets(kind: str) -> dict:
+    from ..models.dit import DIT_PRESETS
+    from ..models.edm2_unet import EDM2_PRESETS
+    from ..models.uvit import UVIT_PRESETS
+
+    return {"uvit": UVIT_PRESETS, "edm2_unet": EDM2_PRESETS, "dit": DIT_PRESETS}[kind]
+
+
+def validate_config(config: Config) -> None:
+    """Check choices, ranges and combinations that the types alone cannot; raise ConfigError naming the key."""
+    model, data, objective, schedule = config.model, config.data, config.objective, config.objective.schedule
+    optim, ema, sampling, train = config.optim, config.ema, config.sampling, config.train
+
+    _choice("model.kind", model.kind, MODEL_KINDS)
+    if model.preset is not None:
+        _choice("model.preset", model.preset, sorted(model_presets(model.kind)))
+    accepted = set(inspect.signature(model_class(model.kind).__init__).parameters) - {"self"}
+    for key in model.params:
+        if key not in accepted:
+            raise ConfigError(
+                f"model.params.{key}: not an argument of {model_class(model.kind).__name__} "
+                f"(accepted: {', '.join(sorted(accepted))})."
+            )
+
+    _choice("data.kind", data.kind, DATA_KINDS)
+    if data.kind != "builtin" and not data.path:
+        raise ConfigError(f"data.path: required for data.kind {data.kind!r}.")
+    _positive("data.resolution", data.resolution)
+    _choice("data.channels", data.channels, (1, 3))
+
+    _choice("objective.schedule.kind", schedule.kind, SCHEDULE_KINDS)
+    _choice("objective.schedule.beta_schedule", schedule.beta_schedule, BETA_SCHEDULES)
+    _choice("objective.prediction_type", objective.prediction_type, ("epsilon", "v_prediction", "sample"))
+    if not 0 <= objective.label_dropout < 1:
+        raise ConfigError(f"objective.label_dropout: must lie in [0, 1), got {objective.label_dropout}.")
+    if model.kind == "edm2_unet":
+        if schedule.kind != "edm":
+            raise ConfigError("objective.schedule.kind: EDM2UNetModel takes σ and needs the 'edm' schedule.")
+        if objective.prediction_type != "sample":
+            raise ConfigError("objective.prediction_type: EDM2UNetModel returns the denoised sample; use 'sample'.")
+    if model.kind == "dit" and objective.label_dropout > 0:
+        raise ConfigError("objective.label_dropout: diffusers' DiT already drops 10% of labels itself; set it to 0.")
+    try:
+        from ..objectives import build_sampler, compute_loss_weights
+
+        build_sampler(dict(objective.sampler), build_noise_scheduler(schedule))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"objective.sampler: {error}") from None
+    weighting = dict(objective.weighting)
+    kind = weighting.pop("kind", "constant")
+    try:
+        import torch
+
+        compute_loss_weights(kind, torch.ones(1), objective.prediction_type, **weighting)
+    except ValueError as error:
+        raise ConfigError(f"objective.weighting: {error}") from None
+
+    _choice("optim.optimizer", optim.optimizer, OPTIMIZERS)
+    _choice("optim.lr_schedule", optim.lr_schedule, LR_SCHEDULES)
+    _positive("optim.lr", optim.lr)
+    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+        raise ConfigError(f"optim.betas: needs two values in [0, 1), got {list(optim.betas)}.")
+    if optim.max_grad_norm is not None:
+        _positive("optim.max_grad_norm", optim.max_grad_norm)
+
+    _choice("ema.kind", ema.kind, EMA_KINDS)
+    if not 0 < ema.decay < 1:
+        raise ConfigError(f"ema.decay: must lie in (0, 1), got {ema.decay}.")
+    for sigma_rel in ema.sigma_rels:
+        if not 0 < sigma_rel < 0.2887:
+            raise ConfigError(f"ema.sigma_rels: each must lie in (0, 0.2887), got {sigma_rel}.")
+
+    if sampling.scheduler is not None:
+        _choice("sampling.scheduler", sampling.scheduler, SAMPLING_SCHEDULERS)
+        if (sampling.scheduler.startswith("edm")) != (schedule.kind == "edm"):
+            raise ConfigError(
+                f"sampling.scheduler: {sampling.scheduler!r} does not fit the {schedule.kind!r} training schedule."
+            )
+    if sampling.guidance_interval is not None:
+        lo_hi = list(sampling.guidance_interval)
+        if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1]:
+            raise ConfigError(
+                f"sampling.guidance_interval: needs [sigma_lo, sigma_hi] with 0 <= lo <= hi, got {lo_hi}."
+            )
+
+    if config.hub.push_to_hub and not config.hub.hub_model_id:
+        raise ConfigError("hub.hub_model_id: required when hub.push_to_hub is true.")
+
+    _positive("train.batch_size", train.batch_size)
+    _positive("train.gradient_accumulation_steps", train.gradient_accumulation_steps)
+    _positive("train.max_steps", train.max_steps)
+    _positive("train.checkpoint_every", train.checkpoint_every, allow_zero=True)
+    _positive("train.log_every", train.log_every)
+    _choice("train.mixed_precision", train.mixed_precision, MIXED_PRECISION)
+    _choice("train.attention", train.attention, ATTENTION)
+    _choice("train.report_to", train.report_to, TRACKERS)
+    if train.batch_size % train.gradient_accumulation_steps:
+        raise ConfigError(
+            f"train.batch_size: {train.batch_size} is not divisible by "
+            f"train.gradient_accumulation_steps={train.gradient_accumulation_steps}."
+        )
+    if train.resume not in (None, "latest") and not Path(train.resume).is_dir():
+        raise ConfigError(f"train.resume: {train.resume!r} is neither 'latest' nor an existing checkpoint folder.")
+    import torch
+
+    on_cpu = train.cpu or not torch.cuda.is_available()
+    if train.mixed_precision == "fp16" and on_cpu:
+        raise ConfigError("train.mixed_precision: fp16 needs a GPU; use 'bf16' or 'no' on CPU.")
+    if train.attention == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            raise ConfigError("train.attention: 'xformers' is not installed (pip install diffusers-speedup[xformers]).")
+        if model.kind == "edm2_unet":
+            raise ConfigError("train.attention: EDM2UNetModel's cosine attention has no xformers path; use 'sdpa'.")
+    if train.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("train.report_to: 'wandb' is not installed.")
+
+
+def build_noise_scheduler(schedule: ScheduleConfig):
+    """The training schedule as a diffusers scheduler: DDPMScheduler (discrete) or EDMEulerScheduler (σ)."""
+    from diffusers import DDPMScheduler, EDMEulerScheduler
+
+    if schedule.kind == "ddpm":
+        return DDPMScheduler(
+            num_train_timesteps=schedule.num_train_timesteps,
+            beta_schedule=schedule.beta_schedule,
+            beta_start=schedule.beta_start,
+            beta_end=schedule.beta_end,
+            rescale_betas_zero_snr=schedule.rescale_betas_zero_snr,
+        )
+    return EDMEulerScheduler(sigma_min=schedule.sigma_min, sigma_max=schedule.sigma_max, sigma_data=schedule.sigma_data)
+
+
+def config_from_mapping(mapping: dict | DictConfig) -> Config:
+    """A typed, validated config from a plain mapping (e.g. the ``config.yaml`` saved with a checkpoint)."""
+    try:
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), mapping))
+    except OmegaConfBaseException as error:
+        raise ConfigError(_omegaconf_message(error)) from None
+    validate_config(config)
+    return config

@@ -1,0 +1,617 @@
+"""The training loop: a recipe in, checkpoints, sample grids, logs and an exported pipeline out.
+
+Runs the same on one CPU and under ``accelerate launch`` on many GPUs. The data order is a pure function of
+(seed, epoch, rank), and every random draw of the step comes from torch's global RNG, which accelerate saves with
+each checkpoint: a resumed run continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch import nn
+
+from ..objectives import DiffusionObjective
+from .checkpoints import CONFIG_NAME, find_latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, build_noise_scheduler, config_to_dict, config_to_yaml, model_class
+from .ema import ConstantEMA, PowerFunctionEMA
+from .lr_schedules import get_lr_scheduler
+
+logger = logging.getLogger(__name__)
+
+# Edges of the log-SNR buckets in which the loss is also logged (ln SNR; 0 is SNR = 1).
+LOG_SNR_EDGES = (-6.0, -3.0, 0.0, 3.0, 6.0)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+# --- data --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingData:
+    """Pixels held in memory (PixelDataset) or cached latents (LatentDataset) behind one interface."""
+
+    dataset: object
+    is_latent: bool
+    class_names: list[str]
+    sample_shape: tuple[int, int, int]
+    vae_id: str | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def batch(self, indices: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.is_latent:
+            return self.dataset.sample(self.dataset.read_batch(indices), device=device)
+        return self.dataset.get_batch(indices, device=device)
+
+
+def load_training_data(config: Config) -> TrainingData:
+    from ..data import LatentDataset, load_pixel_dataset
+
+    data = config.data
+    if data.kind == "latents":
+        dataset = LatentDataset(data.path, random_flip=data.random_flip)
+        names = dataset.class_names or [str(i) for i in range(dataset.num_classes)]
+        return TrainingData(dataset, True, list(names), dataset.latent_shape, dataset.metadata.get("vae_id"))
+    source = data.name if data.kind == "builtin" else data.path
+    dataset = load_pixel_dataset(
+        source,
+        resolution=data.resolution,
+        channels=data.channels,
+        random_flip=data.random_flip,
+        image_column=data.image_column,
+        label_column=data.label_column,
+    )
+    if dataset.rejected:
+        logger.warning("%d images were rejected, e.g. %s", len(dataset.rejected), dataset.rejected[:3])
+    names = dataset.class_names or [str(i) for i in range(int(dataset.labels.max()) + 1)]
+    return TrainingData(dataset, False, list(names), dataset.sample_shape)
+
+
+# --- model, objective, sampling scheduler ------------------------------------------------------------------------
+
+
+def build_model(config: Config, data: TrainingData) -> nn.Module:
+    """The recipe's model, with sample size, channels and classes filled in from the data unless given."""
+    kind, cls = config.model.kind, model_class(config.model.kind)
+    if config.model.pretrained:
+        return cls.from_pretrained(config.model.pretrained)
+    channels, size = data.sample_shape[0], data.sample_shape[1]
+    fitted = {"sample_size": size, "in_channels": channels}
+    if kind == "dit":
+        fitted.update(out_channels=channels, num_embeds_ada_norm=data.num_classes)
+    else:
+        fitted["num_classes"] = data.num_classes
+    params = {**fitted, **config.model.params}
+    if config.model.preset is None:
+        return cls(**params)
+    if kind == "dit":
+        from ..models.dit import dit_from_preset
+
+        return dit_from_preset(config.model.preset, **params)
+    return cls.from_preset(config.model.preset, **params)
+
+
+def build_objective(config: Config, noise_scheduler, num_classes: int) -> DiffusionObjective:
+    objective = config_to_dict(config)["objective"]
+    objective.pop("schedule")
+    return DiffusionObjective.from_config(objective, noise_scheduler, num_classes=num_classes)
+
+
+def build_sampling_scheduler(config: Config, noise_scheduler):
+    """The scheduler that sample grids and the exported pipeline use."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EDMEulerScheduler
+
+    from ..schedulers.scheduling_edm_heun import EDMHeunScheduler
+
+    schedule, prediction_type = config.objective.schedule, config.objective.prediction_type
+    name = config.sampling.scheduler or ("edm_heun" if schedule.kind == "edm" else "ddim")
+    if schedule.kind == "edm":
+        cls = {"edm_heun": EDMHeunScheduler, "edm_euler": EDMEulerScheduler}[name]
+        kwargs = {
+            "sigma_min": schedule.sigma_min,
+            "sigma_max": schedule.sigma_max,
+            "sigma_data": schedule.sigma_data,
+            "prediction_type": prediction_type,
+        }
+        return cls(**kwargs)
+    cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm_solver": DPMSolverMultistepScheduler}[name]
+    extra = {"timestep_spacing": "trailing"} if schedule.rescale_betas_zero_snr else {}
+    return cls.from_config(noise_scheduler.config, prediction_type=prediction_type, **extra)
+
+
+class TrainingModule(nn.Module):
+    """The model and the objective as one module, so that DDP also averages the objective's own parameters
+    (EDM2's uncertainty head) and a single forward returns the per-sample losses."""
+
+    def __init__(self, model: nn.Module, objective: DiffusionObjective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, x0: torch.Tensor, class_labels: torch.Tensor):
+        return self.objective(self.model, x0, class_labels)
+
+
+# --- helpers -----------------------------------------------------------------------------------------------------
+
+
+def _build_optimizer(config: Config, parameters, device: torch.device) -> torch.optim.Optimizer:
+    optim = config.optim
+    cls = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
+    kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
+    if device.type == "cuda":
+        kwargs["fused"] = True  # one kernel for the whole update instead of several per tensor
+    return cls(parameters, **kwargs)
+
+
+def _hardware(accelerator: Accelerator) -> str:
+    count = accelerator.num_processes
+    if accelerator.device.type == "cuda":
+        return f"{count}× {torch.cuda.get_device_name(accelerator.device)}"
+    return f"{count}× CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _tracker_config(config: Config) -> dict:
+    """Flat scalar hyper-parameters, which TensorBoard's hparams view accepts."""
+    flat = {}
+
+    def visit(prefix, value):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                visit(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    visit("", config_to_dict(config))
+    return flat
+
+
+def make_grid(images, columns: int):
+    """Tile PIL images (all one size) into a grid, row by row."""
+    from PIL import Image
+
+    width, height = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new(images[0].mode, (columns * width, rows * height))
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+# --- the trainer -------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains one recipe. ``Trainer(config).train()`` returns the exported pipeline folder."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        train = config.train
+        self.output_dir = Path(train.output_dir)
+        self.accelerator = Accelerator(
+            cpu=train.cpu,
+            mixed_precision=train.mixed_precision,
+            gradient_accumulation_steps=train.gradient_accumulation_steps,
+            log_with=None if train.report_to == "none" else train.report_to,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir),
+                logging_dir=str(self.output_dir / "logs"),
+                automatic_checkpoint_naming=False,
+            ),
+        )
+        accelerator = self.accelerator
+        world = accelerator.num_processes * train.gradient_accumulation_steps
+        if train.batch_size % world:
+            raise ValueError(
+                f"train.batch_size={train.batch_size} is not divisible by processes × accumulation steps = {world}."
+            )
+        self.micro_batch_size = train.batch_size // world
+        if train.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        set_seed(train.seed)  # model initialisation, then the training stream (restored on resume)
+
+        self.data = load_training_data(config)
+        if len(self.data.dataset) < self.micro_batch_size * accelerator.num_processes:
+            raise ValueError(
+                f"The dataset has {len(self.data.dataset)} samples, fewer than one global batch "
+                f"({self.micro_batch_size * accelerator.num_processes})."
+            )
+        self.model = build_model(config, self.data)
+        if train.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        if train.attention == "xformers":
+            self.model.enable_xformers_memory_efficient_attention()
+        self.noise_scheduler = build_noise_scheduler(config.objective.schedule)
+        self.objective = build_objective(config, self.noise_scheduler, self.data.num_classes)
+
+        ema = config.ema
+        if ema.kind == "constant":
+            self.ema = ConstantEMA(self.model, decay=ema.decay, start_step=ema.start_step)
+        elif ema.kind == "power":
+            snapshot_dir = str(self.output_dir / "ema_snapshots") if accelerator.is_main_process else None
+            self.ema = PowerFunctionEMA(
+                self.model,
+                sigma_rels=ema.sigma_rels,
+                snapshot_dir=snapshot_dir,
+                snapshot_every=ema.snapshot_every or None,
+            )
+        else:
+            self.ema = None
+
+        trainable = TrainingModule(torch.compile(self.model) if train.compile else self.model, self.objective)
+        optimizer = _build_optimizer(config, trainable.parameters(), accelerator.device)
+        self.module, self.optimizer = accelerator.prepare(trainable, optimizer)
+        # Not passed through prepare: accelerate would step it once per process per step.
+        self.lr_scheduler = get_lr_scheduler(
+            config.optim.lr_schedule,
+            optimizer,
+            warmup_steps=config.optim.warmup_steps,
+            total_steps=train.max_steps,
+            **(
+                {
+                    "ref_batches": config.optim.ref_batches,
+                    "rampup_images": config.optim.rampup_images,
+                    "batch_size": train.batch_size,
+                }
+                if config.optim.lr_schedule == "inverse_sqrt"
+                else {}
+            ),
+        )
+        accelerator.register_for_checkpointing(self.lr_scheduler)
+        if self.ema is not None:
+            self.ema.to(accelerator.device)
+            accelerator.register_for_checkpointing(self.ema)
+
+        self.step, self.epoch, self.batches_into_epoch, self.images_seen, self.nonfinite_in_a_row = 0, 0, 0, 0, 0
+        self.train_seconds = 0.0
+        self.latest_grid = None
+        self.pusher = None
+        self.push_result = None
+
+    # --- checkpoints ---------------------------------------------------------------------------------------------
+
+    def _trainer_state(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "batches_into_epoch": self.batches_into_epoch,
+            "images_seen": self.images_seen,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "train_seconds": self.train_seconds,
+        }
+
+    def save_checkpoint(self) -> Path:
+        def write_config(folder: Path) -> None:
+            (folder / CONFIG_NAME).write_text(config_to_yaml(self.config))
+
+        path = save_checkpoint(
+            self.accelerator,
+            self.output_dir,
+            self.step,
+            self._trainer_state(),
+            save_fn=write_config,
+            total_limit=self.config.train.checkpoints_total_limit,
+        )
+        if (
+            isinstance(self.ema, PowerFunctionEMA)
+            and not self.config.ema.snapshot_every
+            and self.accelerator.is_main_process
+        ):
+            self.ema.save_snapshot()
+        return path
+
+    def resume(self) -> None:
+        resume = self.config.train.resume
+        if resume is None:
+            return
+        path = find_latest_checkpoint(self.output_dir) if resume == "latest" else Path(resume)
+        if path is None:
+            logger.info("No checkpoint in %s yet; starting from scratch.", self.output_dir)
+            return
+        state = load_checkpoint(self.accelerator, path)
+        self.step = int(state["step"])
+        for key in ("epoch", "batches_into_epoch", "images_seen", "nonfinite_in_a_row"):
+            setattr(self, key, int(state[key]))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        logger.info("Resumed from %s at step %d.", path, self.step)
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+
+    def _batches(self):
+        """Micro-batches forever, epoch after epoch, starting where the run left off."""
+        accelerator = self.accelerator
+        while True:
+            for indices in self.data.dataset.index_batches(
+                self.micro_batch_size,
+                epoch=self.epoch,
+                seed=self.config.train.seed,
+                rank=accelerator.process_index,
+                world_size=accelerator.num_processes,
+                start_step=self.batches_into_epoch,
+            ):
+                self.batches_into_epoch += 1
+                yield indices
+            self.epoch, self.batches_into_epoch = self.epoch + 1, 0
+
+    def train(self) -> Path | None:
+        config, accelerator = self.config, self.accelerator
+        train = config.train
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / CONFIG_NAME).write_text(config_to_yaml(config))
+        if train.report_to != "none":
+            accelerator.init_trackers("diffusers-speedup", config=_tracker_config(config))
+        self.resume()
+        if config.hub.push_to_hub:
+            from ..hub import BackgroundHubPusher
+
+            # Uploads run on a background thread with retries: training never waits for or dies on a push.
+            self.pusher = BackgroundHubPusher(
+                config.hub.hub_model_id, enabled=accelerator.is_main_process, private=config.hub.private
+            )
+
+        device = accelerator.device
+        parameters = [p for p in self.module.parameters() if p.requires_grad]
+        num_buckets = len(LOG_SNR_EDGES) + 1
+        edges = torch.tensor(LOG_SNR_EDGES, device=device)
+        # Running sums stay on the device; they are read (one host sync) only when logged.
+        loss_sum = torch.zeros((), device=device)
+        bucket_sum, bucket_count = torch.zeros(num_buckets, device=device), torch.zeros(num_buckets, device=device)
+        grad_norm = torch.zeros((), device=device)
+        steps_since_log, last_log_time = 0, time.perf_counter()
+        batches = self._batches()
+        finite = True
+        self.module.train()
+
+        while self.step < train.max_steps:
+            step_start = time.perf_counter()
+            for _ in range(train.gradient_accumulation_steps):
+                x0, labels = self.data.batch(next(batches), device)
+                with accelerator.accumulate(self.module):
+                    output = self.module(x0, labels)
+                    loss = output.loss.mean()
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = self._clip_gradients(parameters)
+                        # Skipping a step needs a decision on the host: one scalar read per optimizer step.
+                        finite = bool(torch.isfinite(grad_norm))
+                        if finite or accelerator.scaler is not None:  # fp16's scaler skips bad steps itself
+                            self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach() / train.gradient_accumulation_steps
+                buckets = torch.bucketize(output.snr.clamp_min(1e-20).log(), edges)
+                bucket_sum.index_add_(0, buckets, output.loss.detach())
+                bucket_count.index_add_(0, buckets, torch.ones_like(output.loss))
+
+            self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
+            if not finite:
+                logger.warning(
+                    "Step %d: non-finite gradient norm (%s); the update was skipped.", self.step + 1, grad_norm.item()
+                )
+                if self.nonfinite_in_a_row >= train.max_consecutive_nonfinite:
+                    last = find_latest_checkpoint(self.output_dir, clean=False)
+                    raise NonFiniteLossError(
+                        f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                        f"(step {self.step + 1}); stopping. The last good checkpoint is {last or 'none (none saved)'}."
+                    )
+            if finite:
+                self.lr_scheduler.step()
+            self.step += 1
+            self.images_seen += train.batch_size
+            if self.ema is not None:
+                unwrapped = self.model
+                if isinstance(self.ema, PowerFunctionEMA):
+                    self.ema.update(unwrapped, self.step, nimg=self.images_seen)
+                else:
+                    self.ema.update(unwrapped, self.step)
+            self.train_seconds += time.perf_counter() - step_start
+            steps_since_log += 1
+
+            if self.step % train.log_every == 0 or self.step == train.max_steps:
+                now = time.perf_counter()
+                self._log(loss_sum, bucket_sum, bucket_count, grad_norm, steps_since_log, now - last_log_time)
+                loss_sum.zero_(), bucket_sum.zero_(), bucket_count.zero_()
+                steps_since_log, last_log_time = 0, now
+            if train.sample_every and self.step % train.sample_every == 0 and self.step != train.max_steps:
+                self.sample_grid()
+            if train.checkpoint_every and self.step % train.checkpoint_every == 0 and self.step != train.max_steps:
+                self._checkpoint_and_maybe_export()
+
+        self.save_checkpoint()
+        export_dir = self.finish()
+        accelerator.end_training()
+        return export_dir
+
+    def _clip_gradients(self, parameters) -> torch.Tensor:
+        max_norm = self.config.optim.max_grad_norm
+        # With no clipping asked for, an infinite bound still returns the norm for logging and the finiteness check.
+        norm = self.accelerator.clip_grad_norm_(parameters, max_norm if max_norm is not None else math.inf)
+        return norm if isinstance(norm, torch.Tensor) else torch.tensor(norm)
+
+    def _log(self, loss_sum, bucket_sum, bucket_count, grad_norm, steps, seconds) -> None:
+        accelerator = self.accelerator
+        loss = accelerator.reduce(loss_sum, reduction="mean").item() / steps
+        bucket_sum = accelerator.reduce(bucket_sum, reduction="sum")
+        bucket_count = accelerator.reduce(bucket_count, reduction="sum")
+        values = {
+            "train/loss": loss,
+            "train/grad_norm": float(grad_norm),
+            "train/lr": self.lr_scheduler.get_last_lr()[0],
+            "train/images_per_second": steps * self.config.train.batch_size / max(seconds, 1e-9),
+            "train/epoch": self.epoch,
+        }
+        labels = ["<-6", "-6..-3", "-3..0", "0..3", "3..6", ">6"]
+        for label, total, count in zip(labels, bucket_sum.tolist(), bucket_count.tolist()):
+            if count:
+                values[f"loss_by_log_snr/{label}"] = total / count
+        if self.config.train.report_to != "none":
+            accelerator.log(values, step=self.step)
+        if accelerator.is_main_process:
+            logger.info(
+                "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.1f img/s",
+                self.step,
+                self.config.train.max_steps,
+                loss,
+                values["train/grad_norm"],
+                values["train/lr"],
+                values["train/images_per_second"],
+            )
+
+    def _checkpoint_and_maybe_export(self) -> None:
+        path = self.save_checkpoint()
+        push = self.pusher is not None and self.config.hub.push_checkpoints
+        if self.config.train.export_every_checkpoint or push:
+            export_dir = self.export(path / "pipeline")
+            if push and export_dir is not None:
+                self.pusher.submit(export_dir, commit_message=f"Checkpoint at step {self.step}")
+
+    # --- sampling and export -------------------------------------------------------------------------------------
+
+    def pipeline(self):
+        """A pipeline around the EMA weights (the live weights when there is no EMA; put them in eval mode first
+        and back in train mode after)."""
+        from ..pipelines.pipeline_class_conditional import ClassConditionalPipeline
+
+        model = self.ema.model if self.ema is not None else self.model
+        vae = None
+        if self.data.is_latent:
+            from ..data import load_vae
+
+            metadata = self.data.dataset.metadata
+            vae, _ = load_vae(
+                metadata["vae_id"], revision=metadata.get("vae_revision"), subfolder=metadata.get("vae_subfolder")
+            )
+            vae = vae.to(self.accelerator.device).eval()
+        denoiser = {"unet": model} if getattr(model, "input_is_sigma", False) else {"transformer": model}
+        id2label = {i: name for i, name in enumerate(self.data.class_names)}
+        return ClassConditionalPipeline(
+            scheduler=build_sampling_scheduler(self.config, self.noise_scheduler),
+            vae=vae,
+            id2label=id2label,
+            **denoiser,
+        )
+
+    def sample_grid(self):
+        """Sample a grid (classes along columns) from the inference weights; save it as PNG and log it."""
+        accelerator, sampling = self.accelerator, self.config.sampling
+        grid = None
+        if accelerator.is_main_process:
+            self.module.eval()
+            pipeline = self.pipeline()
+            classes = list(range(min(self.data.num_classes, sampling.max_classes)))
+            labels = [c for _ in range(sampling.images_per_class) for c in classes]
+            interval = tuple(sampling.guidance_interval) if sampling.guidance_interval else None
+            images = pipeline(
+                labels,
+                num_inference_steps=sampling.num_inference_steps,
+                guidance_scale=sampling.guidance_scale,
+                guidance_interval=interval,
+                generator=torch.Generator(accelerator.device).manual_seed(self.config.train.seed),
+                output_type="pil",
+            ).images
+            grid = make_grid(images, columns=len(classes))
+            path = self.output_dir / "samples" / f"step_{self.step:07d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(path)
+            tracker = self._tensorboard()
+            if tracker is not None:
+                import numpy as np
+
+                tracker.log_images({"samples": np.asarray(grid.convert("RGB"))}, step=self.step, dataformats="HWC")
+            self.latest_grid = grid
+            self.module.train()
+        accelerator.wait_for_everyone()
+        return grid
+
+    def _tensorboard(self):
+        if self.config.train.report_to != "tensorboard":
+            return None
+        try:
+            return self.accelerator.get_tracker("tensorboard", unwrap=False)
+        except ValueError:
+            return None
+
+    def export(self, folder: Path) -> Path | None:
+        """Export the inference weights as a pipeline folder with a model card (main process)."""
+        accelerator = self.accelerator
+        export_dir = None
+        if accelerator.is_main_process:
+            from ..hub import ModelCardInfo, export_pipeline
+
+            config = self.config
+            info = ModelCardInfo(
+                model_name=config.hub.hub_model_id.split("/")[-1] if config.hub.hub_model_id else self.output_dir.name,
+                repo_id=config.hub.hub_model_id,
+                dataset_name=self._dataset_name(),
+                training_steps=self.step,
+                images_seen=self.images_seen,
+                batch_size=config.train.batch_size,
+                hardware=_hardware(accelerator),
+                training_time=f"{self.train_seconds / 60:.1f} minutes",
+                num_inference_steps=config.sampling.num_inference_steps,
+                guidance_scale=config.sampling.guidance_scale,
+                guidance_interval=tuple(config.sampling.guidance_interval)
+                if config.sampling.guidance_interval
+                else None,
+            )
+            self.module.eval()
+            export_dir = export_pipeline(
+                self.pipeline(),
+                folder,
+                training_config=config_to_dict(config),
+                sample_grid=self.latest_grid,
+                card_info=info,
+            )
+            self.module.train()
+        accelerator.wait_for_everyone()
+        return export_dir
+
+    def _dataset_name(self) -> str:
+        data = self.config.data
+        what = f"built-in {data.name}" if data.kind == "builtin" else str(data.path)
+        return (
+            f"{what} ({'latents' if self.data.is_latent else 'pixels'}, {'×'.join(map(str, self.data.sample_shape))})"
+        )
+
+    def finish(self) -> Path | None:
+        """The final sample grid and export, and the final push when asked for (its outcome in ``push_result``)."""
+        self.sample_grid()
+        export_dir = self.export(self.output_dir / "pipeline")
+        if self.pusher is not None:
+            if export_dir is not None:
+                self.pusher.submit(export_dir, commit_message=f"Final model after {self.step} steps")
+            self.push_result = self.pusher.close()
+            if self.push_result is not None and not self.push_result.ok:
+                logger.error(
+                    "The final push to %s failed after %d attempts: %s. The exported folder %s is intact; "
+                    "push it later with `python train/export.py --pipeline %s --push_to_hub --hub_model_id "
+                    "%s`.",
+                    self.config.hub.hub_model_id,
+                    self.push_result.attempts,
+                    self.push_result.error,
+                    export_dir,
+                    export_dir,
+                    self.config.hub.hub_model_id,
+                )
+            elif self.push_result is not None:
+                logger.info("Pushed %s to %s", export_dir, self.push_result.commit_url)
+        return export_dir
+
+
+def train(config: Config) -> Path | None:
+    """Train a recipe end to end and return the exported pipeline folder (on the main process)."""
+    return Trainer(config).train()
