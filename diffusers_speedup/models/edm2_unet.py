@@ -150,9 +150,11 @@ class MPConv(nn.Module):
         w = self.weight.float()
         if self.weight_norm:
             if self.training:
-                # Forced WN. Idempotent to float precision, so a gradient-checkpoint recompute may redo it.
+                # Forced WN. Dividing by the exact row RMS (the eps only guards all-zero rows) makes it idempotent
+                # to float precision, so a gradient-checkpoint recompute may redo it; with normalize's eps=1e-4
+                # every repeat would shrink the rows by a further ~1e-4.
                 with torch.no_grad():
-                    self.weight.copy_(normalize(w))
+                    self.weight.copy_(normalize(w, eps=1e-30))
                 w = self.weight.float()
             w = normalize(w) * (1 / math.sqrt(w[0].numel()))
         w = (w * gain).to(x.dtype)
