@@ -191,8 +191,10 @@ class BackgroundHubPusher:
         max_retries: retries after the first failed attempt of one push.
         retry_delay: seconds before the first retry; doubled after each further failure, capped at `max_retry_delay`.
         max_retry_delay: longest wait between retries.
-        snapshot: upload a hard-linked snapshot of the folder taken at `submit`, so the caller may overwrite or
-            delete the folder right away.
+        snapshot: upload a hard-linked snapshot of the folder taken at `submit`, so the caller may replace
+            (write a new folder and rename it into place, as `export_pipeline` does) or delete the folder right
+            away. Files rewritten in place share their data with the snapshot, so don't do that before the push
+            finished (`wait()`); pass False to upload the folder itself.
         ignore_patterns: glob patterns not to upload (e.g. optimizer states).
     """
 
