@@ -244,6 +244,18 @@ def test_each_architecture_trains(architecture):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("architecture", ["C", "G"])
+def test_mixed_precision_keeps_float32_outputs(architecture):
+    # Under bf16 autocast the network runs in bf16 while the embedding, preconditioning and outputs stay float32.
+    model = tiny_model(architecture=architecture).train()
+    wake_gains(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 16, 16), torch.tensor([0.5, 2.0]), torch.tensor([1, 5]), return_logvar=True)
+    (out.sample.square().mean() + out.logvar.mean()).backward()
+    assert out.sample.dtype == out.logvar.dtype == torch.float32
+    assert torch.isfinite(out.sample).all() and model.conv_in.weight.grad.dtype == torch.float32
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Gradient checkpointing
 

@@ -75,7 +75,7 @@ def mp_silu(x: torch.Tensor) -> torch.Tensor:
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """Blend (1-t)·a + t·b, rescaled so that two uncorrelated unit-magnitude inputs give a unit-magnitude output (eq. 88)."""
-    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t**2)
+    return (a * (1 - t) + b * t) / math.sqrt((1 - t) ** 2 + t**2)
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
@@ -627,7 +627,7 @@ class EDM2UNetModel(ModelMixin, ConfigMixin):
         c_noise = sigma.log() / 4
 
         dtype = self.conv_in.weight.dtype
-        f_x = self.unet((c_in * x).to(dtype), c_noise, labels.to(dtype))
+        f_x = self.unet((c_in * x).to(dtype), c_noise, labels)  # the embedding stays in float32, as in EDM2
         denoised = c_skip * x + c_out * f_x.float()
 
         logvar = None
