@@ -170,3 +170,41 @@ def test_bad_card_info_is_named():
         ModelCardInfo.from_value({"fdi": 3.0})
     with pytest.raises(ValueError, match="techniques.*'dreambooth'"):
         build_model_card({"techniques": ["dreambooth"]})
+
+
+def load_export_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "train" / "export.py"
+    spec = importlib.util.spec_from_file_location("export_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_run_folder(tmp_path):
+    """A run folder as the trainer leaves it: `latest` -> checkpoint with an EMA pipeline, state and config."""
+    checkpoint = tmp_path / "run" / "checkpoint-10"
+    tiny_pipeline().save_pretrained(checkpoint / "pipeline_ema")
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 10}))
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    Image.new("RGB", (8, 8)).save(checkpoint / "samples.png")
+    (tmp_path / "run" / "latest").write_text("checkpoint-10\n")
+    return tmp_path / "run"
+
+
+def test_export_script_from_run_folder(tmp_path):
+    script = load_export_script()
+    run = make_run_folder(tmp_path)
+    out = tmp_path / "hub-ready"
+    args = [str(run), "--output_dir", str(out), "--fid", "3.5", "--batch_size", "4", "--model_name", "tiny"]
+    assert script.main(args) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.eval_results[0].metric_value == 3.5
+    assert "**Images seen:** 40" in card.text and "min-snr" in card.data.tags
+    assert (out / "samples.png").is_file() and (out / "transformer" / "uvit.py").is_file()
+    with pytest.raises(SystemExit):
+        script.parse_args([str(run), "--output_dir", str(out), "--push_to_hub"])  # no --hub_model_id
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        script.find_pipeline_folder(tmp_path / "hub-ready" / "transformer")
