@@ -208,3 +208,12 @@ def test_export_script_from_run_folder(tmp_path):
         script.parse_args([str(run), "--output_dir", str(out), "--push_to_hub"])  # no --hub_model_id
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         script.find_pipeline_folder(tmp_path / "hub-ready" / "transformer")
+
+
+def test_source_file_survives_public_module_name(monkeypatch):
+    from diffusers_speedup.hub import source_file_of
+
+    # The package root renames __module__ of public classes; the shipped file must still be the defining one.
+    monkeypatch.setattr(UViTModel, "__module__", "diffusers_speedup")
+    assert source_file_of(UViTModel).name == "uvit.py"
+    assert source_file_of(ClassConditionalPipeline).name == "pipeline_class_conditional.py"
