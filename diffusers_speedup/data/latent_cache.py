@@ -394,7 +394,9 @@ def cache_latents(
     if dtype not in ("auto", *_DTYPES):
         raise ValueError(f"dtype={dtype!r} is not one of ('auto', 'fp16', 'bf16', 'fp32')")
 
-    state = PartialState()
+    # Without cpu=True accelerate treats a CPU-only torchrun as one process per rank and would skip the barriers.
+    on_cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
+    state = PartialState(cpu=on_cpu)
     device = torch.device(device) if device is not None else state.device
     encode_dtype = ("fp16" if device.type == "cuda" else "fp32") if dtype == "auto" else dtype
     output_dir = os.path.abspath(output_dir)

@@ -98,7 +98,7 @@ class LatentDataset:
         self.has_flip = "mean_flip" in self.dataset.column_names
         self.random_flip = random_flip and self.has_flip
         self.columns = [name for name in _LATENT_COLUMNS if name in self.dataset.column_names]
-        self.labels = torch.from_numpy(np.asarray(self.dataset.data.table.column("label").to_numpy(), dtype=np.int64))
+        self.labels = torch.from_numpy(np.array(self.dataset.data.table.column("label").to_numpy(), dtype=np.int64))
         self._memory = None
         if in_memory:
             everything = self._gather(np.arange(len(self)))
@@ -116,7 +116,8 @@ class LatentDataset:
             values = column.storage if hasattr(column, "storage") else column
             for _ in self.latent_shape:
                 values = values.flatten()
-            array = values.to_numpy(zero_copy_only=False).reshape(len(indices), *self.latent_shape)
+            # np.array copies: Arrow buffers are read-only and torch warns about (and must not write to) them.
+            array = np.array(values.to_numpy(zero_copy_only=False)).reshape(len(indices), *self.latent_shape)
             batch[name] = torch.from_numpy(array)
         return batch
 

@@ -1,0 +1,255 @@
+"""Latent caching with a tiny AutoencoderKL on a folder of real JPEG/PNG files, bad ones included, and the reader."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from datasets import load_from_disk
+from PIL import Image
+
+from diffusers_speedup.data.latent_cache import cache_latents
+from diffusers_speedup.data.latent_dataset import LatentDataset
+from diffusers_speedup.data.preprocessing import preprocess_image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESOLUTION = 32
+GOOD = {
+    "cat/a_rgb.jpg",
+    "cat/b_cmyk.jpg",
+    "cat/c_gray.png",
+    "dog/a_rgba.png",
+    "dog/b_palette.png",
+    "dog/c_rgb.png",
+    "dog/d_rgb.jpg",
+    "zebra/a_rgb.jpg",
+}
+BAD = {"cat/d_corrupt.jpg": "corrupt", "dog/e_small.png": "too small", "zebra/b_truncated.jpg": "truncated|corrupt"}
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=RESOLUTION,
+    )
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    images = root / "images"
+    rng = np.random.default_rng(0)
+    noise = lambda h, w, c=3: rng.integers(0, 256, (h, w, c), dtype=np.uint8).squeeze()  # noqa: E731
+    for folder in ("cat", "dog", "zebra"):
+        (images / folder).mkdir(parents=True)
+    Image.fromarray(noise(40, 56)).save(images / "cat/a_rgb.jpg")
+    Image.fromarray(noise(48, 40)).convert("CMYK").save(images / "cat/b_cmyk.jpg")
+    Image.fromarray(noise(36, 36, 1)).save(images / "cat/c_gray.png")
+    (images / "cat/d_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (images / "cat/notes.txt").write_text("not an image, ignored")
+    Image.fromarray(noise(64, 70, 4), mode="RGBA").save(images / "dog/a_rgba.png")
+    Image.fromarray(noise(33, 50)).convert("P").save(images / "dog/b_palette.png")
+    Image.fromarray(noise(80, 96)).save(images / "dog/c_rgb.png")
+    Image.fromarray(noise(32, 32)).save(images / "dog/d_rgb.jpg")
+    Image.fromarray(noise(20, 60)).save(images / "dog/e_small.png")
+    Image.fromarray(noise(50, 50)).save(images / "zebra/a_rgb.jpg")
+    Image.fromarray(noise(64, 64)).save(images / "zebra/b_truncated.jpg")
+    data = (images / "zebra/b_truncated.jpg").read_bytes()
+    (images / "zebra/b_truncated.jpg").write_bytes(data[: len(data) // 2])
+    vae = _tiny_vae()
+    vae.save_pretrained(root / "vae")
+    reference = root / "reference"
+    metadata = cache_latents(
+        str(reference), image_folder=str(images), vae=str(root / "vae"), resolution=RESOLUTION,
+        batch_size=3, chunk_size=4, num_workers=0, progress=False,
+    )  # fmt: skip
+    return {"root": root, "images": images, "vae": root / "vae", "reference": reference, "metadata": metadata}
+
+
+def _run(workspace, output_dir, **kwargs):
+    arguments = dict(image_folder=str(workspace["images"]), vae=str(workspace["vae"]), resolution=RESOLUTION)
+    arguments.update(batch_size=3, chunk_size=4, num_workers=0, progress=False)
+    arguments.update(kwargs)
+    return cache_latents(str(output_dir), **arguments)
+
+
+def _assert_same_rows(path_a, path_b, atol=0.0):
+    a, b = load_from_disk(str(path_a)), load_from_disk(str(path_b))
+    assert a["path"] == b["path"] and a["index"] == b["index"] and a["label"] == b["label"]
+    for column in ("mean", "std", "mean_flip", "std_flip"):
+        np.testing.assert_allclose(
+            np.asarray(a.with_format("numpy")[column]), np.asarray(b.with_format("numpy")[column]), atol=atol, rtol=0
+        )
+
+
+def test_counts_rejections_and_order(workspace):
+    metadata = workspace["metadata"]
+    assert (metadata["num_inputs"], metadata["num_accepted"], metadata["num_rejected"]) == (11, 8, 3)
+    reasons = {entry["path"]: entry["reason"] for entry in metadata["rejected"]}
+    assert set(reasons) == set(BAD)
+    for path, pattern in BAD.items():
+        assert any(word in reasons[path] for word in pattern.split("|")), reasons[path]
+    assert metadata["class_names"] == ["cat", "dog", "zebra"] and metadata["num_classes"] == 3
+    assert metadata["latent_shape"] == [4, 16, 16] and metadata["scaling_factor"] == pytest.approx(0.18215)
+    assert metadata["resolution"] == RESOLUTION and metadata["crop_method"] == "adm_center_crop"
+    dataset = load_from_disk(str(workspace["reference"]))
+    assert dataset["path"] == sorted(GOOD)  # deterministic input order, rejected files left out
+    assert dataset["index"] == sorted(dataset["index"]) and len(set(dataset["index"])) == 8
+    assert dataset["label"] == [0, 0, 0, 1, 1, 1, 1, 2]
+    assert dataset.features["label"].names == ["cat", "dog", "zebra"]
+    with open(workspace["reference"] / "latents_metadata.json") as file:
+        assert json.load(file)["vae_fingerprint"] == metadata["vae_fingerprint"]
+    assert not (workspace["reference"] / "chunks").exists()
+
+
+def test_latents_equal_direct_vae_encode(workspace):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(workspace["vae"])).eval()
+    dataset = load_from_disk(str(workspace["reference"])).with_format("numpy")
+    for row in (0, 4):
+        path = dataset[row]["path"]
+        pixels = torch.from_numpy(preprocess_image(str(workspace["images"] / path), RESOLUTION).copy()).permute(2, 0, 1)
+        x = pixels.float()[None] / 127.5 - 1
+        with torch.no_grad():
+            direct = vae.encode(x).latent_dist
+            mirrored = vae.encode(x.flip(-1)).latent_dist
+        for column, expected in (("mean", direct.mean), ("std", direct.std), ("mean_flip", mirrored.mean)):
+            stored = torch.from_numpy(np.asarray(dataset[row][column], dtype=np.float32))
+            torch.testing.assert_close(stored, expected[0].half().float(), atol=2e-3, rtol=2e-3)
+
+
+def test_killed_run_resumes_to_the_same_dataset(workspace, tmp_path):
+    written = []
+
+    def crash_after_two(chunk):
+        written.append(chunk)
+        if len(written) == 2:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(workspace, tmp_path / "cache", on_chunk_written=crash_after_two)
+    assert written == [0, 1] and not (tmp_path / "cache" / "latents_metadata.json").exists()
+    resumed = []
+    metadata = _run(workspace, tmp_path / "cache", on_chunk_written=resumed.append)
+    assert resumed == [2]  # chunks 0 and 1 are not encoded again
+    assert metadata["num_accepted"] == 8 and metadata["num_rejected"] == 3
+    _assert_same_rows(workspace["reference"], tmp_path / "cache")
+    assert _run(workspace, tmp_path / "cache")["num_accepted"] == 8  # complete cache: nothing to do
+
+
+def test_refuses_a_folder_made_with_another_vae_or_resolution(workspace, tmp_path):
+    with pytest.raises(ValueError, match="resolution"):
+        _run(workspace, workspace["reference"], resolution=16)
+    other = _tiny_vae()
+    with torch.no_grad():
+        other.encoder.conv_in.weight.add_(0.01)
+    other.save_pretrained(tmp_path / "other_vae")
+    with pytest.raises(ValueError, match="vae_fingerprint"):
+        _run(workspace, workspace["reference"], vae=str(tmp_path / "other_vae"))
+    (tmp_path / "unrelated").mkdir()
+    (tmp_path / "unrelated" / "file.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not a latent cache"):
+        _run(workspace, tmp_path / "unrelated")
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_rows_as_one(workspace, tmp_path):
+    output = tmp_path / "two"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29581",
+        os.path.join(REPO, "train", "cache_latents.py"), "--output_dir", str(output),
+        "--image_folder", str(workspace["images"]), "--vae", str(workspace["vae"]), "--resolution", str(RESOLUTION),
+        "--batch_size", "3", "--chunk_size", "4", "--num_workers", "0", "--no_progress",
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Thread counts differ between the runs, so allow fp16 rounding of float32 sums that differ in the last bit.
+    _assert_same_rows(workspace["reference"], output, atol=1e-3)
+
+
+def test_reader_statistics_mirror_choice_and_rank_split(workspace):
+    latents = LatentDataset(str(workspace["reference"]))
+    assert len(latents) == 8 and latents.latent_shape == (4, 16, 16) and latents.num_classes == 3
+    assert latents.scaling_factor == pytest.approx(0.18215) and latents.has_flip
+    dataset = load_from_disk(str(workspace["reference"])).with_format("numpy")
+    batch = latents.read_batch([5, 1])
+    assert batch["mean"].dtype == torch.float16 and batch["mean"].shape == (2, 4, 16, 16)
+    assert batch["label"].tolist() == [dataset[5]["label"], dataset[1]["label"]]
+    np.testing.assert_array_equal(batch["std_flip"][0].numpy(), dataset[5]["std_flip"].astype(np.float16))
+
+    # Statistics without mirroring: z = (mean + std * eps) * s is Gaussian with mean s*mean and std s*std.
+    many = latents.read_batch([3] * 4000)
+    z, labels = latents.sample(many, generator=torch.Generator().manual_seed(0), random_flip=False)
+    scale, mean, std = latents.scaling_factor, many["mean"][0].float(), many["std"][0].float()
+    assert z.shape == (4000, 4, 16, 16) and labels.eq(dataset[3]["label"]).all()
+    standardized = (z / scale - mean) / std
+    assert standardized.mean().abs() < 0.01 and (standardized.std() - 1).abs() < 0.01
+
+    # Mirror choice: with std = 0 each sample is exactly s*mean or s*mean_flip, about half each.
+    zero_std = {**many, "std": torch.zeros_like(many["std"]), "std_flip": torch.zeros_like(many["std"])}
+    z = latents.sample(zero_std, generator=torch.Generator().manual_seed(1))[0]
+    plain = torch.isclose(z, scale * many["mean"].float()).flatten(1).all(1)
+    mirror = torch.isclose(z, scale * many["mean_flip"].float()).flatten(1).all(1)
+    assert torch.all(plain ^ mirror) and 1800 < mirror.sum() < 2200
+
+    # Ranks split every epoch into disjoint batches covering all rows; the DataLoader returns whole batches.
+    loaders = [latents.loader(2, epoch=1, seed=3, rank=rank, world_size=2) for rank in range(2)]
+    seen = [index for loader in loaders for batch in loader for index in batch["index"].tolist()]
+    assert sorted(seen) == list(range(8))
+    in_memory = LatentDataset(str(workspace["reference"]), in_memory=True)
+    assert torch.equal(in_memory.read_batch([5, 1])["mean"], batch["mean"])
+
+
+def test_builtin_digits_source(tmp_path):
+    metadata = cache_latents(
+        str(tmp_path / "digits"), builtin="digits", vae=_tiny_vae(), resolution=RESOLUTION,
+        max_images=5, batch_size=5, chunk_size=8, num_workers=0, progress=False, flip=False,
+    )  # fmt: skip
+    assert metadata["num_accepted"] == 5 and metadata["class_names"] == [str(d) for d in range(10)]
+    latents = LatentDataset(str(tmp_path / "digits"))
+    assert not latents.has_flip and latents.labels.tolist() == [1, 2, 3, 4, 5]
+
+
+def test_hf_dataset_source_with_custom_columns(tmp_path):
+    from diffusers_speedup.data.builtin import load_builtin_dataset
+
+    digits = load_builtin_dataset(resolution=RESOLUTION, split="test", channels=3).select(range(4))
+    digits.rename_columns({"image": "img", "label": "y"}).save_to_disk(str(tmp_path / "hf"))
+    metadata = cache_latents(
+        str(tmp_path / "cache"), dataset=str(tmp_path / "hf"), image_column="img", label_column="y",
+        vae=_tiny_vae(), resolution=RESOLUTION, batch_size=4, num_workers=0, progress=False, flip=False,
+    )  # fmt: skip
+    assert metadata["num_accepted"] == 4 and metadata["num_classes"] == 10
+    assert load_from_disk(str(tmp_path / "cache"))["label"] == digits["label"]
+    with pytest.raises(ValueError, match="image_column='image'"):
+        cache_latents(str(tmp_path / "other"), dataset=str(tmp_path / "hf"), vae=_tiny_vae(), resolution=RESOLUTION)
+
+
+def test_pixel_dataset_from_an_image_folder(workspace):
+    from diffusers_speedup.data.pixels import load_pixel_dataset
+
+    data = load_pixel_dataset(str(workspace["images"]), resolution=RESOLUTION)
+    assert data.images.shape == (8, 3, RESOLUTION, RESOLUTION) and data.random_flip
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1, 1, 2] and data.class_names == ["cat", "dog", "zebra"]
+    assert {entry["path"] for entry in data.rejected} == set(BAD)
+
+
+@pytest.mark.slow
+def test_benchmark_tiny_mode_runs():
+    script = os.path.join(REPO, "benchmarks", "bench_cache_latents.py")
+    result = subprocess.run([sys.executable, script, "--tiny"], capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "img/s" in result.stdout
