@@ -46,9 +46,10 @@ ARCHITECTURES = ("C", "E", "G")
 
 
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
-    """Rescale `x` so that each slice along dim 0 (or along `dim`'s complement) has unit RMS, i.e. norm √numel (eq. 47).
+    """Rescale `x` to unit RMS over the dimensions `dim` (default: all but the first), eq. 47.
 
-    `dim` names the dimensions reduced over (all but the first by default); the norm is taken in float32.
+    For a weight of shape (out, in, *kernel) each output unit's row ends up with norm √fan_in. The norm is taken in
+    float32; `eps` keeps all-zero slices finite.
     """
     if dim is None:
         dim = list(range(1, x.ndim))
