@@ -1,9 +1,11 @@
 """diffusers-speedup: faster, more stable diffusion training on top of diffusers and accelerate."""
 
 # ModelMixin and SchedulerMixin are re-exported so that a model_index.json naming this library resolves its
-# base classes (diffusers looks them up in the library module itself).
+# base classes (diffusers looks them up in the library module itself); the model, scheduler and pipeline classes
+# are exported here for the same reason.
 from diffusers import ModelMixin, SchedulerMixin
 
+from .models import EDM2UNetModel, UViTModel
 from .objectives import (
     DiffusionObjective,
     LogitNormalTimestepSampler,
@@ -12,16 +14,22 @@ from .objectives import (
     UniformTimestepSampler,
     compute_loss_weights,
 )
+from .pipelines import ClassConditionalPipeline
+from .schedulers import EDMHeunScheduler
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClassConditionalPipeline",
     "DiffusionObjective",
+    "EDM2UNetModel",
+    "EDMHeunScheduler",
     "LogNormalSigmaSampler",
     "LogitNormalTimestepSampler",
     "ModelMixin",
     "SchedulerMixin",
     "SpeeDTimestepSampler",
+    "UViTModel",
     "UniformTimestepSampler",
     "__version__",
     "compute_loss_weights",

@@ -192,12 +192,6 @@ class DiffusionObjective(nn.Module):
             return (alphas_cumprod / (1.0 - alphas_cumprod)).float().to(noise_levels.device)
         return noise_levels.float().pow(-2)
 
-    def _drop_labels(self, class_labels):
-        if class_labels is None or not self.training or self.label_dropout == 0:
-            return class_labels
-        drop = torch.rand(class_labels.shape, device=class_labels.device) < self.label_dropout
-        return torch.where(drop, torch.full_like(class_labels, self.num_classes), class_labels)
-
     def _uncertainty(self, model_logvar, snr):
         if not self.learned_uncertainty:
             return None
@@ -214,13 +208,32 @@ class DiffusionObjective(nn.Module):
         x0: torch.Tensor,
         class_labels: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> ObjectiveOutput:
-        """Draw noise levels and noise for the clean batch ``x0`` and return the per-sample loss of ``model``."""
-        batch_size = x0.shape[0]
-        noise_levels, sampler_weights = self.sampler.sample(batch_size, device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device)
+        """Draw noise levels and noise for the clean batch ``x0`` and return the per-sample loss of ``model``.
+
+        Args:
+            model: the denoiser (see the class docstring for the two calling conventions).
+            x0: clean samples (B, C, H, W).
+            class_labels: class ids (B,), or None for an unconditional model.
+            generator: source of every random draw; None uses torch's global RNG.
+            shard: ``(rank, world_size)`` when ``x0`` is one process's equal slice of a global batch. The draws are
+                then made for the whole global batch (the stream is the same on every process) and sliced, so N
+                processes draw exactly what one process would for the same global batch.
+        """
+        rank, world_size = shard
+        local_size = x0.shape[0]
+        total_size = local_size * world_size
+        draw_device = generator.device if generator is not None else x0.device
+        mine = slice(rank * local_size, (rank + 1) * local_size)
+        noise_levels, sampler_weights = self.sampler.sample(total_size, device=x0.device, generator=generator)
+        noise_levels, sampler_weights = noise_levels[mine], sampler_weights[mine]
+        noise = torch.randn((total_size, *x0.shape[1:]), generator=generator, device=draw_device)[mine]
         noise = noise.to(device=x0.device, dtype=x0.dtype)
-        class_labels = self._drop_labels(class_labels)
+        if class_labels is not None and self.training and self.label_dropout > 0:
+            drop = torch.rand(total_size, generator=generator, device=draw_device)[mine] < self.label_dropout
+            null_labels = torch.full_like(class_labels, self.num_classes)
+            class_labels = torch.where(drop.to(class_labels.device), null_labels, class_labels)
         snr = self.snr(noise_levels)
         takes_sigma = getattr(_unwrap(model), "input_is_sigma", False)
         model_logvar = None

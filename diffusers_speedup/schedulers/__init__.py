@@ -1,1 +1,5 @@
+"""Schedulers, one self-contained file each."""
 
+from .scheduling_edm_heun import EDMHeunScheduler
+
+__all__ = ["EDMHeunScheduler"]

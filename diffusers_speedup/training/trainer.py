@@ -138,12 +138,15 @@ class TrainingModule(nn.Module):
     """The model and the objective as one module, so that DDP also averages the objective's own parameters
     (EDM2's uncertainty head) and a single forward returns the per-sample losses."""
 
-    def __init__(self, model: nn.Module, objective: DiffusionObjective):
+    def __init__(self, model: nn.Module, objective: DiffusionObjective, rank: int = 0, world_size: int = 1):
         super().__init__()
         self.model, self.objective = model, objective
+        self.shard = (rank, world_size)
 
     def forward(self, x0: torch.Tensor, class_labels: torch.Tensor):
-        return self.objective(self.model, x0, class_labels)
+        # Every process draws the noise of the whole global batch and keeps its slice: N processes train on exactly
+        # what one process would, and no two processes reuse the same noise.
+        return self.objective(self.model, x0, class_labels, shard=self.shard)
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
@@ -253,7 +256,8 @@ class Trainer:
         else:
             self.ema = None
 
-        trainable = TrainingModule(torch.compile(self.model) if train.compile else self.model, self.objective)
+        trainable = TrainingModule(torch.compile(self.model) if train.compile else self.model, self.objective,
+                                   accelerator.process_index, accelerator.num_processes)
         optimizer = _build_optimizer(config, trainable.parameters(), accelerator.device)
         self.module, self.optimizer = accelerator.prepare(trainable, optimizer)
         # Not passed through prepare: accelerate would step it once per process per step.

@@ -1,0 +1,179 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusers_speedup.training import ConfigError, Trainer, load_config
+from diffusers_speedup.training.checkpoints import find_latest_checkpoint
+from diffusers_speedup.training.trainer import NonFiniteLossError, TrainingData
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+
+def tiny(output_dir, *extra):
+    """Quickstart shrunk to a few seconds: 8×8 digits, a 3-layer U-ViT, two sampling steps."""
+    return [
+        f"train.output_dir={output_dir}", "data.resolution=8", "model.params.hidden_size=32",
+        "model.params.num_layers=3", "model.params.num_attention_heads=2", "train.batch_size=16",
+        "train.max_steps=6", "train.checkpoint_every=3", "train.log_every=2", "train.report_to=none",
+        "sampling.num_inference_steps=2", "sampling.images_per_class=1", "sampling.max_classes=2",
+        "optim.lr_schedule=constant", "optim.warmup_steps=0", *extra,
+    ]
+
+
+def checkpoint_tensors(folder):
+    state = load_file(str(folder / "model.safetensors"))
+    optimizer = torch.load(folder / "optimizer.bin", weights_only=False)
+    ema = torch.load(folder / "custom_checkpoint_1.pkl", weights_only=False)
+    return state, optimizer, ema
+
+
+def assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypatch):
+    extra = ("train.gradient_accumulation_steps=2", "objective.sampler.kind=speed")
+    straight = Trainer(load_config(QUICKSTART, tiny(tmp_path / "straight", *extra)))
+    straight.train()
+
+    # Kill the second run during step 5, after the checkpoint at step 3.
+    calls = {"n": 0}
+    original = TrainingData.batch
+
+    def dying_batch(self, indices, device):
+        calls["n"] += 1
+        if calls["n"] == 9:  # micro-batch 9 = first micro-batch of step 5
+            raise KeyboardInterrupt("killed")
+        return original(self, indices, device)
+
+    monkeypatch.setattr(TrainingData, "batch", dying_batch)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(load_config(QUICKSTART, tiny(tmp_path / "resumed", *extra))).train()
+    monkeypatch.setattr(TrainingData, "batch", original)
+    assert find_latest_checkpoint(tmp_path / "resumed").name == "checkpoint-3"
+
+    resumed = Trainer(load_config(QUICKSTART, tiny(tmp_path / "resumed", *extra, "train.resume=latest")))
+    resumed.train()
+    assert resumed.step == 6
+    for a, b in zip(checkpoint_tensors(tmp_path / "straight" / "checkpoint-6"),
+                    checkpoint_tensors(tmp_path / "resumed" / "checkpoint-6")):
+        assert_same(a, b)
+
+
+def test_training_writes_checkpoints_samples_and_a_loadable_pipeline(tmp_path):
+    trainer = Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", "train.report_to=tensorboard",
+                                                   "train.checkpoints_total_limit=1")))
+    export_dir = trainer.train()
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert (run / "checkpoint-6" / "config.yaml").is_file()
+    assert list((run / "samples").glob("step_*.png"))
+    assert list((run / "logs").rglob("events.out.tfevents.*"))
+    from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
+
+    pipeline = ClassConditionalPipeline.from_pretrained(export_dir)
+    images = pipeline([0, 1], num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 8, 8, 1)
+    # The exported model carries the EMA weights.
+    ema_weights = trainer.ema.model.state_dict()
+    for name, value in pipeline.transformer.state_dict().items():
+        assert torch.equal(value, ema_weights[name])
+
+
+def test_non_finite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+    original = TrainingData.batch
+    calls = {"n": 0}
+
+    def poisoned(self, indices, device):
+        calls["n"] += 1
+        x0, labels = original(self, indices, device)
+        return (x0 * float("nan") if calls["n"] > 3 else x0), labels
+
+    monkeypatch.setattr(TrainingData, "batch", poisoned)
+    trainer = Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", "train.max_consecutive_nonfinite=2")))
+    weights_before = None
+    with pytest.raises(NonFiniteLossError, match="2 optimizer steps in a row.*checkpoint-3"):
+        trainer.train()
+    weights_before = load_checkpoint_weights(tmp_path / "run" / "checkpoint-3")
+    # The skipped steps left the weights finite and equal to the step-3 ones.
+    for name, value in trainer.model.state_dict().items():
+        assert torch.isfinite(value).all()
+        assert torch.equal(value, weights_before[f"model.{name}"])
+
+
+def load_checkpoint_weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.max_stepz=3"], "train.max_stepz"),
+        (["train.max_steps=many"], "train.max_steps"),
+        (["objective.schedule.kind=edm", "objective.sampler.kind=speed"], "objective.sampler"),
+        (["train.mixed_precision=fp16", "train.cpu=true"], "train.mixed_precision: fp16 needs a GPU"),
+        (["model.params.hidden_sise=3"], "model.params.hidden_sise"),
+        (["model.kind=dit", "objective.label_dropout=0.1"], "objective.label_dropout"),
+        (["model.kind=edm2_unet"], "objective.schedule.kind"),
+        (["objective.weighting.kind=min_snr", "objective.weighting.gamma=-1"], "objective.weighting"),
+        (["train.batch_size=10", "train.gradient_accumulation_steps=4"], "train.batch_size"),
+        (["sampling.guidance_interval=[2.0,1.0]"], "sampling.guidance_interval"),
+        (["ema.kind=power", "ema.sigma_rels=[0.5]"], "ema.sigma_rels"),
+        (["model.preset=uvit-xxl"], "model.preset"),
+        (["train.resume=/no/such/checkpoint"], "train.resume"),
+        (["hub.push_to_hub=true"], "hub.hub_model_id"),
+        (["train.max_steps"], "not of the form"),
+    ],
+)
+def test_bad_configs_fail_before_any_work_naming_the_key(overrides, message, tmp_path):
+    # Model switches start from the defaults: the quickstart's U-ViT parameters would be the first error.
+    recipe = None if "model.kind" in overrides[0] else QUICKSTART
+    with pytest.raises(ConfigError, match=message):
+        load_config(recipe, [f"train.output_dir={tmp_path}", *overrides])
+    assert not any(tmp_path.iterdir())
+
+
+def test_train_script_reports_config_errors_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "train" / "train.py"), "--config", str(QUICKSTART),
+                             "train.nonsense=1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "train.nonsense" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_matches_one_process(tmp_path):
+    script = REPO / "train" / "train.py"
+    common = tiny(tmp_path / "x", "train.max_steps=2", "train.checkpoint_every=2", "train.log_every=1",
+                  "ema.kind=none", "train.cpu=true")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def run(nproc, name):
+        overrides = [o.replace(str(tmp_path / "x"), str(tmp_path / name)) for o in common]
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+                   str(script), "--config", str(QUICKSTART), *overrides]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return load_file(str(tmp_path / name / "checkpoint-2" / "model.safetensors")), result.stderr
+
+    one, _ = run(1, "one")
+    two, log = run(2, "two")
+    # Same global batch, same draws: the weights after two steps agree up to the order of float sums.
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
