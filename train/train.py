@@ -14,11 +14,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        config = load_config(args.config, args.overrides)
+        trainer = Trainer(load_config(args.config, args.overrides))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    trainer = Trainer(config)
     export_dir = trainer.train()
     if trainer.push_result is not None and not trainer.push_result.ok:
         return 3  # trained and exported, but the final push failed (logged with how to retry)

@@ -23,7 +23,7 @@ SAMPLING_SCHEDULERS = ("ddim", "ddpm", "dpm_solver", "edm_euler", "edm_heun")
 EMA_KINDS = ("none", "constant", "power")
 OPTIMIZERS = ("adamw", "adam")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "inverse_sqrt")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("fp32", "bf16", "fp16")
 ATTENTION = ("sdpa", "xformers")
 TRACKERS = ("tensorboard", "wandb", "none")
 
@@ -124,7 +124,7 @@ class TrainConfig:
     batch_size: int = 64  # global batch (all processes, all accumulation steps)
     gradient_accumulation_steps: int = 1
     max_steps: int = 1000
-    mixed_precision: str = "no"
+    mixed_precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; weights stay fp32)
     allow_tf32: bool = True
     compile: bool = False
     attention: str = "sdpa"
@@ -160,8 +160,26 @@ def _omegaconf_message(error: OmegaConfBaseException) -> str:
     return f"{key}: {first_line}" if key else first_line
 
 
+def _load_recipe(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    """A recipe file merged over the recipe its ``base:`` key names (a path relative to the file), recursively."""
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself ({' -> '.join(map(str, chain + (path,)))}).")
+    if not path.is_file():
+        where = f" (named as base by {chain[-1]})" if chain else ""
+        raise ConfigError(f"Config file {path} does not exist{where}.")
+    recipe = OmegaConf.load(path)
+    base = recipe.pop("base", None) if isinstance(recipe, DictConfig) else None
+    if base is None:
+        return recipe
+    return OmegaConf.merge(_load_recipe(path.parent / str(base), chain + (path,)), recipe)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a recipe, apply ``key.sub=value`` overrides, validate, and return the typed config.
+
+    A recipe may start with ``base: other.yaml`` (relative to its own folder) to take that recipe and change only
+    what it lists.
 
     Raises:
         ConfigError: naming the file and the key for unknown keys, wrong types and contradictory options.
@@ -171,9 +189,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         if path is not None:
             source = str(path)
-            if not Path(path).is_file():
-                raise ConfigError(f"Config file {path} does not exist.")
-            schema = OmegaConf.merge(schema, OmegaConf.load(path))
+            schema = OmegaConf.merge(schema, _load_recipe(Path(path)))
         for override in overrides:
             source = f"override {override!r}"
             if "=" not in override:
@@ -318,15 +334,20 @@ def validate_config(config: Config) -> None:
         )
     if train.resume not in (None, "latest") and not Path(train.resume).is_dir():
         raise ConfigError(f"train.resume: {train.resume!r} is neither 'latest' nor an existing checkpoint folder.")
+
+
+def check_environment(config: Config) -> None:
+    """Checks that depend on the machine rather than the recipe (run when training starts, before any work), so
+    that a GPU recipe still loads and validates on a CPU-only machine."""
     import torch
 
-    on_cpu = train.cpu or not torch.cuda.is_available()
-    if train.mixed_precision == "fp16" and on_cpu:
-        raise ConfigError("train.mixed_precision: fp16 needs a GPU; use 'bf16' or 'no' on CPU.")
+    train = config.train
+    if train.mixed_precision == "fp16" and (train.cpu or not torch.cuda.is_available()):
+        raise ConfigError("train.mixed_precision: fp16 needs a GPU; use 'bf16' or 'fp32' on CPU.")
     if train.attention == "xformers":
         if importlib.util.find_spec("xformers") is None:
             raise ConfigError("train.attention: 'xformers' is not installed (pip install diffusers-speedup[xformers]).")
-        if model.kind == "edm2_unet":
+        if config.model.kind == "edm2_unet":
             raise ConfigError("train.attention: EDM2UNetModel's cosine attention has no xformers path; use 'sdpa'.")
     if train.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError("train.report_to: 'wandb' is not installed.")

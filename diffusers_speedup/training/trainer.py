@@ -22,7 +22,7 @@ from torch import nn
 
 from ..objectives import DiffusionObjective
 from .checkpoints import CONFIG_NAME, find_latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, build_noise_scheduler, config_to_dict, config_to_yaml, model_class
+from .config import Config, build_noise_scheduler, check_environment, config_to_dict, config_to_yaml, model_class
 from .ema import ConstantEMA, PowerFunctionEMA
 from .lr_schedules import get_lr_scheduler
 
@@ -183,15 +183,16 @@ def _tracker_config(config: Config) -> dict:
     return flat
 
 
-def make_grid(images, columns: int):
-    """Tile PIL images (all one size) into a grid, row by row."""
+def make_grid(images, columns: int, padding: int = 2):
+    """Tile PIL images (all one size) into a grid, row by row, with ``padding`` black pixels between them."""
     from PIL import Image
 
     width, height = images[0].size
     rows = math.ceil(len(images) / columns)
-    grid = Image.new(images[0].mode, (columns * width, rows * height))
+    grid = Image.new(images[0].mode, (columns * (width + padding) + padding, rows * (height + padding) + padding))
     for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+        row, column = divmod(index, columns)
+        grid.paste(image, (padding + column * (width + padding), padding + row * (height + padding)))
     return grid
 
 
@@ -202,12 +203,13 @@ class Trainer:
     """Trains one recipe. ``Trainer(config).train()`` returns the exported pipeline folder."""
 
     def __init__(self, config: Config):
+        check_environment(config)
         self.config = config
         train = config.train
         self.output_dir = Path(train.output_dir)
         self.accelerator = Accelerator(
             cpu=train.cpu,
-            mixed_precision=train.mixed_precision,
+            mixed_precision="no" if train.mixed_precision == "fp32" else train.mixed_precision,
             gradient_accumulation_steps=train.gradient_accumulation_steps,
             log_with=None if train.report_to == "none" else train.report_to,
             project_config=ProjectConfiguration(
@@ -256,8 +258,12 @@ class Trainer:
         else:
             self.ema = None
 
-        trainable = TrainingModule(torch.compile(self.model) if train.compile else self.model, self.objective,
-                                   accelerator.process_index, accelerator.num_processes)
+        trainable = TrainingModule(
+            torch.compile(self.model) if train.compile else self.model,
+            self.objective,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
         optimizer = _build_optimizer(config, trainable.parameters(), accelerator.device)
         self.module, self.optimizer = accelerator.prepare(trainable, optimizer)
         # Not passed through prepare: accelerate would step it once per process per step.

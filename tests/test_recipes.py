@@ -1,0 +1,143 @@
+"""Every recipe in configs/ loads and validates as written, and runs a step and a checkpoint on CPU once its model
+and data are shrunk by overrides."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from diffusers_speedup.training import ConfigError, Trainer, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = sorted(CONFIGS.rglob("*.yaml"))
+
+SHRINK = {
+    "uvit": ["model.params.hidden_size=32", "model.params.num_layers=3", "model.params.num_attention_heads=2"],
+    "dit": ["model.params.num_layers=2", "model.params.num_attention_heads=2", "model.params.attention_head_dim=8"],
+    "edm2_unet": [
+        "model.params.model_channels=16",
+        "model.params.channel_mult=[1,2]",
+        "model.params.num_blocks=1",
+        "model.params.attn_resolutions=[4]",
+        "model.params.channels_per_head=8",
+        "model.params.logvar_channels=8",
+    ],
+}
+
+
+def test_there_is_a_recipe_for_every_paper():
+    names = {str(path.relative_to(CONFIGS)) for path in RECIPES}
+    for expected in (
+        "quickstart.yaml",
+        "imagenet256/vit_b_minsnr_eps.yaml",
+        "imagenet256/vit_b_minsnr_x0.yaml",
+        "imagenet256/vit_b_minsnr_v.yaml",
+        "imagenet256/dit_xl2_baseline.yaml",
+        "imagenet256/dit_xl2_speed.yaml",
+        "imagenet256/dit_b2_baseline.yaml",
+        "imagenet256/dit_b2_speed.yaml",
+        "cifar10/edm2_c.yaml",
+        "cifar10/edm2_e.yaml",
+        "imagenet512/edm2_xs.yaml",
+    ):
+        assert expected in names
+    for mode in ("inv_sqrt2", "constant", "learned", "learned_per_skip"):
+        assert f"cifar10/uvit_s2_scalelong_{mode}.yaml" in names
+        assert f"imagenet256/uvit_l2_scalelong_{mode}.yaml" in names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: str(path.relative_to(CONFIGS)))
+def test_recipe_loads_and_validates(recipe):
+    config = load_config(recipe)
+    assert config.train.output_dir.startswith("outputs/")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A 2-class image folder (16 px) and a latent cache of it made with a tiny AutoencoderKL saved to disk."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (root / "images" / label).mkdir(parents=True)
+        for index in range(6):
+            pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "images" / label / f"{index}.png")
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    vae.save_pretrained(root / "vae")
+    from diffusers_speedup.data import cache_latents
+
+    cache_latents(
+        str(root / "latents"),
+        image_folder=str(root / "images"),
+        vae=str(root / "vae"),
+        resolution=16,
+        batch_size=4,
+        chunk_size=8,
+        num_workers=0,
+        progress=False,
+    )
+    return root
+
+
+@pytest.mark.parametrize(
+    "recipe", [r for r in RECIPES if r.name != "quickstart.yaml"], ids=lambda path: str(path.relative_to(CONFIGS))
+)
+def test_recipe_runs_a_step_and_checkpoints_when_shrunk(recipe, tiny_data, tmp_path):
+    kind = load_config(recipe).model.kind
+    config = load_config(recipe)
+    data = (
+        [f"data.path={tiny_data / 'latents'}"]
+        if config.data.kind == "latents"
+        else [f"data.path={tiny_data / 'images'}", "data.resolution=8"]
+    )
+    overrides = [
+        *SHRINK[kind],
+        *data,
+        f"train.output_dir={tmp_path}",
+        "train.cpu=true",
+        "train.mixed_precision=fp32",
+        "train.batch_size=4",
+        "train.max_steps=1",
+        "train.checkpoint_every=1",
+        "train.report_to=none",
+        "sampling.num_inference_steps=2",
+        "sampling.images_per_class=1",
+        "sampling.max_classes=2",
+    ]
+    if config.ema.kind == "power":
+        overrides.append("ema.snapshot_every=1")
+    trainer = Trainer(load_config(recipe, overrides))
+    export_dir = trainer.train()
+    assert (tmp_path / "checkpoint-1" / "config.yaml").is_file()
+    assert (export_dir / "model_index.json").is_file()
+
+
+def test_fp16_on_cpu_fails_before_any_work(tmp_path):
+    config = load_config(
+        CONFIGS / "imagenet256" / "vit_b_minsnr_x0.yaml", [f"train.output_dir={tmp_path / 'run'}", "train.cpu=true"]
+    )
+    with pytest.raises(ConfigError, match="train.mixed_precision: fp16 needs a GPU"):
+        Trainer(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_base_chains_are_followed_and_checked(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntrain:\n  max_steps: 7\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_config(tmp_path / "c.yaml")
+    speed = load_config(CONFIGS / "imagenet256" / "dit_xl2_speed.yaml")
+    assert speed.objective.sampler["kind"] == "speed" and speed.model.preset == "dit-xl-2"
