@@ -1,0 +1,351 @@
+"""Training throughput and MFU: this package's training step against the plain loop a diffusers user would write.
+
+    python benchmarks/bench_train_throughput.py --tiny                  # CPU smoke run, seconds
+    python benchmarks/bench_train_throughput.py --output_dir outputs/bench_train          # one GPU, all models
+    python benchmarks/bench_train_throughput.py --models dit-xl-2 --compile --output_dir outputs/bench_train_compile
+
+For each model both loops train the same architecture from the same initial weights on the same random latents
+(random latents cost what cached latents cost once they sit on the GPU):
+
+* **package** — what ``Trainer.train`` runs per step: ``TrainingModule`` (model + ``DiffusionObjective``) prepared by
+  accelerate with bf16 mixed precision, TF32, fused AdamW, PyTorch SDPA attention, gradient clipping with the
+  trainer's one finiteness read per step, its on-device loss and per-log-SNR sums, and optionally ``torch.compile``
+  (``--compile``) and EMA (``--ema``). The objective is the recipe's: Min-SNR-5 ε-prediction on DDPM's linear
+  schedule for DiT and U-ViT; EDM2's σ-sampling, EDM weighting and learned uncertainty for EDM2.
+* **plain** — the loop of diffusers' example scripts: ``DDPMScheduler.add_noise``, ``torch.autocast`` bf16, the
+  model's default attention, ``F.mse_loss`` on ε (EDM2: its EDM-weighted loss on the denoised sample),
+  ``torch.optim.AdamW`` without ``fused``, ``clip_grad_norm_(1.0)``, diffusers' ``EMAModel`` with ``--ema``, and a
+  ``loss.item()`` every step for the progress bar.
+
+Warm-up steps are excluded; timing is wall clock around ``--steps`` steps, synchronised with the GPU before and
+after. Reports images/s, step time, MFU (model FLOPs from ``flops.py``: 3 × forward, FLOPs = 2 × MACs), peak
+memory and the package/plain ratio, as a markdown table and JSON in ``--output_dir``. Imports nothing outside this
+package's own dependencies, downloads nothing (random initialisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flops import BenchmarkModel, get_models, mfu, peak_flops, run_forward, training_flops_per_image  # noqa: E402
+
+# Per-device batch that fits one 80 GB GPU without gradient checkpointing for both loops.
+DEFAULT_BATCH_SIZES = {"dit-b-2": 256, "dit-xl-2": 128, "uvit-l-2": 128, "edm2-xs": 64}
+LOG_SNR_EDGES = (-6.0, -3.0, 0.0, 3.0, 6.0)  # the trainer's per-noise-level loss buckets
+
+
+@dataclass
+class Result:
+    model: str
+    loop: str  # "package" or "plain"
+    batch_size: int
+    steps: int
+    train_gflops_per_image: float | None = None  # model FLOPs of one image's step (3 × forward, 2 per MAC)
+    images_per_second: float | None = None
+    step_seconds: float | None = None
+    mfu: float | None = None
+    peak_memory_gib: float | None = None
+    final_loss: float | None = None
+    error: str | None = None
+
+
+def _recipe(spec: BenchmarkModel) -> dict:
+    """The objective and optimiser part of a training recipe for this model (the trainer's config format)."""
+    if spec.takes_sigma:
+        objective = {
+            "schedule": {"kind": "edm"},
+            "prediction_type": "sample",
+            "weighting": {"kind": "edm"},
+            "learned_uncertainty": True,
+            "label_dropout": 0.0,
+        }
+    else:
+        # diffusers' DiT drops labels itself (class_dropout_prob 0.1); U-ViT leaves it to the objective.
+        objective = {
+            "schedule": {"kind": "ddpm", "beta_schedule": "linear"},
+            "prediction_type": "epsilon",
+            "weighting": {"kind": "min_snr", "gamma": 5.0},
+            "label_dropout": 0.0 if spec.name.startswith("dit") else 0.1,
+        }
+    return {"objective": objective, "optim": {"lr": 1e-4, "max_grad_norm": 1.0}}
+
+
+def _fresh_accelerator(mixed_precision: str, device: torch.device):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another precision; this
+    # benchmark is single-process, so starting from a clean state is safe.
+    AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
+
+
+def package_step(spec: BenchmarkModel, model, device, mixed_precision: str, compile: bool, ema: bool):
+    """Build this package's training step around ``model``; returns ``step(x0, labels) -> loss tensor``."""
+    from diffusers_speedup.training.config import build_noise_scheduler, config_from_mapping
+    from diffusers_speedup.training.ema import ConstantEMA
+    from diffusers_speedup.training.trainer import TrainingModule, _build_optimizer, build_objective
+
+    config = config_from_mapping(_recipe(spec))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    accelerator = _fresh_accelerator(mixed_precision, device)
+    objective = build_objective(config, build_noise_scheduler(config.objective.schedule), spec.num_classes)
+    module = TrainingModule(torch.compile(model) if compile else model, objective)
+    optimizer = _build_optimizer(config, module.parameters(), accelerator.device)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    averaged = ConstantEMA(model, decay=0.9999).to(accelerator.device) if ema else None
+    edges = torch.tensor(LOG_SNR_EDGES, device=device)
+    sums = {
+        "loss": torch.zeros((), device=device),
+        "bucket": torch.zeros(len(LOG_SNR_EDGES) + 1, device=device),
+        "count": torch.zeros(len(LOG_SNR_EDGES) + 1, device=device),
+    }
+    counter = {"step": 0}
+    module.train()
+
+    def step(x0, labels):
+        # Trainer.train's inner loop with one accumulation step.
+        with accelerator.accumulate(module):
+            output = module(x0, labels)
+            loss = output.loss.mean()
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(parameters, config.optim.max_grad_norm)
+            if bool(torch.isfinite(torch.as_tensor(grad_norm))):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sums["loss"] += loss.detach()
+        buckets = torch.bucketize(output.snr.clamp_min(1e-20).log(), edges)
+        sums["bucket"].index_add_(0, buckets, output.loss.detach())
+        sums["count"].index_add_(0, buckets, torch.ones_like(output.loss))
+        counter["step"] += 1
+        if averaged is not None:
+            averaged.update(model, counter["step"])
+        return loss
+
+    return step
+
+
+def plain_step(spec: BenchmarkModel, model, device, mixed_precision: str, ema: bool):
+    """The training step of a hand-written diffusers-style script; returns ``step(x0, labels) -> loss tensor``."""
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ema_model = None
+    if ema:
+        from diffusers.training_utils import EMAModel
+
+        ema_model = EMAModel(model.parameters(), decay=0.9999)
+        ema_model.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+    model.train()
+
+    def step(x0, labels):
+        noise = torch.randn_like(x0)
+        with autocast:
+            if spec.takes_sigma:
+                # EDM: log-normal σ, D(x0 + σn; σ) regressed on x0 with λ(σ) = (σ² + σ_d²) / (σ·σ_d)².
+                sigma = (torch.randn(x0.shape[0], device=device) * 1.2 - 1.2).exp()
+                sigma4d = sigma[:, None, None, None]
+                denoised = run_forward(spec, model, x0 + sigma4d * noise, sigma, labels)
+                weight = (sigma4d**2 + 0.25) / (sigma4d * 0.5) ** 2
+                loss = (weight * (denoised.float() - x0) ** 2).mean()
+            else:
+                timesteps = torch.randint(0, 1000, (x0.shape[0],), device=device)
+                noisy = noise_scheduler.add_noise(x0, noise, timesteps)
+                prediction = run_forward(spec, model, noisy, timesteps, labels)
+                loss = F.mse_loss(prediction.float(), noise.float())
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if ema_model is not None:
+            ema_model.step(model.parameters())
+        loss.item()  # the per-step read of the progress bar / logger
+        return loss
+
+    return step
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step, spec, batch_size, steps, warmup_steps, device, flops_per_image, peak) -> dict:
+    """Time ``steps`` steps after ``warmup_steps`` untimed ones; same data every step."""
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(batch_size, *spec.sample_shape, generator=generator).to(device)
+    labels = torch.randint(0, spec.num_classes, (batch_size,), generator=generator).to(device)
+    for _ in range(warmup_steps):
+        step(x0, labels)
+    _synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step(x0, labels)
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    images_per_second = batch_size * steps / seconds
+    return {
+        "images_per_second": images_per_second,
+        "step_seconds": seconds / steps,
+        "mfu": mfu(images_per_second, flops_per_image, peak),
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "final_loss": float(loss),
+    }
+
+
+def run_model(spec: BenchmarkModel, args, device, peak) -> list[Result]:
+    batch_size = args.batch_size or (4 if args.tiny else DEFAULT_BATCH_SIZES[spec.name])
+    flops_per_image = training_flops_per_image(spec)
+    results = []
+    for loop in ("package", "plain"):
+        result = Result(spec.name, loop, batch_size, args.steps, train_gflops_per_image=flops_per_image / 1e9)
+        model = step = None
+        try:
+            torch.manual_seed(0)  # same initial weights for both loops
+            model = spec.build().to(device)
+            if loop == "package":
+                step = package_step(spec, model, device, args.mixed_precision, args.compile, args.ema)
+            else:
+                step = plain_step(spec, model, device, args.mixed_precision, args.ema)
+            for key, value in measure(
+                step, spec, batch_size, args.steps, args.warmup_steps, device, flops_per_image, peak
+            ).items():
+                setattr(result, key, value)
+        except torch.cuda.OutOfMemoryError as error:
+            result.error = f"out of memory at batch {batch_size}: {str(error).splitlines()[0]}"
+        del model, step
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        results.append(result)
+        print(_format_line(result), flush=True)
+    return results
+
+
+def _format_line(result: Result) -> str:
+    if result.error:
+        return f"{result.model:9s} {result.loop:8s} {result.error}"
+    line = f"{result.model:9s} {result.loop:8s} {result.images_per_second:10.1f} img/s  {1e3 * result.step_seconds:8.1f} ms/step"
+    if result.mfu is not None:
+        line += f"  MFU {100 * result.mfu:5.1f} %"
+    if result.peak_memory_gib is not None:
+        line += f"  {result.peak_memory_gib:5.1f} GiB"
+    return line
+
+
+def _fmt(value, pattern: str, scale: float = 1.0) -> str:
+    return "—" if value is None else format(value * scale, pattern)
+
+
+def format_markdown(results: list[Result], environment: dict) -> str:
+    lines = [
+        f"Device: {environment['device']}; mixed precision {environment['mixed_precision']}; "
+        f"compile {environment['compile']}; EMA {environment['ema']}; {environment['steps']} timed steps after "
+        f"{environment['warmup_steps']} warm-up steps; torch {environment['torch']}.",
+        "",
+        "| model | batch | loop | img/s | step (ms) | MFU | peak mem (GiB) | package / plain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    by_model = {}
+    for result in results:
+        by_model.setdefault(result.model, {})[result.loop] = result
+    for model, loops in by_model.items():
+        package, plain = loops.get("package"), loops.get("plain")
+        ratio = None
+        if package and plain and package.images_per_second and plain.images_per_second:
+            ratio = package.images_per_second / plain.images_per_second
+        for loop, result in loops.items():
+            if result.error:
+                lines.append(f"| {model} | {result.batch_size} | {loop} | {result.error} | | | | |")
+                continue
+            lines.append(
+                f"| {model} | {result.batch_size} | {loop} | {result.images_per_second:.1f} "
+                f"| {_fmt(result.step_seconds, '.1f', 1e3)} | {_fmt(result.mfu, '.1%')} "
+                f"| {_fmt(result.peak_memory_gib, '.1f')} | {_fmt(ratio, '.2f') + '×' if loop == 'package' and ratio else ''} |"
+            )
+    return "\n".join(lines)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main(argv=None) -> list[Result]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=None, help="subset of dit-b-2 dit-xl-2 uvit-l-2 edm2-xs")
+    parser.add_argument("--batch_size", type=int, default=None, help=f"per model default: {DEFAULT_BATCH_SIZES}")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per loop")
+    parser.add_argument("--warmup_steps", type=int, default=10, help="untimed steps first (compilation, autotuning)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model in the package loop")
+    parser.add_argument("--ema", action="store_true", help="update an EMA copy every step in both loops")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--mixed_precision", default=None, choices=["bf16", "no"], help="default: bf16 on GPU")
+    parser.add_argument("--tiny", action="store_true", help="tiny models on CPU, 2 timed steps: a smoke run")
+    parser.add_argument("--output_dir", default="outputs/bench_train_throughput")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.device = args.device or "cpu"
+        args.steps, args.warmup_steps = min(args.steps, 2), min(args.warmup_steps, 1)
+    if args.steps < 1 or args.warmup_steps < 0:
+        parser.error(f"--steps must be >= 1 and --warmup_steps >= 0, got {args.steps} and {args.warmup_steps}")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    args.mixed_precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
+    specs = get_models(args.models, tiny=args.tiny)
+    peak = peak_flops(device)
+
+    results = []
+    for spec in specs:
+        results.extend(run_model(spec, args, device, peak))
+
+    environment = {
+        "device": describe_device(device),
+        "peak_tflops": None if peak is None else peak / 1e12,
+        "mixed_precision": args.mixed_precision,
+        "compile": args.compile,
+        "ema": args.ema,
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "tiny": args.tiny,
+        "torch": torch.__version__,
+        "command": "python benchmarks/bench_train_throughput.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    table = format_markdown(results, environment)
+    print(table)
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "train_throughput.json"), "w") as f:
+        json.dump({"environment": environment, "results": [asdict(r) for r in results]}, f, indent=2)
+    with open(os.path.join(args.output_dir, "train_throughput.md"), "w") as f:
+        f.write(table + "\n")
+    if any(r.final_loss is not None and not math.isfinite(r.final_loss) for r in results):
+        print("warning: a loop ended with a non-finite loss", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()
