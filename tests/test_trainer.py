@@ -211,3 +211,43 @@ def test_two_process_ddp_on_cpu_matches_one_process(tmp_path):
     # Same global batch, same draws: the weights after two steps agree up to the order of float sums.
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
+
+
+def test_pushes_checkpoints_and_the_final_model_through_failures_without_leaking_the_token(
+    tmp_path, monkeypatch, caplog
+):
+    import logging
+
+    from huggingface_hub import constants
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fake_hub import FakeHub
+
+    token = "hf_TrainerTestToken0123456789"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    hub = FakeHub().install()
+    try:
+        hub.fail_requests(2, r"/commit/")  # the first two upload attempts fail
+        overrides = tiny(
+            tmp_path / "run",
+            "hub.push_to_hub=true",
+            "hub.hub_model_id=me/digits",
+            "hub.push_checkpoints=true",
+            "hub.retry_delay=0.01",
+            "train.report_to=tensorboard",
+        )
+        with caplog.at_level(logging.INFO):
+            trainer = Trainer(load_config(QUICKSTART, overrides))
+            trainer.train()
+    finally:
+        hub.uninstall()
+    assert trainer.push_result.ok
+    messages = [message for repo, message, _ in hub.commits if repo == "me/digits"]
+    assert messages[-1] == "Final model after 6 steps"
+    assert "model_index.json" in hub.repos["me/digits"] and "README.md" in hub.repos["me/digits"]
+    assert token not in caplog.text
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path

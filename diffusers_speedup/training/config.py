@@ -114,7 +114,9 @@ class HubConfig:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     private: bool = False
-    push_checkpoints: bool = False
+    push_checkpoints: bool = False  # also push the export of every checkpoint (in the background)
+    max_retries: int = 5
+    retry_delay: float = 10.0  # seconds before the first retry, doubled after each failure
 
 
 @dataclass
@@ -318,6 +320,8 @@ def validate_config(config: Config) -> None:
 
     if config.hub.push_to_hub and not config.hub.hub_model_id:
         raise ConfigError("hub.hub_model_id: required when hub.push_to_hub is true.")
+    _positive("hub.max_retries", config.hub.max_retries, allow_zero=True)
+    _positive("hub.retry_delay", config.hub.retry_delay, allow_zero=True)
 
     _positive("train.batch_size", train.batch_size)
     _positive("train.gradient_accumulation_steps", train.gradient_accumulation_steps)

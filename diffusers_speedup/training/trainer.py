@@ -371,7 +371,11 @@ class Trainer:
 
             # Uploads run on a background thread with retries: training never waits for or dies on a push.
             self.pusher = BackgroundHubPusher(
-                config.hub.hub_model_id, enabled=accelerator.is_main_process, private=config.hub.private
+                config.hub.hub_model_id,
+                enabled=accelerator.is_main_process,
+                private=config.hub.private,
+                max_retries=config.hub.max_retries,
+                retry_delay=config.hub.retry_delay,
             )
 
         device = accelerator.device
@@ -608,11 +612,12 @@ class Trainer:
             if self.push_result is not None and not self.push_result.ok:
                 logger.error(
                     "The final push to %s failed after %d attempts: %s. The exported folder %s is intact; "
-                    "push it later with `python train/export.py --pipeline %s --push_to_hub --hub_model_id "
-                    "%s`.",
+                    "push it later with `python train/export.py %s --output_dir %s-hub --push_to_hub "
+                    "--hub_model_id %s`.",
                     self.config.hub.hub_model_id,
                     self.push_result.attempts,
                     self.push_result.error,
+                    export_dir,
                     export_dir,
                     export_dir,
                     self.config.hub.hub_model_id,
