@@ -229,10 +229,6 @@ WORKER = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("DIFFUSERS_SPEEDUP_SLOW_TESTS") != "1",
-    reason="starts two torch processes (about 30 s on two cores); set DIFFUSERS_SPEEDUP_SLOW_TESTS=1 to run",
-)
 def test_torchrun_two_processes_equal_one(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
