@@ -208,7 +208,7 @@ def measure(step, spec, batch_size, steps, warmup_steps, device, flops_per_image
         "step_seconds": seconds / steps,
         "mfu": mfu(images_per_second, flops_per_image, peak),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "final_loss": float(loss),
+        "final_loss": float(loss.detach()),
     }
 
 

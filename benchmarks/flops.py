@@ -14,7 +14,8 @@ Counting convention (the one performance.md §0 and §7 establish):
 * MFU = achieved model FLOP/s ÷ the accelerator's dense bf16 peak (``PEAK_BF16_TFLOPS``); none is reported on CPU.
 
 The count uses ``torch.utils.flop_counter.FlopCounterMode`` on a model built on the ``meta`` device at batch 1, so
-it needs no memory and takes about a second even for DiT-XL/2. It reproduces the papers' figures: DiT-XL/2 118.66
+it needs no memory and takes about a second even for DiT-XL/2 (and because torch registers no FLOP formula for
+CPU's fused attention kernel, so a CPU count would miss attention; on meta, attention runs as two counted bmm). It reproduces the papers' figures: DiT-XL/2 118.66
 GMAC against 118.64 (DiT Table 4), DiT-B/2 23.02 against 23.01, U-ViT-L/2 76.46 against 76.5 (performance.md's own
 count) and EDM2-XS 44.95 against 45.5 (EDM2 Table 2; -1.2 %, EDM2's counter also counts some element-wise work).
 """
