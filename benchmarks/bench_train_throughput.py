@@ -43,7 +43,6 @@ from flops import BenchmarkModel, get_models, mfu, peak_flops, run_forward, trai
 
 # Per-device batch that fits one 80 GB GPU without gradient checkpointing for both loops.
 DEFAULT_BATCH_SIZES = {"dit-b-2": 256, "dit-xl-2": 128, "uvit-l-2": 128, "edm2-xs": 64}
-LOG_SNR_EDGES = (-6.0, -3.0, 0.0, 3.0, 6.0)  # the trainer's per-noise-level loss buckets
 
 
 @dataclass
@@ -96,46 +95,35 @@ def package_step(spec: BenchmarkModel, model, device, mixed_precision: str, comp
     """Build this package's training step around ``model``; returns ``step(x0, labels) -> loss tensor``."""
     from diffusers_speedup.training.config import build_noise_scheduler, config_from_mapping
     from diffusers_speedup.training.ema import ConstantEMA
-    from diffusers_speedup.training.trainer import TrainingModule, _build_optimizer, build_objective
+    from diffusers_speedup.training.trainer import (
+        LossTracker,
+        TrainingModule,
+        build_objective,
+        build_optimizer,
+        optimizer_step,
+    )
 
     config = config_from_mapping(_recipe(spec))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     accelerator = _fresh_accelerator(mixed_precision, device)
-    objective = build_objective(config, build_noise_scheduler(config.objective.schedule), spec.num_classes)
+    objective = build_objective(config, build_noise_scheduler(config.objective.schedule), spec.num_classes, model)
     module = TrainingModule(torch.compile(model) if compile else model, objective)
-    optimizer = _build_optimizer(config, module.parameters(), accelerator.device)
+    optimizer = build_optimizer(config, module.parameters(), accelerator.device)
     module, optimizer = accelerator.prepare(module, optimizer)
-    parameters = [p for p in module.parameters() if p.requires_grad]
     averaged = ConstantEMA(model, decay=0.9999).to(accelerator.device) if ema else None
-    edges = torch.tensor(LOG_SNR_EDGES, device=device)
-    sums = {
-        "loss": torch.zeros((), device=device),
-        "bucket": torch.zeros(len(LOG_SNR_EDGES) + 1, device=device),
-        "count": torch.zeros(len(LOG_SNR_EDGES) + 1, device=device),
-    }
+    tracker = LossTracker(device)
     counter = {"step": 0}
     module.train()
 
     def step(x0, labels):
-        # Trainer.train's inner loop with one accumulation step.
-        with accelerator.accumulate(module):
-            output = module(x0, labels)
-            loss = output.loss.mean()
-            accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(parameters, config.optim.max_grad_norm)
-            if bool(torch.isfinite(torch.as_tensor(grad_norm))):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        sums["loss"] += loss.detach()
-        buckets = torch.bucketize(output.snr.clamp_min(1e-20).log(), edges)
-        sums["bucket"].index_add_(0, buckets, output.loss.detach())
-        sums["count"].index_add_(0, buckets, torch.ones_like(output.loss))
+        # The trainer's own optimizer step (one accumulation step), with its loss tracking and EMA.
+        optimizer_step(accelerator, module, optimizer, [(x0, labels)], config.optim.max_grad_norm, tracker)
         counter["step"] += 1
         if averaged is not None:
             averaged.update(model, counter["step"])
-        return loss
+        return tracker.loss
 
     return step
 

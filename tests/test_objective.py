@@ -153,6 +153,7 @@ def test_sigma_input_model_with_edm_weighting_and_learned_uncertainty():
         weighting="edm",
         prediction_type="sample",
         learned_uncertainty=True,
+        uncertainty_from_model=True,
     )
     output = objective(model, x0, generator=torch.Generator().manual_seed(0))
 
@@ -163,7 +164,7 @@ def test_sigma_input_model_with_edm_weighting_and_learned_uncertainty():
     lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
     expected = lam / math.exp(0.3) * ((denoised - x0) ** 2).mean(dim=(1, 2, 3)) + 0.3
     torch.testing.assert_close(output.loss, expected, rtol=1e-5, atol=1e-6)
-    assert objective.uncertainty_head is not None  # unused here: the model brings its own log-variance
+    assert objective.uncertainty_head is None  # the model brings its own log-variance
 
 
 def test_uncertainty_head_starts_at_zero_and_learns_the_loss_level():

@@ -9,7 +9,7 @@ from diffusers_speedup.training import ConfigError, Trainer, load_config
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/quickstart.yaml")
+    parser.add_argument("--config", default=None, help="YAML recipe, e.g. configs/quickstart.yaml (default: defaults)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)

@@ -100,8 +100,11 @@ class DiffusionObjective(nn.Module):
         weighting: a kind of :func:`compute_loss_weights` ("constant", "min_snr", "soft_min_snr", "p2", "edm").
         weighting_params: its parameters, e.g. ``{"gamma": 5.0}``. "edm" takes the schedule's σ_data by default.
         prediction_type: "epsilon", "v_prediction" or "sample"; defaults to the scheduler's own.
-        learned_uncertainty: EDM2's learned uncertainty weighting; uses the model's log-variance output if it has
-            one (``return_logvar``), otherwise an :class:`UncertaintyHead` owned by this objective.
+        learned_uncertainty: EDM2's learned uncertainty weighting, from an :class:`UncertaintyHead` owned by this
+            objective, or from the model's own log-variance output (``return_logvar``) when
+            ``uncertainty_from_model`` is set.
+        uncertainty_from_model: the model (EDM2UNetModel) outputs the log-variance itself; no head is built here,
+            which DDP needs (a head that gets no gradient is an error there).
         label_dropout: probability of replacing a class label by the null label ``num_classes`` during training,
             for classifier-free guidance. Leave 0 for models that drop labels themselves (diffusers' DiT drops 10%).
         num_classes: number of classes (the null label's id); needed when label_dropout > 0.
@@ -115,6 +118,7 @@ class DiffusionObjective(nn.Module):
         weighting_params: dict | None = None,
         prediction_type: str | None = None,
         learned_uncertainty: bool = False,
+        uncertainty_from_model: bool = False,
         label_dropout: float = 0.0,
         num_classes: int | None = None,
     ):
@@ -164,10 +168,11 @@ class DiffusionObjective(nn.Module):
         self.label_dropout, self.num_classes = label_dropout, num_classes
 
         self.learned_uncertainty = learned_uncertainty
-        self.uncertainty_head = UncertaintyHead() if learned_uncertainty else None
+        self.uncertainty_head = UncertaintyHead() if learned_uncertainty and not uncertainty_from_model else None
 
     @classmethod
-    def from_config(cls, config: dict, noise_scheduler, num_classes: int | None = None) -> DiffusionObjective:
+    def from_config(cls, config: dict, noise_scheduler, num_classes: int | None = None,
+                    uncertainty_from_model: bool = False) -> DiffusionObjective:
         """Build from the recipe form, e.g. ``{"sampler": {"kind": "speed", "k": 5}, "weighting": {"kind": "min_snr",
         "gamma": 5}, "prediction_type": "epsilon", "learned_uncertainty": False, "label_dropout": 0.1}``."""
         config = dict(config)
@@ -180,6 +185,7 @@ class DiffusionObjective(nn.Module):
             weighting=kind,
             weighting_params=weighting,
             num_classes=num_classes,
+            uncertainty_from_model=uncertainty_from_model,
             **config,
         )
 
@@ -197,6 +203,8 @@ class DiffusionObjective(nn.Module):
             return None
         if model_logvar is not None:
             return model_logvar.reshape(-1).float()
+        if self.uncertainty_head is None:
+            raise ValueError("learned_uncertainty with uncertainty_from_model needs a model that returns a log-variance.")
         c_noise = -snr.clamp(MIN_SNR, MAX_SNR).log() / 8  # ln(σ)/4 with σ = SNR^(-1/2)
         return self.uncertainty_head(c_noise)
 

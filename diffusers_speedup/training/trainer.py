@@ -106,10 +106,14 @@ def build_model(config: Config, data: TrainingData) -> nn.Module:
     return cls.from_preset(config.model.preset, **params)
 
 
-def build_objective(config: Config, noise_scheduler, num_classes: int) -> DiffusionObjective:
+def build_objective(config: Config, noise_scheduler, num_classes: int, model: nn.Module) -> DiffusionObjective:
     objective = config_to_dict(config)["objective"]
     objective.pop("schedule")
-    return DiffusionObjective.from_config(objective, noise_scheduler, num_classes=num_classes)
+    # EDM2's UNet has its own log-variance output, so the objective builds no head of its own.
+    from_model = getattr(model, "input_is_sigma", False)
+    return DiffusionObjective.from_config(
+        objective, noise_scheduler, num_classes=num_classes, uncertainty_from_model=from_model
+    )
 
 
 def build_sampling_scheduler(config: Config, noise_scheduler):
@@ -149,10 +153,62 @@ class TrainingModule(nn.Module):
         return self.objective(self.model, x0, class_labels, shard=self.shard)
 
 
+class LossTracker:
+    """Running sums of the loss, overall and per log-SNR bucket, kept on the device: reading them (one host sync)
+    happens only when they are logged."""
+
+    def __init__(self, device):
+        self.edges = torch.tensor(LOG_SNR_EDGES, device=device)
+        self.loss = torch.zeros((), device=device)
+        self.bucket_sum = torch.zeros(len(LOG_SNR_EDGES) + 1, device=device)
+        self.bucket_count = torch.zeros(len(LOG_SNR_EDGES) + 1, device=device)
+
+    def add(self, output, weight: float = 1.0) -> None:
+        per_sample = output.loss.detach()
+        self.loss += per_sample.mean() * weight
+        buckets = torch.bucketize(output.snr.clamp_min(1e-20).log(), self.edges)
+        self.bucket_sum.index_add_(0, buckets, per_sample)
+        self.bucket_count.index_add_(0, buckets, torch.ones_like(per_sample))
+
+    def reset(self) -> None:
+        for total in (self.loss, self.bucket_sum, self.bucket_count):
+            total.zero_()
+
+
+def optimizer_step(
+    accelerator, module, optimizer, micro_batches, max_grad_norm: float | None, tracker: LossTracker | None = None
+) -> tuple[torch.Tensor, bool]:
+    """One optimizer step over ``micro_batches`` (an iterable of ``(x0, class_labels)``, one per accumulation step,
+    read lazily): forward and backward each, clip, and step unless the gradient is not finite.
+
+    Returns the gradient norm and whether the step was taken (fp16's loss scaler skips bad steps itself).
+    """
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    grad_norm, finite = torch.zeros(()), True
+    for x0, class_labels in micro_batches:
+        with accelerator.accumulate(module):
+            output = module(x0, class_labels)
+            accelerator.backward(output.loss.mean())
+            if accelerator.sync_gradients:
+                # With no clipping asked for, an infinite bound still returns the norm (for logging and the check).
+                grad_norm = accelerator.clip_grad_norm_(
+                    parameters, math.inf if max_grad_norm is None else max_grad_norm
+                )
+                grad_norm = torch.as_tensor(grad_norm)
+                # Skipping a step needs a decision on the host: one scalar read per optimizer step.
+                finite = bool(torch.isfinite(grad_norm))
+                if finite or accelerator.scaler is not None:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        if tracker is not None:
+            tracker.add(output, weight=1.0 / accelerator.gradient_accumulation_steps)
+    return grad_norm, finite
+
+
 # --- helpers -----------------------------------------------------------------------------------------------------
 
 
-def _build_optimizer(config: Config, parameters, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(config: Config, parameters, device: torch.device) -> torch.optim.Optimizer:
     optim = config.optim
     cls = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
     kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
@@ -242,7 +298,7 @@ class Trainer:
         if train.attention == "xformers":
             self.model.enable_xformers_memory_efficient_attention()
         self.noise_scheduler = build_noise_scheduler(config.objective.schedule)
-        self.objective = build_objective(config, self.noise_scheduler, self.data.num_classes)
+        self.objective = build_objective(config, self.noise_scheduler, self.data.num_classes, self.model)
 
         ema = config.ema
         if ema.kind == "constant":
@@ -264,7 +320,7 @@ class Trainer:
             accelerator.process_index,
             accelerator.num_processes,
         )
-        optimizer = _build_optimizer(config, trainable.parameters(), accelerator.device)
+        optimizer = build_optimizer(config, trainable.parameters(), accelerator.device)
         self.module, self.optimizer = accelerator.prepare(trainable, optimizer)
         # Not passed through prepare: accelerate would step it once per process per step.
         self.lr_scheduler = get_lr_scheduler(
@@ -379,38 +435,18 @@ class Trainer:
             )
 
         device = accelerator.device
-        parameters = [p for p in self.module.parameters() if p.requires_grad]
-        num_buckets = len(LOG_SNR_EDGES) + 1
-        edges = torch.tensor(LOG_SNR_EDGES, device=device)
-        # Running sums stay on the device; they are read (one host sync) only when logged.
-        loss_sum = torch.zeros((), device=device)
-        bucket_sum, bucket_count = torch.zeros(num_buckets, device=device), torch.zeros(num_buckets, device=device)
-        grad_norm = torch.zeros((), device=device)
+        tracker = LossTracker(device)
+        grad_norm = torch.zeros(())
         steps_since_log, last_log_time = 0, time.perf_counter()
         batches = self._batches()
-        finite = True
         self.module.train()
 
         while self.step < train.max_steps:
             step_start = time.perf_counter()
-            for _ in range(train.gradient_accumulation_steps):
-                x0, labels = self.data.batch(next(batches), device)
-                with accelerator.accumulate(self.module):
-                    output = self.module(x0, labels)
-                    loss = output.loss.mean()
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = self._clip_gradients(parameters)
-                        # Skipping a step needs a decision on the host: one scalar read per optimizer step.
-                        finite = bool(torch.isfinite(grad_norm))
-                        if finite or accelerator.scaler is not None:  # fp16's scaler skips bad steps itself
-                            self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach() / train.gradient_accumulation_steps
-                buckets = torch.bucketize(output.snr.clamp_min(1e-20).log(), edges)
-                bucket_sum.index_add_(0, buckets, output.loss.detach())
-                bucket_count.index_add_(0, buckets, torch.ones_like(output.loss))
-
+            micro_batches = (self.data.batch(next(batches), device) for _ in range(train.gradient_accumulation_steps))
+            grad_norm, finite = optimizer_step(
+                accelerator, self.module, self.optimizer, micro_batches, config.optim.max_grad_norm, tracker
+            )
             self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
             if not finite:
                 logger.warning(
@@ -437,8 +473,8 @@ class Trainer:
 
             if self.step % train.log_every == 0 or self.step == train.max_steps:
                 now = time.perf_counter()
-                self._log(loss_sum, bucket_sum, bucket_count, grad_norm, steps_since_log, now - last_log_time)
-                loss_sum.zero_(), bucket_sum.zero_(), bucket_count.zero_()
+                self._log(tracker, grad_norm, steps_since_log, now - last_log_time)
+                tracker.reset()
                 steps_since_log, last_log_time = 0, now
             if train.sample_every and self.step % train.sample_every == 0 and self.step != train.max_steps:
                 self.sample_grid()
@@ -450,17 +486,11 @@ class Trainer:
         accelerator.end_training()
         return export_dir
 
-    def _clip_gradients(self, parameters) -> torch.Tensor:
-        max_norm = self.config.optim.max_grad_norm
-        # With no clipping asked for, an infinite bound still returns the norm for logging and the finiteness check.
-        norm = self.accelerator.clip_grad_norm_(parameters, max_norm if max_norm is not None else math.inf)
-        return norm if isinstance(norm, torch.Tensor) else torch.tensor(norm)
-
-    def _log(self, loss_sum, bucket_sum, bucket_count, grad_norm, steps, seconds) -> None:
+    def _log(self, tracker: LossTracker, grad_norm, steps, seconds) -> None:
         accelerator = self.accelerator
-        loss = accelerator.reduce(loss_sum, reduction="mean").item() / steps
-        bucket_sum = accelerator.reduce(bucket_sum, reduction="sum")
-        bucket_count = accelerator.reduce(bucket_count, reduction="sum")
+        loss = accelerator.reduce(tracker.loss, reduction="mean").item() / steps
+        bucket_sum = accelerator.reduce(tracker.bucket_sum, reduction="sum")
+        bucket_count = accelerator.reduce(tracker.bucket_count, reduction="sum")
         values = {
             "train/loss": loss,
             "train/grad_norm": float(grad_norm),
