@@ -177,11 +177,20 @@ def test_train_script_reports_config_errors_without_a_traceback(tmp_path):
 
 
 EDM2_TINY = [
-    "model.kind=edm2_unet", "model.params.model_channels=16", "model.params.channel_mult=[1,2]",
-    "model.params.num_blocks=1", "model.params.attn_resolutions=[4]", "model.params.channels_per_head=8",
-    "model.params.logvar_channels=8", "objective.schedule.kind=edm", "objective.prediction_type=sample",
-    "objective.sampler.kind=lognormal", "objective.weighting.kind=edm", "objective.learned_uncertainty=true",
-    "data.channels=1", "data.resolution=8",
+    "model.kind=edm2_unet",
+    "model.params.model_channels=16",
+    "model.params.channel_mult=[1,2]",
+    "model.params.num_blocks=1",
+    "model.params.attn_resolutions=[4]",
+    "model.params.channels_per_head=8",
+    "model.params.logvar_channels=8",
+    "objective.schedule.kind=edm",
+    "objective.prediction_type=sample",
+    "objective.sampler.kind=lognormal",
+    "objective.weighting.kind=edm",
+    "objective.learned_uncertainty=true",
+    "data.channels=1",
+    "data.resolution=8",
 ]
 
 
@@ -192,14 +201,32 @@ def test_two_process_ddp_on_cpu_matches_one_process(tmp_path, model):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
     def run(nproc, name):
-        common = [f"train.output_dir={tmp_path / name}", "train.batch_size=16", "train.max_steps=2",
-                  "train.checkpoint_every=2", "train.log_every=1", "train.report_to=none", "ema.kind=none",
-                  "train.cpu=true", "optim.lr_schedule=constant", "sampling.num_inference_steps=2",
-                  "sampling.images_per_class=1", "sampling.max_classes=2"]
+        common = [
+            f"train.output_dir={tmp_path / name}",
+            "train.batch_size=16",
+            "train.max_steps=2",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            "train.report_to=none",
+            "ema.kind=none",
+            "train.cpu=true",
+            "optim.lr_schedule=constant",
+            "sampling.num_inference_steps=2",
+            "sampling.images_per_class=1",
+            "sampling.max_classes=2",
+        ]
         # The EDM2 run starts from the defaults (no --config), the U-ViT run from the quickstart.
         recipe = ["--config", str(QUICKSTART), *tiny(tmp_path / name)] if model == "uvit" else EDM2_TINY
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   str(script), *recipe, *common]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(script),
+            *recipe,
+            *common,
+        ]
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
         assert result.returncode == 0, result.stderr[-3000:]
         return load_file(str(tmp_path / name / "checkpoint-2" / "model.safetensors"))
@@ -248,3 +275,40 @@ def test_pushes_checkpoints_and_the_final_model_through_failures_without_leaking
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():
             assert token.encode() not in path.read_bytes(), path
+
+
+def test_power_ema_snapshots_reconstruct_into_a_loadable_pipeline(tmp_path):
+    import importlib.util
+
+    run = tmp_path / "run"
+    trainer = Trainer(
+        load_config(QUICKSTART, tiny(run, "ema.kind=power", "ema.sigma_rels=[0.05,0.10]", "ema.snapshot_every=2"))
+    )
+    export_dir = trainer.train()
+    spec = importlib.util.spec_from_file_location("posthoc_ema", REPO / "train" / "posthoc_ema.py")
+    posthoc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(posthoc)
+    posthoc.main(
+        [
+            "--run_dir",
+            str(run),
+            "--sigma_rel",
+            "0.07",
+            "--output_dir",
+            str(tmp_path / "posthoc"),
+            "--pipeline_dir",
+            str(export_dir),
+        ]
+    )
+    from diffusers_speedup import ClassConditionalPipeline
+
+    pipeline = ClassConditionalPipeline.from_pretrained(tmp_path / "posthoc" / "phema-0.070")
+    reconstructed = load_file(str(tmp_path / "posthoc" / "phema-0.070.safetensors"))
+    for name, value in pipeline.transformer.state_dict().items():
+        assert torch.equal(value, reconstructed[name].to(value.dtype))
+    # σ_rel 0.07 lies between the two tracked profiles, and so do its weights.
+    tracked = [model.state_dict() for model in trainer.ema.models]
+    name = next(n for n in reconstructed if n.endswith("weight"))
+    low, high = torch.minimum(tracked[0][name], tracked[1][name]), torch.maximum(tracked[0][name], tracked[1][name])
+    inside = ((reconstructed[name] >= low - 1e-3) & (reconstructed[name] <= high + 1e-3)).float().mean()
+    assert inside > 0.9
