@@ -3,7 +3,7 @@
     python benchmarks/flops.py                      # the four published models at their paper resolutions
     python benchmarks/flops.py --tiny               # the tiny CPU configurations of the smoke benchmarks
 
-Counting convention (the one performance.md §0 and §7 establish):
+Counting convention:
 
 * The "Gflops" that the DiT, U-ViT and EDM2 papers report are multiply-accumulates (MACs). One MAC is two floating
   point operations, so **FLOPs = 2 × MACs**. This file counts FLOPs and prints both.
@@ -16,8 +16,8 @@ Counting convention (the one performance.md §0 and §7 establish):
 The count uses ``torch.utils.flop_counter.FlopCounterMode`` on a model built on the ``meta`` device at batch 1, so
 it needs no memory and takes about a second even for DiT-XL/2 (and because torch registers no FLOP formula for
 CPU's fused attention kernel, so a CPU count would miss attention; on meta, attention runs as two counted bmm). It reproduces the papers' figures: DiT-XL/2 118.66
-GMAC against 118.64 (DiT Table 4), DiT-B/2 23.02 against 23.01, U-ViT-L/2 76.46 against 76.5 (performance.md's own
-count) and EDM2-XS 44.95 against 45.5 (EDM2 Table 2; -1.2 %, EDM2's counter also counts some element-wise work).
+GMAC against 118.64 (DiT Table 4), DiT-B/2 23.02 against 23.01, U-ViT-L/2 76.46 against 76.5 (counted from the
+official config) and EDM2-XS 44.95 against 45.5 (EDM2 Table 2; -1.2 %, EDM2's counter also counts some element-wise work).
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-# Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts; performance.md §1.3 and §6).
+# Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts).
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0}
 
-# Forward-pass GMAC per image as published, with their sources (performance.md §1.1).
+# Forward-pass GMAC per image as published, with their sources.
 PUBLISHED_FORWARD_GMACS = {
     "dit-b-2": (23.01, "DiT paper (Peebles & Xie 2023), Table 4"),
     "dit-xl-2": (118.64, "DiT paper, Table 4"),
-    "uvit-l-2": (76.5, "performance.md §1.1, own count from baofff/U-ViT configs/imagenet256_uvit_large.py"),
+    "uvit-l-2": (76.5, "counted from baofff/U-ViT configs/imagenet256_uvit_large.py"),
     "edm2-xs": (45.5, "EDM2 paper (Karras et al. 2024), Table 2"),
 }
 
