@@ -48,6 +48,7 @@ class DataConfig:
     resolution: int = 32
     channels: int = 3  # 1 keeps the built-in digits grayscale
     random_flip: bool = False
+    in_memory: bool = False  # hold the whole dataset on the training device (no reads during training)
     image_column: str = "image"
     label_column: str = "label"
 

@@ -17,12 +17,20 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from torch import nn
 
 from ..objectives import DiffusionObjective
 from .checkpoints import CONFIG_NAME, find_latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, build_noise_scheduler, check_environment, config_to_dict, config_to_yaml, model_class
+from .config import (
+    Config,
+    ConfigError,
+    build_noise_scheduler,
+    check_environment,
+    config_to_dict,
+    config_to_yaml,
+    model_class,
+)
 from .ema import ConstantEMA, PowerFunctionEMA
 from .lr_schedules import get_lr_scheduler
 
@@ -59,12 +67,12 @@ class TrainingData:
         return self.dataset.get_batch(indices, device=device)
 
 
-def load_training_data(config: Config) -> TrainingData:
+def load_training_data(config: Config, device) -> TrainingData:
     from ..data import LatentDataset, load_pixel_dataset
 
     data = config.data
     if data.kind == "latents":
-        dataset = LatentDataset(data.path, random_flip=data.random_flip)
+        dataset = LatentDataset(data.path, random_flip=data.random_flip, in_memory=data.in_memory, device=device)
         names = dataset.class_names or [str(i) for i in range(dataset.num_classes)]
         return TrainingData(dataset, True, list(names), dataset.latent_shape, dataset.metadata.get("vae_id"))
     source = data.name if data.kind == "builtin" else data.path
@@ -76,6 +84,8 @@ def load_training_data(config: Config) -> TrainingData:
         image_column=data.image_column,
         label_column=data.label_column,
     )
+    if data.in_memory:
+        dataset = dataset.to(device)
     if dataset.rejected:
         logger.warning("%d images were rejected, e.g. %s", len(dataset.rejected), dataset.rejected[:3])
     names = dataset.class_names or [str(i) for i in range(int(dataset.labels.max()) + 1)]
@@ -286,7 +296,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         set_seed(train.seed)  # model initialisation, then the training stream (restored on resume)
 
-        self.data = load_training_data(config)
+        self.data = load_training_data(config, accelerator.device)
         if len(self.data.dataset) < self.micro_batch_size * accelerator.num_processes:
             raise ValueError(
                 f"The dataset has {len(self.data.dataset)} samples, fewer than one global batch "
@@ -322,6 +332,11 @@ class Trainer:
         )
         optimizer = build_optimizer(config, trainable.parameters(), accelerator.device)
         self.module, self.optimizer = accelerator.prepare(trainable, optimizer)
+        if self.ema is not None and accelerator.distributed_type == DistributedType.FSDP:
+            # The EMA averages whole parameters; under FSDP each process holds only its shard of them.
+            raise ConfigError(
+                "ema.kind: the EMA needs whole parameters, which FSDP shards; train with DDP or set ema.kind=none."
+            )
         # Not passed through prepare: accelerate would step it once per process per step.
         self.lr_scheduler = get_lr_scheduler(
             config.optim.lr_schedule,
