@@ -96,7 +96,7 @@ def test_recipe_runs_a_step_and_checkpoints_when_shrunk(recipe, tiny_data, tmp_p
     kind = load_config(recipe).model.kind
     config = load_config(recipe)
     data = (
-        [f"data.path={tiny_data / 'latents'}"]
+        [f"data.path={tiny_data / 'latents'}", "data.in_memory=true"]  # also the in-memory reader
         if config.data.kind == "latents"
         else [f"data.path={tiny_data / 'images'}", "data.resolution=8"]
     )
