@@ -93,8 +93,8 @@ def tiny_data(tmp_path_factory):
     "recipe", [r for r in RECIPES if r.name != "quickstart.yaml"], ids=lambda path: str(path.relative_to(CONFIGS))
 )
 def test_recipe_runs_a_step_and_checkpoints_when_shrunk(recipe, tiny_data, tmp_path):
-    kind = load_config(recipe).model.kind
     config = load_config(recipe)
+    kind = config.model.kind
     data = (
         [f"data.path={tiny_data / 'latents'}", "data.in_memory=true"]  # also the in-memory reader
         if config.data.kind == "latents"
