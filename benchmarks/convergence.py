@@ -447,18 +447,21 @@ def summarize(results: dict[str, list[dict]], baseline: str = "baseline") -> dic
         for metric, target in targets.items():
             reached = steps_to_reach(*mean_curve(runs, metric), target)
             row[f"steps_to_baseline_{metric}"] = reached
+            # Reached at the first evaluation: the true step is at most that, so the speed-up is a lower bound.
+            first_step = runs[0]["curve"][0]["step"]
+            row[f"bound_{metric}"] = reached is not None and reached == first_step and name != baseline
             row[f"speedup_{metric}"] = base_steps[metric] / reached if reached and base_steps[metric] else None
         row["train_seconds"] = float(np.mean([run["train_seconds"] for run in runs]))
         summary[name] = row
     return summary
 
 
-def _fmt(value, spec: str, missing: str = "not reached") -> str:
-    return missing if value is None else format(value, spec)
+def _fmt_steps(value, bound: bool) -> str:
+    return "not reached" if value is None else f"{'≤ ' if bound else ''}{value:.0f}"
 
 
-def _fmt_speedup(value) -> str:
-    return "—" if value is None else f"{value:.2f}×"
+def _fmt_speedup(value, bound: bool = False) -> str:
+    return "—" if value is None else f"{'≥ ' if bound else ''}{value:.2f}×"
 
 
 def _with_std(row: dict, metric: str, spec: str) -> str:
@@ -474,10 +477,10 @@ def markdown_tables(summary: dict, reference: dict) -> str:
     ]
     for row in summary.values():
         lines.append(
-            f"| {row['label']} | {_fmt(row.get('steps_to_baseline_fd'), '.0f')} "
-            f"| {_fmt_speedup(row.get('speedup_fd'))} "
-            f"| {_fmt(row.get('steps_to_baseline_heldout_x0_mse'), '.0f')} "
-            f"| {_fmt_speedup(row.get('speedup_heldout_x0_mse'))} "
+            f"| {row['label']} | {_fmt_steps(row.get('steps_to_baseline_fd'), row.get('bound_fd'))} "
+            f"| {_fmt_speedup(row.get('speedup_fd'), row.get('bound_fd'))} "
+            f"| {_fmt_steps(row.get('steps_to_baseline_heldout_x0_mse'), row.get('bound_heldout_x0_mse'))} "
+            f"| {_fmt_speedup(row.get('speedup_heldout_x0_mse'), row.get('bound_heldout_x0_mse'))} "
             f"| {_with_std(row, 'fd', '.3f')} | {_with_std(row, 'class_accuracy', '.3f')} "
             f"| {_with_std(row, 'heldout_x0_mse', '.4f')} "
             f"| {row['train_seconds']:.0f} |"
