@@ -55,7 +55,6 @@ class TrainingData:
     is_latent: bool
     class_names: list[str]
     sample_shape: tuple[int, int, int]
-    vae_id: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -74,7 +73,7 @@ def load_training_data(config: Config, device) -> TrainingData:
     if data.kind == "latents":
         dataset = LatentDataset(data.path, random_flip=data.random_flip, in_memory=data.in_memory, device=device)
         names = dataset.class_names or [str(i) for i in range(dataset.num_classes)]
-        return TrainingData(dataset, True, list(names), dataset.latent_shape, dataset.metadata.get("vae_id"))
+        return TrainingData(dataset, True, list(names), dataset.latent_shape)
     source = data.name if data.kind == "builtin" else data.path
     dataset = load_pixel_dataset(
         source,
