@@ -367,6 +367,11 @@ class Evaluator:
 # --- running ------------------------------------------------------------------------------------------------------
 
 
+def _run_identity(setting: dict) -> dict:
+    """What decides one run's result: the setting without the lists of recipes and seeds being compared."""
+    return {key: value for key, value in setting.items() if key not in ("recipes", "seeds")}
+
+
 def run_recipe(
     recipe_name: str,
     seed: int,
@@ -383,7 +388,7 @@ def run_recipe(
     result_path = run_dir / "evaluation.json"
     if result_path.is_file():
         saved = json.loads(result_path.read_text())
-        if saved.get("setting") == asdict(setting):
+        if _run_identity(saved.get("setting") or {}) == _run_identity(asdict(setting)):
             log(f"{recipe_name} seed {seed}: reusing {result_path}")
             return saved
     if run_dir.exists():
