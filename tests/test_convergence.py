@@ -123,7 +123,11 @@ def test_tiny_benchmark_writes_consistent_results(tmp_path):
     with Image.open(output / "convergence.png") as plot:
         assert plot.width > 500 and plot.height > 300
 
-    # A second call reuses the finished runs instead of training again.
+    # A second call reuses the finished runs instead of training again, also when it compares fewer recipes.
     logged.clear()
     convergence.run_benchmark(setting, output, classifier_cache=tmp_path / "classifier", log=logged.append)
     assert sum("reusing" in line for line in logged) == 2
+    logged.clear()
+    fewer = convergence.Setting(**{**convergence.TINY, "recipes": ["baseline"]})
+    convergence.run_benchmark(fewer, output, classifier_cache=tmp_path / "classifier", log=logged.append)
+    assert sum("reusing" in line for line in logged) == 1
