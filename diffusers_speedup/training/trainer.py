@@ -38,6 +38,11 @@ logger = logging.getLogger(__name__)
 
 # Edges of the log-SNR buckets in which the loss is also logged (ln SNR; 0 is SNR = 1).
 LOG_SNR_EDGES = (-6.0, -3.0, 0.0, 3.0, 6.0)
+LOG_SNR_BUCKETS = (
+    [f"<{LOG_SNR_EDGES[0]:g}"]
+    + [f"{lo:g}..{hi:g}" for lo, hi in zip(LOG_SNR_EDGES, LOG_SNR_EDGES[1:])]
+    + [f">{LOG_SNR_EDGES[-1]:g}"]
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -512,8 +517,7 @@ class Trainer:
             "train/images_per_second": steps * self.config.train.batch_size / max(seconds, 1e-9),
             "train/epoch": self.epoch,
         }
-        labels = ["<-6", "-6..-3", "-3..0", "0..3", "3..6", ">6"]
-        for label, total, count in zip(labels, bucket_sum.tolist(), bucket_count.tolist()):
+        for label, total, count in zip(LOG_SNR_BUCKETS, bucket_sum.tolist(), bucket_count.tolist()):
             if count:
                 values[f"loss_by_log_snr/{label}"] = total / count
         if self.config.train.report_to != "none":
