@@ -237,12 +237,21 @@ def test_learned_sigma_output_uses_the_first_half_of_the_channels():
 
 
 def test_shards_of_a_global_batch_draw_what_one_process_draws():
-    objective = DiffusionObjective(LINEAR, sampler=SpeeDTimestepSampler(LINEAR), weighting="min_snr",
-                                   label_dropout=0.2, num_classes=10)
+    objective = DiffusionObjective(
+        LINEAR, sampler=SpeeDTimestepSampler(LINEAR), weighting="min_snr", label_dropout=0.2, num_classes=10
+    )
     model = TinyTransformer()
     x0, labels = torch.randn(8, 3, 4, 4), torch.arange(8)
     whole = objective(model, x0, labels, generator=torch.Generator().manual_seed(5))
-    halves = [objective(model, x0[rank * 4:(rank + 1) * 4], labels[rank * 4:(rank + 1) * 4],
-                        generator=torch.Generator().manual_seed(5), shard=(rank, 2)) for rank in range(2)]
+    halves = [
+        objective(
+            model,
+            x0[rank * 4 : (rank + 1) * 4],
+            labels[rank * 4 : (rank + 1) * 4],
+            generator=torch.Generator().manual_seed(5),
+            shard=(rank, 2),
+        )
+        for rank in range(2)
+    ]
     torch.testing.assert_close(torch.cat([half.loss for half in halves]), whole.loss)
     torch.testing.assert_close(torch.cat([half.snr for half in halves]), whole.snr)

@@ -171,8 +171,9 @@ class DiffusionObjective(nn.Module):
         self.uncertainty_head = UncertaintyHead() if learned_uncertainty and not uncertainty_from_model else None
 
     @classmethod
-    def from_config(cls, config: dict, noise_scheduler, num_classes: int | None = None,
-                    uncertainty_from_model: bool = False) -> DiffusionObjective:
+    def from_config(
+        cls, config: dict, noise_scheduler, num_classes: int | None = None, uncertainty_from_model: bool = False
+    ) -> DiffusionObjective:
         """Build from the recipe form, e.g. ``{"sampler": {"kind": "speed", "k": 5}, "weighting": {"kind": "min_snr",
         "gamma": 5}, "prediction_type": "epsilon", "learned_uncertainty": False, "label_dropout": 0.1}``."""
         config = dict(config)
@@ -204,7 +205,9 @@ class DiffusionObjective(nn.Module):
         if model_logvar is not None:
             return model_logvar.reshape(-1).float()
         if self.uncertainty_head is None:
-            raise ValueError("learned_uncertainty with uncertainty_from_model needs a model that returns a log-variance.")
+            raise ValueError(
+                "learned_uncertainty with uncertainty_from_model needs a model that returns a log-variance."
+            )
         c_noise = -snr.clamp(MIN_SNR, MAX_SNR).log() / 8  # ln(σ)/4 with σ = SNR^(-1/2)
         return self.uncertainty_head(c_noise)
 
