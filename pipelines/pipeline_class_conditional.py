@@ -274,6 +274,20 @@ class ClassConditionalPipeline(DiffusionPipeline):
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return (batch_size, channels, height, width)
 
+    def _to_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Undo the training normalisation that the VAE config records: per channel (SDXL's convention, used for
+        EDM2's normalisation) when it has ``latents_mean`` and ``latents_std``, else ``scaling_factor`` and
+        ``shift_factor``."""
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean, dtype=latents.dtype, device=latents.device).view(1, -1, 1, 1)
+            std = torch.tensor(std, dtype=latents.dtype, device=latents.device).view(1, -1, 1, 1)
+            return latents * std / config.scaling_factor + mean
+        latents = latents / config.scaling_factor
+        shift = getattr(config, "shift_factor", None)
+        return latents if shift is None else latents + shift
+
     # ----------------------------------------------------------------------------------------------------------
     # One network evaluation
 
@@ -413,10 +427,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             images = latents
         else:
             if self.vae is not None:
-                scaled = latents / self.vae.config.scaling_factor
-                if getattr(self.vae.config, "shift_factor", None) is not None:
-                    scaled = scaled + self.vae.config.shift_factor
-                samples = self.vae.decode(scaled.to(self.vae.dtype)).sample
+                samples = self.vae.decode(self._to_vae_latents(latents).to(self.vae.dtype)).sample
             else:
                 samples = latents
             images = (samples.to(torch.float32) / 2 + 0.5).clamp(0, 1)

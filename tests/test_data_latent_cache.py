@@ -12,7 +12,7 @@ from datasets import load_from_disk
 from PIL import Image
 
 from diffusers_speedup.data.latent_cache import cache_latents
-from diffusers_speedup.data.latent_dataset import LatentDataset
+from diffusers_speedup.data.latent_dataset import LatentDataset, LatentNormalization
 from diffusers_speedup.data.preprocessing import preprocess_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,6 +211,52 @@ def test_reader_statistics_mirror_choice_and_rank_split(workspace):
     assert sorted(seen) == list(range(8))
     in_memory = LatentDataset(str(workspace["reference"]), in_memory=True)
     assert torch.equal(in_memory.read_batch([5, 1])["mean"], batch["mean"])
+
+
+def test_normalizations_follow_the_vae_config_conventions():
+    z = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(0)) * 5 + 2
+    sd = LatentNormalization.from_vae_config({"scaling_factor": 0.18215, "shift_factor": None})
+    torch.testing.assert_close(sd.normalize(z), z * 0.18215)
+    flux = LatentNormalization.from_vae_config({"scaling_factor": 0.3611, "shift_factor": 0.1159})
+    torch.testing.assert_close(flux.normalize(z), (z - 0.1159) * 0.3611)
+    # EDM2: (z - raw_mean) / raw_std * 0.5 per channel; SDXL pipelines decode with x * std / scaling_factor + mean.
+    mean, std = [5.81, 3.25, 0.12, -2.15], [4.17, 4.62, 3.71, 3.28]
+    edm2 = LatentNormalization.per_channel(mean, std, target_std=0.5)
+    expected = torch.stack([(z[:, c] - mean[c]) / std[c] * 0.5 for c in range(4)], dim=1)
+    torch.testing.assert_close(edm2.normalize(z), expected)
+    assert edm2.vae_config() == {"scaling_factor": 0.5, "shift_factor": None, "latents_mean": mean, "latents_std": std}
+    assert LatentNormalization.from_vae_config(edm2.vae_config()) == edm2
+    for normalization in (sd, flux, edm2):
+        torch.testing.assert_close(normalization.denormalize(normalization.normalize(z)), z)
+    with pytest.raises(ValueError, match="3 channels but the latents have 4"):
+        LatentNormalization.per_channel(mean[:3], std[:3]).normalize(z)
+    with pytest.raises(ValueError, match="latents_std must be positive"):
+        LatentNormalization.per_channel(mean, [1, 1, 0, 1])
+    with pytest.raises(ValueError, match="together"):
+        LatentNormalization(0.5, latents_mean=(0.0,) * 4)
+
+
+def test_measured_statistics_normalize_each_channel(workspace):
+    latents = LatentDataset(str(workspace["reference"]))
+    mean, std = latents.latent_statistics()
+    # Closed form over the stored posteriors: E[z] = E[m], Var[z] = E[m² + s²] - E[m]², per channel.
+    rows = load_from_disk(str(workspace["reference"])).with_format("numpy")
+    m = np.stack(rows["mean"]).astype(np.float64)
+    s = np.stack(rows["std"]).astype(np.float64)
+    expected_mean = m.mean(axis=(0, 2, 3))
+    expected_std = np.sqrt((m**2 + s**2).mean(axis=(0, 2, 3)) - expected_mean**2)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-12)
+    np.testing.assert_allclose(std, expected_std, rtol=1e-12)
+    assert latents.latent_statistics(max_rows=3) != (mean, std)  # a strict subset of the rows
+
+    latents.normalization = LatentNormalization.per_channel(mean, std, target_std=0.5)
+    z, _ = latents.sample(
+        latents.read_batch(list(range(len(latents))) * 500),
+        generator=torch.Generator().manual_seed(0),
+        random_flip=False,
+    )
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 0.01
+    assert (z.std(dim=(0, 2, 3)) - 0.5).abs().max() < 0.01
 
 
 def test_builtin_digits_source(tmp_path):

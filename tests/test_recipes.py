@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
@@ -141,3 +142,71 @@ def test_base_chains_are_followed_and_checked(tmp_path):
         load_config(tmp_path / "c.yaml")
     speed = load_config(CONFIGS / "imagenet256" / "dit_xl2_speed.yaml")
     assert speed.objective.sampler["kind"] == "speed" and speed.model.preset == "dit-xl-2"
+
+
+def test_per_channel_latent_normalisation_is_measured_trained_on_and_exported(tiny_data, tmp_path):
+    from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
+
+    from diffusers_speedup.data import LatentDataset
+
+    overrides = [
+        *SHRINK["edm2_unet"],
+        f"data.path={tiny_data / 'latents'}",
+        "data.latents_mean=null",  # measured on the cache instead of EDM2's ImageNet numbers
+        "data.latents_std=null",
+        f"train.output_dir={tmp_path}",
+        "train.cpu=true",
+        "train.mixed_precision=fp32",
+        "train.batch_size=4",
+        "train.max_steps=1",
+        "train.report_to=none",
+        "sampling.num_inference_steps=2",
+        "sampling.images_per_class=1",
+        "ema.snapshot_every=1",
+    ]
+    trainer = Trainer(load_config(CONFIGS / "imagenet512" / "edm2_xs.yaml", overrides))
+    mean, std = LatentDataset(str(tiny_data / "latents")).latent_statistics()
+    assert trainer.data.dataset.normalization.vae_config() == {
+        "scaling_factor": 0.5,
+        "shift_factor": None,
+        "latents_mean": mean,
+        "latents_std": std,
+    }
+    export_dir = trainer.train()
+
+    pipeline = ClassConditionalPipeline.from_pretrained(export_dir)
+    assert pipeline.vae.config.latents_mean == mean and pipeline.vae.config.scaling_factor == 0.5
+    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    expected = torch.stack([x[:, c] * std[c] / 0.5 + mean[c] for c in range(4)], dim=1)
+    torch.testing.assert_close(pipeline._to_vae_latents(x), expected)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.latent_norm=channels"], "data.latent_norm"),
+        (["data.latents_std=null"], "data.latents_mean, data.latents_std"),
+        (["data.latents_std=[1.0,2.0]"], "data.latents_std: 2 values for 4"),
+        (["data.latents_std=[1.0,2.0,0.0,1.0]"], "data.latents_std: must be positive"),
+        (["data.latent_norm=vae"], "data.latents_mean: only used with"),
+        (["data.latent_target_std=0"], "data.latent_target_std"),
+    ],
+)
+def test_bad_latent_normalisation_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "imagenet512" / "edm2_xs.yaml", overrides)
+
+
+def test_configured_statistics_must_match_the_cache_channels(tiny_data, tmp_path):
+    overrides = [
+        *SHRINK["edm2_unet"],
+        f"data.path={tiny_data / 'latents'}",
+        "data.latents_mean=[0.0,0.0,0.0]",
+        "data.latents_std=[1.0,1.0,1.0]",
+        f"train.output_dir={tmp_path}",
+        "train.cpu=true",
+        "train.mixed_precision=fp32",
+        "train.report_to=none",
+    ]
+    with pytest.raises(ConfigError, match="data.latents_mean: 3 values, but the latents in .* have 4 channels"):
+        Trainer(load_config(CONFIGS / "imagenet512" / "edm2_xs.yaml", overrides))

@@ -3,7 +3,7 @@
 from .batching import epoch_permutation, index_batches, steps_per_epoch
 from .builtin import DIGITS_CLASS_NAMES, load_builtin_arrays, load_builtin_dataset
 from .latent_cache import DEFAULT_VAE, LatentEncoder, cache_latents, load_vae, read_cache_metadata, vae_fingerprint
-from .latent_dataset import LatentDataset, sample_latents
+from .latent_dataset import LatentDataset, LatentNormalization, sample_latents
 from .pixels import PixelDataset, load_pixel_dataset
 from .preprocessing import ImageRejectedError, center_crop_arr, open_image, preprocess_image, to_rgb
 from .sources import HFDatasetSource, ImageFolderSource, ImageSource, make_source
@@ -17,6 +17,7 @@ __all__ = [
     "ImageSource",
     "LatentDataset",
     "LatentEncoder",
+    "LatentNormalization",
     "PixelDataset",
     "cache_latents",
     "center_crop_arr",

@@ -14,7 +14,7 @@ concatenates chunks in order. So the rows and their order depend only on the inp
 processes, and a killed run (or one resumed with another number of processes) redoes at most the unfinished chunks.
 
 Every row stores the posterior mean and std of the image *and of its horizontal mirror* (fp16), so a trainer can
-sample ``z = (mean + std * eps - shift_factor) * scaling_factor`` afresh each step with a random mirror
+sample ``z = mean + std * eps`` afresh each step (normalised as the VAE config, or per channel, says) with a random mirror
 (REPA/EDM2/U-ViT practice) instead of freezing one sample and one flip (fast-DiT).
 """
 
@@ -97,6 +97,10 @@ def load_vae(vae: str = DEFAULT_VAE, revision: str | None = None, subfolder: str
         "vae_fingerprint": vae_fingerprint(model),
     }
     return model, info
+
+
+def _optional_floats(values) -> list[float] | None:
+    return None if values is None else [float(v) for v in values]
 
 
 def _hub_commit(repo_id: str, revision: str | None, subfolder: str | None) -> str | None:
@@ -380,8 +384,8 @@ def cache_latents(
 
     Returns:
         The cache metadata (also in ``output_dir/latents_metadata.json``): VAE id/revision/fingerprint,
-        ``scaling_factor``, ``shift_factor``, ``resolution``, ``latent_shape``, ``crop_method``, counts, rejected
-        files with reasons, class names.
+        ``scaling_factor``, ``shift_factor``, ``latents_mean``, ``latents_std`` (the VAE config's normalisation),
+        ``resolution``, ``latent_shape``, ``crop_method``, counts, rejected files with reasons, class names.
     """
     from accelerate import PartialState
     from tqdm.auto import tqdm
@@ -499,6 +503,8 @@ def cache_latents(
             **vae_info,
             "scaling_factor": float(model.config.scaling_factor),
             "shift_factor": None if model.config.get("shift_factor") is None else float(model.config.shift_factor),
+            "latents_mean": _optional_floats(model.config.get("latents_mean")),
+            "latents_std": _optional_floats(model.config.get("latents_std")),
             "latent_shape": list(latent_shape),
             "storage_dtype": "float16",
             "columns": list(features),

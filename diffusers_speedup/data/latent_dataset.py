@@ -10,8 +10,10 @@ Typical use in a training loop (every rank)::
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -24,20 +26,111 @@ from .latent_cache import METADATA_NAME, read_cache_metadata
 _LATENT_COLUMNS = ("mean", "std", "mean_flip", "std_flip")
 
 
+@dataclass(frozen=True)
+class LatentNormalization:
+    """How raw VAE latents ``z`` become the model's data, in the terms of diffusers' ``AutoencoderKL`` config.
+
+    With per-channel ``latents_mean`` and ``latents_std`` (SDXL-style, and EDM2's normalisation)::
+
+        x = (z - latents_mean) * scaling_factor / latents_std        z = x * latents_std / scaling_factor + latents_mean
+
+    otherwise ``x = (z - shift_factor) * scaling_factor`` (SD: no shift; SD3/Flux VAEs: a scalar shift). Exported
+    pipelines carry these four values in their ``vae/config.json``, so they decode what the model was trained on.
+
+    Attributes:
+        scaling_factor: multiplies the centred latents (0.18215 for SD VAEs; EDM2 uses 0.5 with per-channel std).
+        shift_factor: scalar subtracted first, or ``None``; ignored when ``latents_mean`` is given.
+        latents_mean: per-channel mean subtracted first, or ``None``.
+        latents_std: per-channel std the centred latents are divided by, or ``None``.
+    """
+
+    scaling_factor: float
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if (self.latents_mean is None) != (self.latents_std is None):
+            raise ValueError("latents_mean and latents_std must be given together (or neither)")
+        if self.latents_std is not None:
+            if len(self.latents_mean) != len(self.latents_std):
+                raise ValueError(
+                    f"latents_mean has {len(self.latents_mean)} channels but latents_std has {len(self.latents_std)}"
+                )
+            if min(self.latents_std) <= 0:
+                raise ValueError(f"latents_std must be positive, got {list(self.latents_std)}")
+        if not self.scaling_factor > 0:
+            raise ValueError(f"scaling_factor must be positive, got {self.scaling_factor}")
+
+    @classmethod
+    def from_vae_config(cls, config) -> LatentNormalization:
+        """The normalisation a VAE's config (or a cache's metadata, which copies those keys) describes."""
+        mean, std = config.get("latents_mean"), config.get("latents_std")
+        return cls(
+            scaling_factor=float(config["scaling_factor"]),
+            shift_factor=None if config.get("shift_factor") is None else float(config["shift_factor"]),
+            latents_mean=None if mean is None else tuple(float(v) for v in mean),
+            latents_std=None if std is None else tuple(float(v) for v in std),
+        )
+
+    @classmethod
+    def per_channel(cls, mean, std, target_std: float = 0.5) -> LatentNormalization:
+        """Map each channel to mean 0 and std ``target_std`` (EDM2: the raw SD-VAE statistics, target 0.5)."""
+        return cls(
+            scaling_factor=float(target_std),
+            latents_mean=tuple(float(v) for v in mean),
+            latents_std=tuple(float(v) for v in std),
+        )
+
+    @property
+    def per_channel_mean_std(self) -> bool:
+        return self.latents_mean is not None
+
+    def _affine(self, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """``(mean, scale)`` with ``x = (z - mean) * scale``, shaped to broadcast over ``(B, C, h, w)``."""
+        if self.per_channel_mean_std:
+            channels = like.shape[1]
+            if len(self.latents_mean) != channels:
+                raise ValueError(
+                    f"the latent normalisation has {len(self.latents_mean)} channels but the latents have {channels}"
+                )
+            mean = torch.tensor(self.latents_mean, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+            std = torch.tensor(self.latents_std, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+            return mean, self.scaling_factor / std
+        return self.shift_factor or 0.0, self.scaling_factor
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents → model data."""
+        mean, scale = self._affine(z)
+        return (z - mean) * scale
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Model data → raw VAE latents, ready for ``vae.decode``."""
+        mean, scale = self._affine(x)
+        return x / scale + mean
+
+    def vae_config(self) -> dict:
+        """The four ``AutoencoderKL`` config entries that describe this normalisation (``vae.register_to_config``)."""
+        as_list = lambda values: None if values is None else list(values)  # noqa: E731
+        return {
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+            "latents_mean": as_list(self.latents_mean),
+            "latents_std": as_list(self.latents_std),
+        }
+
+
 def sample_latents(
     batch: dict[str, torch.Tensor],
-    scaling_factor: float,
-    shift_factor: float | None = None,
+    normalization: LatentNormalization,
     random_flip: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Draw ``z = (mean + std * eps - shift_factor) * scaling_factor`` for a batch of cached posteriors.
+    """Draw ``z = mean + std * eps`` for a batch of cached posteriors and normalise it.
 
     Args:
         batch: ``mean`` and ``std`` (and optionally ``mean_flip``, ``std_flip``), each ``(B, C, h, w)``, any float dtype.
-        scaling_factor: the VAE's ``config.scaling_factor`` (0.18215 for SD VAEs).
-        shift_factor: the VAE's ``config.shift_factor`` (``None`` or 0 for SD VAEs); decode with
-            ``vae.decode(z / scaling_factor + shift_factor)``.
+        normalization: maps raw latents to the model's data (:class:`LatentNormalization`).
         random_flip: pick each sample's mirrored posterior with probability 1/2 (needs the ``*_flip`` entries).
         generator: RNG on the batch's device for the mirror choice and ``eps`` (``None``: global RNG).
 
@@ -50,10 +143,7 @@ def sample_latents(
         mean = torch.where(mirrored, batch["mean_flip"].float(), mean)
         std = torch.where(mirrored, batch["std_flip"].float(), std)
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    latents = mean + std * eps
-    if shift_factor:
-        latents = latents - shift_factor
-    return latents * scaling_factor
+    return normalization.normalize(mean + std * eps)
 
 
 class LatentDataset:
@@ -65,15 +155,23 @@ class LatentDataset:
         in_memory: read every row into RAM now (``device`` moves it further, e.g. onto the GPU: ImageNet-256 with both
             mirrors is about 21 GB in fp16); otherwise batches are gathered from the memory-mapped Arrow files.
         device: where to keep the in-memory tensors.
+        normalization: how :meth:`sample` maps raw latents to the model's data; default: the VAE's own config as
+            the cache recorded it (``z * 0.18215`` for SD VAEs). See :meth:`latent_statistics` for EDM2-style
+            per-channel normalisation.
 
     Attributes:
         metadata: the cache's ``latents_metadata.json``.
-        latent_shape, scaling_factor, shift_factor, num_classes, class_names, has_flip.
+        latent_shape, scaling_factor, shift_factor, num_classes, class_names, has_flip, normalization.
         labels: ``int64`` tensor of every row's label.
     """
 
     def __init__(
-        self, path: str, random_flip: bool = True, in_memory: bool = False, device: str | torch.device = "cpu"
+        self,
+        path: str,
+        random_flip: bool = True,
+        in_memory: bool = False,
+        device: str | torch.device = "cpu",
+        normalization: LatentNormalization | None = None,
     ):
         from datasets import load_from_disk
 
@@ -93,6 +191,7 @@ class LatentDataset:
         self.latent_shape = tuple(self.metadata["latent_shape"])
         self.scaling_factor = float(self.metadata["scaling_factor"])
         self.shift_factor = self.metadata.get("shift_factor")
+        self.normalization = normalization or LatentNormalization.from_vae_config(self.metadata)
         self.class_names = self.metadata.get("class_names")
         self.num_classes = int(self.metadata["num_classes"])
         self.has_flip = "mean_flip" in self.dataset.column_names
@@ -153,8 +252,29 @@ class LatentDataset:
         if device is not None:
             batch = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
         flip = self.random_flip if random_flip is None else random_flip and self.has_flip
-        z = sample_latents(batch, self.scaling_factor, self.shift_factor, flip, generator)
+        z = sample_latents(batch, self.normalization, flip, generator)
         return z, batch["label"]
+
+    def latent_statistics(self, max_rows: int = 16384) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of raw latents ``z = mean + std * eps`` (no normalisation), in float64.
+
+        Exact for the posterior mixture, no sampling: ``E[z] = E[mean]`` and ``Var[z] = E[mean² + std²] - E[z]²``
+        over rows and positions. Uses at most ``max_rows`` evenly spaced rows (unmirrored), so every process of a
+        run computes the same numbers.
+        """
+        rows = np.unique(np.linspace(0, len(self) - 1, min(max_rows, len(self))).round().astype(np.int64))
+        channels = self.latent_shape[0]
+        first = torch.zeros(channels, dtype=torch.float64)
+        second = torch.zeros(channels, dtype=torch.float64)
+        for start in range(0, len(rows), 1024):
+            batch = self.read_batch(rows[start : start + 1024])
+            mean, std = batch["mean"].double(), batch["std"].double()
+            first += mean.sum(dim=(0, 2, 3)).cpu()
+            second += (mean.square() + std.square()).sum(dim=(0, 2, 3)).cpu()
+        count = len(rows) * math.prod(self.latent_shape[1:])
+        channel_mean = first / count
+        channel_std = (second / count - channel_mean.square()).clamp_min(0).sqrt()
+        return channel_mean.tolist(), channel_std.tolist()
 
     def steps_per_epoch(self, batch_size: int, world_size: int = 1, drop_last: bool = True) -> int:
         """Batches per rank in one epoch."""

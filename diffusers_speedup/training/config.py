@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 MODEL_KINDS = ("uvit", "edm2_unet", "dit")
 DATA_KINDS = ("builtin", "image_folder", "hf_dataset", "latents")
+LATENT_NORMS = ("vae", "per_channel")
 SCHEDULE_KINDS = ("ddpm", "edm")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SAMPLING_SCHEDULERS = ("ddim", "ddpm", "dpm_solver", "edm_euler", "edm_heun")
@@ -51,6 +52,13 @@ class DataConfig:
     in_memory: bool = False  # hold the whole dataset on the training device (no reads during training)
     image_column: str = "image"
     label_column: str = "label"
+    # Cached latents only. "vae": the VAE config's own normalisation (z * 0.18215 for SD VAEs). "per_channel": each
+    # channel to mean 0 and std latent_target_std (EDM2), from latents_mean/latents_std when given, else measured
+    # on the cache.
+    latent_norm: str = "vae"
+    latents_mean: list[float] | None = None
+    latents_std: list[float] | None = None
+    latent_target_std: float = 0.5
 
 
 @dataclass
@@ -263,6 +271,23 @@ def validate_config(config: Config) -> None:
         raise ConfigError(f"data.path: required for data.kind {data.kind!r}.")
     _positive("data.resolution", data.resolution)
     _choice("data.channels", data.channels, (1, 3))
+    _choice("data.latent_norm", data.latent_norm, LATENT_NORMS)
+    if data.latent_norm != "vae" and data.kind != "latents":
+        raise ConfigError(
+            f"data.latent_norm: {data.latent_norm!r} applies to cached latents, not data.kind {data.kind!r}."
+        )
+    if (data.latents_mean is None) != (data.latents_std is None):
+        raise ConfigError("data.latents_mean, data.latents_std: give both (per-channel raw statistics) or neither.")
+    if data.latents_mean is not None:
+        if data.latent_norm != "per_channel":
+            raise ConfigError("data.latents_mean: only used with data.latent_norm: per_channel.")
+        if len(data.latents_mean) != len(data.latents_std):
+            raise ConfigError(
+                f"data.latents_std: {len(data.latents_std)} values for {len(data.latents_mean)} in data.latents_mean."
+            )
+        if min(data.latents_std) <= 0:
+            raise ConfigError(f"data.latents_std: must be positive, got {list(data.latents_std)}.")
+    _positive("data.latent_target_std", data.latent_target_std)
 
     _choice("objective.schedule.kind", schedule.kind, SCHEDULE_KINDS)
     _choice("objective.schedule.beta_schedule", schedule.beta_schedule, BETA_SCHEDULES)

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from torch import nn
 
+from ..data.latent_dataset import LatentNormalization
 from ..objectives import DiffusionObjective
 from .checkpoints import CONFIG_NAME, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import (
@@ -77,6 +78,8 @@ def load_training_data(config: Config, device) -> TrainingData:
     data = config.data
     if data.kind == "latents":
         dataset = LatentDataset(data.path, random_flip=data.random_flip, in_memory=data.in_memory, device=device)
+        if data.latent_norm == "per_channel":
+            dataset.normalization = per_channel_normalization(dataset, data)
         names = dataset.class_names or [str(i) for i in range(dataset.num_classes)]
         return TrainingData(dataset, True, list(names), dataset.latent_shape)
     source = data.name if data.kind == "builtin" else data.path
@@ -94,6 +97,30 @@ def load_training_data(config: Config, device) -> TrainingData:
         logger.warning("%d images were rejected, e.g. %s", len(dataset.rejected), dataset.rejected[:3])
     names = dataset.class_names or [str(i) for i in range(int(dataset.labels.max()) + 1)]
     return TrainingData(dataset, False, list(names), dataset.sample_shape)
+
+
+def per_channel_normalization(dataset, data) -> LatentNormalization:
+    """EDM2-style normalisation: the configured raw statistics, or the cache's own, mapped to latent_target_std."""
+    channels = dataset.latent_shape[0]
+    if data.latents_mean is not None:
+        if len(data.latents_mean) != channels:
+            raise ConfigError(
+                f"data.latents_mean: {len(data.latents_mean)} values, but the latents in {data.path} have "
+                f"{channels} channels."
+            )
+        mean, std = list(data.latents_mean), list(data.latents_std)
+    else:
+        mean, std = dataset.latent_statistics()
+        if min(std) <= 0:
+            raise ConfigError(f"data.latent_norm: a channel of the latents in {data.path} is constant (std {std}).")
+    normalization = LatentNormalization.per_channel(mean, std, data.latent_target_std)
+    logger.info(
+        "latents normalised per channel to std %g: mean %s, std %s",
+        data.latent_target_std,
+        [round(v, 4) for v in mean],
+        [round(v, 4) for v in std],
+    )
+    return normalization
 
 
 # --- model, objective, sampling scheduler ------------------------------------------------------------------------
@@ -557,6 +584,8 @@ class Trainer:
             vae, _ = load_vae(
                 metadata["vae_id"], revision=metadata.get("vae_revision"), subfolder=metadata.get("vae_subfolder")
             )
+            # The exported VAE config carries the training normalisation, so the pipeline decodes what was learned.
+            vae.register_to_config(**self.data.dataset.normalization.vae_config())
             vae = vae.to(self.accelerator.device).eval()
         denoiser = {"unet": model} if getattr(model, "input_is_sigma", False) else {"transformer": model}
         id2label = {i: name for i, name in enumerate(self.data.class_names)}
