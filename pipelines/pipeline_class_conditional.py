@@ -42,7 +42,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
             `EDMHeunScheduler`.
         transformer (*optional*): a class-conditional model called as
             `transformer(hidden_states, timestep, class_labels).sample` (DiTTransformer2DModel, UViTModel). When its
-            output has twice the latent channels (learned σ), the first half is used.
+            output has twice the latent channels (learned σ, as DiT), the second half is the variance: a
+            `DDPMScheduler` with `variance_type="learned_range"` samples with it (DiT's own sampler), every other
+            scheduler uses the first half alone.
         unet (*optional*): a σ-conditioned denoiser with `input_is_sigma = True`, called as
             `unet(sample, sigma, class_labels).sample` and returning the denoised sample (EDM2UNetModel); needs an
             EDM scheduler with `prediction_type="sample"`. Exactly one of `transformer` and `unet` is given.
@@ -226,6 +228,14 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 )
             if getattr(scheduler.config, "use_flow_sigmas", False):
                 raise ValueError(f"{type(scheduler).__name__} with use_flow_sigmas=True is not supported.")
+            if self._learned_variance_sampling() and self.transformer.config.get(
+                "out_channels"
+            ) != 2 * self.transformer.config.get("in_channels"):
+                raise ValueError(
+                    f"DDPMScheduler(variance_type={scheduler.config.variance_type!r}) needs a model that outputs its "
+                    f"variance (out_channels = 2 × in_channels); this one has out_channels "
+                    f"{self.transformer.config.get('out_channels')}. Use variance_type='fixed_small'."
+                )
             return
         raise ValueError(
             f"Unsupported scheduler {type(scheduler).__name__}: ClassConditionalPipeline needs a σ for every step "
@@ -274,6 +284,13 @@ class ClassConditionalPipeline(DiffusionPipeline):
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return (batch_size, channels, height, width)
 
+    def _learned_variance_sampling(self) -> bool:
+        # DPMSolverMultistepScheduler also has variance_type, but it assumes 3 data channels; only DDPM is used here.
+        return isinstance(self.scheduler, DDPMScheduler) and self.scheduler.config.variance_type in (
+            "learned",
+            "learned_range",
+        )
+
     def _to_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Undo the training normalisation that the VAE config records: per channel (SDXL's convention, used for
         EDM2's normalisation) when it has ``latents_mean`` and ``latents_std``, else ``scaling_factor`` and
@@ -297,6 +314,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             labels = torch.cat([labels, null_labels])
         batch = model_input.shape[0]
         dtype = self.denoiser.dtype
+        variance = None
         if self.transformer is not None:
             timesteps = torch.as_tensor(timestep, device=model_input.device).reshape(-1)
             if not timesteps.is_floating_point():
@@ -304,8 +322,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
             output = self.transformer(model_input.to(dtype), timestep=timesteps.expand(batch), class_labels=labels)
             output = output.sample
             channels = model_input.shape[1]
-            if output.shape[1] == 2 * channels:  # learned σ: keep the mean prediction
-                output = output[:, :channels]
+            if output.shape[1] == 2 * channels:  # learned σ: the mean prediction, then the variance
+                output, variance = output[:, :channels], output[:, channels:]
         else:
             sigmas = torch.full((batch,), sigma, device=model_input.device, dtype=torch.float32)
             output = self.unet(model_input.to(dtype), sigmas, class_labels=labels).sample
@@ -313,6 +331,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if guided:
             cond, uncond = output.chunk(2)
             output = uncond + guidance_scale * (cond - uncond)
+            variance = variance.chunk(2)[0] if variance is not None else None  # the conditional variance, as DiT
+        if variance is not None and self._learned_variance_sampling():
+            output = torch.cat([output, variance.to(torch.float32)], dim=1)
         return output
 
     # ----------------------------------------------------------------------------------------------------------

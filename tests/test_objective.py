@@ -255,3 +255,104 @@ def test_shards_of_a_global_batch_draw_what_one_process_draws():
     ]
     torch.testing.assert_close(torch.cat([half.loss for half in halves]), whole.loss)
     torch.testing.assert_close(torch.cat([half.snr for half in halves]), whole.snr)
+
+
+# --- learned variance (DiT's learn_sigma) -------------------------------------------------------------------------
+
+
+class MeanAndVarianceModel(nn.Module):
+    """Returns a given mean prediction and variance output v, and records the noisy input it was called with."""
+
+    def __init__(self, mean, variance):
+        super().__init__()
+        self.mean, self.variance = nn.Parameter(mean.clone()), nn.Parameter(variance.clone())
+
+    def forward(self, hidden_states, timestep, class_labels=None, return_dict=True):
+        self.noisy = hidden_states.detach().double()
+        return (torch.cat([self.mean, self.variance], dim=1),)
+
+
+def _reference_vb(x0, x_t, t, eps_hat, v):
+    """L_vb in bits/dim from the DDPM formulas, written out in float64 from the linear betas."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    abar_prev = 1.0 if t == 0 else abar[t - 1]
+    beta = betas[t]
+    x0_hat = (x_t - (1 - abar[t]).sqrt() * eps_hat) / abar[t].sqrt()
+
+    def posterior_mean(x_start):
+        return (math.sqrt(abar_prev) * beta * x_start + (1 - beta).sqrt() * (1 - abar_prev) * x_t) / (1 - abar[t])
+
+    tilde_beta_1 = betas[1] * (1 - abar[0]) / (1 - abar[1])
+    log_tilde = math.log(tilde_beta_1) if t == 0 else math.log(beta * (1 - abar_prev) / (1 - abar[t]))
+    log_var = (v + 1) / 2 * math.log(beta) + (1 - v) / 2 * log_tilde
+    mean = posterior_mean(x0_hat)
+    if t == 0:  # decoder NLL of 8-bit data in [-1, 1]
+        cdf = lambda z: 0.5 * (1 + torch.erf(z / math.sqrt(2)))  # noqa: E731
+        scale = (0.5 * log_var).exp()
+        upper = torch.where(x0 > 0.999, torch.ones_like(x0), cdf((x0 - mean + 1 / 255) / scale))
+        lower = torch.where(x0 < -0.999, torch.zeros_like(x0), cdf((x0 - mean - 1 / 255) / scale))
+        return -(upper - lower).log().mean() / math.log(2)
+    true_mean = posterior_mean(x0)
+    kl = 0.5 * (log_var - log_tilde - 1 + (log_tilde - log_var).exp() + (true_mean - mean) ** 2 / log_var.exp())
+    return kl.mean() / math.log(2)
+
+
+def test_learned_variance_adds_the_variational_bound_of_improved_ddpm():
+    timesteps = [0, 1, 37, 500, 999]
+    x0 = torch.rand(5, 2, 3, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x0[0, 0, 0, 0], x0[0, 0, 0, 1] = -1.0, 1.0  # both open edge bins of the decoder
+    eps_hat = torch.randn(5, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    v = torch.rand(5, 2, 3, 3, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    objective = DiffusionObjective(
+        LINEAR,
+        sampler=FixedTimesteps(timesteps),
+        weighting="min_snr",
+        weighting_params={"gamma": 5.0},
+        learned_variance=True,
+    )
+    model = MeanAndVarianceModel(eps_hat, v)
+    output = objective(model, x0, generator=torch.Generator().manual_seed(3))
+    for i, t in enumerate(timesteps):
+        expected = _reference_vb(x0[i].double(), model.noisy[i], t, eps_hat[i].double(), v[i].double())
+        torch.testing.assert_close(output.vb[i].double(), expected, rtol=2e-4, atol=1e-6)
+    # The weights multiply the MSE only; the VB term is added unweighted.
+    snr = objective.snr(torch.tensor(timesteps))
+    weights = torch.minimum(snr, torch.tensor(5.0)) / snr
+    weights[snr == 0] = 1.0
+    torch.testing.assert_close(output.loss, weights * output.mse + output.vb)
+
+    # The bound trains the variance only: the mean channels get exactly the gradient of the weighted MSE.
+    output.loss.sum().backward()
+    mse_only = MeanAndVarianceModel(eps_hat, v)
+    plain = DiffusionObjective(
+        LINEAR, sampler=FixedTimesteps(timesteps), weighting="min_snr", weighting_params={"gamma": 5.0}
+    )
+    plain(mse_only, x0, generator=torch.Generator().manual_seed(3)).loss.sum().backward()
+    torch.testing.assert_close(model.mean.grad, mse_only.mean.grad)
+    assert model.variance.grad.abs().sum() > 0 and not mse_only.variance.grad.any()
+
+
+def test_with_a_perfect_mean_the_bound_is_smallest_at_the_posterior_variance():
+    x0 = torch.rand(1, 2, 3, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    bounds = []
+    for value in (-1.0, -0.5, 0.0, 1.0):
+        objective = DiffusionObjective(
+            LINEAR, sampler=FixedTimesteps([300]), prediction_type="sample", learned_variance=True
+        )
+        model = MeanAndVarianceModel(x0, torch.full_like(x0, value))
+        bounds.append(objective(model, x0, generator=torch.Generator().manual_seed(1)).vb.detach().item())
+    assert abs(bounds[0]) < 1e-5 and bounds == sorted(bounds)
+
+
+def test_learned_variance_rejects_what_it_cannot_train():
+    x0 = torch.randn(2, 3, 4, 4)
+    objective = DiffusionObjective(LINEAR, learned_variance=True)
+    with pytest.raises(ValueError, match="twice the data's 3 channels"):
+        objective(TinyTransformer(), x0)
+    with pytest.raises(ValueError, match="discrete"):
+        DiffusionObjective(EDMEulerScheduler(), learned_variance=True)
+    zero_snr = DDPMScheduler(rescale_betas_zero_snr=True)
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        DiffusionObjective(zero_snr, learned_variance=True)
+    DiffusionObjective(zero_snr, learned_variance=True, prediction_type="v_prediction")

@@ -203,6 +203,38 @@ def test_every_supported_scheduler_samples(pipe, scheduler):
     assert latents.shape == (2, 4, 8, 8) and torch.isfinite(latents).all()
 
 
+def test_ddpm_with_learned_range_samples_with_the_conditional_learned_variance(pipe):
+    """Reference: DiT's sampler written out here: guidance on the ε half, the conditional variance kept."""
+    scale, noise = 3.0, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    pipe.scheduler = DDPMScheduler(variance_type="learned_range")
+    ours = run(pipe, latents=noise, guidance_scale=scale, generator=torch.Generator().manual_seed(4))
+    pipe.scheduler = DDPMScheduler(variance_type="fixed_small")
+    fixed = run(pipe, latents=noise, guidance_scale=scale, generator=torch.Generator().manual_seed(4))
+    assert not torch.allclose(ours, fixed, atol=1e-3)
+
+    reference = DDPMScheduler(variance_type="learned_range")
+    reference.set_timesteps(4)
+    generator, x, labels = torch.Generator().manual_seed(4), noise.clone(), torch.tensor([1, 2])
+    with torch.no_grad():
+        for t in reference.timesteps:
+            timestep = torch.full((2,), int(t))
+            cond = pipe.transformer(x, timestep=timestep, class_labels=labels).sample
+            uncond = pipe.transformer(x, timestep=timestep, class_labels=torch.full_like(labels, NUM_CLASSES)).sample
+            eps = uncond[:, :4] + scale * (cond[:, :4] - uncond[:, :4])
+            x = reference.step(torch.cat([eps, cond[:, 4:]], dim=1), t, x, generator=generator).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+
+
+def test_learned_range_needs_a_model_that_outputs_its_variance():
+    transformer = tiny_dit()
+    transformer.register_to_config(out_channels=4)
+    pipe = ClassConditionalPipeline(transformer=transformer, scheduler=DDPMScheduler(variance_type="learned_range"))
+    counter = CallCounter(transformer)
+    with pytest.raises(ValueError, match="out_channels = 2 × in_channels"):
+        pipe([0], num_inference_steps=2)
+    assert counter.calls == 0
+
+
 def test_hub_id_is_downloaded_first(dit_folder, monkeypatch):
     import huggingface_hub
 

@@ -1,6 +1,7 @@
 """Every recipe in configs/ loads and validates as written, and runs a step and a checkpoint on CPU once its model
 and data are shrunk by overrides."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,11 @@ def test_recipe_runs_a_step_and_checkpoints_when_shrunk(recipe, tiny_data, tmp_p
     export_dir = trainer.train()
     assert (tmp_path / "checkpoint-1" / "config.yaml").is_file()
     assert (export_dir / "model_index.json").is_file()
+    if config.objective.learned_variance:  # DiT's learned σ: 2C outputs, sampled with DDPM's learned range
+        transformer = json.loads((export_dir / "transformer" / "config.json").read_text())
+        scheduler = json.loads((export_dir / "scheduler" / "scheduler_config.json").read_text())
+        assert transformer["out_channels"] == 2 * transformer["in_channels"]
+        assert scheduler["_class_name"] == "DDPMScheduler" and scheduler["variance_type"] == "learned_range"
 
 
 def test_fp16_on_cpu_fails_before_any_work(tmp_path):

@@ -152,6 +152,7 @@ def load_checkpoint_weights(folder):
         (["sampling.guidance_interval=[2.0,1.0]"], "sampling.guidance_interval"),
         (["ema.kind=power", "ema.sigma_rels=[0.5]"], "ema.sigma_rels"),
         (["model.preset=uvit-xxl"], "model.preset"),
+        (["objective.learned_variance=true"], "objective.learned_variance: needs model.kind 'dit'"),
         (["train.resume=/no/such/checkpoint"], "train.resume"),
         (["hub.push_to_hub=true"], "hub.hub_model_id"),
         (["train.max_steps"], "not of the form"),

@@ -1,8 +1,8 @@
 """Size presets for diffusers' DiTTransformer2DModel (Peebles & Xie 2023), which this package reuses as it is.
 
-The presets leave ``out_channels`` equal to ``in_channels``: the objective trains the mean prediction only (no
-learned-variance VB term), and the pipeline samples with fixed variances. A DiT built with ``out_channels`` = 2× the
-input channels (as facebook/DiT-XL-2-256) still trains and samples: the first half of its output is used.
+The presets leave ``out_channels`` to the caller. The trainer sets it to 2× the input channels when
+``objective.learned_variance`` is on (DiT's ``learn_sigma``: the mean prediction, then the variance, trained by the
+VB term and sampled with ``DDPMScheduler(variance_type="learned_range")``), and to the input channels otherwise.
 
 diffusers' DiT gives every block its own timestep and class embedder, so its parameter counts exceed the paper's
 (DiT-B/2 147M instead of 130M, DiT-XL/2 750M instead of 675M); the transformer blocks, and so the compute per

@@ -53,12 +53,15 @@ class ObjectiveOutput:
         mse: the unweighted mean squared error of the regressed target.
         snr: the signal-to-noise ratio of each sample's noise level (for per-noise-level logging).
         logvar: the learned uncertainty u, when learned_uncertainty is on.
+        vb: the variational-bound term of a learned variance in bits per dimension, when learned_variance is on
+            (already part of ``loss``).
     """
 
     loss: torch.Tensor
     mse: torch.Tensor
     snr: torch.Tensor
     logvar: torch.Tensor | None = None
+    vb: torch.Tensor | None = None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -108,6 +111,11 @@ class DiffusionObjective(nn.Module):
         label_dropout: probability of replacing a class label by the null label ``num_classes`` during training,
             for classifier-free guidance. Leave 0 for models that drop labels themselves (diffusers' DiT drops 10%).
         num_classes: number of classes (the null label's id); needed when label_dropout > 0.
+        learned_variance: the model also outputs its reverse-process variance (DiT's ``learn_sigma``: 2C output
+            channels, the second half v ∈ [-1, 1] interpolating log σ² between the posterior variance β̃_t and β_t).
+            It is trained with the variational bound as in Improved DDPM / DiT: the loss becomes the weighted MSE
+            plus the unweighted KL term L_vb, computed with the mean prediction detached so that L_vb trains the
+            variance alone. Discrete schedules only. Sample with ``DDPMScheduler(variance_type="learned_range")``.
     """
 
     def __init__(
@@ -121,6 +129,7 @@ class DiffusionObjective(nn.Module):
         uncertainty_from_model: bool = False,
         label_dropout: float = 0.0,
         num_classes: int | None = None,
+        learned_variance: bool = False,
     ):
         super().__init__()
         config = getattr(noise_scheduler, "config", None)
@@ -169,6 +178,18 @@ class DiffusionObjective(nn.Module):
 
         self.learned_uncertainty = learned_uncertainty
         self.uncertainty_head = UncertaintyHead() if learned_uncertainty and not uncertainty_from_model else None
+
+        self.learned_variance = learned_variance
+        if learned_variance:
+            if self.schedule != "discrete":
+                raise ValueError("learned_variance needs a discrete (DDPM-style) schedule; EDM schedules have none.")
+            if learned_uncertainty:
+                raise ValueError("learned_variance and learned_uncertainty cannot be combined.")
+            if self.prediction_type == "epsilon" and float(self.alphas_cumprod[-1]) == 0.0:
+                raise ValueError(
+                    "learned_variance with epsilon-prediction cannot recover x0 at zero terminal SNR; "
+                    "use v_prediction or a schedule without rescale_betas_zero_snr."
+                )
 
     @classmethod
     def from_config(
@@ -247,7 +268,7 @@ class DiffusionObjective(nn.Module):
             class_labels = torch.where(drop.to(class_labels.device), null_labels, class_labels)
         snr = self.snr(noise_levels)
         takes_sigma = getattr(_unwrap(model), "input_is_sigma", False)
-        model_logvar = None
+        model_logvar = vb = None
 
         if self.schedule == "discrete":
             if takes_sigma:
@@ -258,9 +279,17 @@ class DiffusionObjective(nn.Module):
             alphas_cumprod = self.alphas_cumprod[noise_levels.to(self.alphas_cumprod.device)].to(x0.device)
             alpha, sigma = _expand(alphas_cumprod.sqrt(), x0), _expand((1.0 - alphas_cumprod).sqrt(), x0)
             noisy = alpha * x0 + sigma * noise
-            prediction = _first_channels(
-                model(hidden_states=noisy, timestep=noise_levels, class_labels=class_labels, return_dict=False)[0], x0
-            )
+            output = model(hidden_states=noisy, timestep=noise_levels, class_labels=class_labels, return_dict=False)[0]
+            if self.learned_variance:
+                if output.shape[1] != 2 * x0.shape[1]:
+                    raise ValueError(
+                        f"learned_variance needs a model with twice the data's {x0.shape[1]} channels as output "
+                        f"(mean, then variance); it returned {output.shape[1]}."
+                    )
+                prediction, variance = output.chunk(2, dim=1)
+                vb = self._variational_bound(prediction.detach(), variance, x0, noisy, noise_levels, alpha, sigma)
+            else:
+                prediction = _first_channels(output, x0)
             target = {"epsilon": noise, "v_prediction": alpha * noise - sigma * x0, "sample": x0}[self.prediction_type]
             weights = compute_loss_weights(self.weighting, snr, self.prediction_type, **self.weighting_params)
         else:
@@ -306,7 +335,53 @@ class DiffusionObjective(nn.Module):
         logvar = self._uncertainty(model_logvar, snr)
         if logvar is not None:
             loss = loss / logvar.exp() + logvar
-        return ObjectiveOutput(loss=loss, mse=mse, snr=snr, logvar=logvar)
+        if vb is not None:
+            loss = loss + vb  # unweighted, as in DiT and SpeeD: the weights multiply the MSE term only
+        return ObjectiveOutput(loss=loss, mse=mse, snr=snr, logvar=logvar, vb=vb)
+
+    def _variational_bound(self, prediction, variance, x0, noisy, timesteps, alpha, sigma) -> torch.Tensor:
+        """Per-sample L_vb in bits per dimension for a learned variance: KL(q(x_{t-1}|x_t, x0) ‖ p(x_{t-1}|x_t))
+        for t > 0 and the discretised Gaussian decoder NLL of x0 at t = 0 (Ho et al. 2020; Nichol & Dhariwal 2021).
+        ``prediction`` is the (detached) mean prediction, ``variance`` the raw variance output v."""
+        prediction, variance, x0, noisy = prediction.float(), variance.float(), x0.float(), noisy.float()
+        alpha, sigma = alpha.float(), sigma.float()
+        pred_x0 = {
+            "epsilon": lambda: (noisy - sigma * prediction) / alpha,
+            "v_prediction": lambda: alpha * noisy - sigma * prediction,
+            "sample": lambda: prediction,
+        }[self.prediction_type]()
+
+        # Posterior q(x_{t-1} | x_t, x0) of the training schedule, in float64 before the cast.
+        t = timesteps.to(self.alphas_cumprod.device).long()
+        abar = self.alphas_cumprod
+        abar_t = abar[t]
+        abar_prev = torch.where(t > 0, abar[(t - 1).clamp_min(0)], torch.ones_like(abar_t))
+        beta = 1 - abar_t / abar_prev
+        coef_x0 = beta * abar_prev.sqrt() / (1 - abar_t)
+        coef_xt = (1 - abar_prev) * (1 - beta).sqrt() / (1 - abar_t)
+        # β̃_t is 0 at t = 0; as in Improved DDPM its log is clipped to β̃_1 there.
+        beta_1 = 1 - abar[1] / abar[0]
+        posterior_var_1 = beta_1 * (1 - abar[0]) / (1 - abar[1])
+        posterior_log_var = torch.where(
+            t > 0, (beta * (1 - abar_prev) / (1 - abar_t)).clamp_min(1e-300).log(), posterior_var_1.log()
+        )
+        cast = lambda values: _expand(values.float().to(x0.device), x0)  # noqa: E731
+        coef_x0, coef_xt, posterior_log_var, log_beta = map(cast, (coef_x0, coef_xt, posterior_log_var, beta.log()))
+
+        fraction = (variance + 1) / 2
+        model_log_var = fraction * log_beta + (1 - fraction) * posterior_log_var
+        model_mean = coef_x0 * pred_x0 + coef_xt * noisy
+        true_mean = coef_x0 * x0 + coef_xt * noisy
+        kl = 0.5 * (
+            model_log_var
+            - posterior_log_var
+            - 1.0
+            + (posterior_log_var - model_log_var).exp()
+            + (true_mean - model_mean).square() * (-model_log_var).exp()
+        )
+        decoder_nll = -_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
+        first_step = _expand(timesteps == 0, x0).bool()
+        return torch.where(first_step, decoder_nll, kl).flatten(1).mean(1) / math.log(2.0)
 
     def loss(
         self,
@@ -317,6 +392,17 @@ class DiffusionObjective(nn.Module):
     ) -> torch.Tensor:
         """The per-sample loss (shape (B,)); average it for back-propagation."""
         return self(model, x0, class_labels, generator=generator).loss
+
+
+def _discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor):
+    """log P(x) of data in [-1, 1] quantised to 256 levels under N(mean, e^{2·log_scale}), with open outer bins."""
+    inv_scale = (-log_scale).exp()
+    upper = inv_scale * (x - mean + 1 / 255)
+    lower = inv_scale * (x - mean - 1 / 255)
+    log_cdf_upper = torch.special.log_ndtr(upper)
+    log_survival_lower = torch.special.log_ndtr(-lower)
+    log_bin = (torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp_min(1e-12).log()
+    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_survival_lower, log_bin))
 
 
 def _first_channels(prediction: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,7 @@ class ObjectiveConfig:
     sampler: dict[str, Any] = field(default_factory=lambda: {"kind": "default"})
     weighting: dict[str, Any] = field(default_factory=lambda: {"kind": "constant"})
     learned_uncertainty: bool = False
+    learned_variance: bool = False  # DiT's learn_sigma: 2C outputs, variance trained with the VB term
     label_dropout: float = 0.1
 
 
@@ -299,6 +300,11 @@ def validate_config(config: Config) -> None:
             raise ConfigError("objective.schedule.kind: EDM2UNetModel takes σ and needs the 'edm' schedule.")
         if objective.prediction_type != "sample":
             raise ConfigError("objective.prediction_type: EDM2UNetModel returns the denoised sample; use 'sample'.")
+    if objective.learned_variance and (model.kind != "dit" or schedule.kind != "ddpm"):
+        raise ConfigError(
+            f"objective.learned_variance: needs model.kind 'dit' with the 'ddpm' schedule (DiT's learned σ), "
+            f"got model.kind {model.kind!r} with schedule {schedule.kind!r}."
+        )
     if model.kind == "dit" and objective.label_dropout > 0:
         raise ConfigError("objective.label_dropout: diffusers' DiT already drops 10% of labels itself; set it to 0.")
     try:

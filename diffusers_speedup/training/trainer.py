@@ -134,7 +134,8 @@ def build_model(config: Config, data: TrainingData) -> nn.Module:
     channels, size = data.sample_shape[0], data.sample_shape[1]
     fitted = {"sample_size": size, "in_channels": channels}
     if kind == "dit":
-        fitted.update(out_channels=channels, num_embeds_ada_norm=data.num_classes)
+        out_channels = 2 * channels if config.objective.learned_variance else channels  # mean, then variance
+        fitted.update(out_channels=out_channels, num_embeds_ada_norm=data.num_classes)
     else:
         fitted["num_classes"] = data.num_classes
     params = {**fitted, **config.model.params}
@@ -176,6 +177,8 @@ def build_sampling_scheduler(config: Config, noise_scheduler):
         return cls(**kwargs)
     cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm_solver": DPMSolverMultistepScheduler}[name]
     extra = {"timestep_spacing": "trailing"} if schedule.rescale_betas_zero_snr else {}
+    if name == "ddpm":  # DDPM samples with a learned variance (DiT's sampler); the others use the mean alone
+        extra["variance_type"] = "learned_range" if config.objective.learned_variance else "fixed_small"
     return cls.from_config(noise_scheduler.config, prediction_type=prediction_type, **extra)
 
 
@@ -203,10 +206,13 @@ class LossTracker:
         self.loss = torch.zeros((), device=device)
         self.bucket_sum = torch.zeros(len(LOG_SNR_EDGES) + 1, device=device)
         self.bucket_count = torch.zeros(len(LOG_SNR_EDGES) + 1, device=device)
+        self.vb = None  # the variational-bound part of the loss, for learned-variance models
 
     def add(self, output, weight: float = 1.0) -> None:
         per_sample = output.loss.detach()
         self.loss += per_sample.mean() * weight
+        if output.vb is not None:
+            self.vb = (0 if self.vb is None else self.vb) + output.vb.detach().mean() * weight
         buckets = torch.bucketize(output.snr.clamp_min(1e-20).log(), self.edges)
         self.bucket_sum.index_add_(0, buckets, per_sample)
         self.bucket_count.index_add_(0, buckets, torch.ones_like(per_sample))
@@ -214,6 +220,7 @@ class LossTracker:
     def reset(self) -> None:
         for total in (self.loss, self.bucket_sum, self.bucket_count):
             total.zero_()
+        self.vb = None
 
 
 def optimizer_step(
@@ -544,6 +551,8 @@ class Trainer:
             "train/images_per_second": steps * self.config.train.batch_size / max(seconds, 1e-9),
             "train/epoch": self.epoch,
         }
+        if tracker.vb is not None:
+            values["train/vb"] = accelerator.reduce(tracker.vb, reduction="mean").item() / steps
         for label, total, count in zip(LOG_SNR_BUCKETS, bucket_sum.tolist(), bucket_count.tolist()):
             if count:
                 values[f"loss_by_log_snr/{label}"] = total / count
