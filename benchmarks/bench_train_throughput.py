@@ -8,8 +8,8 @@ For each model both loops train the same architecture from the same initial weig
 (random latents cost what cached latents cost once they sit on the GPU):
 
 * **package** — what ``Trainer.train`` runs per step: ``TrainingModule`` (model + ``DiffusionObjective``) prepared by
-  accelerate with bf16 mixed precision, TF32, fused AdamW, PyTorch SDPA attention, gradient clipping with the
-  trainer's one finiteness read per step, its on-device loss and per-log-SNR sums, and optionally ``torch.compile``
+  accelerate with bf16 mixed precision, TF32, fused AdamW that skips non-finite steps on the device (no host read
+  per step), PyTorch SDPA attention, gradient clipping, on-device loss and per-log-SNR sums, optionally ``torch.compile``
   (``--compile``) and EMA (``--ema``). The objective is the recipe's: Min-SNR-5 ε-prediction on DDPM's linear
   schedule for DiT and U-ViT; EDM2's σ-sampling, EDM weighting and learned uncertainty for EDM2.
 * **plain** — the loop of diffusers' example scripts: ``DDPMScheduler.add_noise``, ``torch.autocast`` bf16, the

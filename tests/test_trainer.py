@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from safetensors.torch import load_file
 
 from diffusers_speedup.training import ConfigError, Trainer, load_config
 from diffusers_speedup.training.checkpoints import find_latest_checkpoint
-from diffusers_speedup.training.trainer import NonFiniteLossError, TrainingData
+from diffusers_speedup.training.trainer import NonFiniteLossError, TrainingData, optimizer_step
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -125,7 +126,8 @@ def test_non_finite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(tm
     monkeypatch.setattr(TrainingData, "batch", poisoned)
     trainer = Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", "train.max_consecutive_nonfinite=2")))
     weights_before = None
-    with pytest.raises(NonFiniteLossError, match="2 optimizer steps in a row.*checkpoint-3"):
+    # Steps 4, 5 and 6 are skipped; the run is checked at the log of step 6 (log_every 2, max_consecutive 2).
+    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row.*step 6.*checkpoint-3"):
         trainer.train()
     weights_before = load_checkpoint_weights(tmp_path / "run" / "checkpoint-3")
     # The skipped steps left the weights finite and equal to the step-3 ones.
@@ -313,3 +315,49 @@ def test_power_ema_snapshots_reconstruct_into_a_loadable_pipeline(tmp_path):
     low, high = torch.minimum(tracked[0][name], tracked[1][name]), torch.maximum(tracked[0][name], tracked[1][name])
     inside = ((reconstructed[name] >= low - 1e-3) & (reconstructed[name] <= high + 1e-3)).float().mean()
     assert inside > 0.9
+
+
+class _SquaredOutput(torch.nn.Module):
+    """A linear map whose per-sample loss is its squared output, in the objective's output form."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x0, class_labels):
+        loss = self.linear(x0).square().mean(1)
+        return SimpleNamespace(loss=loss, snr=torch.ones_like(loss), vb=None)
+
+
+def test_a_fused_step_skips_non_finite_gradients_without_reading_anything_on_the_host(monkeypatch):
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True)
+    module = _SquaredOutput()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1, fused=True)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    x = torch.randn(3, 4)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("the training step read a tensor on the host")
+
+    def step(batch):
+        with monkeypatch.context() as patch:
+            for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+                patch.setattr(torch.Tensor, name, host_read)
+            return optimizer_step(accelerator, module, optimizer, [(batch, None)], max_grad_norm=1.0)
+
+    before = {name: value.clone() for name, value in module.state_dict().items()}
+    grad_norm, skipped = step(x)
+    assert not skipped and torch.isfinite(grad_norm)
+    assert not torch.equal(module.linear.weight, before["linear.weight"])
+
+    state = {name: value.clone() for name, value in module.state_dict().items()}
+    moments = {key: value.clone() for key, value in optimizer.state_dict()["state"][0].items()}
+    grad_norm, skipped = step(x * float("nan"))
+    assert skipped and not torch.isfinite(grad_norm)
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, state[name])
+    for key, value in optimizer.state_dict()["state"][0].items():
+        assert torch.equal(value, moments[key]), key  # step count, exp_avg, exp_avg_sq untouched

@@ -148,7 +148,7 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = 0  # steps between sample grids (0: only at the end)
     export_every_checkpoint: bool = False
-    max_consecutive_nonfinite: int = 10
+    max_consecutive_nonfinite: int = 10  # stop after this many skipped steps in a row (checked at each log)
     report_to: str = "tensorboard"
     cpu: bool = False
 

@@ -225,14 +225,15 @@ class LossTracker:
 
 def optimizer_step(
     accelerator, module, optimizer, micro_batches, max_grad_norm: float | None, tracker: LossTracker | None = None
-) -> tuple[torch.Tensor, bool]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over ``micro_batches`` (an iterable of ``(x0, class_labels)``, one per accumulation step,
     read lazily): forward and backward each, clip, and step unless the gradient is not finite.
 
-    Returns the gradient norm and whether the step was taken (fp16's loss scaler skips bad steps itself).
+    Returns the gradient norm and a 0-dim bool tensor telling whether the step was skipped, both left on the device:
+    with a fused optimizer (the default) nothing here waits for the GPU.
     """
     parameters = [p for p in module.parameters() if p.requires_grad]
-    grad_norm, finite = torch.zeros(()), True
+    grad_norm = torch.zeros(())
     for x0, class_labels in micro_batches:
         with accelerator.accumulate(module):
             output = module(x0, class_labels)
@@ -243,14 +244,32 @@ def optimizer_step(
                     parameters, math.inf if max_grad_norm is None else max_grad_norm
                 )
                 grad_norm = torch.as_tensor(grad_norm)
-                # Skipping a step needs a decision on the host: one scalar read per optimizer step.
-                finite = bool(torch.isfinite(grad_norm))
-                if finite or accelerator.scaler is not None:
-                    optimizer.step()
+                if accelerator.scaler is not None:
+                    optimizer.step()  # fp16's loss scaler skips non-finite steps itself
+                else:
+                    _step_if_finite(optimizer, grad_norm)
                 optimizer.zero_grad(set_to_none=True)
         if tracker is not None:
             tracker.add(output, weight=1.0 / accelerator.gradient_accumulation_steps)
-    return grad_norm, finite
+    return grad_norm, ~torch.isfinite(grad_norm)
+
+
+def _step_if_finite(optimizer, grad_norm: torch.Tensor) -> None:
+    """Step unless ``grad_norm`` is not finite, deciding on the device when the optimizer is fused.
+
+    Fused Adam/AdamW read a ``found_inf`` flag inside their kernel (the hook GradScaler uses) and then leave the
+    parameters, moments and step count untouched, so the skip costs no host read. Other optimizers need the
+    decision on the host: one scalar read per step.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
+    if all(group.get("fused") for group in inner.param_groups):
+        inner.found_inf = (~torch.isfinite(grad_norm)).float()
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    elif bool(torch.isfinite(grad_norm)):
+        optimizer.step()
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
@@ -260,8 +279,10 @@ def build_optimizer(config: Config, parameters, device: torch.device) -> torch.o
     optim = config.optim
     cls = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
     kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
-    if device.type == "cuda":
-        kwargs["fused"] = True  # one kernel for the whole update instead of several per tensor
+    if device.type in ("cuda", "cpu"):
+        # One kernel for the whole update instead of several per tensor, and it can skip a non-finite step on the
+        # device (see _step_if_finite).
+        kwargs["fused"] = True
     return cls(parameters, **kwargs)
 
 
@@ -409,7 +430,7 @@ class Trainer:
             "epoch": self.epoch,
             "batches_into_epoch": self.batches_into_epoch,
             "images_seen": self.images_seen,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "nonfinite_in_a_row": int(self.nonfinite_in_a_row),
             "train_seconds": self.train_seconds,
         }
 
@@ -490,6 +511,10 @@ class Trainer:
         device = accelerator.device
         tracker = LossTracker(device)
         grad_norm = torch.zeros(())
+        # Non-finite steps are counted on the device and read when the loss is logged (no host read per step).
+        nonfinite_in_a_row = torch.tensor(self.nonfinite_in_a_row, device=device)
+        longest_nonfinite_run = nonfinite_in_a_row.clone()
+        skipped_since_log = torch.zeros((), dtype=torch.long, device=device)
         steps_since_log, last_log_time = 0, time.perf_counter()
         batches = self._batches()
         self.module.train()
@@ -497,22 +522,14 @@ class Trainer:
         while self.step < train.max_steps:
             step_start = time.perf_counter()
             micro_batches = (self.data.batch(next(batches), device) for _ in range(train.gradient_accumulation_steps))
-            grad_norm, finite = optimizer_step(
+            grad_norm, skipped = optimizer_step(
                 accelerator, self.module, self.optimizer, micro_batches, config.optim.max_grad_norm, tracker
             )
-            self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
-            if not finite:
-                logger.warning(
-                    "Step %d: non-finite gradient norm (%s); the update was skipped.", self.step + 1, grad_norm.item()
-                )
-                if self.nonfinite_in_a_row >= train.max_consecutive_nonfinite:
-                    last = find_latest_checkpoint(self.output_dir, clean=False)
-                    raise NonFiniteLossError(
-                        f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-                        f"(step {self.step + 1}); stopping. The last good checkpoint is {last or 'none (none saved)'}."
-                    )
-            if finite:
-                self.lr_scheduler.step()
+            nonfinite_in_a_row = (nonfinite_in_a_row + 1) * skipped
+            longest_nonfinite_run = torch.maximum(longest_nonfinite_run, nonfinite_in_a_row)
+            skipped_since_log += skipped
+            self.nonfinite_in_a_row = nonfinite_in_a_row  # a tensor until the next checkpoint reads it
+            self.lr_scheduler.step()  # also on a skipped step: the schedule follows the step count, as with fp16
             self.step += 1
             self.images_seen += train.batch_size
             if self.ema is not None:
@@ -526,8 +543,11 @@ class Trainer:
 
             if self.step % train.log_every == 0 or self.step == train.max_steps:
                 now = time.perf_counter()
+                self._check_nonfinite(skipped_since_log, longest_nonfinite_run, steps_since_log)
                 self._log(tracker, grad_norm, steps_since_log, now - last_log_time)
                 tracker.reset()
+                skipped_since_log.zero_()
+                longest_nonfinite_run.copy_(nonfinite_in_a_row)
                 steps_since_log, last_log_time = 0, now
             if train.sample_every and self.step % train.sample_every == 0 and self.step != train.max_steps:
                 self.sample_grid()
@@ -538,6 +558,25 @@ class Trainer:
         export_dir = self.finish()
         accelerator.end_training()
         return export_dir
+
+    def _check_nonfinite(self, skipped: torch.Tensor, longest_run: torch.Tensor, steps: int) -> None:
+        """Warn about the steps skipped since the last log, and stop once too many came in a row."""
+        skipped, longest_run = int(skipped), int(longest_run)
+        if not skipped:
+            return
+        logger.warning(
+            "%d of the last %d optimizer steps (up to step %d) had a non-finite gradient norm and were skipped.",
+            skipped,
+            steps,
+            self.step,
+        )
+        if longest_run >= self.config.train.max_consecutive_nonfinite:
+            last = find_latest_checkpoint(self.output_dir, clean=False)
+            raise NonFiniteLossError(
+                f"{longest_run} optimizer steps in a row had a non-finite loss or gradient (seen at step {self.step}; "
+                f"train.max_consecutive_nonfinite is {self.config.train.max_consecutive_nonfinite}); stopping. "
+                f"The last good checkpoint is {last or 'none (none saved)'}."
+            )
 
     def _log(self, tracker: LossTracker, grad_norm, steps, seconds) -> None:
         accelerator = self.accelerator
