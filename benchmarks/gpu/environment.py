@@ -33,7 +33,15 @@ PACKAGES = [
     "pillow", "datasets", "pyarrow", "pandas", "fsspec", "dill", "multiprocess", "xxhash", "packaging",
 ]  # fmt: skip
 IMPORT_GROUPS = {
-    "speed": ["torch", "diffusers", "omegaconf", "PIL", "accelerate", "diffusers_speedup", "diffusers_speedup.pipelines"],
+    "speed": [
+        "torch",
+        "diffusers",
+        "omegaconf",
+        "PIL",
+        "accelerate",
+        "diffusers_speedup",
+        "diffusers_speedup.pipelines",
+    ],
     "caching": ["datasets", "pyarrow", "pandas", "diffusers_speedup.data.latent_cache"],
 }
 NVIDIA_SMI_FIELDS = "name,driver_version,memory.total,power.limit,clocks.max.sm,pcie.link.gen.max"
@@ -131,7 +139,7 @@ def main(argv=None) -> dict:
 
     imports = {group: try_imports(modules) for group, modules in IMPORT_GROUPS.items()}
     environment["imports"] = imports
-    for group, results in imports.items():
+    for results in imports.values():
         for module, error in results.items():
             print(f"import {module}: {'ok' if error is None else 'FAILED: ' + error}")
     speed_ok = all(error is None for error in imports["speed"].values())

@@ -131,7 +131,8 @@ rm -f "$LOG" "$OUT/summary.json"
 for step in "${STEPS[@]}"; do rm -f "$OUT/$step.json"; done
 log() { echo "$*" | tee -a "$LOG"; }
 log "=== run_suite.sh $(date -u '+%Y-%m-%d %H:%M:%S UTC'): budget ${BUDGET} s, steps: ${selected[*]}$( ((TINY)) && echo ' (tiny)')"
-log "=== commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' + uncommitted changes')"
+COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' + uncommitted changes')"
+log "=== commit $COMMIT"
 
 # Install the carried wheels (a fresh target each time: a machine kept warm may hold an older one), then this
 # package from the working tree, laid out as its install would be (pipelines/ is installed as
@@ -210,10 +211,10 @@ done
 # ---- summary --------------------------------------------------------------------------------------------------------
 suite_command="bash benchmarks/gpu/run_suite.sh$( ((TINY)) && echo ' --tiny')${ONLY:+ --only $ONLY} $BUDGET"
 "$PYTHON" - "$records" "$SCRATCH/environment.json" "$OUT/summary.json" "$suite_command" "$BUDGET" "$SECONDS" \
-    "$TINY" <<'EOF' 2>&1 | tee -a "$LOG"
+    "$TINY" "$COMMIT" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, sys
 
-records, environment_path, summary_path, command, budget, elapsed, tiny = sys.argv[1:]
+records, environment_path, summary_path, command, budget, elapsed, tiny, commit = sys.argv[1:]
 steps = []
 for line in open(records):
     step, status, rc, seconds, timeout, result, step_command = line.rstrip("\n").split("\t")
@@ -225,7 +226,7 @@ try:
     environment = json.load(open(environment_path))
 except (OSError, ValueError) as error:
     environment = {"error": f"no environment description: {error}"}
-summary = {"suite": "benchmarks/gpu/run_suite.sh", "command": command, "budget_seconds": int(budget),
+summary = {"suite": "benchmarks/gpu/run_suite.sh", "command": command, "commit": commit, "budget_seconds": int(budget),
            "elapsed_seconds": int(elapsed), "tiny": tiny == "1", "environment": environment, "steps": steps}
 json.dump(summary, open(summary_path, "w"), indent=2)
 EOF
