@@ -82,10 +82,15 @@ def _device_name(device: str | None) -> str | None:
     return torch.cuda.get_device_name(0)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """This wrapper's own options; ``parse_known_args`` leaves the rest for bench_cache_latents.py."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True, help="where to write the measurements")
-    args, bench_argv = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args, bench_argv = build_parser().parse_known_args(argv)
 
     sys.path.insert(0, BENCHMARKS)
     import bench_cache_latents
