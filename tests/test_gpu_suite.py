@@ -292,3 +292,19 @@ def test_install_plan_keeps_the_machines_copy_only_when_it_meets_the_requirement
     assert decisions["user"] == (True, "not on the machine")
     assert decisions["lib"][0] is True and "user needs lib>=2.0" in decisions["lib"][1]  # 1.9 is too old
     assert decisions["helper-pkg"][0] is False  # nothing constrains helper-pkg ("helper" is another name)
+
+
+def test_extract_wheel_installs_without_pip(tmp_path):
+    install = _load("install_wheels")
+    path = _wheel(
+        tmp_path / "demo-1.0-py3-none-any.whl",
+        "demo",
+        "1.0",
+        ["demo/__init__.py", "demo-1.0.data/purelib/demo_extra.py", "demo-1.0.data/scripts/demo-cli"],
+    )
+    target = tmp_path / "site-packages"
+    install.extract_wheel(path, str(target))
+    assert (target / "demo" / "__init__.py").read_bytes() == b"x" * 100
+    assert (target / "demo_extra.py").exists() and not (target / "demo-cli").exists()
+    assert not (target / "demo-1.0.data").exists()
+    assert "Version: 1.0" in (target / "demo-1.0.dist-info" / "METADATA").read_text()

@@ -110,8 +110,35 @@ def unmet_requirements(wheels: list[Wheel]) -> list[str]:
     return problems
 
 
+def extract_wheel(path: str, target: str) -> None:
+    """Install a wheel without pip: unpack it into ``target`` (the code of ``*.data/purelib`` and ``*.data/platlib``
+    moved to the top, other ``*.data`` parts such as scripts left out), keeping the ``.dist-info`` so that
+    ``importlib.metadata`` finds the version."""
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            name = member.filename
+            parts = name.split("/")
+            if parts[0].endswith(".data"):
+                if len(parts) < 3 or parts[1] not in ("purelib", "platlib"):
+                    continue
+                name = "/".join(parts[2:])
+            if name.endswith("/") or not name or ".." in name.split("/"):
+                continue
+            destination = os.path.join(target, name)
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            with archive.open(member) as source, open(destination, "wb") as output:
+                output.write(source.read())
+
+
 def pip_install(paths: list[str], target: str) -> list[str]:
-    """Install wheel files into ``target`` with pip (no index, no dependencies); returns the files that failed."""
+    """Install wheel files into ``target`` with pip (no index, no dependencies); returns the files that failed.
+
+    Without pip on the machine, the wheels are unpacked instead (``extract_wheel``)."""
+    if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0:
+        print("pip is not available: unpacking the wheels instead")
+        for path in paths:
+            extract_wheel(path, target)
+        return []
     command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
     command += ["--no-cache-dir", "--upgrade", "--disable-pip-version-check", "--target", target]
     if subprocess.run(command + paths).returncode == 0:

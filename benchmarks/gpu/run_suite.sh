@@ -131,7 +131,10 @@ rm -f "$LOG" "$OUT/summary.json"
 for step in "${STEPS[@]}"; do rm -f "$OUT/$step.json"; done
 log() { echo "$*" | tee -a "$LOG"; }
 log "=== run_suite.sh $(date -u '+%Y-%m-%d %H:%M:%S UTC'): budget ${BUDGET} s, steps: ${selected[*]}$( ((TINY)) && echo ' (tiny)')"
-COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' + uncommitted changes')"
+COMMIT=unknown # the copy of the working tree on the GPU machine may come without .git
+if git rev-parse --short HEAD >/dev/null 2>&1; then
+    COMMIT="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- 2>/dev/null || echo ' + uncommitted changes')"
+fi
 log "=== commit $COMMIT"
 
 # Install the carried wheels (a fresh target each time: a machine kept warm may hold an older one), then this
@@ -151,6 +154,7 @@ export HF_HOME="$SCRATCH/hf_home" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
 
 log "=== machine"
 { command -v nvidia-smi >/dev/null && nvidia-smi || echo "nvidia-smi not found"; } 2>&1 | tee -a "$LOG"
+log "C compiler (Triton builds its launchers with one; torch.compile fails without): $(command -v cc || command -v gcc || echo none)"
 log "cpus: $CPUS usable ($(getconf _NPROCESSORS_ONLN 2>/dev/null || echo '?') online); $(free -g 2>/dev/null | awk '/^Mem:/ {print $2 " GiB memory"}')"
 READY_SPEED=0 READY_CACHING=0 NO_GPU_REASON=""
 "$PYTHON" benchmarks/gpu/environment.py --json "$SCRATCH/environment.json" --ready "$SCRATCH/ready.sh" \
