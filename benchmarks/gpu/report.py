@@ -144,10 +144,12 @@ def training_sections(files: list[tuple[str, dict]]) -> list[str]:
         lines += ["", f"### Training throughput: {title}", "", "```bash"]
         lines += [shown_command(data["environment"]["command"]) for _, data in group]
         lines += ["```", ""]
+        schedules = [(data["environment"]["steps"], data["environment"]["warmup_steps"]) for _, data in group]
         runs = "; ".join(
-            f"{', '.join(sorted({r['model'] for r in data['results']}, key=_model_key))}: "
-            f"{data['environment']['steps']} timed steps after {data['environment']['warmup_steps']} warm-up steps"
-            for _, data in group
+            ("" if len(set(schedules)) == 1 else f"{', '.join(_models(data))}: ")
+            + f"{steps} timed steps after {warmup} warm-up steps"
+            for (_, data), (steps, warmup) in zip(group, schedules)
+            if len(set(schedules)) > 1 or data is group[0][1]
         )
         devices = sorted({data["environment"]["device"] for _, data in group})
         lines += [
@@ -182,6 +184,10 @@ def training_sections(files: list[tuple[str, dict]]) -> list[str]:
         if goal:
             lines += ["", goal]
     return lines
+
+
+def _models(data: dict) -> list[str]:
+    return sorted({result["model"] for result in data["results"]}, key=_model_key)
 
 
 def _model_key(model: str):

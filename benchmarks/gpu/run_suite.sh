@@ -157,6 +157,7 @@ log "=== machine"
 log "C compiler (Triton builds its launchers with one; torch.compile fails without): $(command -v cc || command -v gcc || echo none)"
 log "cpus: $CPUS usable ($(getconf _NPROCESSORS_ONLN 2>/dev/null || echo '?') online); $(free -g 2>/dev/null | awk '/^Mem:/ {print $2 " GiB memory"}')"
 READY_SPEED=0 READY_CACHING=0 NO_GPU_REASON=""
+rm -f "$SCRATCH/ready.sh" "$SCRATCH/environment.json" # never read a previous run's verdict
 "$PYTHON" benchmarks/gpu/environment.py --json "$SCRATCH/environment.json" --ready "$SCRATCH/ready.sh" \
     $( ((TINY)) && echo --tiny) 2>&1 | tee -a "$LOG"
 # shellcheck disable=SC1091
