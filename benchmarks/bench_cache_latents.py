@@ -129,7 +129,9 @@ def main(argv=None):
             image_folder = os.path.join(scratch, "images")
             size = (48, 40) if args.tiny else (500, 375)
             start = time.perf_counter()
-            make_image_folder(image_folder, args.num_images, size, workers=1 if args.tiny else None)
+            # Explicit: os.cpu_count() can report the host's cores inside a container.
+            workers = 1 if args.tiny else max(1, len(os.sched_getaffinity(0)) - 1)
+            make_image_folder(image_folder, args.num_images, size, workers=workers)
             print(f"generated {args.num_images} JPEGs of {size[0]}x{size[1]} in {time.perf_counter() - start:.1f} s")
         vae = build_vae(args.vae)
         print(

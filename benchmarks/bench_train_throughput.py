@@ -33,6 +33,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 
 import torch
@@ -58,6 +59,7 @@ class Result:
     peak_memory_gib: float | None = None
     final_loss: float | None = None
     error: str | None = None
+    failed: bool = False  # an error other than running out of memory
 
 
 def _recipe(spec: BenchmarkModel) -> dict:
@@ -220,6 +222,10 @@ def run_model(spec: BenchmarkModel, args, device, peak) -> list[Result]:
                 setattr(result, key, value)
         except torch.cuda.OutOfMemoryError as error:
             result.error = f"out of memory at batch {batch_size}: {str(error).splitlines()[0]}"
+        except Exception as error:  # recorded, and the script exits non-zero: the other models still get measured
+            traceback.print_exc()
+            result.error = f"failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+            result.failed = True
         del model, step
         gc.collect()
         if device.type == "cuda":
@@ -336,4 +342,6 @@ def main(argv=None) -> list[Result]:
 
 
 if __name__ == "__main__":
-    main()
+    failed = [f"{r.model} {r.loop}" for r in main() if r.failed]
+    if failed:
+        sys.exit(f"failed (see the tracebacks above): {', '.join(failed)}")

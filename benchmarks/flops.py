@@ -32,7 +32,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts).
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0}
+# Matched in order against the device name: the PCIe and NVL H100s have lower clocks than the SXM part.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100 PCIe": 756.5,
+    "H100 NVL": 835.5,
+    "H100": 989.4,
+    "H800": 989.4,
+    "A100": 312.0,
+}
 
 # Forward-pass GMAC per image as published, with their sources.
 PUBLISHED_FORWARD_GMACS = {
@@ -204,11 +212,13 @@ def peak_flops(device: torch.device | str) -> float | None:
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+    tflops = peak_bf16_tflops(torch.cuda.get_device_name(device))
+    return None if tflops is None else tflops * 1e12
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its name (e.g. "NVIDIA H100 80GB HBM3"), or None if it is not listed."""
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in device_name), None)
 
 
 def mfu(images_per_second: float, flops_per_image: float, peak: float | None) -> float | None:

@@ -72,7 +72,10 @@ def test_mfu_and_peaks(flops):
     assert flops.mfu(1000.0, 712e9, 989.4e12) == pytest.approx(712e12 / 989.4e12)
     assert flops.mfu(1000.0, 712e9, None) is None
     assert flops.peak_flops("cpu") is None
-    assert flops.PEAK_BF16_TFLOPS["H100"] == flops.PEAK_BF16_TFLOPS["H200"] == 989.4
+    assert flops.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == flops.peak_bf16_tflops("NVIDIA H200") == 989.4
+    assert flops.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.5
+    assert flops.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert flops.peak_bf16_tflops("NVIDIA GeForce RTX 4090") is None
 
 
 def test_unknown_model_is_named(flops):
@@ -99,6 +102,21 @@ def test_train_throughput_tiny(tmp_path):
     saved = json.loads((tmp_path / "train_throughput.json").read_text())
     assert saved["environment"]["tiny"] and len(saved["results"]) == 8
     assert "package / plain" in (tmp_path / "train_throughput.md").read_text()
+
+
+def test_train_throughput_records_a_failing_loop_and_measures_the_rest(tmp_path, monkeypatch):
+    bench = _load("bench_train_throughput")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this")
+
+    monkeypatch.setattr(bench, "plain_step", broken)
+    results = bench.main(["--tiny", "--models", "dit-b-2", "--output_dir", str(tmp_path)])
+    package, plain = results
+    assert package.error is None and package.images_per_second > 0 and not package.failed
+    assert plain.failed and plain.error == "failed: RuntimeError: no kernel for this"
+    saved = json.loads((tmp_path / "train_throughput.json").read_text())
+    assert saved["results"][1]["failed"]
 
 
 def test_train_throughput_rejects_bad_arguments(tmp_path):
