@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download the wheels that the lent GPU machine lacks into .whl/ (an ignored folder), to be carried there with the
+# Download the wheels that an offline GPU machine lacks into .whl/ (an ignored folder), to be copied there with the
 # working tree and installed by benchmarks/gpu/run_suite.sh. Run here, where the package registry is reachable:
 #
 #     PYTHON=/path/to/dev-venv/bin/python bash benchmarks/gpu/fetch_wheels.sh [--speed-only]
@@ -19,12 +19,12 @@ SPEED_PACKAGES="diffusers omegaconf pillow"
 # not among the machine's packages above. pandas needs python-dateutil; multiprocess needs dill.
 CACHING_PACKAGES="datasets pyarrow pandas python-dateutil dill multiprocess xxhash fsspec"
 # scikit-learn (with scipy, joblib, threadpoolctl, about 50 MB) is only needed by benchmarks/convergence.py, which
-# run_suite.sh does not run; carrying it too would exceed the 64 MiB upload limit.
+# run_suite.sh does not run; copying it too would exceed a 64 MiB cap on the copied tree.
 
 PYTHON=${PYTHON:-python3}
 TARGET_PYTHON_VERSION=${TARGET_PYTHON_VERSION:-3.12}
 WHEEL_DIR=${WHEEL_DIR:-.whl}
-SIZE_TARGET_MIB=45   # leaves room for the working tree under the machine's 64 MiB upload limit
+SIZE_TARGET_MIB=45   # leaves room for the working tree under a 64 MiB cap on what is copied to the machine
 SIZE_LIMIT_MIB=62
 
 packages="$SPEED_PACKAGES $CACHING_PACKAGES"
@@ -81,10 +81,10 @@ mv "$staging"/*.whl "$WHEEL_DIR"/
 ls -l "$WHEEL_DIR"
 total=$(du -cb "$WHEEL_DIR"/*.whl | tail -1 | cut -f1)
 tree=$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
-awk -v w="$total" -v t="$tree" 'BEGIN { printf "wheels: %.1f MiB; working tree: %.1f MiB; carried in all: %.1f MiB\n", w / 2^20, t / 2^20, (w + t) / 2^20 }'
+awk -v w="$total" -v t="$tree" 'BEGIN { printf "wheels: %.1f MiB; working tree: %.1f MiB; copied in all: %.1f MiB\n", w / 2^20, t / 2^20, (w + t) / 2^20 }'
 if (( total > SIZE_LIMIT_MIB * 1024 * 1024 )); then
-    echo "fetch_wheels.sh: the wheels exceed ${SIZE_LIMIT_MIB} MiB and will not fit the 64 MiB upload; use --speed-only" >&2
+    echo "fetch_wheels.sh: the wheels exceed ${SIZE_LIMIT_MIB} MiB and will not fit a 64 MiB copy; use --speed-only" >&2
     exit 1
 elif (( total > SIZE_TARGET_MIB * 1024 * 1024 )); then
-    echo "note: over the ${SIZE_TARGET_MIB} MiB target; it still fits the 64 MiB upload with this working tree"
+    echo "note: over the ${SIZE_TARGET_MIB} MiB target; it still fits a 64 MiB copy with this working tree"
 fi

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The whole GPU measurement in one command, for the lent GPU machine (one H100/H200, 16 CPU cores, no network):
+# The whole GPU measurement in one command, for a GPU machine without network access (e.g. one H100/H200, 16 CPU cores):
 #
 #     bash benchmarks/gpu/run_suite.sh [--dry-run] [--tiny] [--only STEP[,STEP...]] [BUDGET_SECONDS]
 #
-# with .whl/ carried (benchmarks/gpu/fetch_wheels.sh fills it). It installs the carried wheels, prints the machine,
+# with .whl/ copied beside it (benchmarks/gpu/fetch_wheels.sh fills it). It installs those wheels, prints the machine,
 # checks the imports, then runs the benchmarks below in order, each under `timeout`, and writes into $OUT (default
 # ./outputs/gpu_suite) at most 7 files, none in a subfolder:
 #
@@ -17,7 +17,7 @@
 # summary table at the end, and the exit status is 1 if any step did not finish. --dry-run prints the steps and their
 # commands and runs nothing; --tiny runs the same steps in the benchmarks' CPU smoke mode (seconds each; for tests);
 # --only runs the named steps alone (e.g. to repeat one that failed). BUDGET_SECONDS (default 540) bounds the whole
-# script, install included, so that it ends inside the machine's 10-minute limit per command: each step's timeout is
+# script, install included, so that it ends inside a 10-minute job limit: each step's timeout is
 # cut to what is left (minus RESERVE_SECONDS for the kill grace and the summary), and a step that would start with
 # less than MIN_START_SECONDS left is skipped and marked so.
 #

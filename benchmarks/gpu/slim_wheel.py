@@ -1,4 +1,4 @@
-"""Drop the parts of a wheel that the benchmarks never load, so the carried wheels fit the GPU machine's upload limit.
+"""Drop the parts of a wheel that the benchmarks never load, so the wheels copied to an offline GPU machine stay small.
 
     python benchmarks/gpu/slim_wheel.py .whl/pyarrow-26.0.1-cp312-cp312-manylinux_2_28_x86_64.whl
 
