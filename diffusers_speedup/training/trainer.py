@@ -233,7 +233,7 @@ def optimizer_step(
     with a fused optimizer (the default) nothing here waits for the GPU.
     """
     parameters = [p for p in module.parameters() if p.requires_grad]
-    grad_norm = torch.zeros(())
+    grad_norm, skipped = torch.zeros(()), torch.zeros((), dtype=torch.bool)
     for x0, class_labels in micro_batches:
         with accelerator.accumulate(module):
             output = module(x0, class_labels)
@@ -244,18 +244,19 @@ def optimizer_step(
                     parameters, math.inf if max_grad_norm is None else max_grad_norm
                 )
                 grad_norm = torch.as_tensor(grad_norm)
+                skipped = ~torch.isfinite(grad_norm)
                 if accelerator.scaler is not None:
                     optimizer.step()  # fp16's loss scaler skips non-finite steps itself
                 else:
-                    _step_if_finite(optimizer, grad_norm)
+                    _step_unless(optimizer, skipped)
                 optimizer.zero_grad(set_to_none=True)
         if tracker is not None:
             tracker.add(output, weight=1.0 / accelerator.gradient_accumulation_steps)
-    return grad_norm, ~torch.isfinite(grad_norm)
+    return grad_norm, skipped
 
 
-def _step_if_finite(optimizer, grad_norm: torch.Tensor) -> None:
-    """Step unless ``grad_norm`` is not finite, deciding on the device when the optimizer is fused.
+def _step_unless(optimizer, skip: torch.Tensor) -> None:
+    """Step unless ``skip`` (a 0-dim bool tensor) is set, deciding on the device when the optimizer is fused.
 
     Fused Adam/AdamW read a ``found_inf`` flag inside their kernel (the hook GradScaler uses) and then leave the
     parameters, moments and step count untouched, so the skip costs no host read. Other optimizers need the
@@ -263,12 +264,12 @@ def _step_if_finite(optimizer, grad_norm: torch.Tensor) -> None:
     """
     inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
     if all(group.get("fused") for group in inner.param_groups):
-        inner.found_inf = (~torch.isfinite(grad_norm)).float()
+        inner.found_inf = skip.float()
         try:
             optimizer.step()
         finally:
             del inner.found_inf
-    elif bool(torch.isfinite(grad_norm)):
+    elif not bool(skip):
         optimizer.step()
 
 
@@ -281,7 +282,7 @@ def build_optimizer(config: Config, parameters, device: torch.device) -> torch.o
     kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
     if device.type in ("cuda", "cpu"):
         # One kernel for the whole update instead of several per tensor, and it can skip a non-finite step on the
-        # device (see _step_if_finite).
+        # device (see _step_unless).
         kwargs["fused"] = True
     return cls(parameters, **kwargs)
 
@@ -512,8 +513,8 @@ class Trainer:
         tracker = LossTracker(device)
         grad_norm = torch.zeros(())
         # Non-finite steps are counted on the device and read when the loss is logged (no host read per step).
-        nonfinite_in_a_row = torch.tensor(self.nonfinite_in_a_row, device=device)
-        longest_nonfinite_run = nonfinite_in_a_row.clone()
+        self.nonfinite_in_a_row = torch.as_tensor(self.nonfinite_in_a_row, device=device)
+        longest_nonfinite_run = self.nonfinite_in_a_row.clone()
         skipped_since_log = torch.zeros((), dtype=torch.long, device=device)
         steps_since_log, last_log_time = 0, time.perf_counter()
         batches = self._batches()
@@ -525,10 +526,9 @@ class Trainer:
             grad_norm, skipped = optimizer_step(
                 accelerator, self.module, self.optimizer, micro_batches, config.optim.max_grad_norm, tracker
             )
-            nonfinite_in_a_row = (nonfinite_in_a_row + 1) * skipped
-            longest_nonfinite_run = torch.maximum(longest_nonfinite_run, nonfinite_in_a_row)
+            self.nonfinite_in_a_row = (self.nonfinite_in_a_row + 1) * skipped
+            longest_nonfinite_run = torch.maximum(longest_nonfinite_run, self.nonfinite_in_a_row)
             skipped_since_log += skipped
-            self.nonfinite_in_a_row = nonfinite_in_a_row  # a tensor until the next checkpoint reads it
             self.lr_scheduler.step()  # also on a skipped step: the schedule follows the step count, as with fp16
             self.step += 1
             self.images_seen += train.batch_size
@@ -547,7 +547,7 @@ class Trainer:
                 self._log(tracker, grad_norm, steps_since_log, now - last_log_time)
                 tracker.reset()
                 skipped_since_log.zero_()
-                longest_nonfinite_run.copy_(nonfinite_in_a_row)
+                longest_nonfinite_run.copy_(self.nonfinite_in_a_row)
                 steps_since_log, last_log_time = 0, now
             if train.sample_every and self.step % train.sample_every == 0 and self.step != train.max_steps:
                 self.sample_grid()
