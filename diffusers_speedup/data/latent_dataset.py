@@ -82,13 +82,9 @@ class LatentNormalization:
             latents_std=tuple(float(v) for v in std),
         )
 
-    @property
-    def per_channel_mean_std(self) -> bool:
-        return self.latents_mean is not None
-
     def _affine(self, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """``(mean, scale)`` with ``x = (z - mean) * scale``, shaped to broadcast over ``(B, C, h, w)``."""
-        if self.per_channel_mean_std:
+        if self.latents_mean is not None:
             channels = like.shape[1]
             if len(self.latents_mean) != channels:
                 raise ValueError(
