@@ -111,7 +111,9 @@ def package_step(spec: BenchmarkModel, model, device, mixed_precision: str, comp
         torch.backends.cudnn.allow_tf32 = True
     accelerator = _fresh_accelerator(mixed_precision, device)
     objective = build_objective(config, build_noise_scheduler(config.objective.schedule), spec.num_classes, model)
-    module = TrainingModule(torch.compile(model) if compile else model, objective)
+    if compile:
+        model.compile()  # in place, as the trainer does
+    module = TrainingModule(model, objective)
     optimizer = build_optimizer(config, module.parameters(), accelerator.device)
     module, optimizer = accelerator.prepare(module, optimizer)
     averaged = ConstantEMA(model, decay=0.9999).to(accelerator.device) if ema else None

@@ -384,8 +384,12 @@ class Trainer:
         else:
             self.ema = None
 
+        if train.compile:
+            # In place rather than torch.compile(model): the parameter names, and so checkpoints, stay the same
+            # with and without compilation, and a run can be resumed either way.
+            self.model.compile()
         trainable = TrainingModule(
-            torch.compile(self.model) if train.compile else self.model,
+            self.model,
             self.objective,
             accelerator.process_index,
             accelerator.num_processes,

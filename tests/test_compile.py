@@ -1,0 +1,70 @@
+"""``train.compile``: every model family traces into one graph and is not recompiled from step to step.
+
+A graph break or a per-step recompilation would not fail a run, it would only make the compiled GPU run slow; this
+is where such a change shows. Dynamo's tracing is what decides both, so the cheap ``eager`` backend stands in for
+inductor here.
+"""
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+
+from diffusers_speedup.models import EDM2UNetModel, UViTModel
+
+
+def uvit():
+    return UViTModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=5, num_attention_heads=2,
+        num_classes=10, skip_scaling="learned_per_skip",
+    )  # fmt: skip
+
+
+def dit():
+    return DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=10,
+    )  # fmt: skip
+
+
+def edm2():
+    model = EDM2UNetModel(
+        sample_size=8, in_channels=4, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+        attn_resolutions=(4,), channels_per_head=8, num_classes=10, logvar_channels=8,
+    )  # fmt: skip
+    with torch.no_grad():  # config G starts with zero gains, which would leave most weights without gradients
+        for name, param in model.named_parameters():
+            if name.endswith("emb_gain") or name == "out_gain":
+                param.fill_(0.7)
+    return model
+
+
+def loss(model, edm: bool, x, level, labels):
+    """A stand-in loss that reaches every weight: EDM2 trains its learned uncertainty too."""
+    if edm:
+        output = model(x, level, labels, return_logvar=True)
+        return output.sample.float().square().mean() + output.logvar.mean()
+    return model(hidden_states=x, timestep=level, class_labels=labels).sample.float().square().mean()
+
+
+def step_inputs(step: int, edm: bool):
+    generator = torch.Generator().manual_seed(step)
+    x = torch.randn(3, 4, 8, 8, generator=generator)
+    level = torch.rand(3, generator=generator) * 10 if edm else torch.randint(0, 1000, (3,), generator=generator)
+    return x, level, torch.randint(0, 10, (3,), generator=generator)
+
+
+@pytest.mark.parametrize("build", [uvit, dit, edm2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_forward_and_backward_compile_to_one_graph_without_recompiling(build, dtype):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build().train()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+    edm = isinstance(model, EDM2UNetModel)
+    for step in range(3):
+        # After the first step, new timesteps, noise and labels must reuse the compiled graph.
+        stance = "default" if step == 0 else "fail_on_recompile"
+        with torch.compiler.set_stance(stance), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            value = loss(compiled, edm, *step_inputs(step, edm))
+        value.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
