@@ -91,6 +91,33 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, monkey
         assert_same(a, b)
 
 
+def test_a_compiled_run_resumes_uncompiled_and_ends_where_an_uncompiled_run_does(tmp_path, monkeypatch):
+    # Dynamo traces as it would for inductor; the eager backend keeps the test fast and the arithmetic unchanged.
+    compile_in_place = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_in_place(self, backend="eager"))
+    straight = Trainer(load_config(QUICKSTART, tiny(tmp_path / "straight")))
+    straight.train()
+    compiled = Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", "train.compile=true", "train.max_steps=3")))
+    compiled.train()
+    assert compiled.model._compiled_call_impl is not None
+    resumed = Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", "train.resume=latest")))
+    resumed.train()
+    assert resumed.step == 6
+    for a, b in zip(
+        checkpoint_tensors(tmp_path / "straight" / "checkpoint-6"),
+        checkpoint_tensors(tmp_path / "run" / "checkpoint-6"),
+    ):
+        assert_same(a, b)
+
+
+def test_a_fresh_run_refuses_an_output_dir_that_holds_checkpoints(tmp_path):
+    Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", "train.max_steps=3"))).train()
+    before = {path: path.stat().st_mtime_ns for path in (tmp_path / "run").rglob("*")}
+    with pytest.raises(ConfigError, match=r"train.output_dir: .*run already holds .*checkpoint-3.*train.resume=latest"):
+        Trainer(load_config(QUICKSTART, tiny(tmp_path / "run")))
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "run").rglob("*")} == before
+
+
 def test_training_writes_checkpoints_samples_and_a_loadable_pipeline(tmp_path):
     trainer = Trainer(
         load_config(

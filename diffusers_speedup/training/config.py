@@ -15,6 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .checkpoints import list_checkpoints
+
 MODEL_KINDS = ("uvit", "edm2_unet", "dit")
 DATA_KINDS = ("builtin", "image_folder", "hf_dataset", "latents")
 LATENT_NORMS = ("vae", "per_channel")
@@ -387,6 +389,14 @@ def check_environment(config: Config) -> None:
             raise ConfigError("train.attention: EDM2UNetModel's cosine attention has no xformers path; use 'sdpa'.")
     if train.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError("train.report_to: 'wandb' is not installed.")
+    if train.resume is None:
+        # A fresh run would write its own checkpoint-<step> folders over these.
+        existing = list_checkpoints(train.output_dir)
+        if existing:
+            raise ConfigError(
+                f"train.output_dir: {train.output_dir} already holds a run's checkpoints (up to {existing[-1].name}); "
+                "set train.resume=latest to continue it, or choose another train.output_dir."
+            )
 
 
 def build_noise_scheduler(schedule: ScheduleConfig):

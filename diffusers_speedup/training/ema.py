@@ -48,7 +48,7 @@ def _make_shadow_copy(model: torch.nn.Module) -> torch.nn.Module:
     # accelerate.prepare() stores an autocast-wrapped forward on the instance; the copy is a plain module.
     for name in ("forward", "_original_forward"):
         shadow.__dict__.pop(name, None)
-    shadow.to(torch.float32)
+    shadow.float()  # not .to(dtype): diffusers' ModelMixin.to warns about fp32-kept modules on every dtype cast
     shadow.requires_grad_(False)
     shadow.eval()
     return shadow
