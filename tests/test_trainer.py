@@ -60,6 +60,12 @@ def assert_same(a, b):
         assert a == b
 
 
+def assert_same_checkpoint(a, b):
+    """Model, optimizer and EMA state of two checkpoint folders are bit-identical."""
+    for x, y in zip(checkpoint_tensors(a), checkpoint_tensors(b)):
+        assert_same(x, y)
+
+
 def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypatch):
     extra = ("train.gradient_accumulation_steps=2", "objective.sampler.kind=speed")
     straight = Trainer(load_config(QUICKSTART, tiny(tmp_path / "straight", *extra)))
@@ -84,11 +90,7 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, monkey
     resumed = Trainer(load_config(QUICKSTART, tiny(tmp_path / "resumed", *extra, "train.resume=latest")))
     resumed.train()
     assert resumed.step == 6
-    for a, b in zip(
-        checkpoint_tensors(tmp_path / "straight" / "checkpoint-6"),
-        checkpoint_tensors(tmp_path / "resumed" / "checkpoint-6"),
-    ):
-        assert_same(a, b)
+    assert_same_checkpoint(tmp_path / "straight" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6")
 
 
 def test_a_compiled_run_resumes_uncompiled_and_ends_where_an_uncompiled_run_does(tmp_path, monkeypatch):
@@ -103,11 +105,7 @@ def test_a_compiled_run_resumes_uncompiled_and_ends_where_an_uncompiled_run_does
     resumed = Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", "train.resume=latest")))
     resumed.train()
     assert resumed.step == 6
-    for a, b in zip(
-        checkpoint_tensors(tmp_path / "straight" / "checkpoint-6"),
-        checkpoint_tensors(tmp_path / "run" / "checkpoint-6"),
-    ):
-        assert_same(a, b)
+    assert_same_checkpoint(tmp_path / "straight" / "checkpoint-6", tmp_path / "run" / "checkpoint-6")
 
 
 def test_a_fresh_run_refuses_an_output_dir_that_holds_checkpoints(tmp_path):
