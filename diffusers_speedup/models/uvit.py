@@ -212,6 +212,7 @@ class UViTModel(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["UViTBlock"]
+    _repeated_blocks = ["UViTBlock"]  # for diffusers' regional compilation, compile_repeated_blocks()
 
     @register_to_config
     def __init__(
