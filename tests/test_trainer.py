@@ -222,6 +222,23 @@ EDM2_TINY = [
 ]
 
 
+@pytest.mark.parametrize(
+    ("edm2", "message"), [(False, "ema.kind: the EMA averages whole parameters"), (True, "model.kind: EDM2UNetModel")]
+)
+def test_fsdp_refuses_what_needs_whole_weights_before_any_work(edm2, message, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    if edm2:  # from the defaults, as the quickstart's U-ViT parameters do not fit EDM2
+        config = load_config(None, [f"train.output_dir={tmp_path / 'run'}", "ema.kind=none", *EDM2_TINY])
+    else:
+        config = load_config(QUICKSTART, tiny(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=message):
+        Trainer(config)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["uvit", "edm2_unet"])
 def test_two_process_ddp_on_cpu_matches_one_process(tmp_path, model):

@@ -276,6 +276,19 @@ def _step_unless(optimizer, skip: torch.Tensor) -> None:
 # --- helpers -----------------------------------------------------------------------------------------------------
 
 
+def _check_fsdp(config: Config) -> None:
+    """FSDP leaves each process a shard of every parameter; these features need each weight whole."""
+    if config.ema.kind != "none":
+        raise ConfigError(
+            "ema.kind: the EMA averages whole parameters, which FSDP shards; train with DDP or set ema.kind=none."
+        )
+    if config.model.kind == "edm2_unet":
+        raise ConfigError(
+            "model.kind: EDM2UNetModel renormalises each whole weight in place as it trains (forced weight "
+            "normalisation), which FSDP's shards would not keep; train it with DDP."
+        )
+
+
 def build_optimizer(config: Config, parameters, device: torch.device) -> torch.optim.Optimizer:
     optim = config.optim
     cls = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
@@ -345,6 +358,8 @@ class Trainer:
             ),
         )
         accelerator = self.accelerator
+        if accelerator.distributed_type == DistributedType.FSDP:
+            _check_fsdp(config)
         world = accelerator.num_processes * train.gradient_accumulation_steps
         if train.batch_size % world:
             raise ValueError(
@@ -396,11 +411,6 @@ class Trainer:
         )
         optimizer = build_optimizer(config, trainable.parameters(), accelerator.device)
         self.module, self.optimizer = accelerator.prepare(trainable, optimizer)
-        if self.ema is not None and accelerator.distributed_type == DistributedType.FSDP:
-            # The EMA averages whole parameters; under FSDP each process holds only its shard of them.
-            raise ConfigError(
-                "ema.kind: the EMA needs whole parameters, which FSDP shards; train with DDP or set ema.kind=none."
-            )
         # Not passed through prepare: accelerate would step it once per process per step.
         self.lr_scheduler = get_lr_scheduler(
             config.optim.lr_schedule,
