@@ -5,11 +5,17 @@ is where such a change shows. Dynamo's tracing is what decides both, so the chea
 inductor here.
 """
 
+import os
+import sys
+
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
 from diffusers_speedup.models import EDM2UNetModel, UViTModel
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_edm2_unet import wake_gains  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not hasattr(torch.compiler, "set_stance"), reason="torch.compiler.set_stance: torch>=2.6"
@@ -35,10 +41,7 @@ def edm2():
         sample_size=8, in_channels=4, model_channels=16, channel_mult=(1, 2), num_blocks=1,
         attn_resolutions=(4,), channels_per_head=8, num_classes=10, logvar_channels=8,
     )  # fmt: skip
-    with torch.no_grad():  # config G starts with zero gains, which would leave most weights without gradients
-        for name, param in model.named_parameters():
-            if name.endswith("emb_gain") or name == "out_gain":
-                param.fill_(0.7)
+    wake_gains(model)
     return model
 
 
