@@ -1,0 +1,84 @@
+"""What every checkpoint converter shares: safe loading, one key check, and writing the pipeline folder."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint that is not of the expected family, layout or size, or not a readable file at all."""
+
+
+def load_torch_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    """Reads a ``torch.save`` file of tensors with ``weights_only=True``, so no pickled code runs.
+
+    `what` names the expected checkpoint in errors ("a U-ViT nnet.pth"). Nested dicts such as DiT's
+    ``{"model": ..., "ema": ...}`` are returned as they are; the caller picks the entry.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise CheckpointFormatError(f"{path}: cannot be read as {what} (truncated or not a torch file): {error}") from None
+    except Exception as error:  # the weights-only unpickler refuses anything that is not plain tensors
+        raise CheckpointFormatError(f"{path}: is not {what} of plain tensors: {error}") from None
+    if not isinstance(state, Mapping):
+        raise CheckpointFormatError(f"{path}: expected {what} (a dict of tensors), found {type(state).__name__}")
+    return dict(state)
+
+
+def check_state_dict_keys(
+    state: Mapping[str, object], expected: Iterable[str], path: str | os.PathLike, what: str
+) -> None:
+    """One error naming every missing and every unexpected key, or nothing when the key sets are equal."""
+    expected = set(expected)
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if not missing and not unexpected:
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing keys {_preview(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys {_preview(unexpected)}")
+    raise CheckpointFormatError(f"{path}: not {what}: " + "; ".join(parts))
+
+
+def _preview(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{f', ... ({len(keys)} in all)' if len(keys) > limit else ''}]"
+
+
+def save_converted_pipeline(
+    pipeline,
+    output_dir: str | os.PathLike,
+    *,
+    model_name: str,
+    source: str,
+    license: str,
+    description: str,
+    sampling: Mapping[str, object] | None = None,
+) -> Path:
+    """Writes `pipeline` as an exported folder whose model card names where the weights came from and their licence.
+
+    `source` is the checkpoint's origin (a URL or the released file's name), `license` a Hub licence id
+    ("mit", "cc-by-nc-sa-4.0", ...), `sampling` the card's recommended settings (num_inference_steps,
+    guidance_scale, guidance_interval) from the paper that released the weights.
+    """
+    from ..hub import ModelCardInfo, export_pipeline
+
+    card = ModelCardInfo(
+        model_name=model_name,
+        license=license,
+        description=f"{description}\n\nConverted from the released checkpoint {source}; the weights keep its licence "
+        f"({license}).",
+        **dict(sampling or {}),
+    )
+    return export_pipeline(pipeline, output_dir, card_info=card)
