@@ -78,12 +78,29 @@ def test_training_forward_and_backward_compile_to_one_graph_without_recompiling(
 
 
 def test_uvit_compiles_block_by_block_with_diffusers_regional_compilation():
-    # All blocks share one graph (two: with and without a long skip), so compiling stays cheap at any depth.
+    # Each class of `_repeated_blocks` has one structure, so each is traced exactly once, whatever the depth: the
+    # in- and mid-blocks share one graph, the out-blocks (with their skip merge) another.
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = uvit().train()
-    model.compile_repeated_blocks(backend="eager", fullgraph=True)
+    traced = []
+
+    def counting_backend(graph_module, example_inputs):
+        traced.append(graph_module)
+        return graph_module.forward
+
+    model.compile_repeated_blocks(backend=counting_backend, fullgraph=True)
     for step in range(3):
         with torch.compiler.set_stance("default" if step == 0 else "fail_on_recompile"):
             loss(model, False, *step_inputs(step, edm=False)).backward()
     assert all(p.grad is not None for p in model.parameters())
+    kinds = {type(block).__name__ for block in model.blocks()}
+    assert kinds == set(model._repeated_blocks) == {"UViTBlock", "UViTSkipBlock"}
+    assert len(traced) == len(kinds)
+    for kind in kinds:  # one structure per declared class
+        shapes = {
+            tuple((name, tuple(p.shape)) for name, p in block.named_parameters())
+            for block in model.blocks()
+            if type(block).__name__ == kind
+        }
+        assert len(shapes) == 1

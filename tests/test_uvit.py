@@ -284,6 +284,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(skip_scaling):
         ({"num_layers": 6}, r"num_layers=6 must be odd"),
         ({"use_long_skips": False, "skip_scaling": "inv_sqrt2"}, r"skip_scaling='inv_sqrt2' needs use_long_skips"),
         ({"num_classes": -1}, r"num_classes=-1"),
+        ({"qkv_bias": "k"}, r"qkv_bias='k' must be False, True or 'qv'"),
+        ({"time_embedding_type": "fourier"}, r"time_embedding_type='fourier'"),
+        ({"num_time_embeddings": 0}, r"num_time_embeddings=0"),
+        ({"init_scheme": "dit"}, r"init_scheme='dit'"),
         ({"class_dropout_prob": 1.0}, r"class_dropout_prob=1.0"),
     ],
 )
@@ -299,14 +303,13 @@ def test_unknown_preset_raises():
 
 # Published sizes (U-ViT paper, Table 1) at the setting each was trained in: S/2 on CIFAR-10 pixels, S-Deep/2 on
 # 32x32x4 MS-COCO latents (its text tokens are not part of this class), M/4 on ImageNet-64 pixels, L/2 and H/2 on
-# ImageNet-256 latents (1000 classes + null). ViT-B is checked against the standard ViT-Base size (86M).
+# ImageNet-256 latents (1000 classes + null). The Min-SNR ViT-B has its own closed-form count below.
 PUBLISHED = [
     ("uvit-s", 44e6, dict(sample_size=32, patch_size=2, in_channels=3)),
     ("uvit-s-deep", 58e6, dict(sample_size=32, patch_size=2, in_channels=4)),
     ("uvit-m", 131e6, dict(sample_size=64, patch_size=4, in_channels=3, num_classes=1000)),
     ("uvit-l", 287e6, dict(sample_size=32, patch_size=2, in_channels=4, num_classes=1000)),
     ("uvit-h", 501e6, dict(sample_size=32, patch_size=2, in_channels=4, num_classes=1000)),
-    ("vit-b-minsnr", 86e6, dict(sample_size=32, in_channels=4, num_classes=1000)),
 ]
 
 
@@ -319,11 +322,106 @@ def test_preset_parameter_counts(name, published, setting):
     assert model.config.num_layers == UVIT_PRESETS[name]["num_layers"]
 
 
+def official_minsnr_vit_parameter_count(width, depth, patch, channels, image, label_rows, time_rows, mlp_ratio=4):
+    """Parameters of the Min-SNR code's VisionTransformer, summed layer by layer from its definition."""
+    tokens = (image // patch) ** 2 + 2  # time + class + patches
+    patch_embed = channels * patch * patch * width + width  # PatchEmbed.proj, a Conv2d with bias
+    hidden = mlp_ratio * width
+    block = (
+        2 * width  # norm1
+        + 3 * width * width  # attn.qkv.weight (Linear without bias)
+        + 2 * width  # attn.q_bias, attn.v_bias
+        + (width * width + width)  # attn.proj
+        + 2 * width  # norm2
+        + (width * hidden + hidden)  # mlp.fc1
+        + (hidden * width + width)  # mlp.fc2
+    )
+    head = width * patch * patch * channels + patch * patch * channels  # linear_projection; `norm` is an Identity
+    return patch_embed + tokens * width + depth * block + head + label_rows * width + time_rows * width
+
+
+def test_vit_b_minsnr_has_the_official_parameter_count():
+    # vit_base_patch2_32 as configs/in256/..._bs8x32.sh builds it: 32x32x4 latents, depth 12, width 768, 1000
+    # classes plus the null label (drop_label_prob 0.15 > 0), the default num_steps=4000 time table.
+    expected = official_minsnr_vit_parameter_count(768, 12, 2, 4, 32, label_rows=1001, time_rows=4000)
+    assert expected == 89_109_520
+    with torch.device("meta"):
+        model = UViTModel.from_preset("vit-b-minsnr", sample_size=32, in_channels=4, num_classes=1000)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_vit_b_minsnr_architecture_and_init():
+    torch.manual_seed(0)
+    model = UViTModel.from_preset(
+        "vit-b-minsnr", sample_size=8, in_channels=4, num_classes=10, hidden_size=128, num_attention_heads=4,
+        num_layers=4,
+    )  # fmt: skip
+    assert isinstance(model.norm_out, torch.nn.Identity) and isinstance(model.conv_out, torch.nn.Identity)
+    attn = model.in_blocks[0].attn
+    assert attn.qkv.bias is None and attn.q_bias.shape == attn.v_bias.shape == (128,)
+    assert model.time_table.weight.shape == (4000, 128)
+    # The class and time tables are built after the init in the official code: PyTorch's N(0, 1).
+    assert model.time_table.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert model.class_embed.weight.std().item() == pytest.approx(1.0, rel=0.2)
+    for layer, block in enumerate(model.in_blocks, start=1):
+        scale = 0.02 / math.sqrt(2 * layer)  # fix_init_weight: block `layer` (from 1) divided by sqrt(2 * layer)
+        assert block.attn.proj.weight.std().item() == pytest.approx(scale, rel=0.05)
+        assert block.mlp[2].weight.std().item() == pytest.approx(scale, rel=0.05)
+        assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert block.mlp[0].weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.proj_out.weight.std().item() == pytest.approx(0.02 * 1e-3, rel=0.1)  # init_scale = 0.001
+    assert torch.equal(model.proj_out.bias, torch.zeros(16))
+
+
+def minsnr_reference_forward(model, x, t, labels):
+    """The Min-SNR ViT written out from its official definition, reading the model's weights by name."""
+    w = model.state_dict()
+    cfg = model.config
+    dim, heads, p = cfg.hidden_size, cfg.num_attention_heads, cfg.patch_size
+    h = F.conv2d(x, w["patch_embed.weight"], w["patch_embed.bias"], stride=p).flatten(2).transpose(1, 2)
+    h = torch.cat([w["time_table.weight"][t][:, None], w["class_embed.weight"][labels][:, None], h], 1) + w["pos_embed"]
+    for i in range(cfg.num_layers):
+        pre = f"in_blocks.{i}."
+        y = F.layer_norm(h, (dim,), w[pre + "norm1.weight"], w[pre + "norm1.bias"], 1e-6)
+        bias = torch.cat([w[pre + "attn.q_bias"], torch.zeros(dim), w[pre + "attn.v_bias"]])
+        q, k, v = (y @ w[pre + "attn.qkv.weight"].T + bias).reshape(*y.shape[:2], 3, heads, -1).permute(2, 0, 3, 1, 4)
+        attention = ((q * (dim // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+        y = (attention @ v).transpose(1, 2).reshape(h.shape)
+        h = h + y @ w[pre + "attn.proj.weight"].T + w[pre + "attn.proj.bias"]
+        y = F.layer_norm(h, (dim,), w[pre + "norm2.weight"], w[pre + "norm2.bias"], 1e-6)
+        y = F.gelu(y @ w[pre + "mlp.0.weight"].T + w[pre + "mlp.0.bias"])
+        h = h + y @ w[pre + "mlp.2.weight"].T + w[pre + "mlp.2.bias"]
+    h = (h @ w["proj_out.weight"].T + w["proj_out.bias"])[:, 2:]  # no final norm
+    side, channels = cfg.sample_size // p, model.out_channels
+    h = h.reshape(x.shape[0], side, side, p, p, channels)
+    return torch.einsum("nhwpqc->nchpwq", h).reshape(x.shape[0], channels, side * p, side * p)
+
+
+def test_vit_b_minsnr_forward_matches_the_official_definition():
+    torch.manual_seed(0)
+    model = UViTModel.from_preset(
+        "vit-b-minsnr", sample_size=8, in_channels=4, num_classes=10, hidden_size=32, num_attention_heads=4,
+        num_layers=3,
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        for parameter in model.parameters():  # away from the init, so that every term shows
+            parameter.normal_(0, 0.2)
+    x = torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    y = torch.tensor([0, 3, 10])
+    with torch.no_grad():
+        expected = minsnr_reference_forward(model, x, t, y)
+        torch.testing.assert_close(model(x, t, y).sample, expected, atol=1e-5, rtol=1e-5)
+        # A float step from a scheduler selects the same row.
+        torch.testing.assert_close(model(x, t.double(), y).sample, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_presets_accept_overrides_and_vit_b_has_no_long_skips():
     with torch.device("meta"):
         vit = UViTModel.from_preset("VIT-B-MINSNR", sample_size=16, num_classes=10)
     assert vit.num_skips == 0 and vit.mid_block is None and len(vit.in_blocks) == 12
-    assert vit.in_blocks[0].attn.qkv.bias is not None and vit.in_blocks[0].skip_linear is None
+    assert vit.in_blocks[0].attn.qkv.bias is None and vit.in_blocks[0].attn.q_bias is not None
+    assert not hasattr(vit.in_blocks[0], "skip_linear")
     assert vit.config.sample_size == 16 and vit.config.patch_size == 2
 
 
@@ -439,3 +537,21 @@ def test_xformers_path_matches_sdpa(monkeypatch):
         count = len(calls)
         assert torch.equal(model(x, t, y).sample, native) and len(calls) == count
     torch.testing.assert_close(via_xformers, native, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_minsnr_recipes_build_the_official_vit_b(prediction):
+    from diffusers_speedup.training.config import load_config
+    from diffusers_speedup.training.trainer import build_model
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "imagenet256", f"vit_b_minsnr_{prediction}.yaml")
+    config = load_config(recipe)
+    data = types.SimpleNamespace(sample_shape=(4, 32, 32), num_classes=1000)  # ImageNet-256 SD-VAE latents
+    with torch.device("meta"):
+        model = build_model(config, data)
+    assert sum(p.numel() for p in model.parameters()) == 89_109_520
+    assert model.config.time_embedding_type == "learned" and model.config.init_scheme == "beit"
+    # The table is indexed by the DDPM step, as guided-diffusion feeds it (rescale_timesteps=False).
+    schedule = config.objective.schedule
+    assert schedule.kind == "ddpm" and schedule.num_train_timesteps == 1000 <= model.config.num_time_embeddings
+    assert model.config.timestep_scale == 1.0 and model.config.timestep_shift == 0.0

@@ -22,6 +22,10 @@ from torch import nn
 
 SKIP_SCALING_MODES = ("none", "inv_sqrt2", "constant", "learned", "learned_per_skip")
 ATTENTION_BACKENDS = ("native", "xformers")
+TIME_EMBEDDING_TYPES = ("sinusoidal", "learned")
+INIT_SCHEMES = ("uvit", "beit")
+# BEiT's `init_scale`: the output projection starts 1000 times smaller than the other linear layers.
+BEIT_OUTPUT_INIT_SCALE = 1e-3
 
 # Architecture of the published models. Anything else (sample_size, in_channels, num_classes, ...) comes from the
 # constructor defaults or from the overrides given to `UViTModel.from_preset`.
@@ -33,17 +37,22 @@ UVIT_PRESETS = {
     "uvit-l": {"num_layers": 21, "hidden_size": 1024, "num_attention_heads": 16},
     # The official ImageNet-256 U-ViT-H/2 drops the final 3x3 conv (`conv=False`).
     "uvit-h": {"num_layers": 29, "hidden_size": 1152, "num_attention_heads": 16, "final_conv": False},
-    # The plain ViT-B of the Min-SNR paper (vit_base_patch2_32): no long skips, qkv bias, LayerNorm eps 1e-6,
-    # no final conv.
+    # The ViT-B of the Min-SNR paper, `vit_base_patch2_32` of its official code: no long skips, biases on query and
+    # value only, LayerNorm eps 1e-6, no final LayerNorm (its `use_mean_pooling` makes that norm an identity), no
+    # final conv, a learned 4000-row table of time embeddings indexed by the DDPM step, and BEiT's init.
     "vit-b-minsnr": {
         "num_layers": 12,
         "hidden_size": 768,
         "num_attention_heads": 12,
         "patch_size": 2,
-        "qkv_bias": True,
+        "qkv_bias": "qv",
         "use_long_skips": False,
         "final_conv": False,
+        "final_norm": False,
         "layer_norm_eps": 1e-6,
+        "time_embedding_type": "learned",
+        "num_time_embeddings": 4000,
+        "init_scheme": "beit",
     },
 }
 
@@ -65,12 +74,22 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 
 class UViTAttention(nn.Module):
-    """Multi-head self-attention through PyTorch SDPA, or xformers' memory-efficient kernel when enabled."""
+    """Multi-head self-attention through PyTorch SDPA, or xformers' memory-efficient kernel when enabled.
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False):
+    `qkv_bias`: False (no bias), True (one bias for query, key and value, in ``qkv.bias``) or "qv" (BEiT's layout:
+    learned ``q_bias`` and ``v_bias``, the key's bias fixed at zero; softmax ignores a key bias anyway, since it adds
+    the same ``q·b_k`` to every logit of a query).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool | str = False):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias is True)
+        if qkv_bias == "qv":
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
         self.proj = nn.Linear(dim, dim)
         self.use_xformers = False
         self.xformers_op = None
@@ -89,9 +108,15 @@ class UViTAttention(nn.Module):
         self.use_xformers = valid
         self.xformers_op = attention_op if valid else None
 
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_bias is None:
+            return self.qkv(x)
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        return F.linear(x, self.qkv.weight, bias.to(x.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+        qkv = self._qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
         if self.use_xformers:
             import xformers.ops
 
@@ -104,31 +129,42 @@ class UViTAttention(nn.Module):
 
 
 class UViTBlock(nn.Module):
-    """Pre-LayerNorm transformer block; out-blocks first merge a long skip with ``Linear(cat([x, skip]))``."""
+    """Pre-LayerNorm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
 
     def __init__(
         self,
         dim: int,
         num_heads: int,
         mlp_ratio: float = 4.0,
-        qkv_bias: bool = False,
+        qkv_bias: bool | str = False,
         layer_norm_eps: float = 1e-5,
-        long_skip: bool = False,
     ):
         super().__init__()
-        self.skip_linear = nn.Linear(2 * dim, dim) if long_skip else None
         self.norm1 = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.attn = UViTAttention(dim, num_heads, qkv_bias=qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=layer_norm_eps)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        if self.skip_linear is not None:
-            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         x = x + self.mlp(self.norm2(x))
         return x
+
+
+class UViTSkipBlock(UViTBlock):
+    """Out-block: first merges the long skip into the main path with ``Linear(cat([x, skip]))``, then a `UViTBlock`.
+
+    A class of its own, not an optional layer of `UViTBlock`, so that each class named in `_repeated_blocks` has one
+    structure and diffusers' regional compilation traces each exactly once.
+    """
+
+    def __init__(self, dim: int, *args, **kwargs):
+        super().__init__(dim, *args, **kwargs)
+        self.skip_linear = nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.skip_linear(torch.cat([x, skip], dim=-1)))
 
 
 class SkipGate(nn.Module):
@@ -159,10 +195,11 @@ class UViTModel(ModelMixin, ConfigMixin):
     r"""U-ViT for class-conditional or unconditional diffusion on pixels or latents, with ScaleLong skip scaling.
 
     Tokens: ``[time, class (only if num_classes > 0), patches]`` plus a learned position embedding. The time token
-    is the sinusoidal embedding of ``timestep`` (optionally followed by an MLP). The class token embeds labels
+    embeds ``timestep_scale · timestep + timestep_shift`` (the identity by default): sinusoidally, or as a row of a
+    learned table (`time_embedding_type`), optionally followed by an MLP. The class token embeds labels
     ``0 .. num_classes - 1``; label ``num_classes`` is the learned null label used for classifier-free guidance.
-    The head is ``LayerNorm → Linear(D, patch_size² · out_channels)``, the extra tokens are dropped, the patches are
-    put back into an image and an optional 3×3 convolution follows (U-ViT's ``conv=True``).
+    The head is ``LayerNorm (optional) → Linear(D, patch_size² · out_channels)``, the extra tokens are dropped, the
+    patches are put back into an image and an optional 3×3 convolution follows (U-ViT's ``conv=True``).
 
     Long skips and ScaleLong. With ``use_long_skips`` the ``num_layers = 2N + 1`` blocks are N in-blocks, a mid-block
     and N out-blocks. Skip ``i`` (``i = 0 .. N-1``) is the one consumed by ``out_blocks[i]``; it carries the output of
@@ -191,7 +228,8 @@ class UViTModel(ModelMixin, ConfigMixin):
         hidden_size (`int`, defaults to 512): token width D.
         num_attention_heads (`int`, defaults to 8): attention heads; must divide `hidden_size`.
         mlp_ratio (`float`, defaults to 4.0): MLP hidden width as a multiple of `hidden_size`.
-        qkv_bias (`bool`, defaults to `False`): bias in the query/key/value projection.
+        qkv_bias (`bool` or `"qv"`, defaults to `False`): bias of the query/key/value projection: `True` for all
+            three, `"qv"` for query and value only (BEiT's layout, the Min-SNR ViT).
         num_classes (`int`, defaults to 0): number of classes; 0 builds an unconditional model (no class token).
         class_dropout_prob (`float`, defaults to 0.0): probability, in training mode only, of replacing a label by
             the null label (classifier-free guidance training). Leave at 0 when the training objective drops labels.
@@ -205,14 +243,28 @@ class UViTModel(ModelMixin, ConfigMixin):
         mlp_time_embed (`bool`, defaults to `False`): pass the sinusoidal time embedding through
             `Linear(D, 4D) → SiLU → Linear(4D, D)` (U-ViT's `mlp_time_embed`).
         layer_norm_eps (`float`, defaults to 1e-5): epsilon of every LayerNorm.
+        final_norm (`bool`, defaults to `True`): LayerNorm before the output projection (U-ViT has it; the Min-SNR
+            ViT has none).
+        time_embedding_type (`str`, defaults to `"sinusoidal"`): `"sinusoidal"` (U-ViT) or `"learned"`: row
+            ``round(t)`` of a learned `num_time_embeddings`-row table (the Min-SNR ViT; ``t`` must then be a DDPM
+            step index in ``[0, num_time_embeddings)``).
+        num_time_embeddings (`int`, defaults to 4000): rows of the learned time table (used by `"learned"` only).
+        timestep_scale (`float`, defaults to 1.0) and timestep_shift (`float`, defaults to 0.0): the network embeds
+            ``timestep_scale · timestep + timestep_shift``. They map the scheduler's timestep onto the time input a
+            converted network was trained with (U-ViT's discrete models take the step ``n = t + 1``, its continuous
+            ones ``999 · t_continuous``); leave them at the identity when training from scratch.
+        init_scheme (`str`, defaults to `"uvit"`): `"uvit"` or `"beit"` (the Min-SNR ViT: additionally divides the
+            attention output projection and second MLP layer of block ``l = 1 .. num_layers`` by ``√(2l)`` and
+            multiplies the output projection by 0.001).
 
     ``forward(hidden_states, timestep, class_labels=None, return_dict=True)`` returns
     ``Transformer2DModelOutput(sample=...)`` of shape (batch, out_channels, sample_size, sample_size).
     """
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["UViTBlock"]
-    _repeated_blocks = ["UViTBlock"]  # for diffusers' regional compilation, compile_repeated_blocks()
+    _no_split_modules = ["UViTBlock", "UViTSkipBlock"]
+    # For diffusers' regional compilation (compile_repeated_blocks): one graph per class.
+    _repeated_blocks = ["UViTBlock", "UViTSkipBlock"]
 
     @register_to_config
     def __init__(
@@ -225,7 +277,7 @@ class UViTModel(ModelMixin, ConfigMixin):
         hidden_size: int = 512,
         num_attention_heads: int = 8,
         mlp_ratio: float = 4.0,
-        qkv_bias: bool = False,
+        qkv_bias: bool | str = False,
         num_classes: int = 0,
         class_dropout_prob: float = 0.0,
         use_long_skips: bool = True,
@@ -235,6 +287,12 @@ class UViTModel(ModelMixin, ConfigMixin):
         final_conv: bool = True,
         mlp_time_embed: bool = False,
         layer_norm_eps: float = 1e-5,
+        final_norm: bool = True,
+        time_embedding_type: str = "sinusoidal",
+        num_time_embeddings: int = 4000,
+        timestep_scale: float = 1.0,
+        timestep_shift: float = 0.0,
+        init_scheme: str = "uvit",
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -253,11 +311,17 @@ class UViTModel(ModelMixin, ConfigMixin):
             skip_scaling=skip_scaling,
             skip_kappa=skip_kappa,
             skip_gate_reduction=skip_gate_reduction,
+            qkv_bias=qkv_bias,
+            time_embedding_type=time_embedding_type,
+            num_time_embeddings=num_time_embeddings,
+            init_scheme=init_scheme,
         )
         self.out_channels = out_channels
         self.gradient_checkpointing = False
 
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        learned_time = time_embedding_type == "learned"
+        self.time_table = nn.Embedding(num_time_embeddings, hidden_size) if learned_time else None
         self.time_embed = (
             nn.Sequential(nn.Linear(hidden_size, 4 * hidden_size), nn.SiLU(), nn.Linear(4 * hidden_size, hidden_size))
             if mlp_time_embed
@@ -269,29 +333,36 @@ class UViTModel(ModelMixin, ConfigMixin):
         num_tokens = self.num_extra_tokens + (sample_size // patch_size) ** 2
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size))
 
-        def block(long_skip=False):
-            return UViTBlock(hidden_size, num_attention_heads, mlp_ratio, qkv_bias, layer_norm_eps, long_skip)
-
+        block_args = (hidden_size, num_attention_heads, mlp_ratio, qkv_bias, layer_norm_eps)
         if use_long_skips:
             num_skips = (num_layers - 1) // 2
-            self.in_blocks = nn.ModuleList([block() for _ in range(num_skips)])
-            self.mid_block = block()
-            self.out_blocks = nn.ModuleList([block(long_skip=True) for _ in range(num_skips)])
+            self.in_blocks = nn.ModuleList([UViTBlock(*block_args) for _ in range(num_skips)])
+            self.mid_block = UViTBlock(*block_args)
+            self.out_blocks = nn.ModuleList([UViTSkipBlock(*block_args) for _ in range(num_skips)])
         else:
             num_skips = 0
-            self.in_blocks = nn.ModuleList([block() for _ in range(num_layers)])
+            self.in_blocks = nn.ModuleList([UViTBlock(*block_args) for _ in range(num_layers)])
             self.mid_block = None
             self.out_blocks = nn.ModuleList()
 
-        self.norm_out = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.norm_out = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if final_norm else nn.Identity()
         self.proj_out = nn.Linear(hidden_size, patch_size**2 * out_channels)
         self.conv_out = nn.Conv2d(out_channels, out_channels, 3, padding=1) if final_conv else nn.Identity()
 
         # U-ViT init: trunc-normal(0.02) Linear weights, zero biases, LayerNorm (1, 0), trunc-normal position
-        # embedding; convolutions and the class table keep PyTorch's defaults. Like timm's trunc_normal_, the cut is
-        # at ±2 absolute (100σ), so this is in effect N(0, 0.02²), exactly what the official models started from.
+        # embedding; convolutions and the class and time tables keep PyTorch's defaults (N(0, 1) for the tables,
+        # which the Min-SNR code builds after its init). Like timm's trunc_normal_, the cut is at ±2 absolute (100σ),
+        # so this is in effect N(0, 0.02²), exactly what the official models started from.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(_init_uvit_weights)
+        if init_scheme == "beit":
+            # BEiT's fix_init_weight: the residual branches of deeper blocks start smaller, 1/√(2l) for block l.
+            with torch.no_grad():
+                for layer, block in enumerate(self.blocks(), start=1):
+                    block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+                    block.mlp[2].weight.div_(math.sqrt(2.0 * layer))
+                self.proj_out.weight.mul_(BEIT_OUTPUT_INIT_SCALE)
+                self.proj_out.bias.mul_(BEIT_OUTPUT_INIT_SCALE)
 
         gate_count = {"learned": min(1, num_skips), "learned_per_skip": num_skips}.get(skip_scaling, 0)
         self.skip_gates = nn.ModuleList([SkipGate(num_tokens, skip_gate_reduction) for _ in range(gate_count)])
@@ -309,6 +380,11 @@ class UViTModel(ModelMixin, ConfigMixin):
         if key not in UVIT_PRESETS:
             raise ValueError(f"Unknown U-ViT preset name={name!r}; choose one of {sorted(UVIT_PRESETS)}")
         return cls(**{**UVIT_PRESETS[key], **overrides})
+
+    def blocks(self) -> list:
+        """All transformer blocks in the order they run: in-blocks, mid-block, out-blocks."""
+        middle = [self.mid_block] if self.mid_block is not None else []
+        return [*self.in_blocks, *middle, *self.out_blocks]
 
     @property
     def num_skips(self) -> int:
@@ -396,7 +472,7 @@ class UViTModel(ModelMixin, ConfigMixin):
         timestep = _broadcast_timestep(timestep, batch, hidden_states.device)
 
         x = self.patch_embed(hidden_states).flatten(2).transpose(1, 2)
-        time_token = self.time_embed(timestep_embedding(timestep, config.hidden_size).to(x.dtype))
+        time_token = self.time_embed(self._embed_time(timestep).to(x.dtype))
         tokens = [time_token[:, None]]
         if self.class_embed is not None:
             tokens.append(self.class_embed(self._prepare_labels(class_labels, batch, x.device))[:, None])
@@ -418,6 +494,17 @@ class UViTModel(ModelMixin, ConfigMixin):
         if not return_dict:
             return (sample,)
         return Transformer2DModelOutput(sample=sample)
+
+    def _embed_time(self, timestep: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        if config.timestep_scale != 1.0 or config.timestep_shift != 0.0:
+            timestep = timestep.double() * config.timestep_scale + config.timestep_shift
+        if self.time_table is None:
+            return timestep_embedding(timestep, config.hidden_size)
+        # Schedulers may hand over float steps (e.g. 999.0); the table is indexed by the nearest integer step, as
+        # the Min-SNR sampler rounds σ to its grid. An index out of range is reported by nn.Embedding.
+        index = timestep.round().long() if timestep.is_floating_point() else timestep.long()
+        return self.time_table(index)
 
     def _prepare_labels(self, class_labels, batch: int, device: torch.device) -> torch.Tensor:
         null_label = self.config.num_classes
@@ -487,3 +574,11 @@ def _check_config(**c) -> None:
         fail("skip_kappa", "must be > 0 for skip_scaling='constant'")
     if not isinstance(c["skip_gate_reduction"], int) or c["skip_gate_reduction"] < 1:
         fail("skip_gate_reduction", "must be a positive integer")
+    if not (isinstance(c["qkv_bias"], bool) or c["qkv_bias"] == "qv"):
+        fail("qkv_bias", "must be False, True or 'qv' (query and value biases only)")
+    if c["time_embedding_type"] not in TIME_EMBEDDING_TYPES:
+        fail("time_embedding_type", f"is not one of {TIME_EMBEDDING_TYPES}")
+    if not isinstance(c["num_time_embeddings"], int) or c["num_time_embeddings"] < 1:
+        fail("num_time_embeddings", "must be a positive integer (rows of the learned time table)")
+    if c["init_scheme"] not in INIT_SCHEMES:
+        fail("init_scheme", f"is not one of {INIT_SCHEMES}")
