@@ -498,7 +498,7 @@ class UViTModel(ModelMixin, ConfigMixin):
     def _embed_time(self, timestep: torch.Tensor) -> torch.Tensor:
         config = self.config
         if config.timestep_scale != 1.0 or config.timestep_shift != 0.0:
-            timestep = timestep.double() * config.timestep_scale + config.timestep_shift
+            timestep = timestep.float() * config.timestep_scale + config.timestep_shift
         if self.time_table is None:
             return timestep_embedding(timestep, config.hidden_size)
         # Schedulers may hand over float steps (e.g. 999.0); the table is indexed by the nearest integer step, as
