@@ -29,6 +29,13 @@ def uvit():
     )  # fmt: skip
 
 
+def vit_minsnr():  # learned time table, q/v biases, no long skips
+    return UViTModel.from_preset(
+        "vit-b-minsnr", sample_size=8, in_channels=4, hidden_size=32, num_layers=2, num_attention_heads=2,
+        num_classes=10,
+    )  # fmt: skip
+
+
 def dit():
     return DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
@@ -60,7 +67,7 @@ def step_inputs(step: int, edm: bool):
     return x, level, torch.randint(0, 10, (3,), generator=generator)
 
 
-@pytest.mark.parametrize("build", [uvit, dit, edm2])
+@pytest.mark.parametrize("build", [uvit, vit_minsnr, dit, edm2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_forward_and_backward_compile_to_one_graph_without_recompiling(build, dtype):
     torch._dynamo.reset()
