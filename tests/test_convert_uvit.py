@@ -257,3 +257,16 @@ def test_a_pixel_model_refuses_a_vae(tmp_path):
         convert.convert_uvit_checkpoint(
             tmp_path / "nnet.pth", tmp_path / "out", num_heads=4, time_input="continuous", vae="some/vae"
         )
+
+
+def test_the_convert_command_runs_the_uvit_format(tmp_path, monkeypatch, capsys):
+    import diffusers_speedup.convert as command
+
+    monkeypatch.setattr(command, "FORMATS", {"uvit": "uvit", "minsnr-vit": "minsnr_vit"})  # formats of this file
+    torch.save(official_state_dict(**dict(TINY, channels=3), label_rows=0), tmp_path / "nnet_ema.pth")
+    argv = ["uvit", str(tmp_path / "nnet_ema.pth"), "--output_dir", str(tmp_path / "out"), "--num_heads", "4"]
+    assert command.main([*argv, "--time_input", "continuous"]) == 0
+    assert (tmp_path / "out" / "model_index.json").is_file() and "wrote" in capsys.readouterr().out
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=r"broken.pth: .*a U-ViT nnet.pth"):
+        command.main(["uvit", str(tmp_path / "broken.pth"), "--output_dir", str(tmp_path / "x")])
