@@ -224,6 +224,33 @@ def test_save_load_round_trip_bit_exact(tmp_path):
         assert torch.equal(realigned(loaded)(x, t, y).sample, model(x, t, y).sample)
 
 
+def test_folders_saved_before_the_vit_options_existed_load_unchanged(tmp_path):
+    import json
+
+    model = tiny(skip_scaling="constant", skip_kappa=0.7).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("final_norm", "time_embedding_type", "num_time_embeddings", "timestep_scale", "timestep_shift",
+                "init_scheme"):  # fmt: skip
+        del config[key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = UViTModel.from_pretrained(tmp_path).eval()
+    assert loaded.state_dict().keys() == model.state_dict().keys()  # out_blocks.i.skip_linear, norm_out, ...
+    x, t, y = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y).sample, model(x, t, y).sample)
+
+
+def test_timestep_scale_and_shift_map_the_time_input():
+    torch.manual_seed(0)
+    plain = tiny().eval()
+    mapped = tiny(timestep_scale=0.999, timestep_shift=0.999).eval()
+    mapped.load_state_dict(plain.state_dict())
+    x, t, y = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(mapped(x, t, y).sample, plain(x, 0.999 * t + 0.999, y).sample)
+
+
 @pytest.mark.slow
 def test_from_pretrained_in_a_fresh_process(tmp_path):
     model = tiny(skip_scaling="constant", skip_kappa=0.7).eval()
