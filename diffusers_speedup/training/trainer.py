@@ -135,16 +135,11 @@ def build_model(config: Config, data: TrainingData) -> nn.Module:
     fitted = {"sample_size": size, "in_channels": channels}
     if kind == "dit":
         out_channels = 2 * channels if config.objective.learned_variance else channels  # mean, then variance
-        fitted.update(out_channels=out_channels, num_embeds_ada_norm=data.num_classes)
-    else:
-        fitted["num_classes"] = data.num_classes
+        fitted["out_channels"] = out_channels
+    fitted["num_classes"] = data.num_classes
     params = {**fitted, **config.model.params}
     if config.model.preset is None:
         return cls(**params)
-    if kind == "dit":
-        from ..models.dit import dit_from_preset
-
-        return dit_from_preset(config.model.preset, **params)
     return cls.from_preset(config.model.preset, **params)
 
 
