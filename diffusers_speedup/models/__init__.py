@@ -1,6 +1,6 @@
 """Model classes, one self-contained file per family."""
 
-from .dit import DIT_PRESETS, DiTModel
+from .dit_transformer import DIT_PRESETS, DiTModel
 from .edm2_unet import EDM2_PRESETS, EDM2UNetModel
 from .uvit import UVIT_PRESETS, UViTModel
 

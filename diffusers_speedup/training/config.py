@@ -235,7 +235,7 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
 
 
 def model_class(kind: str):
-    from ..models.dit import DiTModel
+    from ..models.dit_transformer import DiTModel
     from ..models.edm2_unet import EDM2UNetModel
     from ..models.uvit import UViTModel
 
@@ -243,7 +243,7 @@ def model_class(kind: str):
 
 
 def model_presets(kind: str) -> dict:
-    from ..models.dit import DIT_PRESETS
+    from ..models.dit_transformer import DIT_PRESETS
     from ..models.edm2_unet import EDM2_PRESETS
     from ..models.uvit import UVIT_PRESETS
 

@@ -57,8 +57,9 @@ def timestep_embedding(
     float32; an odd `dim` gets one zero column at the end.
     """
     half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) / (half - downscale_freq_shift)
-    freqs = torch.exp(-math.log(max_period) * exponent)
+    # The operations in the order of both DiT's and diffusers' code, so the float32 frequencies are bit-identical.
+    steps = torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    freqs = torch.exp(-math.log(max_period) * steps / (half - downscale_freq_shift))
     args = timesteps.float()[:, None] * freqs[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
