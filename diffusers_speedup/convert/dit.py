@@ -211,20 +211,26 @@ def run(args: argparse.Namespace) -> Path:
             for name, shape in DIT_PRESETS.items()
             if all(config[key] == value for key, value in shape.items() if key != "num_attention_heads")
         ),
-        f"dit-{config.num_layers}x{config.hidden_size}-{config.patch_size}",
+        None,
     )
-    size, patch = preset[len("dit-") :].rsplit("-", 1)
+    if preset is None:
+        model_name = f"dit-{config.num_layers}x{config.hidden_size}-{config.patch_size}-{resolution}"
+        title = f"A DiT of {config.num_layers} blocks of width {config.hidden_size}, patch size {config.patch_size},"
+    else:
+        size, patch = preset[len("dit-") :].rsplit("-", 1)
+        model_name, title = f"{preset}-{resolution}", f"DiT-{size.upper()}/{patch}"
+    data = "ImageNet" if config.num_classes == 1000 else f"{config.num_classes} classes"
     source = Path(args.checkpoint).name
     if source in RELEASED_FILES:
         source = SOURCE_URL + source
     return save_converted_pipeline(
         pipeline,
         args.output_dir,
-        model_name=f"{preset}-{resolution}",
+        model_name=model_name,
         source=source,
         license=LICENSE,
-        description=f"DiT-{size.upper()}/{patch} at {resolution}×{resolution} from Peebles & Xie, Scalable Diffusion "
-        f"Models with Transformers (ICCV 2023): class-conditional on {config.num_classes} classes, with a learned σ. "
+        description=f"{title} at {resolution}×{resolution} from Peebles & Xie, Scalable Diffusion Models with "
+        f"Transformers (ICCV 2023): class-conditional on {data}, with a learned σ. "
         "It samples like DiT's FID evaluation with 250 DDPM steps, the learned variance and guidance scale 1.5.",
         sampling={"num_inference_steps": 250, "guidance_scale": 1.5},
     )

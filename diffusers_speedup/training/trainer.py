@@ -174,6 +174,9 @@ def build_sampling_scheduler(config: Config, noise_scheduler):
     extra = {"timestep_spacing": "trailing"} if schedule.rescale_betas_zero_snr else {}
     if name == "ddpm":  # DDPM samples with a learned variance (DiT's sampler); the others use the mean alone
         extra["variance_type"] = "learned_range" if config.objective.learned_variance else "fixed_small"
+        if config.objective.learned_variance:  # DiT's sample_ddp.py: x0 unclipped, steps evenly spread over 0..T-1
+            extra["clip_sample"] = False
+            extra.setdefault("timestep_spacing", "linspace")
     return cls.from_config(noise_scheduler.config, prediction_type=prediction_type, **extra)
 
 
