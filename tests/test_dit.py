@@ -6,6 +6,7 @@ paper's Table 4, never from the class under test.
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -314,6 +315,26 @@ def test_from_pretrained_reads_a_dit_pipeline_folder_and_converts_it(dit_pipelin
     source = tiny_diffusers_dit()
     x, t, y = inputs()
     torch.testing.assert_close(ours(x, t, y).sample, source(x, t, y).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_folders_from_before_dit_transformer_2d_load_too(dit_pipeline_folder, tmp_path):
+    # facebook/DiT-XL-2-256 was saved by diffusers 0.12, whose DiT was a Transformer2DModel with more config keys.
+    folder = tmp_path / "old-dit"
+    shutil.copytree(dit_pipeline_folder, folder)
+    config_path = folder / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(_class_name="Transformer2DModel", _diffusers_version="0.12.0.dev0", cross_attention_dim=None,
+                  num_vector_embeds=None, only_cross_attention=False, use_linear_projection=False)  # fmt: skip
+    config.pop("norm_eps", None)
+    config_path.write_text(json.dumps(config))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["transformer"] = ["diffusers", "Transformer2DModel"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+    assert isinstance(ClassConditionalPipeline.from_pretrained(folder).transformer, DiTTransformer2DModel)
+    ours = DiTModel.from_pretrained(folder).eval()
+    x, t, y = inputs()
+    torch.testing.assert_close(ours(x, t, y).sample, tiny_diffusers_dit()(x, t, y).sample, rtol=1e-5, atol=1e-5)
 
 
 def test_training_can_start_from_a_dit_pipeline_folder(dit_pipeline_folder):

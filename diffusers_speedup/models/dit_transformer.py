@@ -547,11 +547,22 @@ class DiTModel(ModelMixin, ConfigMixin):
                 config = cls.load_config(path, **lookup)
             except OSError:
                 raise error from None
-        if config.get("_class_name") == "DiTTransformer2DModel":
-            from diffusers import DiTTransformer2DModel
+        # Folders saved before diffusers had DiTTransformer2DModel (facebook/DiT-XL-2-256 among them) name
+        # Transformer2DModel, which diffusers itself maps to DiTTransformer2DModel for norm_type "ada_norm_zero".
+        if config.get("_class_name") in _DIFFUSERS_DIT_CLASSES:
+            import diffusers
 
-            return cls.from_diffusers(DiTTransformer2DModel.from_pretrained(path, **kwargs))
+            source = getattr(diffusers, config["_class_name"]).from_pretrained(path, **kwargs)
+            if not isinstance(source, diffusers.DiTTransformer2DModel):
+                raise ValueError(
+                    f"{path}: a {config['_class_name']} with norm_type={config.get('norm_type')!r} is not a DiT "
+                    "(DiT has norm_type 'ada_norm_zero')"
+                )
+            return cls.from_diffusers(source)
         return super().from_pretrained(path, **kwargs)
+
+
+_DIFFUSERS_DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 
 
 def _is_pipeline_folder(path) -> bool:
