@@ -157,7 +157,8 @@ def test_released_file_converts_to_a_pipeline_with_the_official_outputs(tmp_path
 
     pipe = ClassConditionalPipeline.from_pretrained(folder)
     model = pipe.transformer
-    assert type(model) is DiTModel
+    assert type(model) is DiTModel and not model.pos_embed.requires_grad
+    assert all(p.requires_grad for name, p in model.named_parameters() if name != "pos_embed")
     assert (model.config.num_layers, model.config.hidden_size) == (DEPTH, HIDDEN)
     assert (model.config.sample_size, model.config.out_channels, model.config.num_classes) == (LATENT, 8, CLASSES)
     x, t, y = sample_inputs()

@@ -456,24 +456,28 @@ class DiTModel(ModelMixin, ConfigMixin):
                 "DiT uses activation_fn='gelu-approximate' and attention_bias=True, got "
                 f"activation_fn={config.get('activation_fn')!r}, attention_bias={config.get('attention_bias')!r}"
             )
-        dit = cls(
-            sample_size=config.sample_size,
-            patch_size=config.patch_size,
-            in_channels=config.in_channels,
-            out_channels=config.out_channels if config.out_channels is not None else config.in_channels,
-            num_layers=config.num_layers,
-            hidden_size=config.num_attention_heads * config.attention_head_dim,
-            num_attention_heads=config.num_attention_heads,
-            num_classes=config.num_embeds_ada_norm,
-            class_dropout_prob=0.1,  # diffusers' CombinedTimestepLabelEmbeddings always drops 10 %
-            downscale_freq_shift=1.0,
-            mlp_norm_eps=config.get("norm_eps", 1e-5),
-        )
+        with torch.device("meta"):  # every weight comes from `model`
+            dit = cls(
+                sample_size=config.sample_size,
+                patch_size=config.patch_size,
+                in_channels=config.in_channels,
+                out_channels=config.out_channels if config.out_channels is not None else config.in_channels,
+                num_layers=config.num_layers,
+                hidden_size=config.num_attention_heads * config.attention_head_dim,
+                num_attention_heads=config.num_attention_heads,
+                num_classes=config.num_embeds_ada_norm,
+                class_dropout_prob=0.1,  # diffusers' CombinedTimestepLabelEmbeddings always drops 10 %
+                downscale_freq_shift=1.0,
+                mlp_norm_eps=config.get("norm_eps", 1e-5),
+            )
         state = diffusers_to_dit_state_dict(model.state_dict(), config.num_layers)
         # diffusers does not save the fixed position table; it computes the same one as DiTModel.
-        state.setdefault("pos_embed", dit.pos_embed.detach().clone())
-        dit.load_state_dict(state, strict=True)
-        return dit if model.dtype == dit.dtype else dit.to(model.dtype)
+        grid_size = config.sample_size // config.patch_size
+        position = sincos_position_embedding(dit.config.hidden_size, grid_size)[None]
+        state.setdefault("pos_embed", position.to(device=model.device, dtype=model.dtype))
+        # Copies, so that the two models do not share storage; device, dtype and mode follow `model`.
+        dit.load_state_dict({key: value.clone() for key, value in state.items()}, strict=True, assign=True)
+        return dit.train(model.training)
 
     def to_diffusers(self, exact: bool = True):
         """This network as a ``DiTTransformer2DModel``, with the shared embedders copied into every block.
