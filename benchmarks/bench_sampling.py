@@ -80,13 +80,13 @@ def make_scheduler(name: str):
 
 
 def build_dit(tiny: bool):
-    from diffusers_speedup.models.dit import dit_from_preset
+    from diffusers import DiTTransformer2DModel
 
-    # DiTPipeline's null label is hard-coded as 1000, so even the tiny model has 1000 classes.
+    # The layout of facebook/DiT-XL-2-256, which both pipelines load. DiTPipeline's null label is hard-coded as
+    # 1000, so even the tiny model has 1000 classes.
+    xl_2 = dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=2, sample_size=32)
     size = dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, sample_size=8) if tiny else {}
-    return dit_from_preset(
-        "dit-xl-2", **{"sample_size": 32, **size, "in_channels": 4, "out_channels": 8, "num_embeds_ada_norm": 1000}
-    )
+    return DiTTransformer2DModel(**{**xl_2, **size, "in_channels": 4, "out_channels": 8, "num_embeds_ada_norm": 1000})
 
 
 def build_vae(tiny: bool):

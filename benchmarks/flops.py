@@ -15,8 +15,8 @@ Counting convention:
 
 The count uses ``torch.utils.flop_counter.FlopCounterMode`` on a model built on the ``meta`` device at batch 1, so
 it needs no memory and takes about a second even for DiT-XL/2 (and because torch registers no FLOP formula for
-CPU's fused attention kernel, so a CPU count would miss attention; on meta, attention runs as two counted bmm). It reproduces the papers' figures: DiT-XL/2 118.66
-GMAC against 118.64 (DiT Table 4), DiT-B/2 23.02 against 23.01, U-ViT-L/2 76.46 against 76.5 (counted from the
+CPU's fused attention kernel, so a CPU count would miss attention; on meta, attention runs as two counted bmm). It reproduces the papers' figures: DiT-XL/2 118.62
+GMAC against 118.64 (DiT Table 4), DiT-B/2 23.00 against 23.01, U-ViT-L/2 76.46 against 76.5 (counted from the
 official config) and EDM2-XS 44.95 against 45.5 (EDM2 Table 2; -1.2 %, EDM2's counter also counts some element-wise work).
 """
 
@@ -75,9 +75,9 @@ class BenchmarkModel:
 
 def _dit(preset: str, **overrides):
     def build():
-        from diffusers_speedup.models.dit import dit_from_preset
+        from diffusers_speedup.models.dit_transformer import DiTModel
 
-        return dit_from_preset(preset, **overrides)
+        return DiTModel.from_preset(preset, **overrides)
 
     return build
 
@@ -106,7 +106,7 @@ _LATENT_256 = dict(sample_size=32, in_channels=4)
 MODELS = {
     "dit-b-2": BenchmarkModel(
         "dit-b-2",
-        _dit("dit-b-2", **_LATENT_256, out_channels=4, num_embeds_ada_norm=1000),
+        _dit("dit-b-2", **_LATENT_256, out_channels=4, num_classes=1000),
         (4, 32, 32),
         1000,
         False,
@@ -114,7 +114,7 @@ MODELS = {
     ),
     "dit-xl-2": BenchmarkModel(
         "dit-xl-2",
-        _dit("dit-xl-2", **_LATENT_256, out_channels=4, num_embeds_ada_norm=1000),
+        _dit("dit-xl-2", **_LATENT_256, out_channels=4, num_classes=1000),
         (4, 32, 32),
         1000,
         False,
@@ -129,14 +129,14 @@ MODELS = {
 TINY_MODELS = {
     "dit-b-2": BenchmarkModel(
         "dit-b-2",
-        _dit("dit-b-2", sample_size=8, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2,
-             attention_head_dim=8, num_embeds_ada_norm=10),
+        _dit("dit-b-2", sample_size=8, in_channels=4, out_channels=4, num_layers=2, hidden_size=16,
+             num_attention_heads=2, num_classes=10),
         (4, 8, 8), 10, False, 64,
     ),
     "dit-xl-2": BenchmarkModel(
         "dit-xl-2",
-        _dit("dit-xl-2", sample_size=8, in_channels=4, out_channels=4, num_layers=3, num_attention_heads=2,
-             attention_head_dim=12, num_embeds_ada_norm=10),
+        _dit("dit-xl-2", sample_size=8, in_channels=4, out_channels=4, num_layers=3, hidden_size=24,
+             num_attention_heads=2, num_classes=10),
         (4, 8, 8), 10, False, 64,
     ),
     "uvit-l-2": BenchmarkModel(

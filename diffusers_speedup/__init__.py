@@ -5,7 +5,7 @@
 # are exported here for the same reason.
 from diffusers import ModelMixin, SchedulerMixin
 
-from .models import EDM2UNetModel, UViTModel
+from .models import DiTModel, EDM2UNetModel, UViTModel
 from .objectives import (
     DiffusionObjective,
     LogitNormalTimestepSampler,
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClassConditionalPipeline",
+    "DiTModel",
     "DiffusionObjective",
     "EDM2UNetModel",
     "EDMHeunScheduler",

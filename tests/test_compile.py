@@ -10,9 +10,8 @@ import sys
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
 
-from diffusers_speedup.models import EDM2UNetModel, UViTModel
+from diffusers_speedup.models import DiTModel, EDM2UNetModel, UViTModel
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_edm2_unet import wake_gains  # noqa: E402
@@ -37,9 +36,9 @@ def vit_minsnr():  # learned time table, q/v biases, no long skips
 
 
 def dit():
-    return DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
-        patch_size=2, num_embeds_ada_norm=10,
+    return DiTModel(
+        hidden_size=16, num_attention_heads=2, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, num_classes=10,
     )  # fmt: skip
 
 

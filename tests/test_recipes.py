@@ -17,7 +17,7 @@ RECIPES = sorted(CONFIGS.rglob("*.yaml"))
 
 SHRINK = {
     "uvit": ["model.params.hidden_size=32", "model.params.num_layers=3", "model.params.num_attention_heads=2"],
-    "dit": ["model.params.num_layers=2", "model.params.num_attention_heads=2", "model.params.attention_head_dim=8"],
+    "dit": ["model.params.num_layers=2", "model.params.hidden_size=16", "model.params.num_attention_heads=2"],
     "edm2_unet": [
         "model.params.model_channels=16",
         "model.params.channel_mult=[1,2]",

@@ -1,7 +1,7 @@
-"""Model classes, one self-contained file per family (DiT is reused from diffusers; see dit.py for its presets)."""
+"""Model classes, one self-contained file per family."""
 
-from .dit import DIT_PRESETS, dit_from_preset
+from .dit_transformer import DIT_PRESETS, DiTModel
 from .edm2_unet import EDM2_PRESETS, EDM2UNetModel
 from .uvit import UVIT_PRESETS, UViTModel
 
-__all__ = ["DIT_PRESETS", "EDM2UNetModel", "EDM2_PRESETS", "UVIT_PRESETS", "UViTModel", "dit_from_preset"]
+__all__ = ["DIT_PRESETS", "DiTModel", "EDM2UNetModel", "EDM2_PRESETS", "UVIT_PRESETS", "UViTModel"]

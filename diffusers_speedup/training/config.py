@@ -235,18 +235,15 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
 
 
 def model_class(kind: str):
+    from ..models.dit_transformer import DiTModel
     from ..models.edm2_unet import EDM2UNetModel
     from ..models.uvit import UViTModel
 
-    if kind == "dit":
-        from diffusers import DiTTransformer2DModel
-
-        return DiTTransformer2DModel
-    return {"uvit": UViTModel, "edm2_unet": EDM2UNetModel}[kind]
+    return {"uvit": UViTModel, "edm2_unet": EDM2UNetModel, "dit": DiTModel}[kind]
 
 
 def model_presets(kind: str) -> dict:
-    from ..models.dit import DIT_PRESETS
+    from ..models.dit_transformer import DIT_PRESETS
     from ..models.edm2_unet import EDM2_PRESETS
     from ..models.uvit import UVIT_PRESETS
 
@@ -308,7 +305,7 @@ def validate_config(config: Config) -> None:
             f"got model.kind {model.kind!r} with schedule {schedule.kind!r}."
         )
     if model.kind == "dit" and objective.label_dropout > 0:
-        raise ConfigError("objective.label_dropout: diffusers' DiT already drops 10% of labels itself; set it to 0.")
+        raise ConfigError("objective.label_dropout: DiTModel drops labels itself (class_dropout_prob); set it to 0.")
     try:
         from ..objectives import build_sampler, compute_loss_weights
 

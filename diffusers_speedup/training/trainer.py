@@ -135,16 +135,11 @@ def build_model(config: Config, data: TrainingData) -> nn.Module:
     fitted = {"sample_size": size, "in_channels": channels}
     if kind == "dit":
         out_channels = 2 * channels if config.objective.learned_variance else channels  # mean, then variance
-        fitted.update(out_channels=out_channels, num_embeds_ada_norm=data.num_classes)
-    else:
-        fitted["num_classes"] = data.num_classes
+        fitted["out_channels"] = out_channels
+    fitted["num_classes"] = data.num_classes
     params = {**fitted, **config.model.params}
     if config.model.preset is None:
         return cls(**params)
-    if kind == "dit":
-        from ..models.dit import dit_from_preset
-
-        return dit_from_preset(config.model.preset, **params)
     return cls.from_preset(config.model.preset, **params)
 
 
@@ -179,6 +174,9 @@ def build_sampling_scheduler(config: Config, noise_scheduler):
     extra = {"timestep_spacing": "trailing"} if schedule.rescale_betas_zero_snr else {}
     if name == "ddpm":  # DDPM samples with a learned variance (DiT's sampler); the others use the mean alone
         extra["variance_type"] = "learned_range" if config.objective.learned_variance else "fixed_small"
+        if config.objective.learned_variance:  # DiT's sample_ddp.py: x0 unclipped, steps evenly spread over 0..T-1
+            extra["clip_sample"] = False
+            extra.setdefault("timestep_spacing", "linspace")
     return cls.from_config(noise_scheduler.config, prediction_type=prediction_type, **extra)
 
 
