@@ -341,10 +341,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
             raise ValueError(
                 f"{name} configured for flow matching (use_flow_sigmas / flow_prediction) is not supported."
             )
-        if config.get("timestep_type") == "continuous":
+        if config.get("timestep_type") == "continuous" and config.get("prediction_type") == "v_prediction":
             raise ValueError(
-                f"{name}(timestep_type='continuous') feeds the model c_noise = ln(σ)/4 instead of a DDPM timestep; "
-                "a discrete-time model needs timestep_type='discrete' (or an EDM scheduler for EDM-trained models)."
+                f"{name}(timestep_type='continuous', prediction_type='v_prediction') feeds the model c_noise = "
+                "ln(σ)/4 instead of a DDPM timestep; a discrete-time model needs timestep_type='discrete' (an EDM "
+                "scheduler serves EDM-trained models)."
             )
         variance_type = config.get("variance_type")
         if variance_type in ("learned", "learned_range"):

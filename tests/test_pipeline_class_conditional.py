@@ -21,6 +21,7 @@ from diffusers import (
     DiTPipeline,
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
+    EDMDPMSolverMultistepScheduler,
     EDMEulerScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -235,7 +236,9 @@ def test_save_and_reload_round_trip(pipe, tmp_path):
         DDPMScheduler(),
         DPMSolverMultistepScheduler(),
         EDMEulerScheduler(),
+        EDMDPMSolverMultistepScheduler(),
         EDMHeunScheduler(prediction_type="v_prediction"),
+        EulerDiscreteScheduler(timestep_type="continuous"),  # continuous only changes v-prediction timesteps
     ],
     ids=lambda s: type(s).__name__,
 )
@@ -472,6 +475,7 @@ def test_unet_needs_an_edm_sample_scheduler():
     for scheduler, match in [
         (DDIMScheduler(), "needs an EDM scheduler"),
         (EDMHeunScheduler(), "prediction_type='sample'"),
+        (EDMDPMSolverMultistepScheduler(prediction_type="sample"), "cannot take a denoised sample"),
     ]:
         pipe = ClassConditionalPipeline(unet=unet, scheduler=scheduler)
         with pytest.raises(ValueError, match=match):
