@@ -1,5 +1,5 @@
 # Copyright 2025 The diffusers-speedup authors. Licensed under the Apache License, Version 2.0.
-"""Class-conditional image generation with classifier-free guidance limited to a σ interval.
+"""Class-conditional image generation with classifier-free guidance, limited to a σ interval or by a guide network.
 
 Self-contained on purpose: this file imports only the standard library, torch and diffusers (huggingface_hub, a
 diffusers dependency, only to download a Hub repo), because it is copied unchanged into exported model folders and
@@ -354,12 +354,14 @@ class ClassConditionalPipeline(DiffusionPipeline):
                     f"{name}(variance_type={variance_type!r}) assumes an RGB model and keeps only the first 3 output "
                     "channels; set variance_type=None (the pipeline passes the mean prediction alone)."
                 )
-            channels = self.transformer.config.get("in_channels")
-            if self.transformer.config.get("out_channels") != 2 * channels:
+            channels, out_channels = (
+                _model_config_value(self.transformer, key) for key in ("in_channels", "out_channels")
+            )
+            if out_channels != 2 * channels and _model_config_value(self.transformer, "learn_sigma") is not True:
                 raise ValueError(
                     f"{name}(variance_type={variance_type!r}) needs a model that outputs its variance "
-                    f"(out_channels = 2 × in_channels); this one has out_channels "
-                    f"{self.transformer.config.get('out_channels')}. Use variance_type='fixed_small'."
+                    f"(out_channels = 2 × in_channels); this one has out_channels {out_channels}. "
+                    "Use variance_type='fixed_small'."
                 )
 
     def _check_guide(self):

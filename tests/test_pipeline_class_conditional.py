@@ -865,7 +865,6 @@ def test_guide_network_combines_with_the_guidance_interval():
 def test_transformer_route_with_an_unconditional_guide_matches_the_closed_form():
     pipe = gaussian_eps_pipe("DDIMScheduler")
     pipe.guide = GaussianClassEpsModel(num_classes=0)  # every label has mean 0
-    pipe.register_modules(guide=pipe.guide)
     images = pipe([0, 1, 2], num_inference_steps=25, guidance_scale=2.0, num_images_per_prompt=48,
                   generator=torch.Generator().manual_seed(0), output_type="latent").images  # fmt: skip
     values = images.double().reshape(3, -1)
