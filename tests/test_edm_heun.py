@@ -249,3 +249,70 @@ def test_bad_config_raises(kwargs, match):
 def test_bad_step_count_raises():
     with pytest.raises(ValueError, match="num_inference_steps"):
         EDMHeunScheduler().set_timesteps(0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Starting mid-schedule, compatible schedulers, float64 grid
+
+
+def test_mid_schedule_start_without_begin_index_starts_a_step():
+    """Without churn each inner σ appears twice (correction of step k−1, then step k): a loop that starts at
+    timesteps[2k] must start step k, as diffusers' HeunDiscreteScheduler does, and solve the ODE from σ_k."""
+    num_steps, k = 32, 8
+    scheduler = EDMHeunScheduler(prediction_type="sample")
+    scheduler.set_timesteps(num_steps)
+    first_evaluations = list(range(2, 2 * num_steps - 1, 2))
+    assert [scheduler.index_for_timestep(scheduler.timesteps[j]) for j in first_evaluations] == first_evaluations
+
+    sigma_k = karras_sigmas(num_steps)[k]
+    x_start = MU + start_noise(4000, sigma=sigma_k)
+    x = x_start.clone()
+    for t in scheduler.timesteps[2 * k :]:  # img2img style: no set_begin_index
+        x = scheduler.step(exact_denoiser(scheduler.scale_model_input(x, t), scheduler.sigma_for_model_input), t, x)
+        x = x.prev_sample
+    # Exact solution of the probability-flow ODE from σ_k for the Gaussian toy data.
+    exact = MU + (x_start - MU) * S / torch.sqrt(S**2 + sigma_k**2)
+    assert (x - exact).abs().max() < 0.1  # measured 0.05; starting on step k−1's correction instead gives 1.8
+
+    with_begin_index = EDMHeunScheduler(prediction_type="sample")
+    with_begin_index.set_timesteps(num_steps)
+    with_begin_index.set_begin_index(2 * k)
+    y = x_start.clone()
+    for t in with_begin_index.timesteps[2 * k :]:
+        y = with_begin_index.step(exact_denoiser(y, with_begin_index.sigma_for_model_input), t, y).prev_sample
+    assert torch.equal(x, y)
+
+
+def test_a_loop_cannot_start_on_a_heun_correction():
+    scheduler = EDMHeunScheduler(prediction_type="sample", s_churn=4.0)  # churn makes every first σ̂_i unique
+    scheduler.set_timesteps(4)
+    sample = start_noise(2)
+    with pytest.raises(ValueError, match="Heun correction of step 0"):
+        scheduler.step(sample, scheduler.timesteps[1], sample)
+    with pytest.raises(ValueError, match="Heun correction of step 1"):
+        scheduler.set_begin_index(3)
+    with pytest.raises(ValueError, match="start index"):
+        scheduler.set_begin_index(7)
+    with pytest.raises(ValueError, match="not one of this scheduler's timesteps"):
+        scheduler.scale_model_input(sample, 0.0)
+
+
+def test_compatible_edm_schedulers_round_trip_the_config():
+    scheduler = EDMHeunScheduler(sigma_max=14.6, rho=3.0, prediction_type="v_prediction")
+    assert {c.__name__ for c in scheduler.compatibles} == {"EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"}
+    for compatible in scheduler.compatibles:
+        other = compatible.from_config(scheduler.config)
+        for key in ("sigma_min", "sigma_max", "sigma_data", "rho", "prediction_type"):
+            assert other.config[key] == scheduler.config[key], (compatible.__name__, key)
+        back = EDMHeunScheduler.from_config(other.config)
+        assert {k: v for k, v in back.config.items() if k in scheduler.config} == dict(scheduler.config)
+
+
+def test_step_sigmas_are_the_float64_grid():
+    scheduler = EDMHeunScheduler()
+    scheduler.set_timesteps(5)
+    expected = karras_sigmas(5)
+    step_sigmas = scheduler.evaluation_step_sigmas
+    assert step_sigmas.dtype == torch.float64
+    steps = [0, 0, 1, 1, 2, 2, 3, 3, 4]
+    assert step_sigmas.tolist() == pytest.approx([expected[i] for i in steps], rel=1e-15)

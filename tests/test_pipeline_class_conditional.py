@@ -9,26 +9,31 @@ import sys
 import textwrap
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMInverseScheduler,
     DDIMScheduler,
     DDPMScheduler,
     DiTPipeline,
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
+    EDMDPMSolverMultistepScheduler,
     EDMEulerScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     ModelMixin,
+    UniPCMultistepScheduler,
 )
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils import BaseOutput
-from diffusers_speedup.pipelines import pipeline_class_conditional
-from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 
 import diffusers_speedup
+from diffusers_speedup.pipelines import pipeline_class_conditional
+from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 from diffusers_speedup.schedulers import scheduling_edm_heun
 from diffusers_speedup.schedulers.scheduling_edm_heun import EDMHeunScheduler
 
@@ -118,6 +123,44 @@ class GaussianClassDenoiser(ModelMixin, ConfigMixin):
         return BaseOutput(sample=mean + s2 / (s2 + sigma.view(-1, 1, 1, 1) ** 2) * (sample - mean))
 
 
+class GaussianClassEpsModel(ModelMixin, ConfigMixin):
+    """Test-only stand-in for a DiT-like ε-model: the exact E[ε | x_t] of x0 ~ N(mean_c, s²) under DiT's linear β
+    schedule, called as `model(x_t, timestep, class_labels)`; fractional timesteps interpolate σ_t linearly, as
+    diffusers' k-diffusion schedulers do. Labels 0..num_classes−1 have means `mean_scale`·(c+1); the null label has
+    mean 0, and so does an unconditional model (num_classes = 0, called without labels)."""
+
+    @register_to_config
+    def __init__(
+        self,
+        num_classes: int = 3,
+        in_channels: int = 2,
+        sample_size: int = 4,
+        data_std: float = 0.5,
+        mean_scale: float = 1.0,
+    ):
+        super().__init__()
+        alphas_cumprod = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+        self.register_buffer("sigma_table", torch.tensor(np.sqrt((1 - alphas_cumprod) / alphas_cumprod)))
+        means = mean_scale * (torch.arange(num_classes + 1, dtype=torch.float64) + 1)
+        means[num_classes] = 0.0
+        self.register_buffer("class_means", means)
+        self.dummy = torch.nn.Parameter(torch.zeros(()))  # gives ModelMixin a dtype and device
+
+    def forward(self, hidden_states, timestep, class_labels=None):
+        t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).clamp(0, 999)
+        low = t.floor().long().clamp(max=998)
+        sigma = torch.lerp(self.sigma_table[low], self.sigma_table[low + 1], t - low).view(-1, 1, 1, 1)
+        alpha_bar = 1 / (1 + sigma**2)
+        if class_labels is None:
+            mean = torch.zeros(hidden_states.shape[0], 1, 1, 1, dtype=torch.float64)
+        else:
+            mean = self.class_means[class_labels].view(-1, 1, 1, 1)
+        s2 = self.config.data_std**2
+        x = hidden_states.double()
+        eps = (1 - alpha_bar).sqrt() * (x - alpha_bar.sqrt() * mean) / (alpha_bar * s2 + 1 - alpha_bar)
+        return BaseOutput(sample=eps.float())
+
+
 class CallCounter:
     """Counts network calls and the batch rows they process (a guided evaluation costs twice the rows)."""
 
@@ -193,7 +236,9 @@ def test_save_and_reload_round_trip(pipe, tmp_path):
         DDPMScheduler(),
         DPMSolverMultistepScheduler(),
         EDMEulerScheduler(),
+        EDMDPMSolverMultistepScheduler(),
         EDMHeunScheduler(prediction_type="v_prediction"),
+        EulerDiscreteScheduler(timestep_type="continuous"),  # continuous only changes v-prediction timesteps
     ],
     ids=lambda s: type(s).__name__,
 )
@@ -405,10 +450,21 @@ def test_bad_input_raises_before_any_network_call(pipe, kwargs, match):
     assert counter.calls == 0
 
 
-def test_unsupported_scheduler_raises_before_any_network_call(pipe):
+@pytest.mark.parametrize(
+    "scheduler, match",
+    [
+        (FlowMatchEulerDiscreteScheduler(), "Unsupported scheduler FlowMatchEulerDiscreteScheduler: it has no alphas"),
+        (DDIMInverseScheduler(), "DDIMInverseScheduler cannot drive .*inversion"),
+        (EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction"), "timestep_type"),
+        (DPMSolverMultistepScheduler(variance_type="learned_range"), "first 3 output channels"),
+        (UniPCMultistepScheduler(use_flow_sigmas=True), "flow matching"),
+    ],
+    ids=lambda value: type(value).__name__ if not isinstance(value, str) else "",
+)
+def test_unsupported_scheduler_raises_with_its_reason_before_any_network_call(pipe, scheduler, match):
     counter = CallCounter(pipe.transformer)
-    pipe.scheduler = EulerDiscreteScheduler()
-    with pytest.raises(ValueError, match="Unsupported scheduler EulerDiscreteScheduler"):
+    pipe.scheduler = scheduler
+    with pytest.raises(ValueError, match=match):
         pipe([1], num_inference_steps=2)
     assert counter.calls == 0
 
@@ -419,6 +475,7 @@ def test_unet_needs_an_edm_sample_scheduler():
     for scheduler, match in [
         (DDIMScheduler(), "needs an EDM scheduler"),
         (EDMHeunScheduler(), "prediction_type='sample'"),
+        (EDMDPMSolverMultistepScheduler(prediction_type="sample"), "cannot take a denoised sample"),
     ]:
         pipe = ClassConditionalPipeline(unet=unet, scheduler=scheduler)
         with pytest.raises(ValueError, match=match):
@@ -529,3 +586,328 @@ def test_shipped_files_import_only_stdlib_torch_and_diffusers():
     roots = {line.split()[1].split(".")[0] for line in imports}
     assert roots <= {"diffusers", "torch", "math", "os", "sys", "inspect", "collections", "dataclasses"}, roots
     assert all(line.startswith(allowed) for line in imports)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Every scheduler that samples a discrete-time model, against the Gaussian closed form
+
+# Built with from_config from DiT's scheduler config, as a user switches schedulers. The β schedule is written out:
+# from_config replaces keys that a config left at their defaults by the new class's own defaults.
+DIT_SCHEDULER_CONFIG = DDPMScheduler(
+    num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False
+).config
+DISCRETE_SCHEDULERS = [
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "SASolverScheduler",
+    "LCMScheduler",
+    "TCDScheduler",
+    "DDIMParallelScheduler",
+    "DDPMParallelScheduler",
+]
+
+
+def gaussian_eps_pipe(scheduler_name, **model_kwargs):
+    scheduler = getattr(diffusers, scheduler_name).from_config(DIT_SCHEDULER_CONFIG)
+    pipe = ClassConditionalPipeline(transformer=GaussianClassEpsModel(**model_kwargs), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("scheduler_name", DISCRETE_SCHEDULERS)
+def test_every_discrete_scheduler_samples_the_guided_gaussian(scheduler_name):
+    """x0 ~ N(c+1, 0.5²) per class, null label N(0, 0.5²): guidance with w is exactly the model of N(w·(c+1), 0.5²),
+    so the samples' per-class mean and std are known. Catches a missing init_noise_sigma, a missing
+    scale_model_input and fractional timesteps cast to integers."""
+    pipe = gaussian_eps_pipe(scheduler_name)
+    scale, per_class = 2.0, 48
+    images = pipe([0, 1, 2], num_inference_steps=25, guidance_scale=scale, num_images_per_prompt=per_class,
+                  generator=torch.Generator().manual_seed(0), output_type="latent").images  # fmt: skip
+    assert images.shape == (3 * per_class, 2, 4, 4)
+    values = images.double().reshape(3, -1)  # label i's images are consecutive
+    expected_means = scale * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(values.mean(1), expected_means, atol=0.06, rtol=0)  # measured ≤ 0.05 for all
+    # At 25 steps the std is 0.40 (DDPM, ancestral) to 0.55 (KDPM2 ancestral); LCM returns its x0 estimate, whose
+    # spread is smaller by design (0.31). Without init_noise_sigma or scale_model_input it collapses or explodes.
+    low = 0.25 if scheduler_name == "LCMScheduler" else 0.38
+    assert torch.all((values.std(1) > low) & (values.std(1) < 0.6)), values.std(1)
+
+
+def heun_like_step_sigmas(num_steps):
+    """σ of each step of HeunDiscreteScheduler's default ('linspace') grid, computed here in float64."""
+    alphas_cumprod = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    table = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+    timesteps = np.linspace(0, 999, num_steps)[::-1]
+    return np.interp(timesteps, np.arange(1000), table)
+
+
+@pytest.mark.parametrize("scheduler_name", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler"])
+def test_second_order_discrete_evaluations_follow_their_step_sigma(scheduler_name):
+    """Both evaluations of a step are guided or not by the step's σ, although the correction runs at a lower σ."""
+    num_steps = 6
+    sigmas = heun_like_step_sigmas(num_steps)
+    lo, hi = (sigmas[3] + sigmas[2]) / 2, (sigmas[1] + sigmas[0]) / 2  # steps 1 and 2 lie inside
+    pipe = gaussian_eps_pipe(scheduler_name)
+    rows = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: rows.append(len(args[0])), with_kwargs=True)
+    pipe([0], num_inference_steps=num_steps, guidance_scale=2.0, guidance_interval=(lo, hi), output_type="latent")
+    # 2N−1 evaluations: (first, correction) per step, the last step first-order only; guided ones have 2 rows.
+    assert rows == [1, 1] + [2, 2] * 2 + [1, 1] * 2 + [1]
+
+
+@pytest.mark.parametrize("start, stop", [(0, 3), (2, 5), (1, 1), (4, 7)])
+def test_interval_ends_on_the_grid_guide_the_official_steps(pipe, start, stop):
+    """The official limited-interval sampler guides steps start..stop by index (float64 grid); the same steps must be
+    guided when the ends are the grid's σ_{stop+1} and σ_start, whether given in float64 or rounded to float32."""
+    num_steps = 8
+    sigmas = karras_sigmas(num_steps) + [0.0]  # float64, independently of the scheduler
+    guided_evaluations = sum(2 if i < num_steps - 1 else 1 for i in range(start, stop + 1))
+    pipe.scheduler = EDMHeunScheduler()
+    for lo, hi in [
+        (sigmas[stop + 1], sigmas[start]),
+        (float(np.float32(sigmas[stop + 1])), float(np.float32(sigmas[start]))),
+    ]:
+        counter = CallCounter(pipe.transformer)
+        run(pipe, labels=[1], num_inference_steps=num_steps, guidance_scale=2.0, guidance_interval=(lo, hi))
+        assert counter.rows == (2 * num_steps - 1) + guided_evaluations, (lo, hi)
+
+
+def test_ddim_interval_ends_on_the_float64_grid():
+    pipe = gaussian_eps_pipe("DDIMScheduler")
+    pipe.scheduler.set_timesteps(10)
+    timesteps = pipe.scheduler.timesteps.tolist()
+    alphas_cumprod = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    sigmas = [math.sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]) for t in timesteps]
+    counter = CallCounter(pipe.transformer)
+    pipe(
+        [0], num_inference_steps=10, guidance_scale=2.0, guidance_interval=(sigmas[6], sigmas[2]), output_type="latent"
+    )
+    assert counter.rows == 10 + 4  # steps 2, 3, 4, 5
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Labels, images per label, callbacks
+
+
+def test_nested_and_tensor_class_labels_are_flattened(pipe):
+    flat = run(pipe, labels=[1, 2])
+    assert torch.equal(pipe([[1], [2]], num_inference_steps=4, output_type="latent",
+                            generator=torch.Generator().manual_seed(0)).images, flat)  # fmt: skip
+    assert torch.equal(pipe(torch.tensor([[1], [2]]), num_inference_steps=4, output_type="latent",
+                            generator=torch.Generator().manual_seed(0)).images, flat)  # fmt: skip
+    with pytest.raises(ValueError, match="integer class ids"):
+        pipe([[1.5]], num_inference_steps=2)
+
+
+def test_num_images_per_prompt_repeats_each_label_consecutively(pipe):
+    generators = [torch.Generator().manual_seed(i) for i in range(4)]
+    repeated = pipe([1, 2], num_images_per_prompt=2, num_inference_steps=3, output_type="latent",
+                    generator=generators).images  # fmt: skip
+    generators = [torch.Generator().manual_seed(i) for i in range(4)]
+    spelled_out = pipe([1, 1, 2, 2], num_inference_steps=3, output_type="latent", generator=generators).images
+    assert torch.equal(repeated, spelled_out)
+    with pytest.raises(ValueError, match="list of 2 generators, but 4 images"):
+        pipe([1, 2], num_images_per_prompt=2, generator=[torch.Generator()] * 2)
+
+
+def test_callback_sees_num_timesteps_and_can_change_guidance_scale(pipe):
+    pipe.scheduler = EDMHeunScheduler()
+    counter = CallCounter(pipe.transformer)
+    seen = []
+
+    def callback(pipeline, i, t, callback_kwargs):
+        seen.append((i, pipeline.num_timesteps, pipeline.guidance_scale))
+        pipeline._guidance_scale += 1.0  # diffusers' test_callback_cfg
+        return callback_kwargs
+
+    run(pipe, labels=[1], num_inference_steps=3, guidance_scale=1.0, callback_on_step_end=callback)
+    assert [i for i, _, _ in seen] == list(range(5)) and all(n == 5 for _, n, _ in seen)
+    assert [w for _, _, w in seen] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert pipe.guidance_scale == 1.0 + pipe.num_timesteps
+    assert counter.rows == 1 + 2 * 4  # the first evaluation ran at w = 1, without the null-label rows
+
+
+def test_callback_can_interrupt_and_replace_latents(pipe):
+    counter = CallCounter(pipe.transformer)
+
+    def stop_after_two(pipeline, i, t, callback_kwargs):
+        pipeline._interrupt = i == 1
+        return {"latents": torch.zeros_like(callback_kwargs["latents"])} if i == 1 else {}
+
+    latents = run(pipe, num_inference_steps=5, guidance_scale=1.0, callback_on_step_end=stop_after_two)
+    assert counter.calls == 2 and pipe.interrupt
+    assert torch.equal(latents, torch.zeros_like(latents))
+
+
+def test_pipeline_callback_objects_bring_their_tensor_inputs(pipe):
+    from diffusers.callbacks import PipelineCallback
+
+    class RecordLatents(PipelineCallback):
+        tensor_inputs = ["latents"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            self.shapes.append(tuple(callback_kwargs["latents"].shape))
+            return callback_kwargs
+
+    record = RecordLatents()
+    record.shapes = []
+    run(pipe, num_inference_steps=3, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["nothing"])
+    assert record.shapes == [(2, 4, 8, 8)] * 3
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# DiT's guidance on the first channels only
+
+
+def test_guidance_channels_three_is_dit_forward_with_cfg(pipe):
+    """Reference: DiT's forward_with_cfg written out here: the first 3 ε channels guided, the 4th conditional."""
+    scale, noise = 4.0, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    ours = run(pipe, latents=noise, guidance_scale=scale, guidance_channels=3)
+    all_channels = run(pipe, latents=noise, guidance_scale=scale)
+    assert torch.equal(run(pipe, latents=noise, guidance_scale=scale, guidance_channels=4), all_channels)
+    assert not torch.allclose(ours, all_channels, atol=1e-4)
+
+    reference = DDIMScheduler()
+    reference.set_timesteps(4)
+    x, labels = noise.clone(), torch.tensor([1, 2])
+    with torch.no_grad():
+        for t in reference.timesteps:
+            timestep = torch.full((2,), int(t))
+            cond = pipe.transformer(x, timestep=timestep, class_labels=labels).sample
+            uncond = pipe.transformer(x, timestep=timestep, class_labels=torch.full_like(labels, NUM_CLASSES)).sample
+            guided = uncond[:, :3] + scale * (cond[:, :3] - uncond[:, :3])
+            x = reference.step(torch.cat([guided, cond[:, 3:4]], dim=1), t, x).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("value", [0, 5, 2.5, True])
+def test_bad_guidance_channels_raise(pipe, value):
+    with pytest.raises(ValueError, match="guidance_channels"):
+        pipe([1], num_inference_steps=2, guidance_channels=value)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Guidance by a separate network
+
+
+class GaussianGuide(GaussianClassDenoiser):
+    """An EDM2-style unconditional guide: the exact denoiser of x0 ~ N(mean, s²), called without labels."""
+
+    @register_to_config
+    def __init__(self, in_channels: int = 2, sample_size: int = 4, data_std: float = 0.5, mean: float = 0.5):
+        super().__init__(num_classes=0, in_channels=in_channels, sample_size=sample_size, data_std=data_std)
+        self.class_means.fill_(mean)
+
+    def forward(self, sample, sigma, class_labels=None):
+        assert class_labels is None, "an unconditional guide is called without labels"
+        return super().forward(sample, sigma, torch.zeros(sample.shape[0], dtype=torch.long))
+
+
+def exact_guided_solution(noise, guided_means, s=0.5):
+    """Probability-flow ODE solved exactly from σ_max for x0 ~ N(guided mean, s²)."""
+    means = torch.tensor(guided_means).view(-1, 1, 1, 1)
+    return means + (SIGMA_MAX * noise - means) * s / math.sqrt(s**2 + SIGMA_MAX**2)
+
+
+def test_unconditional_guide_network_edm2_rule():
+    """D = D_guide + w·(D_cond − D_guide) with Gaussian denoisers sharing s is the denoiser of
+    N(m_guide + w·(m_c − m_guide), s²): the ODE solution is known in closed form."""
+    unet, guide = GaussianClassDenoiser(), GaussianGuide(mean=0.5)
+    pipe = ClassConditionalPipeline(unet=unet, guide=guide, scheduler=EDMHeunScheduler(prediction_type="sample"))
+    pipe.set_progress_bar_config(disable=True)
+    guide_calls, main_labels = CallCounter(guide), []
+    unet.register_forward_pre_hook(
+        lambda module, args, kwargs: main_labels.append(kwargs["class_labels"]), with_kwargs=True
+    )
+    noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    w = 2.0
+    out = pipe([0, 1, 2], latents=noise, num_inference_steps=32, guidance_scale=w, output_type="latent").images
+    expected = exact_guided_solution(noise, [0.5 + w * (m - 0.5) for m in (1.0, 2.0, 3.0)])
+    assert (out - expected).abs().max() < 0.05
+    assert guide_calls.calls == 63
+    assert all(labels.tolist() == [0, 1, 2] for labels in main_labels)  # the null label is never used
+
+
+def test_conditional_guide_gets_the_labels_autoguidance():
+    unet, weak = GaussianClassDenoiser(), GaussianClassDenoiser()
+    weak.class_means.mul_(0.5)  # a "weaker" model: class means 0.5, 1, 1.5
+    pipe = ClassConditionalPipeline(unet=unet, guide=weak, scheduler=EDMHeunScheduler(prediction_type="sample"))
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    w = 1.5
+    out = pipe([0, 1, 2], latents=noise, num_inference_steps=32, guidance_scale=w, output_type="latent").images
+    expected = exact_guided_solution(noise, [0.5 * m + w * (m - 0.5 * m) for m in (1.0, 2.0, 3.0)])
+    assert (out - expected).abs().max() < 0.05
+
+
+def test_guide_network_combines_with_the_guidance_interval():
+    unet, guide = GaussianClassDenoiser(), GaussianGuide()
+    pipe = ClassConditionalPipeline(unet=unet, guide=guide, scheduler=EDMHeunScheduler(prediction_type="sample"))
+    pipe.set_progress_bar_config(disable=True)
+    guide_calls, main_calls = CallCounter(guide), CallCounter(unet)
+    sigmas = karras_sigmas(5)
+    pipe([1], num_inference_steps=5, guidance_scale=2.0, guidance_interval=(sigmas[3], sigmas[1]), output_type="latent")
+    assert main_calls.calls == 9 and main_calls.rows == 9  # one row each: the guide replaces the null-label rows
+    assert guide_calls.calls == 4  # steps 1 and 2, two evaluations each
+
+
+def test_transformer_route_with_an_unconditional_guide_matches_the_closed_form():
+    pipe = gaussian_eps_pipe("DDIMScheduler")
+    pipe.guide = GaussianClassEpsModel(num_classes=0)  # every label has mean 0
+    images = pipe([0, 1, 2], num_inference_steps=25, guidance_scale=2.0, num_images_per_prompt=48,
+                  generator=torch.Generator().manual_seed(0), output_type="latent").images  # fmt: skip
+    values = images.double().reshape(3, -1)
+    torch.testing.assert_close(values.mean(1), torch.tensor([2.0, 4.0, 6.0], dtype=torch.float64), atol=0.06, rtol=0)
+
+
+def test_guide_saves_and_loads_with_the_pipeline(tmp_path):
+    from diffusers_speedup.models import UViTModel
+
+    def tiny_uvit(num_classes, seed):
+        torch.manual_seed(seed)
+        return UViTModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, hidden_size=16,
+                         num_attention_heads=2, num_classes=num_classes)  # fmt: skip
+
+    pipe = ClassConditionalPipeline(transformer=tiny_uvit(5, 0), guide=tiny_uvit(0, 1), scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    expected = run(pipe, labels=[1, 4], guidance_scale=3.0)
+    pipe.save_pretrained(tmp_path)
+    model_index = json.loads((tmp_path / "model_index.json").read_text())
+    assert model_index["guide"][1] == "UViTModel" and (tmp_path / "guide" / "config.json").exists()
+    loaded = ClassConditionalPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.guide, UViTModel) and loaded.guide.config.num_classes == 0
+    assert torch.equal(run(loaded, labels=[1, 4], guidance_scale=3.0), expected)
+    # A guide from elsewhere replaces the saved one at load time, as any component does.
+    other = ClassConditionalPipeline.from_pretrained(tmp_path, guide=tiny_uvit(0, 2))
+    other.set_progress_bar_config(disable=True)
+    assert not torch.equal(run(other, labels=[1, 4], guidance_scale=3.0), expected)
+
+
+@pytest.mark.parametrize(
+    "guide, match",
+    [
+        (GaussianClassEpsModel(), "called like the main network"),
+        (GaussianGuide(in_channels=3), "shape"),
+        (GaussianClassDenoiser(num_classes=7), "7 classes"),
+    ],
+    ids=["wrong-kind", "wrong-shape", "wrong-classes"],
+)
+def test_bad_guide_raises_before_any_network_call(guide, match):
+    unet = GaussianClassDenoiser()
+    pipe = ClassConditionalPipeline(unet=unet, guide=guide, scheduler=EDMHeunScheduler(prediction_type="sample"))
+    counter = CallCounter(unet)
+    with pytest.raises(ValueError, match=match):
+        pipe([0], num_inference_steps=2)
+    assert counter.calls == 0

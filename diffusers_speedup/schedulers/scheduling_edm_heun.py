@@ -66,7 +66,10 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
     """
 
     config_name = "scheduler_config.json"
-    _compatibles = []
+    # The EDM schedulers that read the same σ-grid and preconditioning config (sigma_min, sigma_max, sigma_data, rho,
+    # prediction_type), so `from_config` can switch between them; like diffusers' own lists, only classes that
+    # diffusers exports resolve in `compatibles`.
+    _compatibles = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]
     order = 2
 
     @register_to_config
@@ -152,8 +155,10 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def evaluation_step_sigmas(self) -> torch.Tensor:
-        """σ_i of the step each network evaluation belongs to (both evaluations of a Heun step share it)."""
-        return self.sigmas[self.evaluation_step_indices]
+        """σ_i of the step each network evaluation belongs to (both evaluations of a Heun step share it), in float64
+        as the grid is computed, so that comparisons with σ values given by a user are not blurred by float32."""
+        sigmas = torch.tensor(self._sigmas_f64, dtype=torch.float64)
+        return sigmas[self.evaluation_step_indices]
 
     @property
     def init_noise_sigma(self) -> float:
@@ -172,8 +177,25 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0):
-        """Lets a pipeline start at a later evaluation (for example img2img); must be a first-order evaluation."""
+        """
+        Lets a pipeline start at a later evaluation (for example img2img).
+
+        Args:
+            begin_index (`int`, defaults to 0): index into `timesteps`; must be the first evaluation of a step (even
+                indices 0, 2, 4, …), because a Heun correction needs the step's first evaluation before it.
+        """
+        self._check_start_index(begin_index)
         self._begin_index = begin_index
+
+    def _check_start_index(self, index: int):
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self._eval_sigmas_f64):
+            raise ValueError(f"A start index must be an integer in [0, {len(self._eval_sigmas_f64)}), got {index!r}.")
+        if index > 0 and self.evaluation_step_indices[index] == self.evaluation_step_indices[index - 1]:
+            step = int(self.evaluation_step_indices[index])
+            raise ValueError(
+                f"Evaluation {index} is the Heun correction of step {step}; sampling can only start at the first "
+                f"evaluation of a step (index {index + 1} starts step {step + 1})."
+            )
 
     @property
     def sigma_for_model_input(self) -> float:
@@ -232,13 +254,28 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
     # ----------------------------------------------------------------------------------------------------------
     # Sampling
 
-    def index_for_timestep(self, timestep: float | torch.Tensor) -> int:
-        """Index of the first entry of `timesteps` equal to `timestep`."""
-        timestep = torch.as_tensor(timestep, dtype=self.timesteps.dtype, device=self.timesteps.device)
-        matches = (self.timesteps == timestep).nonzero()
+    def index_for_timestep(self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """
+        Index in `timesteps` at which a loop that starts with `timestep` begins.
+
+        Without churn, a Heun schedule holds every σ but the first and last twice: the correction of step i−1, then
+        the first evaluation of step i. As in diffusers' `HeunDiscreteScheduler`, the second match is taken, so a
+        loop started mid-schedule (img2img style, without `set_begin_index`) starts a step instead of running a
+        correction whose first half never happened.
+
+        Args:
+            timestep (`float` or `torch.Tensor`): an entry of `timesteps` (c_noise = ¼·ln σ).
+            schedule_timesteps (`torch.Tensor`, *optional*): the schedule to search; defaults to `timesteps`.
+        """
+        schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        timestep = torch.as_tensor(timestep, dtype=schedule_timesteps.dtype, device=schedule_timesteps.device)
+        matches = (schedule_timesteps == timestep).nonzero()
         if len(matches) == 0:
-            raise ValueError(f"timestep {float(timestep)} is not one of this scheduler's timesteps.")
-        return int(matches[0])
+            raise ValueError(
+                f"timestep {float(timestep)} is not one of this scheduler's timesteps (c_noise = ln(σ)/4 of the "
+                "σ grid set by set_timesteps); pass an entry of `scheduler.timesteps`."
+            )
+        return int(matches[1 if len(matches) > 1 else 0])
 
     def _init_step_index(self, timestep):
         if self._begin_index is not None:
@@ -246,7 +283,9 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         elif timestep is None:
             self._step_index = 0
         else:
-            self._step_index = self.index_for_timestep(timestep)
+            index = self.index_for_timestep(timestep)
+            self._check_start_index(index)
+            self._step_index = index
 
     def _clear_heun_state(self):
         self._derivative = None
