@@ -298,11 +298,6 @@ def block_structure(block: torch.nn.Module):
     return [(name, type(module).__name__) for name, module in block.named_modules()]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="UViTModel's out-blocks carry skip_linear and the other UViTBlocks do not, so regional compilation "
-    "compiles the repeated block twice",
-)
 def test_uvit_repeated_blocks_are_identical_for_regional_compilation():
     model = UViTCase().build()
     for class_name in model._repeated_blocks:
