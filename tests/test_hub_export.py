@@ -173,14 +173,9 @@ def test_bad_card_info_is_named():
 
 
 def load_export_script():
-    import importlib.util
-    from pathlib import Path
+    from diffusers_speedup.commands import export
 
-    path = Path(__file__).resolve().parents[1] / "train" / "export.py"
-    spec = importlib.util.spec_from_file_location("export_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return export
 
 
 def make_run_folder(tmp_path):
