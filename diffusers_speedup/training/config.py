@@ -174,26 +174,62 @@ def _omegaconf_message(error: OmegaConfBaseException) -> str:
     return f"{key}: {first_line}" if key else first_line
 
 
+def recipes_dir() -> Path:
+    """The folder of the shipped recipes: ``diffusers_speedup/configs`` in an installed wheel, the checkout's
+    ``configs/`` when the package is imported from a clone (including ``pip install -e``)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes, e.g. ``quickstart``, ``imagenet256/dit_xl2_speed``."""
+    root = recipes_dir()
+    return sorted(path.relative_to(root).with_suffix("").as_posix() for path in root.rglob("*.yaml"))
+
+
+def resolve_recipe(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
+    """The recipe file that `name_or_path` means.
+
+    An existing file wins (relative to `relative_to` when given, as for ``base:``); otherwise it is the name of a
+    shipped recipe, with or without ``.yaml`` and with or without a leading ``configs/``, so that
+    ``imagenet256/dit_xl2_speed`` and ``configs/imagenet256/dit_xl2_speed.yaml`` work with or without a clone.
+    """
+    path = Path(name_or_path)
+    candidate = relative_to / path if relative_to is not None else path
+    if candidate.is_file():
+        return candidate
+    name = path.as_posix().removesuffix(".yaml")
+    name = name.removeprefix("configs/")
+    shipped = recipes_dir() / f"{name}.yaml"
+    if not path.is_absolute() and shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"{candidate} does not exist and is not the name of a shipped recipe")
+
+
 def _load_recipe(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
-    """A recipe file merged over the recipe its ``base:`` key names (a path relative to the file), recursively."""
+    """A recipe file merged over the recipe its ``base:`` key names (a file relative to this one, or the name of a
+    shipped recipe), recursively."""
     path = path.resolve()
     if path in chain:
         raise ConfigError(f"{path}: 'base' chain loops back to itself ({' -> '.join(map(str, chain + (path,)))}).")
-    if not path.is_file():
-        where = f" (named as base by {chain[-1]})" if chain else ""
-        raise ConfigError(f"Config file {path} does not exist{where}.")
     recipe = OmegaConf.load(path)
     base = recipe.pop("base", None) if isinstance(recipe, DictConfig) else None
     if base is None:
         return recipe
-    return OmegaConf.merge(_load_recipe(path.parent / str(base), chain + (path,)), recipe)
+    try:
+        base_path = resolve_recipe(str(base), relative_to=path.parent)
+    except FileNotFoundError as error:
+        raise ConfigError(f"Config file {error} (named as base by {path}).") from None
+    return OmegaConf.merge(_load_recipe(base_path, chain + (path,)), recipe)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a recipe, apply ``key.sub=value`` overrides, validate, and return the typed config.
 
-    A recipe may start with ``base: other.yaml`` (relative to its own folder) to take that recipe and change only
-    what it lists.
+    `path` is a YAML file or the name of a shipped recipe (``quickstart``, ``imagenet256/dit_xl2_speed``; see
+    `list_recipes`). A recipe may start with ``base: other.yaml`` (a file relative to its own folder, or a shipped
+    recipe's name) to take that recipe and change only what it lists.
 
     Raises:
         ConfigError: naming the file and the key for unknown keys, wrong types and contradictory options.
@@ -203,7 +239,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         if path is not None:
             source = str(path)
-            schema = OmegaConf.merge(schema, _load_recipe(Path(path)))
+            try:
+                recipe_path = resolve_recipe(path)
+            except FileNotFoundError as error:
+                raise ConfigError(f"Config file {error}; shipped recipes: {', '.join(list_recipes())}.") from None
+            schema = OmegaConf.merge(schema, _load_recipe(recipe_path))
         for override in overrides:
             source = f"override {override!r}"
             if "=" not in override:
