@@ -28,7 +28,9 @@ OPTIMIZERS = ("adamw", "adam")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "inverse_sqrt")
 MIXED_PRECISION = ("fp32", "bf16", "fp16")
 ATTENTION = ("sdpa", "xformers")
-TRACKERS = ("tensorboard", "wandb", "none")
+# accelerate's experiment trackers (accelerate.utils.LoggerType); train.report_to takes one, several joined by
+# commas, "all" (every one installed) or "none". The Python module each needs has the same name.
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
 class ConfigError(ValueError):
@@ -138,12 +140,13 @@ class TrainConfig:
     batch_size: int = 64  # global batch (all processes, all accumulation steps)
     gradient_accumulation_steps: int = 1
     max_steps: int = 1000
-    mixed_precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; weights stay fp32)
+    # fp32 | bf16 | fp16 (autocast; weights stay fp32). None: the launcher's choice (`accelerate launch
+    # --mixed_precision`, `accelerate config`), fp32 without one; a value here overrides the launcher, with a warning.
+    mixed_precision: str | None = None
     allow_tf32: bool = True
     compile: bool = False
     attention: str = "sdpa"
     gradient_checkpointing: bool = False
-    num_workers: int = 0
     checkpoint_every: int = 500
     checkpoints_total_limit: int | None = 3
     resume: str | None = None  # "latest" or a checkpoint folder
@@ -151,8 +154,9 @@ class TrainConfig:
     sample_every: int = 0  # steps between sample grids (0: only at the end)
     export_every_checkpoint: bool = False
     max_consecutive_nonfinite: int = 10  # stop after this many skipped steps in a row (checked at each log)
-    report_to: str = "tensorboard"
-    cpu: bool = False
+    report_to: str = "tensorboard"  # tensorboard | wandb | ... | "tensorboard,wandb" | all | none
+    tracker_project_name: str = "diffusers-speedup"  # the trackers' project (W&B project, TensorBoard run folder)
+    cpu: bool | None = None  # None: the launcher's choice (`accelerate launch --cpu`); a value overrides it
 
 
 @dataclass
@@ -402,9 +406,14 @@ def validate_config(config: Config) -> None:
     _positive("train.max_steps", train.max_steps)
     _positive("train.checkpoint_every", train.checkpoint_every, allow_zero=True)
     _positive("train.log_every", train.log_every)
-    _choice("train.mixed_precision", train.mixed_precision, MIXED_PRECISION)
+    if train.mixed_precision is not None:
+        _choice("train.mixed_precision", train.mixed_precision, MIXED_PRECISION)
     _choice("train.attention", train.attention, ATTENTION)
-    _choice("train.report_to", train.report_to, TRACKERS)
+    if train.report_to not in ("all", "none"):
+        for tracker in train.report_to.split(","):
+            _choice("train.report_to", tracker.strip(), (*TRACKERS, "all", "none"))
+    if not train.tracker_project_name.strip():
+        raise ConfigError("train.tracker_project_name: must not be empty.")
     if train.batch_size % train.gradient_accumulation_steps:
         raise ConfigError(
             f"train.batch_size: {train.batch_size} is not divisible by "
@@ -412,6 +421,11 @@ def validate_config(config: Config) -> None:
         )
     if train.resume not in (None, "latest") and not Path(train.resume).is_dir():
         raise ConfigError(f"train.resume: {train.resume!r} is neither 'latest' nor an existing checkpoint folder.")
+
+
+def report_to_trackers(report_to: str) -> list[str]:
+    """train.report_to as the list of tracker names that accelerate's ``log_with`` takes ("all" stays "all")."""
+    return [name.strip() for name in report_to.split(",") if name.strip() not in ("", "none")]
 
 
 def check_environment(config: Config) -> None:
@@ -427,8 +441,9 @@ def check_environment(config: Config) -> None:
             raise ConfigError("train.attention: 'xformers' is not installed (pip install diffusers-speedup[xformers]).")
         if config.model.kind == "edm2_unet":
             raise ConfigError("train.attention: EDM2UNetModel's cosine attention has no xformers path; use 'sdpa'.")
-    if train.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("train.report_to: 'wandb' is not installed.")
+    for tracker in report_to_trackers(train.report_to):
+        if tracker not in ("all", "tensorboard") and importlib.util.find_spec(tracker) is None:
+            raise ConfigError(f"train.report_to: {tracker!r} is not installed (pip install {tracker}).")
     if train.resume is None:
         # A fresh run would write its own checkpoint-<step> folders over these.
         existing = list_checkpoints(train.output_dir)
