@@ -70,8 +70,14 @@ def parse_args(argv=None):
     parser.add_argument("--fid", type=float, default=None, help="FID to report in the card's model-index")
     parser.add_argument("--fid_num_samples", type=int, default=None, help="number of samples the FID used")
     parser.add_argument("--fid_settings", default=None, help="how the FID samples were drawn (free text)")
+    parser.add_argument(
+        "--fid_json", default=None, help="the JSON that `evaluate` wrote; fills --fid and --fid_num_samples"
+    )
     parser.add_argument("--dataset", action="append", default=[], help="Hub dataset id trained on (repeatable)")
     parser.add_argument("--dataset_name", default=None, help="human name of the data, e.g. 'ImageNet 256x256'")
+    parser.add_argument(
+        "--base_model", default=None, help="Hub id the run started from (default: the recipe's model.pretrained)"
+    )
     parser.add_argument("--license", default="apache-2.0")
     parser.add_argument("--hardware", default=None, help="e.g. '8x H100'")
     parser.add_argument("--training_time", default=None, help="e.g. '14 h'")
@@ -105,12 +111,18 @@ def main(argv=None) -> int:
         grid = Path(args.sample_grid) if args.sample_grid else find_first(search, GRID_NAMES)
         trainer_state = find_first(search, ("trainer_state.json",))
         steps = json.loads(trainer_state.read_text()).get("step") if trainer_state else None
+        if args.fid_json:
+            evaluation = json.loads(Path(args.fid_json).read_text())
+            args.fid = evaluation["fid"] if args.fid is None else args.fid
+            args.fid_num_samples = args.fid_num_samples or evaluation.get("num_samples")
+            args.fid_settings = args.fid_settings or f"against {evaluation.get('reference')}"
         info = ModelCardInfo(
             model_name=args.model_name or Path(args.output_dir).name,
             repo_id=args.hub_model_id,
             license=args.license,
             datasets=args.dataset,
             dataset_name=args.dataset_name,
+            base_model=args.base_model,
             fid=args.fid,
             fid_num_samples=args.fid_num_samples,
             fid_settings=args.fid_settings,

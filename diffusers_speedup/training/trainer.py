@@ -798,6 +798,7 @@ class Trainer:
                 model_name=config.hub.hub_model_id.split("/")[-1] if config.hub.hub_model_id else self.output_dir.name,
                 repo_id=config.hub.hub_model_id,
                 dataset_name=self._dataset_name(),
+                datasets=self._hub_datasets(),
                 training_steps=self.step,
                 images_seen=self.images_seen,
                 batch_size=config.train.batch_size,
@@ -820,6 +821,19 @@ class Trainer:
             self.module.train()
         accelerator.wait_for_everyone()
         return export_dir
+
+    def _hub_datasets(self) -> list[str]:
+        """The Hub dataset the training data came from (for the card's ``datasets``), if it came from the Hub:
+        the recipe's ``data.path`` or, for cached latents, the dataset the cache was made from."""
+        from ..hub.model_card import hub_repo_id
+
+        data = self.config.data
+        name = data.path if data.kind == "hf_dataset" else None
+        if self.data.is_latent:
+            source = self.data.dataset.metadata.get("source") or {}
+            name = source.get("name") if source.get("kind") == "dataset" else None
+        repo_id = hub_repo_id(name)
+        return [repo_id] if repo_id else []
 
     def _dataset_name(self) -> str:
         data = self.config.data
