@@ -1,8 +1,8 @@
 """Cache AutoencoderKL latents of an image dataset into a 🤗 datasets folder.
 
-One process:            python train/cache_latents.py --image_folder /data/imagenet/train --output_dir cache/in256
-Every GPU of a machine: accelerate launch train/cache_latents.py --image_folder ... --output_dir cache/in256
-                        (or torchrun --nproc_per_node 8 train/cache_latents.py ...)
+One process:            diffusers-speedup cache-latents --image_folder /data/imagenet/train --output_dir cache/in256
+Every GPU of a machine: accelerate launch -m diffusers_speedup cache-latents --image_folder ... --output_dir ...
+                        (or torchrun --nproc_per_node 8 -m diffusers_speedup cache-latents ...)
 Run the same command again to resume an interrupted run; a folder made with other settings is refused.
 """
 
@@ -14,7 +14,11 @@ from diffusers_speedup.data.latent_cache import DEFAULT_VAE, cache_latents
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="diffusers-speedup cache-latents",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--output_dir", required=True, help="folder of the cache (created, resumed or refused)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image_folder", help="one sub-folder per class (ImageNet train layout)")

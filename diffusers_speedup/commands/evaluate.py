@@ -1,8 +1,8 @@
 """FID of generated samples against a reference; prints it and writes it as JSON.
 
-    python train/evaluate.py samples/run1/samples_50000x256x256x3.npz VIRTUAL_imagenet256_labeled.npz
+    diffusers-speedup evaluate samples/run1/samples_50000x256x256x3.npz VIRTUAL_imagenet256_labeled.npz
 
-SAMPLES: an `.npz` with `arr_0` uint8 NHWC images (train/sample.py, ADM) or a folder of images.
+SAMPLES: an `.npz` with `arr_0` uint8 NHWC images (`diffusers-speedup sample`, ADM) or a folder of images.
 REFERENCE: an `.npz` with `mu`/`sigma` (ADM reference batch or --save_reference_stats output), an `.npz` of images,
 a folder of images, a folder saved with `datasets.save_to_disk`, or `hf:<dataset id>` (see --split).
 Features: torch-fidelity's Inception-v3 (`pip install diffusers-speedup[eval]`).
@@ -18,7 +18,7 @@ from diffusers_speedup.evaluation import InceptionFeatureExtractor, compute_fid_
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="diffusers-speedup evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("samples", help="sample .npz (arr_0) or image folder")
     parser.add_argument("reference", help="reference statistics .npz, images .npz, image folder, or hf:<dataset>")
     parser.add_argument("--output", default=None, help="JSON result path (default: <samples>.fid.json)")

@@ -1,8 +1,8 @@
 """Export a trained pipeline to a Hub-ready folder with a model card, and optionally push it (or a cached dataset).
 
-    python train/export.py runs/uvit/checkpoint-40000 --output_dir exports/uvit-s2 --model_name uvit-s2-digits \\
+    diffusers-speedup export runs/uvit/checkpoint-40000 --output_dir exports/uvit-s2 --model_name uvit-s2-digits \\
         --fid 12.4 --fid_num_samples 10000 [--push_to_hub --hub_model_id me/uvit-s2-digits [--private]]
-    python train/export.py --dataset_folder cache/imagenet256 --hub_dataset_id me/imagenet256-latents
+    diffusers-speedup export --dataset_folder cache/imagenet256 --hub_dataset_id me/imagenet256-latents
 
 The input is a pipeline folder (with model_index.json), a checkpoint folder that holds one in a subfolder (an EMA
 pipeline is preferred), or a run folder whose `latest` file names the checkpoint. The token comes from HF_TOKEN or
@@ -61,7 +61,7 @@ def load_pipeline(folder: Path):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="diffusers-speedup export", description=__doc__.split("\n")[0])
     parser.add_argument("input", nargs="?", help="pipeline, checkpoint or run folder")
     parser.add_argument("--output_dir", help="Hub-ready folder to write (replaced if it exists)")
     parser.add_argument("--config", help="training config YAML (default: found next to the pipeline)")

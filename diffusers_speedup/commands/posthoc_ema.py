@@ -1,6 +1,6 @@
 """Reconstruct power-function EMA weights of any sigma_rel after training (EDM2 post-hoc EMA).
 
-    python train/posthoc_ema.py --run_dir runs/edm2-s --sigma_rel 0.05 0.1 0.15 --output_dir runs/edm2-s/posthoc
+    diffusers-speedup posthoc-ema --run_dir runs/edm2-s --sigma_rel 0.05 0.1 0.15 --output_dir runs/edm2-s/posthoc
 
 For each sigma_rel it writes `phema-<sigma_rel>.safetensors` (a state dict for `model.load_state_dict`). When the run
 has an exported pipeline folder (given with --pipeline_dir, or the only folder with a model_index.json in --run_dir),
@@ -27,7 +27,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="diffusers-speedup posthoc-ema", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--run_dir", type=Path, help=f"training output folder (snapshots in <run_dir>/{SNAPSHOT_DIR_NAME})"

@@ -1,11 +1,11 @@
 """Generate many class-conditional samples from a pipeline folder, resumably, on one or many GPUs.
 
-    accelerate launch train/sample.py --pipeline path/to/pipeline --output_dir samples/run1 \\
+    accelerate launch -m diffusers_speedup sample --pipeline path/to/pipeline --output_dir samples/run1 \\
         --num_samples 50000 --batch_size 125 --steps 50 --guidance_scale 1.5 --class_labels random --seed 0
 
 Rerunning the same command after a crash finishes the missing shards only; the result is the same as an
 uninterrupted run, whatever the number of processes. The merged `samples_{N}x{H}x{W}x{C}.npz` (ADM layout: `arr_0`
-uint8 NHWC images, `arr_1` labels) goes to train/evaluate.py or to ADM's evaluator.
+uint8 NHWC images, `arr_1` labels) goes to `diffusers-speedup evaluate` or to ADM's evaluator.
 """
 
 import argparse
@@ -18,7 +18,7 @@ from diffusers_speedup.evaluation import generate_samples
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="diffusers-speedup sample", description=__doc__.split("\n")[0])
     parser.add_argument("--pipeline", required=True, help="pipeline folder or Hub id (model_index.json layout)")
     parser.add_argument("--output_dir", required=True, help="folder for shards, the merged .npz and PNGs")
     parser.add_argument("--num_samples", type=int, default=50_000)

@@ -1,4 +1,7 @@
-"""Train a recipe: ``accelerate launch train/train.py --config configs/<recipe>.yaml [key.sub=value ...]``."""
+"""Train a recipe: ``accelerate launch -m diffusers_speedup train --config <recipe> [key.sub=value ...]``.
+
+The recipe is a YAML file or the name of a shipped one (``quickstart``, ``imagenet256/dit_xl2_speed``).
+"""
 
 import argparse
 import logging
@@ -8,8 +11,10 @@ from diffusers_speedup.training import ConfigError, Trainer, load_config
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default=None, help="YAML recipe, e.g. configs/quickstart.yaml (default: defaults)")
+    parser = argparse.ArgumentParser(prog="diffusers-speedup train", description=__doc__)
+    parser.add_argument(
+        "--config", default=None, help="YAML recipe or shipped recipe name, e.g. quickstart (default: defaults)"
+    )
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)

@@ -853,7 +853,7 @@ class Trainer:
             if self.push_result is not None and not self.push_result.ok:
                 logger.error(
                     "The final push to %s failed after %d attempts: %s. The exported folder %s is intact; "
-                    "push it later with `python train/export.py %s --output_dir %s-hub --push_to_hub "
+                    "push it later with `diffusers-speedup export %s --output_dir %s-hub --push_to_hub "
                     "--hub_model_id %s`.",
                     self.config.hub.hub_model_id,
                     self.push_result.attempts,
