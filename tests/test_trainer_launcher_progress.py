@@ -166,3 +166,47 @@ def test_progress_bar_trackers_and_sample_grids(no_launcher, tmp_path, fresh_acc
     resumed = Trainer(load_config(QUICKSTART, tiny(run, "train.max_steps=6", "train.resume=latest")))
     resumed.train()
     assert "4/6" in capsys.readouterr().err and resumed.progress.n == 6
+
+
+def test_weights_and_biases_gets_the_grid_as_an_image(no_launcher, tmp_path, fresh_accelerate_state, monkeypatch):
+    """accelerate's own WandBTracker, on a stand-in `wandb` module that records what it is given (no network)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import accelerate.tracking
+    from accelerate.utils import LoggerType
+
+    runs = []
+
+    class Run:
+        def __init__(self, project, **kwargs):
+            self.project, self.logged = project, []
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append((step, values))
+
+        def finish(self):
+            self.finished = True
+
+    class Image:
+        def __init__(self, data):
+            assert data.ndim == 3 and data.shape[2] == 3 and data.dtype.name == "uint8"  # what wandb.Image takes
+            self.data = data
+
+    wandb = types.ModuleType("wandb")
+    wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", loader=None)
+    wandb.init = lambda project, **kwargs: runs.append(Run(project, **kwargs)) or runs[-1]
+    wandb.Image = Image
+    wandb.config = types.SimpleNamespace(update=lambda values, allow_val_change=False: None)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setattr(accelerate.tracking, "_available_trackers", [LoggerType.WANDB])
+
+    overrides = tiny(tmp_path / "run", "train.max_steps=2", "train.report_to=wandb", "train.tracker_project_name=p1")
+    Trainer(load_config(QUICKSTART, overrides)).train()
+    (run,) = runs
+    assert run.project == "p1"
+    images = [(step, values["samples"]) for step, values in run.logged if "samples" in values]
+    ((step, (image,)),) = images
+    assert step == 2 and image.data.shape[0] > 0
+    assert any("train/loss" in values for _, values in run.logged) and run.finished
