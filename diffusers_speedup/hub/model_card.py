@@ -240,9 +240,9 @@ def _loading_code(location: str, info: ModelCardInfo, training_config: Mapping[s
     if "guidance_interval" in kwargs:
         lo, hi = kwargs["guidance_interval"]
         guidance = (
-            f"Guidance runs only while the noise level σ lies in [{lo:g}, {hi:g}] (limited-interval guidance, "
-            "Kynkäänniemi et al., 2024): outside it the unconditional pass is skipped, which is faster and better "
-            "than guiding at every step."
+            f"Guidance runs only while the noise level σ is between {lo:g} and {hi:g} (limited-interval guidance, "
+            "Kynkäänniemi et al., 2024): outside it the unconditional pass is skipped, which the paper found both "
+            "faster and better than guiding at every step."
         )
     else:
         guidance = (
