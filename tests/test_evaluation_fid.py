@@ -235,14 +235,10 @@ def test_bad_sources_are_named(tmp_path):
 
 
 def test_evaluate_cli_writes_json(tmp_path, monkeypatch):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "train" / "evaluate.py"
-    spec = importlib.util.spec_from_file_location("train_evaluate", path)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from diffusers_speedup.commands import evaluate as cli
+
     monkeypatch.setattr(cli, "InceptionFeatureExtractor", lambda device, weights_path: two_channel_means)
 
     rng = np.random.default_rng(11)

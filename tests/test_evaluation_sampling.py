@@ -3,7 +3,6 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -258,13 +257,9 @@ def test_torchrun_two_processes_equal_one(tmp_path):
 
 
 def load_script(name):
-    import importlib.util
+    import importlib
 
-    path = Path(__file__).resolve().parents[1] / "train" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"train_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"diffusers_speedup.commands.{name}")
 
 
 def test_sample_cli_on_a_saved_pipeline_folder(tmp_path):

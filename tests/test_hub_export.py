@@ -173,14 +173,9 @@ def test_bad_card_info_is_named():
 
 
 def load_export_script():
-    import importlib.util
-    from pathlib import Path
+    from diffusers_speedup.commands import export
 
-    path = Path(__file__).resolve().parents[1] / "train" / "export.py"
-    spec = importlib.util.spec_from_file_location("export_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return export
 
 
 def make_run_folder(tmp_path):
@@ -198,10 +193,11 @@ def test_export_script_from_run_folder(tmp_path):
     script = load_export_script()
     run = make_run_folder(tmp_path)
     out = tmp_path / "hub-ready"
-    args = [str(run), "--output_dir", str(out), "--fid", "3.5", "--batch_size", "4", "--model_name", "tiny"]
-    assert script.main(args) == 0
+    (tmp_path / "samples.npz.fid.json").write_text(json.dumps({"fid": 3.5, "num_samples": 10_000, "reference": "ref"}))
+    args = [str(run), "--output_dir", str(out), "--fid_json", str(tmp_path / "samples.npz.fid.json")]
+    assert script.main([*args, "--batch_size", "4", "--model_name", "tiny"]) == 0
     card = ModelCard.load(out / "README.md")
-    assert card.data.eval_results[0].metric_value == 3.5
+    assert card.data.eval_results[0].metric_value == 3.5 and card.data.eval_results[0].metric_name == "FID-10K"
     assert "**Images seen:** 40" in card.text and "min-snr" in card.data.tags
     assert (out / "samples.png").is_file() and (out / "transformer" / "uvit.py").is_file()
     with pytest.raises(SystemExit):
@@ -217,3 +213,71 @@ def test_source_file_survives_public_module_name(monkeypatch):
     monkeypatch.setattr(UViTModel, "__module__", "diffusers_speedup")
     assert source_file_of(UViTModel).name == "uvit.py"
     assert source_file_of(ClassConditionalPipeline).name == "pipeline_class_conditional.py"
+
+
+HUB_RECIPE = {
+    "model": {"kind": "uvit", "pretrained": "me/uvit-base"},
+    "data": {"kind": "hf_dataset", "path": "ILSVRC/imagenet-1k"},
+    "objective": {"weighting": {"kind": "min_snr", "gamma": 5.0}},
+    "sampling": {"num_inference_steps": 3, "guidance_scale": 1.5, "guidance_interval": [0.3, 2.0]},
+}
+
+
+def test_card_metadata_passes_huggingface_hubs_own_parsing(tmp_path):
+    from huggingface_hub import ModelCardData, metadata_load
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    grid = Image.new("RGB", (16, 16), (200, 10, 10))
+    info = ModelCardInfo(model_name="uvit-tiny", fid=7.25, fid_num_samples=50_000, dataset_name="ImageNet 256")
+    out = export_pipeline(
+        tiny_pipeline(), tmp_path / "export", training_config=HUB_RECIPE, sample_grid=grid, card_info=info
+    )
+
+    metadata = metadata_load(out / "README.md")
+    assert metadata["datasets"] == ["ILSVRC/imagenet-1k"]  # from the recipe's Hub dataset
+    assert metadata["base_model"] == "me/uvit-base" and metadata["base_model_relation"] == "finetune"
+    name, (result,) = model_index_to_eval_results(metadata["model-index"])
+    assert name == "uvit-tiny"
+    assert (result.metric_type, result.metric_value, result.dataset_type) == ("fid", 7.25, "ILSVRC/imagenet-1k")
+    data = ModelCardData(**metadata)  # validates eval results, as the Hub's card loader does
+    assert data.eval_results[0].metric_name == "FID-50K"
+    assert ModelCard.load(out / "README.md").data.to_dict()["base_model"] == "me/uvit-base"
+
+    # The widget and the card show the grid enlarged by a whole factor, pixel for pixel.
+    (widget,) = metadata["widget"]
+    shown = Image.open(out / widget["output"]["url"])
+    assert shown.size == (768, 768)
+    assert shown.getpixel((0, 0)) == (200, 10, 10) and Image.open(out / "samples.png").size == (16, 16)
+    text = ModelCard.load(out / "README.md").text
+    assert f"]({widget['output']['url']})" in text
+    # Sampling settings are the recipe's own, not another model's.
+    assert "guidance_interval=(0.3, 2.0)" in text and "guidance_scale=1.5" in text and "num_inference_steps=3" in text
+    assert "0.28" not in text and "2.9" not in text
+
+
+def test_card_never_names_a_local_path_as_a_dataset_or_base_model(tmp_path):
+    local = tmp_path / "my/data"
+    local.mkdir(parents=True)
+    recipe = {"model": {"pretrained": str(tmp_path)}, "data": {"kind": "hf_dataset", "path": str(local)}}
+    card = build_model_card({"model_name": "x"}, training_config=recipe)
+    assert card.data.datasets is None and card.data.base_model is None
+    with pytest.raises(ValueError, match="card_info.datasets: '/data/imagenet' is not a Hub repository id"):
+        build_model_card({"datasets": ["/data/imagenet"]})
+
+
+def test_usage_snippets_in_the_card_run_against_the_exported_folder(tmp_path, monkeypatch):
+    import re
+
+    recipe = {"sampling": {"num_inference_steps": 2, "guidance_scale": 1.5, "guidance_interval": [0.5, 5.0]}}
+    out = export_pipeline(tiny_pipeline(), tmp_path / "export", training_config=recipe)
+    text = ModelCard.load(out / "README.md").text
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 2 and "ClassConditionalPipeline.from_pretrained" in blocks[0]
+    assert "trust_remote_code=True" in blocks[1]
+    monkeypatch.chdir(tmp_path)
+    for code in blocks:
+        namespace = {}
+        exec(code.replace("path/to/this/folder", str(out)), namespace)  # noqa: S102 - the card's own code
+        assert len(namespace["images"]) == 4  # class_labels=[0, 1, 2, 3]: the tiny model's four classes
+    assert (tmp_path / "sample.png").is_file()
+    assert type(namespace["pipe"]).__module__ != ClassConditionalPipeline.__module__  # the shipped file's class

@@ -150,6 +150,30 @@ def test_base_chains_are_followed_and_checked(tmp_path):
     assert speed.objective.sampler["kind"] == "speed" and speed.model.preset == "dit-xl-2"
 
 
+def test_recipes_resolve_by_name_or_path(tmp_path, monkeypatch):
+    from diffusers_speedup.training.config import list_recipes, resolve_recipe
+
+    assert set(list_recipes()) == {str(path.relative_to(CONFIGS).with_suffix("")) for path in RECIPES}
+    monkeypatch.chdir(tmp_path)  # names do not depend on the working folder
+    expected = (CONFIGS / "imagenet256" / "dit_xl2_speed.yaml").resolve()
+    for spelling in (
+        "imagenet256/dit_xl2_speed",
+        "imagenet256/dit_xl2_speed.yaml",
+        "configs/imagenet256/dit_xl2_speed.yaml",
+    ):
+        assert resolve_recipe(spelling).resolve() == expected
+    assert load_config("quickstart").model.params["skip_scaling"] == "inv_sqrt2"
+    # A file of that name in the working folder wins over the shipped recipe.
+    (tmp_path / "quickstart.yaml").write_text("train:\n  max_steps: 3\n")
+    assert load_config("quickstart.yaml").train.max_steps == 3
+    # A recipe of one's own starts from a shipped one by name.
+    (tmp_path / "mine.yaml").write_text("base: imagenet256/dit_xl2_speed\ntrain:\n  max_steps: 5\n")
+    mine = load_config("mine.yaml")
+    assert (mine.objective.sampler["kind"], mine.model.preset, mine.train.max_steps) == ("speed", "dit-xl-2", 5)
+    with pytest.raises(ConfigError, match="imagenet256/dit_xl3 does not exist.*shipped recipes: cifar10/edm2_c"):
+        load_config("imagenet256/dit_xl3")
+
+
 def test_per_channel_latent_normalisation_is_measured_trained_on_and_exported(tiny_data, tmp_path):
     from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 

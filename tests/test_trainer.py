@@ -323,16 +323,13 @@ def test_pushes_checkpoints_and_the_final_model_through_failures_without_leaking
 
 
 def test_power_ema_snapshots_reconstruct_into_a_loadable_pipeline(tmp_path):
-    import importlib.util
-
     run = tmp_path / "run"
     trainer = Trainer(
         load_config(QUICKSTART, tiny(run, "ema.kind=power", "ema.sigma_rels=[0.05,0.10]", "ema.snapshot_every=2"))
     )
     export_dir = trainer.train()
-    spec = importlib.util.spec_from_file_location("posthoc_ema", REPO / "train" / "posthoc_ema.py")
-    posthoc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(posthoc)
+    from diffusers_speedup.commands import posthoc_ema as posthoc
+
     posthoc.main(
         [
             "--run_dir",

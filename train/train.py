@@ -1,30 +1,12 @@
-"""Train a recipe: ``accelerate launch train/train.py --config configs/<recipe>.yaml [key.sub=value ...]``."""
+"""Train a recipe: ``accelerate launch train/train.py --config configs/quickstart.yaml [key.sub=value ...]``.
 
-import argparse
-import logging
+The same command as ``diffusers-speedup train`` (diffusers_speedup/commands/train.py), kept so that the commands
+work from a clone.
+"""
+
 import sys
 
-from diffusers_speedup.training import ConfigError, Trainer, load_config
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default=None, help="YAML recipe, e.g. configs/quickstart.yaml (default: defaults)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
-    args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        trainer = Trainer(load_config(args.config, args.overrides))
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    export_dir = trainer.train()
-    if trainer.push_result is not None and not trainer.push_result.ok:
-        return 3  # trained and exported, but the final push failed (logged with how to retry)
-    if export_dir is not None:
-        print(f"Exported pipeline: {export_dir}")
-    return 0
-
+from diffusers_speedup.commands import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("train"))

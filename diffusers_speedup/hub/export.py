@@ -11,6 +11,7 @@ Folder layout written by `export_pipeline` (a U-ViT pipeline as the example):
     scheduler/scheduler_config.json  (+ scheduler/<file>.py when the scheduler is not a diffusers class)
     vae/...                          (latent models only)
     training_config.yaml, samples.png, README.md
+    samples_upscaled.png             the grid enlarged for the card and the Hub widget (pixel-exact, nearest)
 
 Why this model_index.json. diffusers 0.42 resolves a component entry `[library, class]` by first looking for
 `<component>/<library>.py` in the folder (custom code, which needs `trust_remote_code=True`), and otherwise takes
@@ -60,6 +61,9 @@ _SECRET_KEY_PARTS = ("token", "password", "secret", "api_key")
 MODEL_INDEX = "model_index.json"
 TRAINING_CONFIG_FILE = "training_config.yaml"
 SAMPLE_GRID_STEM = "samples"
+# The card's image is enlarged by a whole factor until its longer side is at least this many pixels: a grid of
+# 16-pixel samples (182×20) would be a smudge on the model page otherwise.
+DISPLAY_MIN_SIDE = 768
 
 
 def source_file_of(cls: type) -> Path:
@@ -212,6 +216,29 @@ def _write_sample_grid(sample_grid, folder: Path) -> str:
     raise TypeError(f"sample_grid must be a PIL image or a path, got {type(sample_grid).__name__}")
 
 
+def _write_display_grid(grid_file: Path) -> str:
+    """The sample grid enlarged by a whole factor (nearest neighbour, so every sample pixel stays a sharp square)
+    until its longer side reaches `DISPLAY_MIN_SIDE`; written next to it. Returns its file name."""
+    from PIL import Image
+
+    with Image.open(grid_file) as grid:
+        factor = max(1, -(-DISPLAY_MIN_SIDE // max(grid.size)))
+        display = grid.resize((grid.width * factor, grid.height * factor), Image.Resampling.NEAREST)
+    name = f"{SAMPLE_GRID_STEM}_upscaled.png"
+    display.save(grid_file.with_name(name))
+    return name
+
+
+def _card_info_for(pipeline, info: ModelCardInfo) -> ModelCardInfo:
+    """`info` with example class labels the pipeline has (a two-class model cannot sample class 3)."""
+    try:
+        num_classes = pipeline.num_classes
+    except (AttributeError, ValueError):
+        return info
+    labels = [label for label in info.class_labels if label < num_classes] or list(range(min(4, num_classes)))
+    return dataclasses.replace(info, class_labels=labels)
+
+
 def _replace_folder(new: Path, target: Path) -> None:
     """Renames `new` to `target`; an existing `target` is moved aside first and deleted only afterwards."""
     if target.exists():
@@ -266,6 +293,9 @@ def export_pipeline(
         if config:
             _write_yaml(config, staging / TRAINING_CONFIG_FILE)
         grid_name = _write_sample_grid(sample_grid, staging) if sample_grid is not None else None
+        info = _card_info_for(pipeline, info)
+        if grid_name is not None and info.widget_file is None:
+            info = dataclasses.replace(info, widget_file=_write_display_grid(staging / grid_name))
         components = {
             name: entry[1]
             for name, entry in index.items()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 # One entry per technique the card can name: Hub tag, display name, citation, and the paper's arXiv id.
 TECHNIQUES: dict[str, dict[str, str]] = {
@@ -59,7 +62,10 @@ class ModelCardInfo:
             shown instead when None).
         description: one paragraph on what the model is; a generic sentence is written when None.
         license: SPDX-like license id for the weights (the Hub's `license` field).
-        datasets: Hub dataset ids trained on (e.g. ["ILSVRC/imagenet-1k"]).
+        datasets: Hub dataset ids trained on (e.g. ["ILSVRC/imagenet-1k"]); never local paths. When empty, the
+            training config's ``data.path`` is used if it names a Hub dataset (``data.kind: hf_dataset``).
+        base_model: Hub id of the model the run started from; when None, the training config's
+            ``model.pretrained`` if it names a Hub repository.
         dataset_name: human name of the training data and resolution (e.g. "ImageNet 256×256").
         fid: FID of samples from this model, when an evaluation has run; goes into `model-index`.
         fid_num_samples: number of generated images the FID used (names the metric "FID-50K" and so on).
@@ -68,8 +74,11 @@ class ModelCardInfo:
         training_steps, images_seen, batch_size, hardware, training_time: how it was trained, as reported.
         techniques: Hub tags of techniques used (keys of `TECHNIQUES`); derived from the training config if None.
         extra_tags: more Hub tags.
-        num_inference_steps, guidance_scale, guidance_interval: sampling settings shown in the example code.
+        num_inference_steps, guidance_scale, guidance_interval: sampling settings shown in the example code; when
+            None, the training config's ``sampling`` section (the model's own recipe), else the pipeline defaults.
         class_labels: class ids used in the example code.
+        widget_file: file name, inside the folder, of the image the Hub shows in the model's widget and gallery
+            (the sample grid upscaled to a readable size); the card's sample image too.
     """
 
     model_name: str = "diffusers-speedup-model"
@@ -77,6 +86,7 @@ class ModelCardInfo:
     description: str | None = None
     license: str = "apache-2.0"
     datasets: list[str] = dataclasses.field(default_factory=list)
+    base_model: str | None = None
     dataset_name: str | None = None
     fid: float | None = None
     fid_num_samples: int | None = None
@@ -89,10 +99,11 @@ class ModelCardInfo:
     training_time: str | None = None
     techniques: list[str] | None = None
     extra_tags: list[str] = dataclasses.field(default_factory=list)
-    num_inference_steps: int = 50
-    guidance_scale: float = 4.0
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     guidance_interval: tuple[float, float] | None = None
     class_labels: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2, 3])
+    widget_file: str | None = None
 
     @classmethod
     def from_value(cls, value: ModelCardInfo | Mapping[str, Any] | None) -> ModelCardInfo:
@@ -165,20 +176,92 @@ def detect_techniques(training_config: Mapping[str, Any] | None, pipeline_class_
     return found
 
 
-def _loading_code(location: str, info: ModelCardInfo) -> str:
+def hub_repo_id(name: Any) -> str | None:
+    """`name` when it can only be a Hub repository id (``namespace/name``, not an existing local path), else None.
+
+    Used for fields the Hub links (``datasets``, ``base_model``): a local path there would be wrong and leak a
+    machine's file layout.
+    """
+    if not isinstance(name, str) or name.count("/") != 1 or name.startswith((".", "~")) or os.path.exists(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _recipe_section(training_config: Mapping[str, Any] | None, section: str) -> Mapping[str, Any]:
+    value = (training_config or {}).get(section)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _recipe_datasets(training_config: Mapping[str, Any] | None) -> list[str]:
+    data = _recipe_section(training_config, "data")
+    repo_id = hub_repo_id(data.get("path")) if data.get("kind") == "hf_dataset" else None
+    return [repo_id] if repo_id else []
+
+
+def _check_repo_ids(key: str, values: list[str]) -> None:
+    for value in values:
+        if hub_repo_id(value) != value:
+            raise ValueError(
+                f"card_info.{key}: {value!r} is not a Hub repository id ('namespace/name'); local paths do not "
+                "belong in a model card."
+            )
+
+
+def _sampling_kwargs(info: ModelCardInfo, training_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The settings the model's own recipe samples with (`info` first), for the copy-paste code."""
+    sampling = _recipe_section(training_config, "sampling")
+    steps = info.num_inference_steps if info.num_inference_steps is not None else sampling.get("num_inference_steps")
+    scale = info.guidance_scale if info.guidance_scale is not None else sampling.get("guidance_scale")
+    interval = info.guidance_interval if info.guidance_interval is not None else sampling.get("guidance_interval")
+    kwargs: dict[str, Any] = {}
+    if steps is not None:
+        kwargs["num_inference_steps"] = int(steps)
+    if scale is not None:
+        kwargs["guidance_scale"] = float(scale)
+    if interval is not None and (scale is None or float(scale) != 1.0):
+        lo, hi = (float(v) for v in interval)
+        kwargs["guidance_interval"] = (lo, hi)
+    return kwargs
+
+
+def _call(info: ModelCardInfo, kwargs: Mapping[str, Any], indent: str) -> str:
     labels = ", ".join(str(c) for c in info.class_labels)
-    lo, hi = info.guidance_interval or (0.28, 2.9)
-    return f"""With this package installed (`pip install diffusers-speedup`), the installed classes are used and no
-code from the repository runs:
+    arguments = [f"class_labels=[{labels}]"] + [f"{key}={value!r}" for key, value in kwargs.items()]
+    return f"pipe(\n{indent}" + f",\n{indent}".join([*arguments, "generator=torch.Generator().manual_seed(0)"]) + ",\n)"
+
+
+def _loading_code(location: str, info: ModelCardInfo, training_config: Mapping[str, Any] | None) -> str:
+    kwargs = _sampling_kwargs(info, training_config)
+    settings = ", ".join(f"`{key}={value!r}`" for key, value in kwargs.items()) or "the pipeline's defaults"
+    if "guidance_interval" in kwargs:
+        lo, hi = kwargs["guidance_interval"]
+        guidance = (
+            f"Guidance runs only while the noise level σ is between {lo:g} and {hi:g} (limited-interval guidance, "
+            "Kynkäänniemi et al., 2024): outside it the unconditional pass is skipped, which the paper found both "
+            "faster and better than guiding at every step."
+        )
+    else:
+        guidance = (
+            "`guidance_interval=(sigma_lo, sigma_hi)` limits classifier-free guidance to noise levels in that interval "
+            "(Kynkäänniemi et al., 2024); this model's recipe does not use it, so tune it for this model before "
+            "relying on it."
+        )
+    return f"""The settings below are the ones this model's own training recipe samples with: {settings}.
+{guidance}
+
+With this package installed (`pip install diffusers-speedup`), the installed classes are used and no code from
+the repository runs:
 
 ```python
 import torch
 from diffusers_speedup import ClassConditionalPipeline
 
 pipe = ClassConditionalPipeline.from_pretrained("{location}")
-generator = torch.Generator().manual_seed(0)
-images = pipe(class_labels=[{labels}], num_inference_steps={info.num_inference_steps},
-              guidance_scale={info.guidance_scale}, generator=generator).images
+images = {_call(info, kwargs, "    ")}.images
 images[0].save("sample.png")
 ```
 
@@ -186,20 +269,11 @@ With plain 🤗 diffusers only, the single-file code shipped in this repository 
 your machine):
 
 ```python
+import torch
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("{location}", trust_remote_code=True)
-images = pipe(class_labels=[{labels}], num_inference_steps={info.num_inference_steps}).images
-```
-
-Classifier-free guidance limited to an interval of noise levels (Kynkäänniemi et al., 2024): the unconditional
-pass runs only while the noise level σ is inside `(sigma_lo, sigma_hi)`, which is both faster and better than
-guiding at every step. The paper's EDM2 setting for ImageNet-512 is σ ∈ (0.28, 2.9]; tune the interval and scale for this model:
-
-```python
-images = pipe(class_labels=[{labels}], num_inference_steps={info.num_inference_steps},
-              guidance_scale={info.guidance_scale}, guidance_interval=({lo}, {hi}),
-              generator=torch.Generator().manual_seed(0)).images
+images = {_call(info, kwargs, "    ")}.images
 ```
 """
 
@@ -231,6 +305,11 @@ def build_model_card(
     unknown = [t for t in techniques if t not in TECHNIQUES]
     if unknown:
         raise ValueError(f"card_info.techniques has unknown entries {unknown}; known: {sorted(TECHNIQUES)}")
+    datasets = list(info.datasets) or _recipe_datasets(training_config)
+    _check_repo_ids("datasets", datasets)
+    base_model = info.base_model or hub_repo_id(_recipe_section(training_config, "model").get("pretrained"))
+    if base_model is not None:
+        _check_repo_ids("base_model", [base_model])
 
     eval_results = None
     if info.fid is not None:
@@ -239,8 +318,8 @@ def build_model_card(
             EvalResult(
                 task_type="image-generation",
                 task_name="Class-conditional image generation",
-                dataset_type=info.datasets[0] if info.datasets else "custom",
-                dataset_name=info.dataset_name or (info.datasets[0] if info.datasets else "training data"),
+                dataset_type=datasets[0] if datasets else "custom",
+                dataset_name=info.dataset_name or (datasets[0] if datasets else "training data"),
                 dataset_split=info.fid_split,
                 metric_type="fid",
                 metric_name=metric_name,
@@ -248,14 +327,19 @@ def build_model_card(
             )
         ]
     tags = list(dict.fromkeys(BASE_TAGS + techniques + list(info.extra_tags)))
+    shown_image = info.widget_file or sample_grid_file
     card_data = ModelCardData(
         library_name="diffusers",
         pipeline_tag=PIPELINE_TAG,
         license=info.license,
         tags=tags,
-        datasets=list(info.datasets) or None,
+        datasets=datasets or None,
+        base_model=base_model,
+        base_model_relation="finetune" if base_model else None,
         model_name=info.model_name,
         eval_results=eval_results,
+        # The Hub shows widget outputs on the model page and in its gallery.
+        widget=[{"text": "Samples, one column per class", "output": {"url": shown_image}}] if shown_image else None,
     )
 
     location = location or info.repo_id or "path/to/this/folder"
@@ -269,8 +353,8 @@ def build_model_card(
     )
 
     lines = [f"# {info.model_name}", "", description, ""]
-    if sample_grid_file:
-        lines += [f"![Samples]({sample_grid_file})", ""]
+    if shown_image:
+        lines += [f"![Samples, one column per class]({shown_image})", ""]
 
     lines += ["## Components", ""]
     lines += [f"- `{name}`: `{cls}`" for name, cls in component_classes.items()]
@@ -278,8 +362,10 @@ def build_model_card(
 
     lines += ["## How it was trained", ""]
     recipe = []
-    if info.dataset_name or info.datasets:
-        recipe.append(f"- **Data:** {info.dataset_name or ', '.join(info.datasets)}")
+    if info.dataset_name or datasets:
+        recipe.append(f"- **Data:** {info.dataset_name or ', '.join(datasets)}")
+    if base_model:
+        recipe.append(f"- **Started from:** [{base_model}](https://huggingface.co/{base_model})")
     for label, value in (
         ("Optimizer steps", info.training_steps),
         ("Images seen", info.images_seen),
@@ -310,7 +396,7 @@ def build_model_card(
             lines.append(f"- **Sampling settings:** {info.fid_settings}")
         lines += [""]
 
-    lines += ["## Usage", "", _loading_code(location, info)]
+    lines += ["## Usage", "", _loading_code(location, info, training_config)]
 
     content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip() + "\n"
     return ModelCard(content)

@@ -28,7 +28,9 @@ OPTIMIZERS = ("adamw", "adam")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "inverse_sqrt")
 MIXED_PRECISION = ("fp32", "bf16", "fp16")
 ATTENTION = ("sdpa", "xformers")
-TRACKERS = ("tensorboard", "wandb", "none")
+# accelerate's experiment trackers (accelerate.utils.LoggerType); train.report_to takes one, several joined by
+# commas, "all" (every one installed) or "none". The Python module each needs has the same name.
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
 class ConfigError(ValueError):
@@ -138,12 +140,13 @@ class TrainConfig:
     batch_size: int = 64  # global batch (all processes, all accumulation steps)
     gradient_accumulation_steps: int = 1
     max_steps: int = 1000
-    mixed_precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; weights stay fp32)
+    # fp32 | bf16 | fp16 (autocast; weights stay fp32). None: the launcher's choice (`accelerate launch
+    # --mixed_precision`, `accelerate config`), fp32 without one; a value here overrides the launcher, with a warning.
+    mixed_precision: str | None = None
     allow_tf32: bool = True
     compile: bool = False
     attention: str = "sdpa"
     gradient_checkpointing: bool = False
-    num_workers: int = 0
     checkpoint_every: int = 500
     checkpoints_total_limit: int | None = 3
     resume: str | None = None  # "latest" or a checkpoint folder
@@ -151,8 +154,9 @@ class TrainConfig:
     sample_every: int = 0  # steps between sample grids (0: only at the end)
     export_every_checkpoint: bool = False
     max_consecutive_nonfinite: int = 10  # stop after this many skipped steps in a row (checked at each log)
-    report_to: str = "tensorboard"
-    cpu: bool = False
+    report_to: str = "tensorboard"  # tensorboard | wandb | ... | "tensorboard,wandb" | all | none
+    tracker_project_name: str = "diffusers-speedup"  # the trackers' project (W&B project, TensorBoard run folder)
+    cpu: bool | None = None  # None: the launcher's choice (`accelerate launch --cpu`); a value overrides it
 
 
 @dataclass
@@ -174,26 +178,62 @@ def _omegaconf_message(error: OmegaConfBaseException) -> str:
     return f"{key}: {first_line}" if key else first_line
 
 
+def recipes_dir() -> Path:
+    """The folder of the shipped recipes: ``diffusers_speedup/configs`` in an installed wheel, the checkout's
+    ``configs/`` when the package is imported from a clone (including ``pip install -e``)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes, e.g. ``quickstart``, ``imagenet256/dit_xl2_speed``."""
+    root = recipes_dir()
+    return sorted(path.relative_to(root).with_suffix("").as_posix() for path in root.rglob("*.yaml"))
+
+
+def resolve_recipe(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
+    """The recipe file that `name_or_path` means.
+
+    An existing file wins (relative to `relative_to` when given, as for ``base:``); otherwise it is the name of a
+    shipped recipe, with or without ``.yaml`` and with or without a leading ``configs/``, so that
+    ``imagenet256/dit_xl2_speed`` and ``configs/imagenet256/dit_xl2_speed.yaml`` work with or without a clone.
+    """
+    path = Path(name_or_path)
+    candidate = relative_to / path if relative_to is not None else path
+    if candidate.is_file():
+        return candidate
+    name = path.as_posix().removesuffix(".yaml")
+    name = name.removeprefix("configs/")
+    shipped = recipes_dir() / f"{name}.yaml"
+    if not path.is_absolute() and shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"{candidate} does not exist and is not the name of a shipped recipe")
+
+
 def _load_recipe(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
-    """A recipe file merged over the recipe its ``base:`` key names (a path relative to the file), recursively."""
+    """A recipe file merged over the recipe its ``base:`` key names (a file relative to this one, or the name of a
+    shipped recipe), recursively."""
     path = path.resolve()
     if path in chain:
         raise ConfigError(f"{path}: 'base' chain loops back to itself ({' -> '.join(map(str, chain + (path,)))}).")
-    if not path.is_file():
-        where = f" (named as base by {chain[-1]})" if chain else ""
-        raise ConfigError(f"Config file {path} does not exist{where}.")
     recipe = OmegaConf.load(path)
     base = recipe.pop("base", None) if isinstance(recipe, DictConfig) else None
     if base is None:
         return recipe
-    return OmegaConf.merge(_load_recipe(path.parent / str(base), chain + (path,)), recipe)
+    try:
+        base_path = resolve_recipe(str(base), relative_to=path.parent)
+    except FileNotFoundError as error:
+        raise ConfigError(f"Config file {error} (named as base by {path}).") from None
+    return OmegaConf.merge(_load_recipe(base_path, chain + (path,)), recipe)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a recipe, apply ``key.sub=value`` overrides, validate, and return the typed config.
 
-    A recipe may start with ``base: other.yaml`` (relative to its own folder) to take that recipe and change only
-    what it lists.
+    `path` is a YAML file or the name of a shipped recipe (``quickstart``, ``imagenet256/dit_xl2_speed``; see
+    `list_recipes`). A recipe may start with ``base: other.yaml`` (a file relative to its own folder, or a shipped
+    recipe's name) to take that recipe and change only what it lists.
 
     Raises:
         ConfigError: naming the file and the key for unknown keys, wrong types and contradictory options.
@@ -203,7 +243,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         if path is not None:
             source = str(path)
-            schema = OmegaConf.merge(schema, _load_recipe(Path(path)))
+            try:
+                recipe_path = resolve_recipe(path)
+            except FileNotFoundError as error:
+                raise ConfigError(f"Config file {error}; shipped recipes: {', '.join(list_recipes())}.") from None
+            schema = OmegaConf.merge(schema, _load_recipe(recipe_path))
         for override in overrides:
             source = f"override {override!r}"
             if "=" not in override:
@@ -359,9 +403,14 @@ def validate_config(config: Config) -> None:
     _positive("train.max_steps", train.max_steps)
     _positive("train.checkpoint_every", train.checkpoint_every, allow_zero=True)
     _positive("train.log_every", train.log_every)
-    _choice("train.mixed_precision", train.mixed_precision, MIXED_PRECISION)
+    if train.mixed_precision is not None:
+        _choice("train.mixed_precision", train.mixed_precision, MIXED_PRECISION)
     _choice("train.attention", train.attention, ATTENTION)
-    _choice("train.report_to", train.report_to, TRACKERS)
+    if train.report_to not in ("all", "none"):
+        for tracker in train.report_to.split(","):
+            _choice("train.report_to", tracker.strip(), (*TRACKERS, "all", "none"))
+    if not train.tracker_project_name.strip():
+        raise ConfigError("train.tracker_project_name: must not be empty.")
     if train.batch_size % train.gradient_accumulation_steps:
         raise ConfigError(
             f"train.batch_size: {train.batch_size} is not divisible by "
@@ -369,6 +418,11 @@ def validate_config(config: Config) -> None:
         )
     if train.resume not in (None, "latest") and not Path(train.resume).is_dir():
         raise ConfigError(f"train.resume: {train.resume!r} is neither 'latest' nor an existing checkpoint folder.")
+
+
+def report_to_trackers(report_to: str) -> list[str]:
+    """train.report_to as the list of tracker names that accelerate's ``log_with`` takes ("all" stays "all")."""
+    return [name.strip() for name in report_to.split(",") if name.strip() not in ("", "none")]
 
 
 def check_environment(config: Config) -> None:
@@ -384,8 +438,9 @@ def check_environment(config: Config) -> None:
             raise ConfigError("train.attention: 'xformers' is not installed (pip install diffusers-speedup[xformers]).")
         if config.model.kind == "edm2_unet":
             raise ConfigError("train.attention: EDM2UNetModel's cosine attention has no xformers path; use 'sdpa'.")
-    if train.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("train.report_to: 'wandb' is not installed.")
+    for tracker in report_to_trackers(train.report_to):
+        if tracker not in ("all", "tensorboard") and importlib.util.find_spec(tracker) is None:
+            raise ConfigError(f"train.report_to: {tracker!r} is not installed (pip install {tracker}).")
     if train.resume is None:
         # A fresh run would write its own checkpoint-<step> folders over these.
         existing = list_checkpoints(train.output_dir)

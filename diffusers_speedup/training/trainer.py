@@ -7,6 +7,7 @@ each checkpoint: a resumed run continues exactly where the interrupted one stopp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -17,13 +18,18 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils.environment import str_to_bool
 from torch import nn
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data.latent_dataset import LatentNormalization
 from ..objectives import DiffusionObjective
 from .checkpoints import CONFIG_NAME, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import (
+    MIXED_PRECISION,
     Config,
     ConfigError,
     build_noise_scheduler,
@@ -31,6 +37,7 @@ from .config import (
     config_to_dict,
     config_to_yaml,
     model_class,
+    report_to_trackers,
 )
 from .ema import ConstantEMA, PowerFunctionEMA
 from .lr_schedules import get_lr_scheduler
@@ -298,6 +305,55 @@ def build_optimizer(config: Config, parameters, device: torch.device) -> torch.o
     return cls(parameters, **kwargs)
 
 
+# accelerate's spelling of a precision -> the recipe's.
+_LAUNCHER_PRECISION = {"no": "fp32", "fp16": "fp16", "bf16": "bf16", "fp8": "fp8"}
+
+
+def apply_launcher_settings(config: Config) -> Config:
+    """The recipe with ``train.mixed_precision`` and ``train.cpu`` taken from the launcher where it leaves them unset.
+
+    ``accelerate launch`` hands its flags, or the ``accelerate config`` defaults, to the processes it starts as
+    ACCELERATE_MIXED_PRECISION and ACCELERATE_USE_CPU. A value in the recipe wins over the launcher's, as the
+    ``--mixed_precision`` argument of diffusers' example scripts does, with a warning naming both when they differ.
+    Without a launcher and a recipe value: fp32, and the GPU when there is one.
+    """
+    train = config.train
+    launcher_env = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    launcher_precision = None if launcher_env is None else _LAUNCHER_PRECISION.get(launcher_env.lower(), launcher_env)
+    mixed_precision = train.mixed_precision
+    if mixed_precision is None:
+        mixed_precision = launcher_precision or "fp32"
+        if mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(
+                f"train.mixed_precision: the launcher asks for {launcher_env!r} (ACCELERATE_MIXED_PRECISION), which "
+                f"this trainer does not support; launch with one of no, bf16, fp16, or set it in the recipe."
+            )
+    elif launcher_precision is not None and launcher_precision != mixed_precision:
+        logger.warning(
+            "train.mixed_precision is %r in the recipe but the launcher (accelerate launch --mixed_precision, or "
+            "accelerate config) asks for %r; training in %r as the recipe says. Leave train.mixed_precision unset "
+            "to follow the launcher.",
+            mixed_precision,
+            launcher_precision,
+            mixed_precision,
+        )
+
+    # accelerate always sets ACCELERATE_USE_CPU ("False" unless --cpu), so only an asked-for CPU can contradict.
+    launcher_cpu = str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")) == 1
+    cpu = train.cpu
+    if cpu is None:
+        cpu = launcher_cpu
+    elif launcher_cpu and not cpu:
+        logger.warning(
+            "train.cpu is false in the recipe but the launcher (accelerate launch --cpu, or accelerate config) asks "
+            "for the CPU; training on the accelerator as the recipe says. Leave train.cpu unset to follow the "
+            "launcher."
+        )
+        # accelerate reads the variable again and would force the CPU; the recipe's choice is final here.
+        os.environ["ACCELERATE_USE_CPU"] = "false"
+    return dataclasses.replace(config, train=dataclasses.replace(train, mixed_precision=mixed_precision, cpu=cpu))
+
+
 def _hardware(accelerator: Accelerator) -> str:
     count = accelerator.num_processes
     if accelerator.device.type == "cuda":
@@ -320,6 +376,23 @@ def _tracker_config(config: Config) -> dict:
     return flat
 
 
+def log_image_to_trackers(accelerator: Accelerator, name: str, image, step: int) -> None:
+    """Log one PIL image to every tracker of `accelerator` that takes images, in the form each one's
+    ``log_images`` expects (trackers without it, such as MLflow's in accelerate, are skipped)."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB"))
+    for tracker in accelerator.trackers:
+        if not callable(getattr(tracker, "log_images", None)):
+            continue
+        if tracker.name == "tensorboard":
+            tracker.log_images({name: pixels[None]}, step=step, dataformats="NHWC")
+        elif tracker.name in ("aim", "clearml"):
+            tracker.log_images({name: pixels}, step=step)
+        else:  # W&B, SwanLab and trackers of one's own: a list of images per key
+            tracker.log_images({name: [pixels]}, step=step)
+
+
 def make_grid(images, columns: int, padding: int = 2):
     """Tile PIL images (all one size) into a grid, row by row, with ``padding`` black pixels between them."""
     from PIL import Image
@@ -337,18 +410,27 @@ def make_grid(images, columns: int, padding: int = 2):
 
 
 class Trainer:
-    """Trains one recipe. ``Trainer(config).train()`` returns the exported pipeline folder."""
+    """Trains one recipe. ``Trainer(config).train()`` returns the exported pipeline folder.
 
-    def __init__(self, config: Config):
+    Args:
+        config: the recipe. Its ``train.mixed_precision`` and ``train.cpu``, when unset, come from the launcher
+            (`apply_launcher_settings`); ``self.config`` holds the values used.
+        trackers: experiment trackers of one's own (`accelerate.tracking.GeneralTracker` instances), used next to
+            those that ``train.report_to`` names.
+    """
+
+    def __init__(self, config: Config, trackers: list[GeneralTracker] | tuple[GeneralTracker, ...] = ()):
+        config = apply_launcher_settings(config)
         check_environment(config)
         self.config = config
         train = config.train
         self.output_dir = Path(train.output_dir)
+        log_with = [*report_to_trackers(train.report_to), *trackers]
         self.accelerator = Accelerator(
             cpu=train.cpu,
             mixed_precision="no" if train.mixed_precision == "fp32" else train.mixed_precision,
             gradient_accumulation_steps=train.gradient_accumulation_steps,
-            log_with=None if train.report_to == "none" else train.report_to,
+            log_with=log_with or None,
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir),
                 logging_dir=str(self.output_dir / "logs"),
@@ -506,8 +588,8 @@ class Trainer:
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / CONFIG_NAME).write_text(config_to_yaml(config))
-        if train.report_to != "none":
-            accelerator.init_trackers("diffusers-speedup", config=_tracker_config(config))
+        if accelerator.log_with:
+            accelerator.init_trackers(train.tracker_project_name, config=_tracker_config(config))
         self.resume()
         if config.hub.push_to_hub:
             from ..hub import BackgroundHubPusher
@@ -528,10 +610,28 @@ class Trainer:
         self.nonfinite_in_a_row = torch.as_tensor(self.nonfinite_in_a_row, device=device)
         longest_nonfinite_run = self.nonfinite_in_a_row.clone()
         skipped_since_log = torch.zeros((), dtype=torch.long, device=device)
-        steps_since_log, last_log_time = 0, time.perf_counter()
         batches = self._batches()
         self.module.train()
+        # Steps of the total, loss, img/s and the time left (main process); resumed runs start at their step.
+        self.progress = tqdm(
+            total=train.max_steps,
+            initial=self.step,
+            desc="Training",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not accelerator.is_main_process,
+        )
+        with self.progress, logging_redirect_tqdm():  # log lines print above the bar instead of through it
+            self._loop(batches, tracker, grad_norm, longest_nonfinite_run, skipped_since_log)
+        self.save_checkpoint()
+        export_dir = self.finish()
+        accelerator.end_training()
+        return export_dir
 
+    def _loop(self, batches, tracker, grad_norm, longest_nonfinite_run, skipped_since_log) -> None:
+        config, accelerator = self.config, self.accelerator
+        train, device = config.train, accelerator.device
+        steps_since_log, last_log_time = 0, time.perf_counter()
         while self.step < train.max_steps:
             step_start = time.perf_counter()
             micro_batches = (self.data.batch(next(batches), device) for _ in range(train.gradient_accumulation_steps))
@@ -552,6 +652,7 @@ class Trainer:
                     self.ema.update(unwrapped, self.step)
             self.train_seconds += time.perf_counter() - step_start
             steps_since_log += 1
+            self.progress.update()
 
             if self.step % train.log_every == 0 or self.step == train.max_steps:
                 now = time.perf_counter()
@@ -565,11 +666,6 @@ class Trainer:
                 self.sample_grid()
             if train.checkpoint_every and self.step % train.checkpoint_every == 0 and self.step != train.max_steps:
                 self._checkpoint_and_maybe_export()
-
-        self.save_checkpoint()
-        export_dir = self.finish()
-        accelerator.end_training()
-        return export_dir
 
     def _check_nonfinite(self, skipped: torch.Tensor, longest_run: torch.Tensor, steps: int) -> None:
         """Warn about the steps skipped since the last log, and stop once too many came in a row."""
@@ -607,8 +703,11 @@ class Trainer:
         for label, total, count in zip(LOG_SNR_BUCKETS, bucket_sum.tolist(), bucket_count.tolist()):
             if count:
                 values[f"loss_by_log_snr/{label}"] = total / count
-        if self.config.train.report_to != "none":
+        if accelerator.log_with:
             accelerator.log(values, step=self.step)
+        self.progress.set_postfix(
+            loss=f"{loss:.4f}", img_per_s=f"{values['train/images_per_second']:.1f}", refresh=False
+        )
         if accelerator.is_main_process:
             logger.info(
                 "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.1f img/s",
@@ -663,6 +762,7 @@ class Trainer:
         if accelerator.is_main_process:
             self.module.eval()
             pipeline = self.pipeline()
+            pipeline.set_progress_bar_config(disable=True)  # the training bar is the one progress bar
             classes = list(range(min(self.data.num_classes, sampling.max_classes)))
             labels = [c for _ in range(sampling.images_per_class) for c in classes]
             interval = tuple(sampling.guidance_interval) if sampling.guidance_interval else None
@@ -678,23 +778,11 @@ class Trainer:
             path = self.output_dir / "samples" / f"step_{self.step:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)
-            tracker = self._tensorboard()
-            if tracker is not None:
-                import numpy as np
-
-                tracker.log_images({"samples": np.asarray(grid.convert("RGB"))}, step=self.step, dataformats="HWC")
+            log_image_to_trackers(accelerator, "samples", grid, self.step)
             self.latest_grid = grid
             self.module.train()
         accelerator.wait_for_everyone()
         return grid
-
-    def _tensorboard(self):
-        if self.config.train.report_to != "tensorboard":
-            return None
-        try:
-            return self.accelerator.get_tracker("tensorboard", unwrap=False)
-        except ValueError:
-            return None
 
     def export(self, folder: Path) -> Path | None:
         """Export the inference weights as a pipeline folder with a model card (main process)."""
@@ -708,6 +796,7 @@ class Trainer:
                 model_name=config.hub.hub_model_id.split("/")[-1] if config.hub.hub_model_id else self.output_dir.name,
                 repo_id=config.hub.hub_model_id,
                 dataset_name=self._dataset_name(),
+                datasets=self._hub_datasets(),
                 training_steps=self.step,
                 images_seen=self.images_seen,
                 batch_size=config.train.batch_size,
@@ -731,6 +820,19 @@ class Trainer:
         accelerator.wait_for_everyone()
         return export_dir
 
+    def _hub_datasets(self) -> list[str]:
+        """The Hub dataset the training data came from (for the card's ``datasets``), if it came from the Hub:
+        the recipe's ``data.path`` or, for cached latents, the dataset the cache was made from."""
+        from ..hub.model_card import hub_repo_id
+
+        data = self.config.data
+        name = data.path if data.kind == "hf_dataset" else None
+        if self.data.is_latent:
+            source = self.data.dataset.metadata.get("source") or {}
+            name = source.get("name") if source.get("kind") == "dataset" else None
+        repo_id = hub_repo_id(name)
+        return [repo_id] if repo_id else []
+
     def _dataset_name(self) -> str:
         data = self.config.data
         what = f"built-in {data.name}" if data.kind == "builtin" else str(data.path)
@@ -749,7 +851,7 @@ class Trainer:
             if self.push_result is not None and not self.push_result.ok:
                 logger.error(
                     "The final push to %s failed after %d attempts: %s. The exported folder %s is intact; "
-                    "push it later with `python train/export.py %s --output_dir %s-hub --push_to_hub "
+                    "push it later with `diffusers-speedup export %s --output_dir %s-hub --push_to_hub "
                     "--hub_model_id %s`.",
                     self.config.hub.hub_model_id,
                     self.push_result.attempts,

@@ -1,0 +1,150 @@
+"""Export a trained pipeline to a Hub-ready folder with a model card, and optionally push it (or a cached dataset).
+
+    diffusers-speedup export runs/uvit/checkpoint-40000 --output_dir exports/uvit-s2 --model_name uvit-s2-digits \\
+        --fid 12.4 --fid_num_samples 10000 [--push_to_hub --hub_model_id me/uvit-s2-digits [--private]]
+    diffusers-speedup export --dataset_folder cache/imagenet256 --hub_dataset_id me/imagenet256-latents
+
+The input is a pipeline folder (with model_index.json), a checkpoint folder that holds one in a subfolder (an EMA
+pipeline is preferred), or a run folder whose `latest` file names the checkpoint. The token comes from HF_TOKEN or
+`hf auth login`; it is never accepted on the command line, so it cannot end up in shell history or logs.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from diffusers_speedup.hub import ModelCardInfo, export_pipeline, push_dataset_folder, push_folder_to_hub
+
+logger = logging.getLogger("export")
+CONFIG_NAMES = ("training_config.yaml", "config.yaml")
+GRID_NAMES = ("samples.png", "sample_grid.png", "samples.jpg")
+
+
+def find_pipeline_folder(path: Path) -> Path:
+    """The pipeline folder inside `path` (itself, a `latest` checkpoint, or a subfolder; EMA weights first)."""
+    if not path.exists():
+        raise FileNotFoundError(f"input folder does not exist: {path}")
+    if (path / "model_index.json").is_file():
+        return path
+    if (path / "latest").is_file():
+        return find_pipeline_folder(path / (path / "latest").read_text().strip())
+    candidates = sorted(p.parent for p in path.glob("*/model_index.json"))
+    if not candidates:
+        raise FileNotFoundError(f"no model_index.json in {path} or its subfolders: not a pipeline or checkpoint folder")
+    ema = [p for p in candidates if "ema" in p.name.lower()]
+    return (ema or candidates)[0]
+
+
+def find_first(folders, names):
+    for folder in folders:
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def load_pipeline(folder: Path):
+    index = json.loads((folder / "model_index.json").read_text())
+    class_name = index.get("_class_name")
+    class_name = class_name[1] if isinstance(class_name, list) else class_name
+    if class_name == "ClassConditionalPipeline":
+        from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
+
+        return ClassConditionalPipeline.from_pretrained(folder)
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(folder)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="diffusers-speedup export", description=__doc__.split("\n")[0])
+    parser.add_argument("input", nargs="?", help="pipeline, checkpoint or run folder")
+    parser.add_argument("--output_dir", help="Hub-ready folder to write (replaced if it exists)")
+    parser.add_argument("--config", help="training config YAML (default: found next to the pipeline)")
+    parser.add_argument("--sample_grid", help="image of samples to show in the card (default: found next to it)")
+    parser.add_argument("--model_name", default=None, help="card title and model-index name (default: folder name)")
+    parser.add_argument("--fid", type=float, default=None, help="FID to report in the card's model-index")
+    parser.add_argument("--fid_num_samples", type=int, default=None, help="number of samples the FID used")
+    parser.add_argument("--fid_settings", default=None, help="how the FID samples were drawn (free text)")
+    parser.add_argument(
+        "--fid_json", default=None, help="the JSON that `evaluate` wrote; fills --fid and --fid_num_samples"
+    )
+    parser.add_argument("--dataset", action="append", default=[], help="Hub dataset id trained on (repeatable)")
+    parser.add_argument("--dataset_name", default=None, help="human name of the data, e.g. 'ImageNet 256x256'")
+    parser.add_argument(
+        "--base_model", default=None, help="Hub id the run started from (default: the recipe's model.pretrained)"
+    )
+    parser.add_argument("--license", default="apache-2.0")
+    parser.add_argument("--hardware", default=None, help="e.g. '8x H100'")
+    parser.add_argument("--training_time", default=None, help="e.g. '14 h'")
+    parser.add_argument("--batch_size", type=int, default=None, help="global batch size (for the card)")
+    parser.add_argument("--push_to_hub", action="store_true", help="push the exported folder")
+    parser.add_argument("--hub_model_id", default=None, help="'user/name' of the model repository")
+    parser.add_argument("--private", action="store_true", help="create the repositories as private")
+    parser.add_argument("--commit_message", default="Upload pipeline")
+    parser.add_argument("--dataset_folder", default=None, help="cached-latent dataset folder to push")
+    parser.add_argument("--hub_dataset_id", default=None, help="'user/name' of the dataset repository")
+    args = parser.parse_args(argv)
+    if args.input is None and args.dataset_folder is None:
+        parser.error("give a pipeline/checkpoint folder to export, or --dataset_folder to push")
+    if args.input is not None and args.output_dir is None:
+        parser.error("--output_dir is required to export a pipeline")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id user/name")
+    if args.dataset_folder and not args.hub_dataset_id:
+        parser.error("--dataset_folder needs --hub_dataset_id user/name")
+    return args
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if args.input is not None:
+        pipeline_dir = find_pipeline_folder(Path(args.input))
+        search = [pipeline_dir, pipeline_dir.parent, pipeline_dir.parent.parent]
+        config_path = Path(args.config) if args.config else find_first(search, CONFIG_NAMES)
+        config = yaml.safe_load(config_path.read_text()) if config_path else None
+        grid = Path(args.sample_grid) if args.sample_grid else find_first(search, GRID_NAMES)
+        trainer_state = find_first(search, ("trainer_state.json",))
+        steps = json.loads(trainer_state.read_text()).get("step") if trainer_state else None
+        if args.fid_json:
+            evaluation = json.loads(Path(args.fid_json).read_text())
+            args.fid = evaluation["fid"] if args.fid is None else args.fid
+            args.fid_num_samples = args.fid_num_samples or evaluation.get("num_samples")
+            args.fid_settings = args.fid_settings or f"against {evaluation.get('reference')}"
+        info = ModelCardInfo(
+            model_name=args.model_name or Path(args.output_dir).name,
+            repo_id=args.hub_model_id,
+            license=args.license,
+            datasets=args.dataset,
+            dataset_name=args.dataset_name,
+            base_model=args.base_model,
+            fid=args.fid,
+            fid_num_samples=args.fid_num_samples,
+            fid_settings=args.fid_settings,
+            training_steps=steps,
+            images_seen=steps * args.batch_size if steps is not None and args.batch_size else None,
+            batch_size=args.batch_size,
+            hardware=args.hardware,
+            training_time=args.training_time,
+        )
+        logger.info("Exporting %s (config: %s, samples: %s)", pipeline_dir, config_path, grid)
+        out = export_pipeline(
+            load_pipeline(pipeline_dir), args.output_dir, training_config=config, sample_grid=grid, card_info=info
+        )
+        print(f"Exported to {out}")
+        if args.push_to_hub:
+            url = push_folder_to_hub(out, args.hub_model_id, private=args.private, commit_message=args.commit_message)
+            print(f"Pushed: {url}")
+    if args.dataset_folder:
+        url = push_dataset_folder(args.dataset_folder, args.hub_dataset_id, private=args.private)
+        print(f"Pushed dataset: {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
