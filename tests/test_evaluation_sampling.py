@@ -192,16 +192,19 @@ def test_with_diffusers_dit_pipeline(tmp_path):
     assert reference["arr_0"].shape == (5, 4, 4, 3) and reference["arr_0"].dtype == np.uint8
     np.testing.assert_array_equal(reference["arr_1"], make_class_labels("random", 5, 1000, 1))
 
-    failing_calls = {"n": 0}
+    # Killed inside the second shard's denoising loop (two scheduler steps per shard); the same pipeline resumes.
+    step, calls = pipe.scheduler.step, {"n": 0}
 
-    def crash_after_one_shard(**kwargs):
-        failing_calls["n"] += 1
-        if failing_calls["n"] > 1:
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
             raise RuntimeError("killed")
-        return pipe(**kwargs)
+        return step(*args, **kwargs)
 
+    pipe.scheduler.step = dying_step
     with pytest.raises(RuntimeError, match="killed"):
-        generate_samples(crash_after_one_shard, tmp_path / "b", **run, **sampling)
+        generate_samples(pipe, tmp_path / "b", **run, **sampling)
+    del pipe.scheduler.step
     resumed = read(generate_samples(pipe, tmp_path / "b", **run, **sampling))
     np.testing.assert_array_equal(resumed["arr_0"], reference["arr_0"])
 

@@ -206,8 +206,10 @@ def test_export_script_from_run_folder(tmp_path):
     assert (out / "samples.png").is_file() and (out / "transformer" / "uvit.py").is_file()
     with pytest.raises(SystemExit):
         script.parse_args([str(run), "--output_dir", str(out), "--push_to_hub"])  # no --hub_model_id
-    with pytest.raises(FileNotFoundError, match="no model_index.json"):
-        script.find_pipeline_folder(tmp_path / "hub-ready" / "transformer")
+    from diffusers_speedup.hub.export import find_export_source
+
+    with pytest.raises(FileNotFoundError, match="is not a pipeline folder"):
+        find_export_source(tmp_path / "hub-ready" / "transformer")
 
 
 def test_source_file_survives_public_module_name(monkeypatch):

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from diffusers_speedup.training.distributed import require_single_process
 from diffusers_speedup.training.ema import SNAPSHOT_DIR_NAME, SNAPSHOT_PATTERN, reconstruct_posthoc_ema
 
 logger = logging.getLogger("posthoc_ema")
@@ -108,6 +109,7 @@ def write_pipeline_copy(pipeline_dir: Path, state_dict: dict[str, torch.Tensor],
 def main(argv=None) -> list[Path]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    require_single_process("train/posthoc_ema.py")
     snapshot_dir = resolve_snapshot_dir(args)
     pipeline_dir = resolve_pipeline_dir(args)
     state_dicts = reconstruct_posthoc_ema(
@@ -133,5 +135,5 @@ def main(argv=None) -> list[Path]:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         sys.exit(f"error: {err}")
