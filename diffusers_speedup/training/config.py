@@ -182,23 +182,25 @@ def _read_recipe_file(path: Path) -> DictConfig:
     import yaml
 
     try:
-        text = path.read_text(encoding="utf-8")
+        parsed = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"Config file {path} is not a YAML text file (it is not UTF-8 text).") from None
-    try:
-        recipe = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"Config file {path} is not valid YAML{line}: {problem}.") from None
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"Config file {path}: {_omegaconf_message(error)}") from None
-    if not isinstance(recipe, DictConfig):
+    if parsed is None:
+        return OmegaConf.create({})
+    if not isinstance(parsed, dict):
+        kind = {list: "list", str: "string"}.get(type(parsed), type(parsed).__name__)
         raise ConfigError(
-            f"Config file {path} holds a YAML {type(recipe).__name__.removesuffix('Config').lower()}, not a mapping "
-            "of sections (model:, data:, train:, ...)."
+            f"Config file {path} holds a YAML {kind}, not a mapping of sections (model:, data:, train:, ...)."
         )
+    try:
+        recipe = OmegaConf.load(path)  # OmegaConf's own YAML reading (its float syntax, duplicate-key check)
+    except (OmegaConfBaseException, yaml.YAMLError) as error:
+        raise ConfigError(f"Config file {path}: {' '.join(str(error).split())}") from None
     return recipe
 
 
