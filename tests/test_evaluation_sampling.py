@@ -340,3 +340,26 @@ def test_sample_cli_names_a_missing_pipeline_folder_in_one_line(tmp_path):
     with pytest.raises(SystemExit) as caught:
         cli.main(["--pipeline", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out"), "--num_samples", "2"])
     assert str(caught.value).startswith("error: ") and "nope" in str(caught.value)
+
+
+@pytest.mark.slow
+def test_sample_cli_under_torchrun_on_cpu_runs_as_two_ranks_of_one_run(tmp_path):
+    torch.manual_seed(0)
+    tiny_dit_pipeline().save_pretrained(tmp_path / "pipe")
+    script = Path(__file__).resolve().parents[1] / "train" / "sample.py"
+    argv = ["--pipeline", str(tmp_path / "pipe"), "--num_samples", "5", "--batch_size", "2", "--steps", "2"]
+    argv += ["--num_classes", "10"]
+    port = str(29500 + (os.getpid() + 7) % 1000)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [*command, str(script), *argv, "--output_dir", str(tmp_path / "two")],
+        env=environment, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Only one of the two processes is the main process (two rank-0-of-1 runs would both report).
+    assert result.stdout.count("wrote ") == 1
+    load_script("sample").main([*argv, "--output_dir", str(tmp_path / "one")])
+    two, one = read(tmp_path / "two" / "samples_5x4x4x3.npz"), read(tmp_path / "one" / "samples_5x4x4x3.npz")
+    np.testing.assert_array_equal(one["arr_1"], two["arr_1"])
+    np.testing.assert_allclose(one["arr_0"].astype(int), two["arr_0"].astype(int), atol=1)

@@ -500,12 +500,14 @@ def resume_config_changes(saved: dict, current: dict) -> list[str]:
     """The changes between a checkpoint's saved config and the config resuming it that would break the model or
     the exactness of the resumed run, as ``key: saved -> current`` lines (empty when the resume is sound).
 
-    Refused: anything under ``model``, ``objective`` and ``data``, the global batch and its split into
+    Refused: anything under ``model``, ``objective`` and ``data`` (but ``data.in_memory``), the global batch and its split into
     accumulation steps, the seed (which fixes the data order), the optimizer, and the EMA kind and profiles (whose
     state the checkpoint holds). Allowed: everything else — ``train.max_steps``, the log, sample and checkpoint
     cadences, the output and hub settings, the learning-rate values, mixed precision, compilation.
     """
     fixed_sections = ("model", "objective", "data")
+    # Where the data is read from changes nothing of what is read.
+    free_keys = ("data.in_memory",)
     fixed_keys = (
         "train.batch_size",
         "train.gradient_accumulation_steps",
@@ -528,7 +530,7 @@ def resume_config_changes(saved: dict, current: dict) -> list[str]:
 
     old, new = flatten(saved), flatten(current)
     for key in sorted(set(old) | set(new)):
-        if not (key.split(".")[0] in fixed_sections or key in fixed_keys):
+        if key in free_keys or not (key.split(".")[0] in fixed_sections or key in fixed_keys):
             continue
         if old.get(key) != new.get(key):
             changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")

@@ -16,12 +16,6 @@ import os
 # How launchers announce the number of processes: torchrun / accelerate, then the MPI flavours accelerate reads.
 WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
-CPU_LAUNCH_HINT = (
-    "To run N processes on CPU, use `torchrun --nproc_per_node N {script} ... {cpu_flag}` or "
-    "`accelerate launch --multi_gpu --num_processes N {script} ... {cpu_flag}`; "
-    "to run one process, use `python {script} ...`."
-)
-
 
 class LaunchError(RuntimeError):
     """The processes that run are not the ones that were launched; the message says how to launch correctly."""
@@ -62,7 +56,7 @@ def check_world_size(num_processes: int, script: str, cpu_flag: str = "", enviro
     """
     environ = os.environ if environ is None else environ
     launched = launched_world_size(environ)
-    hint = CPU_LAUNCH_HINT.format(script=script, cpu_flag=cpu_flag).replace(" ... ;", " ...;").replace("  ", " ")
+    hint = _cpu_launch_hint(script, cpu_flag)
     if launched is None:
         # accelerate's --cpu launcher exports a rendezvous address only when asked for several processes, and
         # then starts the script once anyway.
@@ -73,6 +67,13 @@ def check_world_size(num_processes: int, script: str, cpu_flag: str = "", enviro
             )
         return
     if launched != num_processes:
+        import torch
+
+        if torch.cuda.is_available():
+            hint = (
+                f"Launch N GPU processes with `torchrun --nproc_per_node N {script} ...` or `accelerate launch "
+                f"--multi_gpu --num_processes N {script} ...`, and check that each process can see a GPU."
+            )
         reason = ""
         if num_processes == 1 and wants_cpu_process_group(environ):
             reason = (
@@ -83,6 +84,14 @@ def check_world_size(num_processes: int, script: str, cpu_flag: str = "", enviro
             f"{script} was launched as {launched} processes (WORLD_SIZE={launched}), but this process is one of "
             f"{num_processes}.{reason} {hint}"
         )
+
+
+def _cpu_launch_hint(script: str, cpu_flag: str) -> str:
+    arguments = f"{script} ... {cpu_flag}".strip()
+    return (
+        f"To run N processes on CPU, use `torchrun --nproc_per_node N {arguments}` or "
+        f"`accelerate launch --multi_gpu --num_processes N {arguments}`; to run one process, use `python {script} ...`."
+    )
 
 
 def require_single_process(script: str, environ=None) -> None:

@@ -372,9 +372,9 @@ class Trainer:
         if accelerator.distributed_type == DistributedType.FSDP:
             _check_fsdp(config)
         # The checkpoint a resume will load, compared with this config before any work.
-        self.resume_checkpoint = resume_checkpoint(config)
-        if self.resume_checkpoint is not None:
-            check_resume_config(config, self.resume_checkpoint)
+        self.resume_from = resume_checkpoint(config)
+        if self.resume_from is not None:
+            check_resume_config(config, self.resume_from)
         world = accelerator.num_processes * train.gradient_accumulation_steps
         if train.batch_size % world:
             raise ConfigError(
@@ -502,7 +502,7 @@ class Trainer:
                 "train.resume=latest: no checkpoint in %s, so this run STARTS FROM SCRATCH (step 0).", self.output_dir
             )
             return
-        if self.resume_checkpoint is not None and path.resolve() != self.resume_checkpoint.resolve():
+        if self.resume_from is not None and path.resolve() != self.resume_from.resolve():
             check_resume_config(self.config, path)  # a newer checkpoint appeared since the start-up check
         state = load_checkpoint(self.accelerator, path)
         self.step = int(state["step"])
