@@ -1,8 +1,8 @@
 """Image decoding, mode conversion and the ADM/DiT centre crop used for ImageNet-256.
 
 Every image that reaches the VAE goes through :func:`preprocess_image`: decode fully (so truncated files fail here and
-not later), turn it upright as its EXIF orientation tag says, convert any PIL mode to RGB, reject images smaller than the target resolution, then apply ADM's
-``center_crop_arr``. Failures raise :class:`ImageRejectedError` whose message is the reason recorded in the cache
+not later), turn it upright as its EXIF orientation tag says, convert any PIL mode to RGB, reject images smaller than
+the target resolution, then apply ADM's ``center_crop_arr``. Failures raise :class:`ImageRejectedError` whose message is the reason recorded in the cache
 metadata.
 """
 

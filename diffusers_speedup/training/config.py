@@ -500,10 +500,10 @@ def resume_config_changes(saved: dict, current: dict) -> list[str]:
     """The changes between a checkpoint's saved config and the config resuming it that would break the model or
     the exactness of the resumed run, as ``key: saved -> current`` lines (empty when the resume is sound).
 
-    Refused: anything under ``model``, ``objective`` and ``data`` (but ``data.in_memory``), the global batch and its split into
-    accumulation steps, the seed (which fixes the data order), the optimizer, and the EMA kind and profiles (whose
-    state the checkpoint holds). Allowed: everything else — ``train.max_steps``, the log, sample and checkpoint
-    cadences, the output and hub settings, the learning-rate values, mixed precision, compilation.
+    Refused: anything under ``model``, ``objective`` and ``data`` (but ``data.in_memory``), the global batch and its
+    split into accumulation steps, the seed (which fixes the data order), the optimizer, and the EMA kind and
+    profiles (whose state the checkpoint holds). Allowed: everything else — ``train.max_steps``, the log, sample
+    and checkpoint cadences, the output and hub settings, the learning-rate values, mixed precision, compilation.
     """
     fixed_sections = ("model", "objective", "data")
     # Where the data is read from changes nothing of what is read.

@@ -389,10 +389,11 @@ class Trainer:
 
         self.data = load_training_data(config, accelerator.device)
         if len(self.data.dataset) < self.micro_batch_size * accelerator.num_processes:
+            needed = self.micro_batch_size * accelerator.num_processes
             raise ConfigError(
                 f"train.batch_size: {train.batch_size} (micro-batches of {self.micro_batch_size} on "
-                f"{accelerator.num_processes} process(es)) needs at least {self.micro_batch_size * accelerator.num_processes} "
-                f"samples, but the dataset ({self._dataset_name()}) has {len(self.data.dataset)}."
+                f"{accelerator.num_processes} process(es)) needs at least {needed} samples, but the dataset "
+                f"({self._dataset_name()}) has {len(self.data.dataset)}."
             )
         self.model = build_model(config, self.data)
         if train.gradient_checkpointing:
