@@ -365,7 +365,10 @@ class BackgroundHubPusher:
                 )
                 return PushResult(str(folder), message, True, attempts, commit_url=url)
             except Exception as error:  # noqa: BLE001 - any failure is reported, never raised into training
-                error_text = _redact(f"{type(error).__name__}: {error}", self._token)
+                if isinstance(error, PushError):  # already one redacted line; name the folder, not its snapshot
+                    error_text = str(error).replace(str(upload_dir), str(folder))
+                else:
+                    error_text = _redact(f"{type(error).__name__}: {error}", self._token)
             if attempts > self.max_retries:
                 return PushResult(str(folder), message, False, attempts, error=error_text)
             logger.warning(
