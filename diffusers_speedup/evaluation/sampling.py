@@ -14,9 +14,9 @@ samples as one uninterrupted run (bit for bit where the pipeline itself is deter
 the main process merges the shards into `samples_{N}x{H}x{W}x{C}.npz` in ADM's layout (see `npz_io`).
 
 `sampling_config.json` records what produces the shards: the pipeline (its class, a hash of its weights, its
-scheduler and the scheduler's config), the sampling arguments (steps, guidance, interval), the seed and the label
-scheme. A rerun into the same folder that differs in any of them is refused, naming the field and both values, so
-one `.npz` never mixes two models or two settings.
+scheduler and the scheduler's config), the autocast precision, the sampling arguments (steps, guidance, interval),
+the seed and the label scheme. A rerun into the same folder that differs in any of them is refused, naming the field
+and both values, so one `.npz` never mixes two models or two settings.
 """
 
 import hashlib
@@ -135,11 +135,14 @@ def pipeline_identity(pipeline: Any) -> dict | None:
     return {"class": type(pipeline).__name__, "weights_sha256": weights.hexdigest(), **schedulers}
 
 
-def _run_config(num_samples, batch_size, seed, class_labels, labels, num_classes, sampling_kwargs, pipeline) -> dict:
+def _run_config(
+    num_samples, batch_size, seed, class_labels, labels, num_classes, sampling_kwargs, pipeline, accelerator
+) -> dict:
     mode = class_labels if isinstance(class_labels, str) else "list"
     return {
-        # Another model, or the same weights with another scheduler, makes other samples.
+        # Another model, or the same weights with another scheduler or autocast precision, makes other samples.
         "pipeline": pipeline_identity(pipeline),
+        "mixed_precision": str(getattr(accelerator, "mixed_precision", "no")),
         "num_samples": int(num_samples),
         "batch_size": int(batch_size),
         "seed": int(seed),
@@ -277,7 +280,9 @@ def generate_samples(
     if save_png:
         (output_dir / PNG_DIR).mkdir(exist_ok=True)
     labels = make_class_labels(class_labels, num_samples, num_classes, seed)
-    config = _run_config(num_samples, batch_size, seed, class_labels, labels, num_classes, sampling_kwargs, pipeline)
+    config = _run_config(
+        num_samples, batch_size, seed, class_labels, labels, num_classes, sampling_kwargs, pipeline, accelerator
+    )
     _check_or_write_run_config(output_dir, config)
 
     num_shards = math.ceil(num_samples / batch_size)
