@@ -475,8 +475,8 @@ def _check_data_path(data: DataConfig) -> None:
     path = Path(data.path).expanduser()
     if data.kind in ("image_folder", "latents"):
         if not path.is_dir():
-            what = "image folder (one sub-folder per class)" if data.kind == "image_folder" else "latent cache"
-            raise ConfigError(f"data.path: {data.path!r} does not exist or is not a folder; expected a {what}.")
+            what = "an image folder (one sub-folder per class)" if data.kind == "image_folder" else "a latent cache"
+            raise ConfigError(f"data.path: {data.path!r} does not exist or is not a folder; expected {what}.")
         if data.kind == "latents" and not (path / "latents_metadata.json").is_file():
             raise ConfigError(
                 f"data.path: {data.path!r} is not a complete latent cache (no latents_metadata.json); "
