@@ -141,6 +141,7 @@ def timed_call(pipeline, counter: EvaluationCounter, device, batch_size: int, **
 def bench_pipelines(args, device, dtype) -> list[SamplingResult]:
     """ClassConditionalPipeline vs DiTPipeline on one DiT, for each case."""
     from diffusers import DiTPipeline
+
     from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 
     torch.manual_seed(0)
@@ -192,7 +193,6 @@ def bench_pipelines(args, device, dtype) -> list[SamplingResult]:
 def bench_guidance_interval(args, device, dtype) -> list[SamplingResult]:
     """EDM Heun, 32 steps: guidance everywhere, in the published interval only, and none."""
     from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
-
     from diffusers_speedup.schedulers.scheduling_edm_heun import EDMHeunScheduler
 
     torch.manual_seed(0)

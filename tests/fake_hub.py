@@ -47,14 +47,16 @@ class FakeHub:
         self.requests: list[str] = []
         self.seen_headers: list[dict[str, str]] = []
         self._lfs: dict[str, bytes] = {}
-        self._failures: list[list] = []  # [remaining, compiled pattern]
+        self._failures: list[list] = []  # [remaining, compiled pattern, echo headers]
         self._lock = threading.Lock()
         self._previous_factory = None
 
     # -- control -----------------------------------------------------------------------------------------------
-    def fail_requests(self, count: int, path_pattern: str = r"/commit/") -> None:
+    def fail_requests(self, count: int, path_pattern: str = r"/commit/", echo_headers: bool = False) -> None:
+        """The next `count` requests matching `path_pattern` fail; with `echo_headers` the error text repeats the
+        request's headers, Authorization included, as some proxies and servers do."""
         with self._lock:
-            self._failures.append([count, re.compile(path_pattern)])
+            self._failures.append([count, re.compile(path_pattern), echo_headers])
 
     def install(self) -> FakeHub:
         from huggingface_hub.utils import _http
@@ -82,7 +84,10 @@ class FakeHub:
             for failure in self._failures:
                 if failure[0] > 0 and failure[1].search(path):
                     failure[0] -= 1
-                    return httpx2.Response(400, json={"error": "fake hub: simulated outage"})
+                    error = "fake hub: simulated outage"
+                    if failure[2]:
+                        error += f" (request headers: {dict(request.headers)})"
+                    return httpx2.Response(400, json={"error": error})
             return self._route(request, path, method)
 
     def _route(self, request, path, method):

@@ -171,11 +171,15 @@ def test_two_processes_give_the_same_rows_as_one(workspace, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29581",
         os.path.join(REPO, "train", "cache_latents.py"), "--output_dir", str(output),
         "--image_folder", str(workspace["images"]), "--vae", str(workspace["vae"]), "--resolution", str(RESOLUTION),
-        "--batch_size", "3", "--chunk_size", "4", "--num_workers", "0", "--no_progress",
+        "--batch_size", "3", "--chunk_size", "4", "--num_workers", "0", "--no_progress", "--keep_chunks",
     ]  # fmt: skip
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
+    # Each chunk records the process (of how many) that wrote it: both ranks of a world of two did the work.
+    records = [json.loads(path.read_text()) for path in sorted((output / "chunks").glob("*.json"))]
+    writers = {(record["rank"], record["world_size"]) for record in records}
+    assert writers == {(0, 2), (1, 2)}
     # Thread counts differ between the runs, so allow fp16 rounding of float32 sums that differ in the last bit.
     _assert_same_rows(workspace["reference"], output, atol=1e-3)
 
@@ -299,3 +303,75 @@ def test_benchmark_tiny_mode_runs():
     result = subprocess.run([sys.executable, script, "--tiny"], capture_output=True, text=True, timeout=240, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "img/s" in result.stdout
+
+
+def test_a_mistyped_local_vae_path_says_that_the_path_does_not_exist(workspace, tmp_path, monkeypatch):
+    from diffusers_speedup.data.latent_cache import load_vae
+
+    for typo in (str(workspace["root"] / "vea"), "./no_such_vae", str(workspace["vae"]) + "/../../vaes/x/y"):
+        with pytest.raises(FileNotFoundError, match="the local folder .* does not exist"):
+            load_vae(typo)
+    # A sibling of an existing folder is a path too, not the Hub id "<folder>/<name>".
+    monkeypatch.chdir(workspace["root"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_vae("vae/typo")
+
+
+def test_cache_cli_errors_are_one_line_with_a_non_zero_exit(workspace, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cache_cli", os.path.join(REPO, "train", "cache_latents.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    common = ["--image_folder", str(workspace["images"]), "--num_workers", "0", "--no_progress"]
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["--output_dir", str(tmp_path / "a"), *common, "--vae", str(tmp_path / "vea")])
+    assert str(caught.value).startswith("error: vae=") and "does not exist" in str(caught.value)
+    # A cache in which every image is rejected (all smaller than the resolution) fails and stays incomplete.
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["--output_dir", str(tmp_path / "b"), *common, "--vae", str(workspace["vae"]), "--resolution", "512"])
+    message = str(caught.value)
+    assert "no image was accepted: all 11 inputs were rejected" in message and "too small" in message
+    assert "\n" not in message and not (tmp_path / "b" / "latents_metadata.json").exists()
+
+
+def test_exif_orientation_is_applied_before_the_crop(tmp_path):
+    from diffusers_speedup.data.preprocessing import EXIF_ORIENTATION
+
+    # A 48x32 landscape sensor image tagged "rotate 90° clockwise to view" (orientation 6) is a 32x48 portrait.
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "tagged.png", exif=exif.tobytes())
+    upright = np.rot90(pixels, k=-1)  # what a viewer shows: the sensor image turned 90° clockwise
+    assert upright.shape == (48, 32, 3)
+    expected = preprocess_image(Image.fromarray(np.ascontiguousarray(upright)), 32)
+    np.testing.assert_array_equal(preprocess_image(str(tmp_path / "tagged.png"), 32), expected)
+    assert EXIF_ORIENTATION == "exif_transpose"
+
+
+def test_a_failed_cache_push_is_one_line_without_the_token(workspace, tmp_path, monkeypatch):
+    import datasets
+    from huggingface_hub import constants
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from fake_hub import FakeHub
+
+    from diffusers_speedup.hub import PushError
+
+    token = "hf_CachePushToken0123456789"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    hub = FakeHub(upload_mode="lfs").install()
+    try:
+        hub.fail_requests(100, r"/(preupload|commit)/", echo_headers=True)
+        with pytest.raises(PushError) as caught:
+            _run(workspace, workspace["reference"], push_to_hub="me/latents")  # the complete cache, pushed again
+    finally:
+        hub.uninstall()
+    message = str(caught.value)
+    assert message.startswith("pushing dataset ") and "simulated outage" in message and "\n" not in message
+    assert token not in message and "***" in message

@@ -4,6 +4,7 @@ import sys
 import textwrap
 from collections import Counter
 from types import SimpleNamespace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,16 +192,19 @@ def test_with_diffusers_dit_pipeline(tmp_path):
     assert reference["arr_0"].shape == (5, 4, 4, 3) and reference["arr_0"].dtype == np.uint8
     np.testing.assert_array_equal(reference["arr_1"], make_class_labels("random", 5, 1000, 1))
 
-    failing_calls = {"n": 0}
+    # Killed inside the second shard's denoising loop (two scheduler steps per shard); the same pipeline resumes.
+    step, calls = pipe.scheduler.step, {"n": 0}
 
-    def crash_after_one_shard(**kwargs):
-        failing_calls["n"] += 1
-        if failing_calls["n"] > 1:
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
             raise RuntimeError("killed")
-        return pipe(**kwargs)
+        return step(*args, **kwargs)
 
+    pipe.scheduler.step = dying_step
     with pytest.raises(RuntimeError, match="killed"):
-        generate_samples(crash_after_one_shard, tmp_path / "b", **run, **sampling)
+        generate_samples(pipe, tmp_path / "b", **run, **sampling)
+    del pipe.scheduler.step
     resumed = read(generate_samples(pipe, tmp_path / "b", **run, **sampling))
     np.testing.assert_array_equal(resumed["arr_0"], reference["arr_0"])
 
@@ -272,3 +276,86 @@ def test_sample_cli_on_a_saved_pipeline_folder(tmp_path):
     assert archive["arr_0"].shape == (3, 4, 4, 3)
     np.testing.assert_array_equal(archive["arr_1"], make_class_labels("random", 3, 1000, 0))
     assert len(list((tmp_path / "out" / "png").glob("*.png"))) == 3
+
+
+def test_another_pipeline_or_scheduler_cannot_resume_into_the_same_shards(tmp_path):
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(0)
+    first = tiny_dit_pipeline()
+    torch.manual_seed(1)
+    other_weights = tiny_dit_pipeline()
+    other_scheduler = tiny_dit_pipeline()
+    other_scheduler.transformer.load_state_dict(first.transformer.state_dict())
+    other_scheduler.vae.load_state_dict(first.vae.state_dict())
+    other_scheduler.scheduler = DDPMScheduler()
+    run = dict(num_samples=4, batch_size=2, class_labels="random", num_classes=1000, seed=1, num_inference_steps=2)
+
+    # Killed after the first shard, then resumed with other weights, another scheduler, or another setting.
+    step, calls = first.scheduler.step, {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("killed")
+        return step(*args, **kwargs)
+
+    first.scheduler.step = dying_step
+    with pytest.raises(RuntimeError, match="killed"):
+        generate_samples(first, tmp_path, **run)
+    del first.scheduler.step
+    with pytest.raises(ValueError, match=r"made with pipeline.weights_sha256='[0-9a-f]{64}', this run has pipeline"):
+        generate_samples(other_weights, tmp_path, **run)
+    with pytest.raises(ValueError, match="pipeline.scheduler.class='DDIMScheduler', this run has pipeline.scheduler"):
+        generate_samples(other_scheduler, tmp_path, **run)
+    with pytest.raises(ValueError, match="sampling_kwargs.guidance_scale=None, this run has .*guidance_scale=2.0"):
+        generate_samples(first, tmp_path, **run, guidance_scale=2.0)
+    assert len(list((tmp_path / "shards").glob("*.npz"))) == 1
+    # The same pipeline finishes the run.
+    generate_samples(first, tmp_path, **run)
+    assert (tmp_path / "samples_4x4x4x3.npz").is_file()
+
+
+def test_sample_cli_refuses_another_pipeline_or_steps_in_one_line(tmp_path, capsys):
+    torch.manual_seed(0)
+    tiny_dit_pipeline().save_pretrained(tmp_path / "a")
+    torch.manual_seed(1)
+    tiny_dit_pipeline().save_pretrained(tmp_path / "b")
+    cli = load_script("sample")
+    common = ["--output_dir", str(tmp_path / "out"), "--num_samples", "4", "--batch_size", "2", "--num_classes", "10"]
+    cli.main(["--pipeline", str(tmp_path / "a"), "--steps", "2", *common])
+    for changed, field in (("b", "pipeline.weights_sha256"), ("a", "sampling_kwargs.num_inference_steps")):
+        with pytest.raises(SystemExit) as caught:
+            cli.main(["--pipeline", str(tmp_path / changed), "--steps", "2" if changed == "b" else "3", *common])
+        message = str(caught.value)
+        assert message.startswith("error: ") and field in message and "\n" not in message
+
+
+def test_sample_cli_names_a_missing_pipeline_folder_in_one_line(tmp_path):
+    cli = load_script("sample")
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["--pipeline", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out"), "--num_samples", "2"])
+    assert str(caught.value).startswith("error: ") and "nope" in str(caught.value)
+
+
+@pytest.mark.slow
+def test_sample_cli_under_torchrun_on_cpu_runs_as_two_ranks_of_one_run(tmp_path):
+    torch.manual_seed(0)
+    tiny_dit_pipeline().save_pretrained(tmp_path / "pipe")
+    script = Path(__file__).resolve().parents[1] / "train" / "sample.py"
+    argv = ["--pipeline", str(tmp_path / "pipe"), "--num_samples", "5", "--batch_size", "2", "--steps", "2"]
+    argv += ["--num_classes", "10"]
+    port = str(29500 + (os.getpid() + 7) % 1000)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [*command, str(script), *argv, "--output_dir", str(tmp_path / "two")],
+        env=environment, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Only one of the two processes is the main process (two rank-0-of-1 runs would both report).
+    assert result.stdout.count("wrote ") == 1
+    load_script("sample").main([*argv, "--output_dir", str(tmp_path / "one")])
+    two, one = read(tmp_path / "two" / "samples_5x4x4x3.npz"), read(tmp_path / "one" / "samples_5x4x4x3.npz")
+    np.testing.assert_array_equal(one["arr_1"], two["arr_1"])
+    np.testing.assert_allclose(one["arr_0"].astype(int), two["arr_0"].astype(int), atol=1)

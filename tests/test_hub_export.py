@@ -6,13 +6,13 @@ import pytest
 import torch
 import yaml
 from diffusers import DDIMScheduler
-from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 from huggingface_hub import ModelCard
 from PIL import Image
 
 import diffusers_speedup
 from diffusers_speedup.hub import ModelCardInfo, build_model_card, detect_techniques, export_pipeline
 from diffusers_speedup.models.uvit import UViTModel
+from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 from diffusers_speedup.schedulers.scheduling_edm_heun import EDMHeunScheduler
 
 
@@ -57,9 +57,8 @@ def test_exported_folder_layout_and_model_index(tmp_path):
     assert index["transformer"] == ["uvit", "UViTModel"]
     assert index["scheduler"] == ["scheduling_edm_heun", "EDMHeunScheduler"]
     # The shipped files are the installed source files, unchanged.
-    import diffusers_speedup.pipelines.pipeline_class_conditional as pipeline_module
-
     import diffusers_speedup.models.uvit as uvit_module
+    import diffusers_speedup.pipelines.pipeline_class_conditional as pipeline_module
     import diffusers_speedup.schedulers.scheduling_edm_heun as scheduler_module
 
     for shipped, module in (
@@ -202,8 +201,10 @@ def test_export_script_from_run_folder(tmp_path):
     assert (out / "samples.png").is_file() and (out / "transformer" / "uvit.py").is_file()
     with pytest.raises(SystemExit):
         script.parse_args([str(run), "--output_dir", str(out), "--push_to_hub"])  # no --hub_model_id
-    with pytest.raises(FileNotFoundError, match="no model_index.json"):
-        script.find_pipeline_folder(tmp_path / "hub-ready" / "transformer")
+    from diffusers_speedup.hub.export import find_export_source
+
+    with pytest.raises(FileNotFoundError, match="is not a pipeline folder"):
+        find_export_source(tmp_path / "hub-ready" / "transformer")
 
 
 def test_source_file_survives_public_module_name(monkeypatch):

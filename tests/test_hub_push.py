@@ -11,12 +11,12 @@ import threading
 import httpx2
 import pytest
 import torch
-from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 from huggingface_hub import constants, snapshot_download
 
 import diffusers_speedup
 from diffusers_speedup.hub import BackgroundHubPusher, export_pipeline, push_dataset_folder, push_folder_to_hub
 from diffusers_speedup.models.uvit import UViTModel
+from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 from diffusers_speedup.schedulers.scheduling_edm_heun import EDMHeunScheduler
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -229,3 +229,12 @@ def test_pushed_repo_loads_through_both_routes(hub, tmp_path):
         pytest.xfail("ClassConditionalPipeline.from_pretrained needs diffusers_speedup to export its classes")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "installed-classes loaded-and-sampled" in done.stdout
+
+
+def test_redaction_removes_echoed_authorization_headers_of_any_token_shape():
+    from diffusers_speedup.hub.push import _redact
+
+    echoed = "400: {'authorization': 'Bearer abc.DEF-123_xyz', 'user-agent': 'x'} and hf_AbCdEf0123456789"
+    redacted = _redact(echoed)
+    assert "abc.DEF-123_xyz" not in redacted and "hf_AbCdEf0123456789" not in redacted
+    assert "'authorization': 'Bearer ***'" in redacted and "'user-agent': 'x'" in redacted

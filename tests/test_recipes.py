@@ -175,9 +175,8 @@ def test_recipes_resolve_by_name_or_path(tmp_path, monkeypatch):
 
 
 def test_per_channel_latent_normalisation_is_measured_trained_on_and_exported(tiny_data, tmp_path):
-    from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
-
     from diffusers_speedup.data import LatentDataset
+    from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 
     overrides = [
         *SHRINK["edm2_unet"],

@@ -183,6 +183,14 @@ def load_checkpoint_weights(folder):
         (["train.resume=/no/such/checkpoint"], "train.resume"),
         (["hub.push_to_hub=true"], "hub.hub_model_id"),
         (["train.max_steps"], "not of the form"),
+        (["data.name=mnist"], "data.name: 'mnist' is not one of digits"),
+        (["optim.warmup_steps=-5"], "optim.warmup_steps: must be >= 0"),
+        (["ema.start_step=-1"], "ema.start_step: must be >= 0"),
+        (["sampling.num_inference_steps=0"], "sampling.num_inference_steps: must be > 0"),
+        (["sampling.images_per_class=-1"], "sampling.images_per_class: must be > 0"),
+        (["train.checkpoints_total_limit=0"], "train.checkpoints_total_limit: must be >= 1"),
+        (["train.sample_every=-1"], "train.sample_every: must be >= 0"),
+        (["train.max_consecutive_nonfinite=0"], "train.max_consecutive_nonfinite: must be > 0"),
     ],
 )
 def test_bad_configs_fail_before_any_work_naming_the_key(overrides, message, tmp_path):
@@ -191,6 +199,174 @@ def test_bad_configs_fail_before_any_work_naming_the_key(overrides, message, tmp
     with pytest.raises(ConfigError, match=message):
         load_config(recipe, [f"train.output_dir={tmp_path}", *overrides])
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"model: {kind: uvit\ntrain: [", "is not valid YAML"),
+        (b"- model\n- data\n", "holds a YAML list, not a mapping"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "is not a YAML text file"),
+        (b"just some words", "not a mapping"),
+    ],
+)
+def test_a_recipe_that_is_not_a_yaml_mapping_is_one_error_naming_the_file(content, message, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(recipe, [f"train.output_dir={tmp_path / 'run'}"])
+    assert str(recipe) in str(caught.value)
+
+
+def test_a_resume_folder_without_a_checkpoint_is_refused_by_name(tmp_path):
+    Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", "train.max_steps=3"))).train()
+    with pytest.raises(
+        ConfigError, match=r"train.resume: .* is not a checkpoint folder .*it is a run folder.*checkpoint-3"
+    ):
+        load_config(QUICKSTART, tiny(tmp_path / "run", f"train.resume={tmp_path / 'run'}"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no complete checkpoint"):
+        load_config(QUICKSTART, tiny(tmp_path / "run", f"train.resume={tmp_path / 'empty'}"))
+
+
+@pytest.mark.parametrize("kind", ["image_folder", "latents", "hf_dataset"])
+def test_a_missing_data_path_is_named_before_any_work(kind, tmp_path):
+    missing = tmp_path / "no" / "such" / "data"
+    config = load_config(None, [f"train.output_dir={tmp_path / 'run'}", f"data.kind={kind}", f"data.path={missing}"])
+    with pytest.raises(ConfigError, match=rf"data.path: '{missing}' does not exist"):
+        Trainer(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_hf_dataset_id_while_offline_is_named_without_trying_the_hub(tmp_path, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    config = load_config(None, [f"train.output_dir={tmp_path / 'run'}", "data.kind=hf_dataset", "data.path=mnist"])
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="data.path: 'mnist' is not a local folder, and the Hub is switched off"):
+        Trainer(config)
+    assert time.perf_counter() - started < 5
+
+
+def test_a_batch_larger_than_the_dataset_is_named_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.batch_size: 4096 .* needs at least 4096 samples, .* has 1617"):
+        Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", "train.batch_size=4096")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_another_model_naming_each_key_and_allows_cadence_changes(tmp_path):
+    Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", "train.max_steps=3"))).train()
+    changed = ("model.params.hidden_size=64", "model.params.num_layers=5", "train.seed=1", "train.resume=latest")
+    with pytest.raises(ConfigError) as caught:
+        Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", *changed)))
+    message = str(caught.value)
+    for key in ("model.params.hidden_size: 32 -> 64", "model.params.num_layers: 3 -> 5", "train.seed: 0 -> 1"):
+        assert key in message
+    assert "size mismatch" not in message and "\n" not in message
+    # More steps, other cadences and hub settings continue the same run.
+    allowed = ("train.max_steps=5", "train.log_every=1", "train.checkpoint_every=2", "hub.private=true")
+    resumed = Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", *allowed, "train.resume=latest")))
+    resumed.train()
+    assert resumed.step == 5
+
+
+def test_resume_config_changes_lists_what_breaks_the_run_and_ignores_the_rest():
+    from diffusers_speedup.training.config import resume_config_changes
+
+    saved = {
+        "model": {"params": {"hidden_size": 32}},
+        "data": {"path": "a"},
+        "objective": {"weighting": {"kind": "min_snr"}},
+        "train": {"batch_size": 16, "max_steps": 6, "log_every": 2, "seed": 0},
+        "hub": {"push_to_hub": False},
+        "optim": {"lr": 1e-3, "optimizer": "adamw"},
+    }
+    current = {
+        "model": {"params": {"hidden_size": 32}},
+        "data": {"path": "b"},
+        "objective": {"weighting": {"kind": "constant"}},
+        "train": {"batch_size": 32, "max_steps": 60, "log_every": 5, "seed": 0},
+        "hub": {"push_to_hub": True},
+        "optim": {"lr": 5e-4, "optimizer": "adam"},
+    }
+    assert resume_config_changes(saved, current) == [
+        "data.path: 'a' -> 'b'",
+        "objective.weighting.kind: 'min_snr' -> 'constant'",
+        "optim.optimizer: 'adamw' -> 'adam'",
+        "train.batch_size: 16 -> 32",
+    ]
+
+
+def test_resume_latest_with_nothing_there_warns_that_it_starts_from_scratch(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", "train.max_steps=2", "train.resume=latest")))
+        trainer.train()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "STARTS FROM SCRATCH" in r.message]
+    assert len(warnings) == 1 and str(tmp_path / "run") in warnings[0].message
+
+
+def test_no_checkpoint_is_written_inside_a_non_finite_run(tmp_path, monkeypatch):
+    original = TrainingData.batch
+    calls = {"n": 0}
+
+    def poisoned(self, indices, device):
+        calls["n"] += 1
+        x0, labels = original(self, indices, device)
+        return (x0 * float("nan") if calls["n"] > 3 else x0), labels
+
+    monkeypatch.setattr(TrainingData, "batch", poisoned)
+    overrides = ("train.checkpoint_every=1", "train.max_consecutive_nonfinite=3", "train.checkpoints_total_limit=10")
+    trainer = Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", *overrides)))
+    # Steps 4, 5 and 6 are skipped: no checkpoint at 4 or 5 (or at the end), and checkpoint-3 is named.
+    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row.*last good checkpoint is .*checkpoint-3"):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == [f"checkpoint-{i}" for i in (1, 2, 3)]
+
+
+def test_a_resumed_run_logs_every_step_once_in_tensorboard(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = ("train.report_to=tensorboard", "train.log_every=1")
+    original, calls = TrainingData.batch, {"n": 0}
+
+    def dying_batch(self, indices, device):
+        calls["n"] += 1
+        if calls["n"] == 6:  # during step 6, after the checkpoint at step 3 and the logs of steps 1 to 5
+            raise KeyboardInterrupt("killed")
+        return original(self, indices, device)
+
+    monkeypatch.setattr(TrainingData, "batch", dying_batch)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", *extra))).train()
+    monkeypatch.setattr(TrainingData, "batch", original)
+    Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", *extra, "train.resume=latest"))).train()
+    # (The hyper-parameters go to sub-folders of their own.)
+    event_files = list((tmp_path / "run" / "logs" / "diffusers-speedup").glob("events.out.tfevents.*"))
+    assert len(event_files) == 2  # one file per run
+    # TensorBoard reads the folder as one log: the resumed run's start purges steps 4 and 5 of the first run.
+    accumulator = EventAccumulator(str(event_files[0].parent)).Reload()
+    assert [event.step for event in accumulator.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_the_non_finite_stop_is_one_line_without_a_traceback(tmp_path):
+    # A learning rate of 1e30 sends the weights to ~1e30 in one step; the next losses are not finite.
+    overrides = tiny(tmp_path / "run", "optim.lr=1e30", "train.max_consecutive_nonfinite=2", "train.checkpoint_every=1")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train" / "train.py"), "--config", str(QUICKSTART), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "optimizer steps in a row had a non-finite loss" in errors[0]
+    assert "Traceback" not in result.stderr
 
 
 def test_train_script_reports_config_errors_without_a_traceback(tmp_path):
@@ -262,18 +438,21 @@ def test_two_process_ddp_on_cpu_matches_one_process(tmp_path, model):
         ]
         # The EDM2 run starts from the defaults (no --config), the U-ViT run from the quickstart.
         recipe = ["--config", str(QUICKSTART), *tiny(tmp_path / name)] if model == "uvit" else EDM2_TINY
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            str(script),
-            *recipe,
-            *common,
-        ]
+        if nproc > 1 and model == "uvit":  # the README's command
+            launcher = [
+                "accelerate.commands.launch",
+                "--multi_gpu",
+                f"--num_processes={nproc}",
+                "--main_process_port=0",
+            ]
+        else:
+            launcher = ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        command = [sys.executable, "-m", *launcher, str(script), *recipe, *common]
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
         assert result.returncode == 0, result.stderr[-3000:]
+        # Each process logs its place in the process group it really joined.
+        for rank in range(nproc):
+            assert f"process {rank} of {nproc} " in result.stderr
         return load_file(str(tmp_path / name / "checkpoint-2" / "model.safetensors"))
 
     one, two = run(1, "one"), run(2, "two")

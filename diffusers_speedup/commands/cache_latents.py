@@ -11,6 +11,7 @@ import json
 import os
 
 from diffusers_speedup.data.latent_cache import DEFAULT_VAE, cache_latents
+from diffusers_speedup.errors import one_line_errors
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    with one_line_errors():
+        return run(args)
+
+
+def run(args) -> dict:
     metadata = cache_latents(
         args.output_dir,
         image_folder=args.image_folder,

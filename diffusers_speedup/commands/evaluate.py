@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from diffusers_speedup.errors import one_line_errors
 from diffusers_speedup.evaluation import InceptionFeatureExtractor, compute_fid_statistics, frechet_distance
+from diffusers_speedup.training.distributed import require_single_process
 
 
 def parse_args(argv=None):
@@ -35,6 +37,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    with one_line_errors():
+        require_single_process("diffusers-speedup evaluate")
+        return evaluate(args)
+
+
+def evaluate(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     extractor = InceptionFeatureExtractor(device=device, weights_path=args.inception_weights)
     common = dict(feature_extractor=extractor, batch_size=args.batch_size, show_progress=True)

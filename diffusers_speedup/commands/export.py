@@ -13,30 +13,19 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
-from diffusers_speedup.hub import ModelCardInfo, export_pipeline, push_dataset_folder, push_folder_to_hub
+from diffusers_speedup.errors import one_line_errors
+from diffusers_speedup.hub import export_pipeline, push_dataset_folder, push_folder_to_hub
+from diffusers_speedup.hub.export import card_info_for_reexport, resolve_export_input
+from diffusers_speedup.training.distributed import require_single_process
 
 logger = logging.getLogger("export")
 CONFIG_NAMES = ("training_config.yaml", "config.yaml")
 GRID_NAMES = ("samples.png", "sample_grid.png", "samples.jpg")
-
-
-def find_pipeline_folder(path: Path) -> Path:
-    """The pipeline folder inside `path` (itself, a `latest` checkpoint, or a subfolder; EMA weights first)."""
-    if not path.exists():
-        raise FileNotFoundError(f"input folder does not exist: {path}")
-    if (path / "model_index.json").is_file():
-        return path
-    if (path / "latest").is_file():
-        return find_pipeline_folder(path / (path / "latest").read_text().strip())
-    candidates = sorted(p.parent for p in path.glob("*/model_index.json"))
-    if not candidates:
-        raise FileNotFoundError(f"no model_index.json in {path} or its subfolders: not a pipeline or checkpoint folder")
-    ema = [p for p in candidates if "ema" in p.name.lower()]
-    return (ema or candidates)[0]
 
 
 def find_first(folders, names):
@@ -103,20 +92,29 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    with one_line_errors():
+        require_single_process("diffusers-speedup export")
+        # A checkpoint without a saved pipeline is exported by the trainer into a staging folder first.
+        parent = Path(args.output_dir).parent if args.output_dir else Path(".")
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".export-", dir=parent) as staging:
+            return _export_and_push(args, Path(staging) / "from-checkpoint")
+
+
+def _export_and_push(args, staging: Path) -> int:
     if args.input is not None:
-        pipeline_dir = find_pipeline_folder(Path(args.input))
+        pipeline_dir = resolve_export_input(Path(args.input), staging)
         search = [pipeline_dir, pipeline_dir.parent, pipeline_dir.parent.parent]
         config_path = Path(args.config) if args.config else find_first(search, CONFIG_NAMES)
         config = yaml.safe_load(config_path.read_text()) if config_path else None
         grid = Path(args.sample_grid) if args.sample_grid else find_first(search, GRID_NAMES)
-        trainer_state = find_first(search, ("trainer_state.json",))
-        steps = json.loads(trainer_state.read_text()).get("step") if trainer_state else None
         if args.fid_json:
             evaluation = json.loads(Path(args.fid_json).read_text())
             args.fid = evaluation["fid"] if args.fid is None else args.fid
             args.fid_num_samples = args.fid_num_samples or evaluation.get("num_samples")
             args.fid_settings = args.fid_settings or f"against {evaluation.get('reference')}"
-        info = ModelCardInfo(
+        info = card_info_for_reexport(
+            pipeline_dir,
             model_name=args.model_name or Path(args.output_dir).name,
             repo_id=args.hub_model_id,
             license=args.license,
@@ -126,8 +124,6 @@ def main(argv=None) -> int:
             fid=args.fid,
             fid_num_samples=args.fid_num_samples,
             fid_settings=args.fid_settings,
-            training_steps=steps,
-            images_seen=steps * args.batch_size if steps is not None and args.batch_size else None,
             batch_size=args.batch_size,
             hardware=args.hardware,
             training_time=args.training_time,

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from diffusers_speedup.training.distributed import require_single_process
 from diffusers_speedup.training.ema import SNAPSHOT_DIR_NAME, SNAPSHOT_PATTERN, reconstruct_posthoc_ema
 
 logger = logging.getLogger("posthoc_ema")
@@ -107,9 +108,10 @@ def write_pipeline_copy(pipeline_dir: Path, state_dict: dict[str, torch.Tensor],
 def main(argv=None) -> list[Path]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    require_single_process("diffusers-speedup posthoc-ema")
     try:
         return write_reconstructions(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         raise SystemExit(f"error: {err}") from None
 
 

@@ -14,7 +14,9 @@ import inspect
 import torch
 from accelerate import Accelerator
 
+from diffusers_speedup.errors import one_line_errors
 from diffusers_speedup.evaluation import generate_samples
+from diffusers_speedup.training.distributed import check_world_size, wants_cpu_process_group
 
 
 def parse_args(argv=None):
@@ -73,7 +75,14 @@ def infer_num_classes(pipeline) -> int | None:
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    with one_line_errors():
+        return sample(args)
+
+
+def sample(args):
+    # Several processes on a machine without a GPU form one process group only with cpu=True.
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=wants_cpu_process_group())
+    check_world_size(accelerator.num_processes, "diffusers-speedup sample")
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 
+from diffusers_speedup.errors import one_line_errors
 from diffusers_speedup.training import ConfigError, Trainer, load_config
 
 
@@ -18,12 +19,13 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        trainer = Trainer(load_config(args.config, args.overrides))
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    export_dir = trainer.train()
+    with one_line_errors():
+        try:
+            trainer = Trainer(load_config(args.config, args.overrides))
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        export_dir = trainer.train()
     if trainer.push_result is not None and not trainer.push_result.ok:
         return 3  # trained and exported, but the final push failed (logged with how to retry)
     if export_dir is not None:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from .preprocessing import CROP_METHOD, ImageRejectedError, preprocess_image
+from .preprocessing import CROP_METHOD, EXIF_ORIENTATION, ImageRejectedError, preprocess_image
 from .sources import ImageSource, make_source
 
 CONFIG_NAME = "cache_config.json"
@@ -78,6 +79,7 @@ def load_vae(vae: str = DEFAULT_VAE, revision: str | None = None, subfolder: str
     if isinstance(vae, AutoencoderKL):
         model, vae_id, commit = vae, vae.config.get("_name_or_path") or "<in-memory AutoencoderKL>", None
     else:
+        _check_local_path(vae)
         vae_id = os.path.abspath(vae) if os.path.isdir(vae) else vae
         try:
             model = AutoencoderKL.from_pretrained(
@@ -97,6 +99,22 @@ def load_vae(vae: str = DEFAULT_VAE, revision: str | None = None, subfolder: str
         "vae_fingerprint": vae_fingerprint(model),
     }
     return model, info
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _check_local_path(vae: str) -> None:
+    """A ``vae`` that is meant as a local folder but does not exist fails here, not as a Hub lookup.
+
+    It is taken as a path when it cannot be a Hub id (``name`` or ``org/name``), or when its first component exists
+    on disk (``vaes/mine`` next to a ``vaes/`` folder).
+    """
+    if os.path.isdir(vae):
+        return
+    first = vae.split("/")[0]
+    if not _HUB_ID.match(vae) or (first and os.path.isdir(first)):
+        raise FileNotFoundError(f"vae={vae!r}: the local folder {os.path.abspath(vae)} does not exist")
 
 
 def _optional_floats(values) -> list[float] | None:
@@ -271,7 +289,7 @@ def _features(class_names: list[str] | None, latent_shape: tuple[int, int, int],
     return Features(columns)
 
 
-def _write_chunk(chunk_dir: str, chunk: int, rows: dict, rejected: list[dict], features) -> None:
+def _write_chunk(chunk_dir: str, chunk: int, rows: dict, rejected: list[dict], features, writer_rank=(0, 1)) -> None:
     from datasets.arrow_writer import ArrowWriter
 
     arrow_path = os.path.join(chunk_dir, f"{chunk:06d}.arrow")
@@ -282,7 +300,10 @@ def _write_chunk(chunk_dir: str, chunk: int, rows: dict, rejected: list[dict], f
     writer.close()
     os.replace(temporary, arrow_path)
     # The JSON goes last: a chunk counts as done only once both files are in place.
-    _atomic_write_json(os.path.join(chunk_dir, f"{chunk:06d}.json"), {"chunk": chunk, "rejected": rejected})
+    # Which process of how many wrote it: evidence, kept with --keep_chunks, that the work really was shared.
+    rank, world_size = writer_rank
+    record = {"chunk": chunk, "rejected": rejected, "rank": rank, "world_size": world_size}
+    _atomic_write_json(os.path.join(chunk_dir, f"{chunk:06d}.json"), record)
 
 
 def _chunk_done(chunk_dir: str, chunk: int) -> bool:
@@ -309,6 +330,26 @@ def _finalize(output_dir: str, num_chunks: int, listing_rejected: list[dict], me
     _atomic_write_json(os.path.join(output_dir, METADATA_NAME), metadata)
     if not keep_chunks:
         shutil.rmtree(chunk_dir, ignore_errors=True)
+
+
+def _check_something_accepted(chunk_dir: str, num_chunks: int, listing_rejected: list[dict], output_dir: str) -> None:
+    """Fail when every input was rejected (read by every process, so that all of them stop together): an empty
+    cache would look finished and give a trainer nothing to train on."""
+    from datasets import Dataset
+
+    if not all(_chunk_done(chunk_dir, chunk) for chunk in range(num_chunks)):
+        return  # _finalize names the missing chunks
+    if any(len(Dataset.from_file(os.path.join(chunk_dir, f"{chunk:06d}.arrow"))) for chunk in range(num_chunks)):
+        return
+    rejected = list(listing_rejected)
+    for chunk in range(num_chunks):
+        with open(os.path.join(chunk_dir, f"{chunk:06d}.json")) as file:
+            rejected += json.load(file)["rejected"]
+    examples = "; ".join(f"{item['path']}: {item['reason']}" for item in rejected[:3])
+    raise ValueError(
+        f"no image was accepted: all {len(rejected)} inputs were rejected (e.g. {examples}); the cache in "
+        f"{output_dir} stays incomplete"
+    )
 
 
 def read_cache_metadata(output_dir: str) -> dict:
@@ -390,6 +431,8 @@ def cache_latents(
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
+    from ..training.distributed import check_world_size
+
     if not isinstance(resolution, int) or resolution < 8:
         raise ValueError(f"resolution must be an integer >= 8, got {resolution!r}")
     for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
@@ -401,6 +444,7 @@ def cache_latents(
     # Without cpu=True accelerate treats a CPU-only torchrun as one process per rank and would skip the barriers.
     on_cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
     state = PartialState(cpu=on_cpu)
+    check_world_size(state.num_processes, "train/cache_latents.py")
     device = torch.device(device) if device is not None else state.device
     encode_dtype = ("fp16" if device.type == "cuda" else "fp32") if dtype == "auto" else dtype
     output_dir = os.path.abspath(output_dir)
@@ -418,6 +462,7 @@ def cache_latents(
         "vae_fingerprint": vae_info["vae_fingerprint"],
         "resolution": resolution,
         "crop_method": CROP_METHOD,
+        "exif_orientation": EXIF_ORIENTATION,
         "flip": flip,
         "encode_dtype": encode_dtype,
         "chunk_size": chunk_size,
@@ -488,7 +533,14 @@ def cache_latents(
         ]
         bar.update(batch["count"])
         if indices[-1] == _chunk_range(chunk, chunk_size, num_items)[-1]:
-            _write_chunk(chunk_dir, chunk, _stack_rows(rows, latent_shape), rejected, features)
+            _write_chunk(
+                chunk_dir,
+                chunk,
+                _stack_rows(rows, latent_shape),
+                rejected,
+                features,
+                (state.process_index, state.num_processes),
+            )
             if on_chunk_written is not None:
                 on_chunk_written(chunk)
             rows, rejected = _empty_rows(flip), []
@@ -496,6 +548,7 @@ def cache_latents(
     encode_seconds = time.perf_counter() - started
 
     state.wait_for_everyone()
+    _check_something_accepted(chunk_dir, num_chunks, source.listing_rejected, output_dir)
     metadata_path = os.path.join(output_dir, METADATA_NAME)
     if state.is_main_process:
         metadata = {
@@ -542,14 +595,7 @@ def _stack_rows(rows: dict, latent_shape: tuple[int, int, int]) -> dict:
 def _maybe_push(metadata: dict, output_dir: str, repo_id: str | None, private: bool, is_main: bool) -> None:
     if not repo_id or not is_main:
         return
-    from datasets import load_from_disk
-    from huggingface_hub import HfApi
+    from ..hub.push import push_dataset_folder
 
-    load_from_disk(output_dir).push_to_hub(repo_id, private=private, commit_message="Add cached VAE latents")
-    HfApi().upload_file(
-        path_or_fileobj=os.path.join(output_dir, METADATA_NAME),
-        path_in_repo=METADATA_NAME,
-        repo_id=repo_id,
-        repo_type="dataset",
-        commit_message="Add latent cache metadata",
-    )
+    # Parquet shards plus the metadata files; a failure is one token-free PushError line.
+    push_dataset_folder(output_dir, repo_id, private=private, commit_message="Add cached VAE latents")

@@ -15,7 +15,7 @@ import torch
 
 from .batching import index_batches
 from .builtin import BUILTIN_DATASETS, DIGITS_CLASS_NAMES, load_builtin_arrays
-from .preprocessing import ImageRejectedError, center_crop_arr, open_image, to_rgb
+from .preprocessing import ImageRejectedError, apply_exif_orientation, center_crop_arr, open_image, to_rgb
 from .sources import ImageSource, make_source
 
 
@@ -99,7 +99,7 @@ def _images_from_source(
     arrays, labels, rejected = [], [], list(source.listing_rejected)
     for index in range(len(source)):
         try:
-            image = to_rgb(open_image(source.read(index)))
+            image = to_rgb(apply_exif_orientation(open_image(source.read(index))))
             if resolution is not None:
                 if min(image.size) < resolution:
                     raise ImageRejectedError(

@@ -1,8 +1,8 @@
 """Image decoding, mode conversion and the ADM/DiT centre crop used for ImageNet-256.
 
 Every image that reaches the VAE goes through :func:`preprocess_image`: decode fully (so truncated files fail here and
-not later), convert any PIL mode to RGB, reject images smaller than the target resolution, then apply ADM's
-``center_crop_arr``. Failures raise :class:`ImageRejectedError` whose message is the reason recorded in the cache
+not later), turn it upright as its EXIF orientation tag says, convert any PIL mode to RGB, reject images smaller than
+the target resolution, then apply ADM's ``center_crop_arr``. Failures raise :class:`ImageRejectedError` whose message is the reason recorded in the cache
 metadata.
 """
 
@@ -19,6 +19,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 
 # Name of the crop recorded in cache metadata; a cache made with another crop is a different dataset.
 CROP_METHOD = "adm_center_crop"
+# How the EXIF orientation tag is treated, also recorded in the cache identity. ADM (`image_datasets.py`), EDM2's
+# `dataset_tool.py` and torchvision's `pil_loader` ignore it and store the sensor's pixel order, so a photo taken
+# with the camera turned comes out lying on its side; every viewer, and `torchvision.io.decode_jpeg(...,
+# apply_exif_orientation=True)`, shows it upright. We store what the viewer shows (`ImageOps.exif_transpose`).
+# ImageNet's training JPEGs carry almost no orientation tags, so this changes little there and much on user photos.
+EXIF_ORIENTATION = "exif_transpose"
 
 
 class ImageRejectedError(ValueError):
@@ -49,6 +55,17 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... for bad files
         raise ImageRejectedError(f"corrupt or unreadable image ({type(error).__name__}: {error})") from error
     return image
+
+
+def apply_exif_orientation(image: Image.Image) -> Image.Image:
+    """The image turned upright as its EXIF orientation tag (1-8) says, without the tag; unchanged when untagged."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as error:  # a malformed EXIF block must not reject an otherwise good image
+        warnings.warn(f"ignoring an unreadable EXIF orientation ({type(error).__name__}: {error})", stacklevel=2)
+        return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -120,6 +137,7 @@ def preprocess_image(source: str | os.PathLike | bytes | Image.Image, resolution
             (upsampling would feed the VAE blurry images that ImageNet recipes never see).
     """
     image = source if isinstance(source, Image.Image) else open_image(source)
+    image = apply_exif_orientation(image)
     width, height = image.size
     if min(width, height) < resolution:
         raise ImageRejectedError(f"too small: {width}x{height} pixels, shorter side below the resolution {resolution}")

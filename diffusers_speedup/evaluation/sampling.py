@@ -12,6 +12,11 @@ Process `rank` of `world_size` takes the shards with `s % world_size == rank`. E
 rerun skips them. Hence an interrupted-and-resumed run, or one on a different number of processes, produces the same
 samples as one uninterrupted run (bit for bit where the pipeline itself is deterministic, e.g. on CPU). At the end
 the main process merges the shards into `samples_{N}x{H}x{W}x{C}.npz` in ADM's layout (see `npz_io`).
+
+`sampling_config.json` records what produces the shards: the pipeline (its class, a hash of its weights, its
+scheduler and the scheduler's config), the autocast precision, the sampling arguments (steps, guidance, interval),
+the seed and the label scheme. A rerun into the same folder that differs in any of them is refused, naming the field
+and both values, so one `.npz` never mixes two models or two settings.
 """
 
 import hashlib
@@ -106,9 +111,38 @@ def _pipeline_images_to_uint8(output: Any, expected: int) -> np.ndarray:
     return images if images.dtype == np.uint8 else float_images_to_uint8(images)
 
 
-def _run_config(num_samples, batch_size, seed, class_labels, labels, num_classes, sampling_kwargs) -> dict:
+def pipeline_identity(pipeline: Any) -> dict | None:
+    """What makes a pipeline's samples what they are: its class, a SHA-256 of every model component's weights (in
+    the dtype it samples with) and config, and the scheduler's class and config. None for a plain callable without
+    diffusers' ``components``, which cannot be looked into."""
+    components = getattr(pipeline, "components", None)
+    if not isinstance(components, dict):
+        return None
+    weights = hashlib.sha256()
+    schedulers = {}
+    for name in sorted(components):
+        component = components[name]
+        config = getattr(component, "config", None)
+        plain = {} if config is None else {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+        if isinstance(component, torch.nn.Module):
+            weights.update(f"{name}:{type(component).__name__}:".encode())
+            weights.update(json.dumps(plain, sort_keys=True, default=repr).encode())
+            for key, tensor in sorted(component.state_dict().items()):
+                weights.update(f"{name}.{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif config is not None:
+            schedulers[name] = {"class": type(component).__name__, **json.loads(json.dumps(plain, default=repr))}
+    return {"class": type(pipeline).__name__, "weights_sha256": weights.hexdigest(), **schedulers}
+
+
+def _run_config(
+    num_samples, batch_size, seed, class_labels, labels, num_classes, sampling_kwargs, pipeline, accelerator
+) -> dict:
     mode = class_labels if isinstance(class_labels, str) else "list"
     return {
+        # Another model, or the same weights with another scheduler or autocast precision, makes other samples.
+        "pipeline": pipeline_identity(pipeline),
+        "mixed_precision": str(getattr(accelerator, "mixed_precision", "no")),
         "num_samples": int(num_samples),
         "batch_size": int(batch_size),
         "seed": int(seed),
@@ -121,15 +155,26 @@ def _run_config(num_samples, batch_size, seed, class_labels, labels, num_classes
     }
 
 
+def _flatten(mapping: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _check_or_write_run_config(output_dir: Path, config: dict) -> None:
     path = output_dir / CONFIG_NAME
     if path.exists():
-        saved = json.loads(path.read_text())
-        for key in sorted(set(saved) | set(config)):
-            if saved.get(key) != config.get(key):
+        saved, current = _flatten(json.loads(path.read_text())), _flatten(config)
+        for key in sorted(set(saved) | set(current)):
+            if saved.get(key) != current.get(key):
                 raise ValueError(
-                    f"{output_dir} holds shards of a different run: {CONFIG_NAME} has {key}={saved.get(key)!r} but "
-                    f"this run has {key}={config.get(key)!r}. Use a new output_dir or the original settings."
+                    f"{output_dir} holds shards of another sampling run: they were made with {key}="
+                    f"{saved.get(key)!r}, this run has {key}={current.get(key)!r}; use a new output_dir, or the "
+                    "settings and pipeline that made them."
                 )
         return
     # Every process may write it: the content is identical and os.replace is atomic.
@@ -235,7 +280,9 @@ def generate_samples(
     if save_png:
         (output_dir / PNG_DIR).mkdir(exist_ok=True)
     labels = make_class_labels(class_labels, num_samples, num_classes, seed)
-    config = _run_config(num_samples, batch_size, seed, class_labels, labels, num_classes, sampling_kwargs)
+    config = _run_config(
+        num_samples, batch_size, seed, class_labels, labels, num_classes, sampling_kwargs, pipeline, accelerator
+    )
     _check_or_write_run_config(output_dir, config)
 
     num_shards = math.ceil(num_samples / batch_size)

@@ -2,12 +2,13 @@
 
 from .export import export_pipeline, ship_pipeline_code, source_file_of
 from .model_card import TECHNIQUES, ModelCardInfo, build_model_card, detect_techniques
-from .push import BackgroundHubPusher, PushResult, push_dataset_folder, push_folder_to_hub
+from .push import BackgroundHubPusher, PushError, PushResult, push_dataset_folder, push_folder_to_hub
 
 __all__ = [
     "TECHNIQUES",
     "BackgroundHubPusher",
     "ModelCardInfo",
+    "PushError",
     "PushResult",
     "build_model_card",
     "detect_techniques",

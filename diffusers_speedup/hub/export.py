@@ -10,7 +10,7 @@ Folder layout written by `export_pipeline` (a U-ViT pipeline as the example):
     transformer/uvit.py              the model's source file, copied unchanged
     scheduler/scheduler_config.json  (+ scheduler/<file>.py when the scheduler is not a diffusers class)
     vae/...                          (latent models only)
-    training_config.yaml, samples.png, README.md
+    training_config.yaml, samples.png, README.md, card_info.json (the card's facts, for a later re-export)
     samples_upscaled.png             the grid enlarged for the card and the Hub widget (pixel-exact, nearest)
 
 Why this model_index.json. diffusers 0.42 resolves a component entry `[library, class]` by first looking for
@@ -60,6 +60,9 @@ _SECRET_KEY_PARTS = ("token", "password", "secret", "api_key")
 
 MODEL_INDEX = "model_index.json"
 TRAINING_CONFIG_FILE = "training_config.yaml"
+# The card's facts (steps, images, batch, hardware, time, dataset, sampling settings) as data, so that a folder
+# exported again (with an FID, a new name, for a push) keeps them.
+CARD_INFO_FILE = "card_info.json"
 SAMPLE_GRID_STEM = "samples"
 # The card's image is enlarged by a whole factor until its longer side is at least this many pixels: a grid of
 # 16-pixel samples (182×20) would be a smudge on the model page otherwise.
@@ -303,9 +306,104 @@ def export_pipeline(
         }
         card = build_model_card(info, training_config=config, component_classes=components, sample_grid_file=grid_name)
         card.save(staging / "README.md")
+        (staging / CARD_INFO_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=2) + "\n")
         _replace_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("Exported pipeline to %s", target)
     return target
+
+
+# --- finding what to export -----------------------------------------------------------------------------------------
+
+
+def read_card_info(folder: str | os.PathLike) -> dict[str, Any]:
+    """The card facts an earlier export wrote into `folder` (empty when it has none, e.g. a foreign pipeline)."""
+    path = Path(folder) / CARD_INFO_FILE
+    if not path.is_file():
+        return {}
+    known = {f.name for f in dataclasses.fields(ModelCardInfo)}
+    facts = json.loads(path.read_text())
+    if facts.get("guidance_interval") is not None:
+        facts["guidance_interval"] = tuple(facts["guidance_interval"])
+    return {key: value for key, value in facts.items() if key in known}
+
+
+def _pipeline_subfolder(folder: Path) -> Path | None:
+    """A pipeline folder directly inside `folder`, EMA weights first."""
+    candidates = sorted(p.parent for p in folder.glob(f"*/{MODEL_INDEX}"))
+    ema = [p for p in candidates if "ema" in p.name.lower()]
+    return (ema or candidates or [None])[0]
+
+
+def find_export_source(path: str | os.PathLike) -> tuple[str, Path]:
+    """What a folder given to export holds: ``("pipeline", folder)`` or ``("checkpoint", folder)``.
+
+    - a pipeline folder (it has model_index.json) is itself;
+    - a checkpoint folder (it has trainer_state.json) gives the pipeline saved inside it (with
+      ``train.export_every_checkpoint=true``), else the checkpoint itself, whose weights are then exported;
+    - a run folder gives its newest complete checkpoint (the one ``latest`` names), as above; a run folder without
+      checkpoints gives the pipeline folder inside it.
+
+    Raises:
+        FileNotFoundError: when `path` does not exist or holds none of these.
+    """
+    from ..training.checkpoints import TRAINER_STATE_NAME, find_latest_checkpoint
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"input folder does not exist: {path}")
+    if (path / MODEL_INDEX).is_file():
+        return "pipeline", path
+    if (path / TRAINER_STATE_NAME).is_file():
+        inner = _pipeline_subfolder(path)
+        return ("pipeline", inner) if inner is not None else ("checkpoint", path)
+    checkpoint = find_latest_checkpoint(path, clean=False)
+    if checkpoint is not None:
+        return find_export_source(checkpoint)
+    inner = _pipeline_subfolder(path)
+    if inner is not None:
+        return "pipeline", inner
+    raise FileNotFoundError(
+        f"{path} is not a pipeline folder (no {MODEL_INDEX}), a checkpoint (no {TRAINER_STATE_NAME}) or a run "
+        "folder holding either"
+    )
+
+
+def resolve_export_input(path: str | os.PathLike, staging_dir: str | os.PathLike) -> Path:
+    """The pipeline folder to export for `path` (see `find_export_source`). A checkpoint without a saved pipeline
+    is exported first, by the trainer, into `staging_dir` (card facts included), and that folder is returned."""
+    kind, folder = find_export_source(path)
+    if kind == "pipeline":
+        return folder
+    from ..training.trainer import export_checkpoint
+
+    logger.info("%s holds no pipeline; exporting its weights as the trainer does", folder)
+    return export_checkpoint(folder, staging_dir)
+
+
+def _facts_from_checkpoint(folder: Path) -> dict[str, Any]:
+    """Training facts from the trainer_state.json of the checkpoint that holds the pipeline `folder`, if any."""
+    from ..training.checkpoints import TRAINER_STATE_NAME
+
+    path = folder.parent / TRAINER_STATE_NAME
+    if not path.is_file():
+        return {}
+    state = json.loads(path.read_text())
+    facts = {"training_steps": state.get("step"), "images_seen": state.get("images_seen")}
+    facts["hardware"] = state.get("hardware")
+    if state.get("train_seconds") is not None:
+        facts["training_time"] = f"{state['train_seconds'] / 60:.1f} minutes"
+    return {key: value for key, value in facts.items() if value is not None}
+
+
+def card_info_for_reexport(folder: str | os.PathLike, **given: Any) -> ModelCardInfo:
+    """The card facts of the pipeline `folder` — those an earlier export saved in it, else those of the checkpoint
+    holding it — updated with the fields in `given` that are not None."""
+    folder = Path(folder)
+    facts = read_card_info(folder) or _facts_from_checkpoint(folder)
+    facts.update({key: value for key, value in given.items() if value is not None and value != []})
+    if facts.get("images_seen") is None and facts.get("training_steps") and facts.get("batch_size"):
+        facts["images_seen"] = facts["training_steps"] * facts["batch_size"]
+    return ModelCardInfo.from_value(facts)

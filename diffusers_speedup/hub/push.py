@@ -20,6 +20,12 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 _TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9_\-]{6,}")
+# An Authorization header echoed back in a server's error text, whatever the token looks like.
+_BEARER_PATTERN = re.compile(r"(?i)(bearer\s+)[^\s'\",}]+")
+
+
+class PushError(RuntimeError):
+    """A push to the Hub failed; the message is one line, already scrubbed of the token."""
 
 
 def _redact(text: str, token: str | None = None) -> str:
@@ -34,7 +40,16 @@ def _redact(text: str, token: str | None = None) -> str:
             text = text.replace(found, "***")
     except Exception:  # noqa: BLE001 - redaction must never raise
         pass
-    return _TOKEN_PATTERN.sub("hf_***", text)
+    return _BEARER_PATTERN.sub(r"\1***", _TOKEN_PATTERN.sub("hf_***", text))
+
+
+def _push_error(what: str, repo_id: str, error: BaseException, token: str | None) -> PushError:
+    """One line saying what failed and why (the underlying error's text, whitespace collapsed), token removed."""
+    # The server's reason often follows on later lines ("Bad request for commit endpoint:\n<reason>").
+    reason = " ".join(str(error).split())
+    if len(reason) > 500:
+        reason = reason[:500] + " ..."
+    return PushError(_redact(f"pushing {what} to {repo_id} failed: {type(error).__name__}: {reason}", token))
 
 
 def push_folder_to_hub(
@@ -60,6 +75,9 @@ def push_folder_to_hub(
         path_in_repo: upload into this subfolder of the repository instead of its root.
         ignore_patterns: glob patterns of files not to upload (in addition to `.git/` and hidden temp folders).
         repo_type: "model" or "dataset".
+
+    Raises:
+        PushError: one token-free line when the Hub refuses or cannot be reached.
     """
     from huggingface_hub import HfApi
 
@@ -69,15 +87,19 @@ def push_folder_to_hub(
     if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ValueError(f"repo_id must look like 'user/name', got {repo_id!r}")
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type)
-    info = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        path_in_repo=path_in_repo,
-        commit_message=commit_message,
-        ignore_patterns=list(ignore_patterns or []) + [".*.tmp-*", ".*.old-*"],
-        repo_type=repo_type,
-    )
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            path_in_repo=path_in_repo,
+            commit_message=commit_message,
+            ignore_patterns=list(ignore_patterns or []) + [".*.tmp-*", ".*.old-*"],
+            repo_type=repo_type,
+        )
+    except Exception as error:
+        # `from None`: the chained traceback would carry the server's text, which may echo the token.
+        raise _push_error(str(folder), repo_id, error, token) from None
     logger.info("Pushed %s to %s (%s)", folder, repo_id, commit_message)
     return str(info)
 
@@ -112,6 +134,9 @@ def push_dataset_folder(
         max_shard_size: largest parquet shard.
 
     Returns the URL of the last commit.
+
+    Raises:
+        PushError: one token-free line when the Hub refuses or cannot be reached.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -126,20 +151,23 @@ def push_dataset_folder(
     from huggingface_hub import HfApi
 
     dataset = load_from_disk(str(folder))
-    info = dataset.push_to_hub(
-        repo_id, private=private, token=token, commit_message=commit_message, max_shard_size=max_shard_size
-    )
-    url = str(info)
-    extras = [p for p in folder.iterdir() if p.is_file() and not any(p.match(g) for g in _DATASET_STORAGE_FILES)]
-    if extras:
-        info = HfApi(token=token).upload_folder(
-            repo_id=repo_id,
-            repo_type="dataset",
-            folder_path=folder,
-            allow_patterns=[p.name for p in extras],
-            commit_message="Upload latent-cache metadata",
+    try:
+        info = dataset.push_to_hub(
+            repo_id, private=private, token=token, commit_message=commit_message, max_shard_size=max_shard_size
         )
         url = str(info)
+        extras = [p for p in folder.iterdir() if p.is_file() and not any(p.match(g) for g in _DATASET_STORAGE_FILES)]
+        if extras:
+            info = HfApi(token=token).upload_folder(
+                repo_id=repo_id,
+                repo_type="dataset",
+                folder_path=folder,
+                allow_patterns=[p.name for p in extras],
+                commit_message="Upload latent-cache metadata",
+            )
+            url = str(info)
+    except Exception as error:
+        raise _push_error(f"dataset {folder}", repo_id, error, token) from None
     logger.info("Pushed dataset %s to %s", folder, repo_id)
     return url
 
@@ -337,7 +365,10 @@ class BackgroundHubPusher:
                 )
                 return PushResult(str(folder), message, True, attempts, commit_url=url)
             except Exception as error:  # noqa: BLE001 - any failure is reported, never raised into training
-                error_text = _redact(f"{type(error).__name__}: {error}", self._token)
+                if isinstance(error, PushError):  # already one redacted line; name the folder, not its snapshot
+                    error_text = str(error).replace(str(upload_dir), str(folder))
+                else:
+                    error_text = _redact(f"{type(error).__name__}: {error}", self._token)
             if attempts > self.max_retries:
                 return PushResult(str(folder), message, False, attempts, error=error_text)
             logger.warning(

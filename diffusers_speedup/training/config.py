@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .checkpoints import list_checkpoints
+from .checkpoints import CONFIG_NAME as CONFIG_FILE_NAME
+from .checkpoints import TRAINER_STATE_NAME, list_checkpoints
 
 MODEL_KINDS = ("uvit", "edm2_unet", "dit")
 DATA_KINDS = ("builtin", "image_folder", "hf_dataset", "latents")
@@ -211,13 +214,40 @@ def resolve_recipe(name_or_path: str | Path, relative_to: Path | None = None) ->
     raise FileNotFoundError(f"{candidate} does not exist and is not the name of a shipped recipe")
 
 
+def _read_recipe_file(path: Path) -> DictConfig:
+    """One recipe file as a mapping; anything else (not text, not YAML, a list, a scalar) is one ConfigError."""
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"Config file {path} is not a YAML text file (it is not UTF-8 text).") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"Config file {path} is not valid YAML{line}: {problem}.") from None
+    if parsed is None:
+        return OmegaConf.create({})
+    if not isinstance(parsed, dict):
+        kind = {list: "list", str: "string"}.get(type(parsed), type(parsed).__name__)
+        raise ConfigError(
+            f"Config file {path} holds a YAML {kind}, not a mapping of sections (model:, data:, train:, ...)."
+        )
+    try:
+        recipe = OmegaConf.load(path)  # OmegaConf's own YAML reading (its float syntax, duplicate-key check)
+    except (OmegaConfBaseException, yaml.YAMLError) as error:
+        raise ConfigError(f"Config file {path}: {' '.join(str(error).split())}") from None
+    return recipe
+
+
 def _load_recipe(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     """A recipe file merged over the recipe its ``base:`` key names (a file relative to this one, or the name of a
     shipped recipe), recursively."""
     path = path.resolve()
     if path in chain:
         raise ConfigError(f"{path}: 'base' chain loops back to itself ({' -> '.join(map(str, chain + (path,)))}).")
-    recipe = OmegaConf.load(path)
+    recipe = _read_recipe_file(path)
     base = recipe.pop("base", None) if isinstance(recipe, DictConfig) else None
     if base is None:
         return recipe
@@ -311,6 +341,10 @@ def validate_config(config: Config) -> None:
             )
 
     _choice("data.kind", data.kind, DATA_KINDS)
+    if data.kind == "builtin":
+        from ..data.builtin import BUILTIN_DATASETS
+
+        _choice("data.name", data.name, BUILTIN_DATASETS)
     if data.kind != "builtin" and not data.path:
         raise ConfigError(f"data.path: required for data.kind {data.kind!r}.")
     _positive("data.resolution", data.resolution)
@@ -372,10 +406,15 @@ def validate_config(config: Config) -> None:
         raise ConfigError(f"optim.betas: needs two values in [0, 1), got {list(optim.betas)}.")
     if optim.max_grad_norm is not None:
         _positive("optim.max_grad_norm", optim.max_grad_norm)
+    _positive("optim.warmup_steps", optim.warmup_steps, allow_zero=True)
+    _positive("optim.eps", optim.eps)
+    _positive("optim.weight_decay", optim.weight_decay, allow_zero=True)
 
     _choice("ema.kind", ema.kind, EMA_KINDS)
     if not 0 < ema.decay < 1:
         raise ConfigError(f"ema.decay: must lie in (0, 1), got {ema.decay}.")
+    _positive("ema.start_step", ema.start_step, allow_zero=True)
+    _positive("ema.snapshot_every", ema.snapshot_every, allow_zero=True)
     for sigma_rel in ema.sigma_rels:
         if not 0 < sigma_rel < 0.2887:
             raise ConfigError(f"ema.sigma_rels: each must lie in (0, 0.2887), got {sigma_rel}.")
@@ -386,6 +425,11 @@ def validate_config(config: Config) -> None:
             raise ConfigError(
                 f"sampling.scheduler: {sampling.scheduler!r} does not fit the {schedule.kind!r} training schedule."
             )
+    # Used only after training (sample grids, export): checked now rather than after hours of work.
+    _positive("sampling.num_inference_steps", sampling.num_inference_steps)
+    _positive("sampling.images_per_class", sampling.images_per_class)
+    _positive("sampling.max_classes", sampling.max_classes)
+    _positive("sampling.guidance_scale", sampling.guidance_scale, allow_zero=True)
     if sampling.guidance_interval is not None:
         lo_hi = list(sampling.guidance_interval)
         if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1]:
@@ -403,6 +447,13 @@ def validate_config(config: Config) -> None:
     _positive("train.max_steps", train.max_steps)
     _positive("train.checkpoint_every", train.checkpoint_every, allow_zero=True)
     _positive("train.log_every", train.log_every)
+    _positive("train.sample_every", train.sample_every, allow_zero=True)
+    _positive("train.max_consecutive_nonfinite", train.max_consecutive_nonfinite)
+    if train.checkpoints_total_limit is not None and train.checkpoints_total_limit < 1:
+        raise ConfigError(
+            f"train.checkpoints_total_limit: must be >= 1 (or null to keep every checkpoint), "
+            f"got {train.checkpoints_total_limit}."
+        )
     if train.mixed_precision is not None:
         _choice("train.mixed_precision", train.mixed_precision, MIXED_PRECISION)
     _choice("train.attention", train.attention, ATTENTION)
@@ -416,8 +467,20 @@ def validate_config(config: Config) -> None:
             f"train.batch_size: {train.batch_size} is not divisible by "
             f"train.gradient_accumulation_steps={train.gradient_accumulation_steps}."
         )
-    if train.resume not in (None, "latest") and not Path(train.resume).is_dir():
-        raise ConfigError(f"train.resume: {train.resume!r} is neither 'latest' nor an existing checkpoint folder.")
+    if train.resume not in (None, "latest"):
+        resume = Path(train.resume)
+        if not resume.is_dir():
+            raise ConfigError(f"train.resume: {train.resume!r} is neither 'latest' nor an existing checkpoint folder.")
+        if not (resume / TRAINER_STATE_NAME).is_file():
+            found = list_checkpoints(resume)
+            hint = (
+                f"it is a run folder; give one of its checkpoints (newest: {found[-1]}) or train.resume=latest"
+                if found
+                else "it holds no complete checkpoint"
+            )
+            raise ConfigError(
+                f"train.resume: {train.resume!r} is not a checkpoint folder (no {TRAINER_STATE_NAME}); {hint}."
+            )
 
 
 def report_to_trackers(report_to: str) -> list[str]:
@@ -441,6 +504,7 @@ def check_environment(config: Config) -> None:
     for tracker in report_to_trackers(train.report_to):
         if tracker not in ("all", "tensorboard") and importlib.util.find_spec(tracker) is None:
             raise ConfigError(f"train.report_to: {tracker!r} is not installed (pip install {tracker}).")
+    _check_data_path(config.data)
     if train.resume is None:
         # A fresh run would write its own checkpoint-<step> folders over these.
         existing = list_checkpoints(train.output_dir)
@@ -449,6 +513,100 @@ def check_environment(config: Config) -> None:
                 f"train.output_dir: {train.output_dir} already holds a run's checkpoints (up to {existing[-1].name}); "
                 "set train.resume=latest to continue it, or choose another train.output_dir."
             )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
+
+
+def _check_data_path(data: DataConfig) -> None:
+    """The data folder exists (a 🤗 dataset may also be a Hub id, unless the Hub is switched off)."""
+    if data.kind == "builtin":
+        return
+    path = Path(data.path).expanduser()
+    if data.kind in ("image_folder", "latents"):
+        if not path.is_dir():
+            what = "an image folder (one sub-folder per class)" if data.kind == "image_folder" else "a latent cache"
+            raise ConfigError(f"data.path: {data.path!r} does not exist or is not a folder; expected {what}.")
+        if data.kind == "latents" and not (path / "latents_metadata.json").is_file():
+            raise ConfigError(
+                f"data.path: {data.path!r} is not a complete latent cache (no latents_metadata.json); "
+                "make one with train/cache_latents.py, or finish it by running that command again."
+            )
+        return
+    if path.exists():
+        return
+    if not _looks_like_hub_id(data.path) or (Path(data.path.split("/")[0]).is_dir()):
+        raise ConfigError(f"data.path: {data.path!r} does not exist (and is not a Hub dataset id).")
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ConfigError(
+            f"data.path: {data.path!r} is not a local folder, and the Hub is switched off (HF_HUB_OFFLINE / "
+            "HF_DATASETS_OFFLINE), so it cannot be downloaded."
+        )
+
+
+def resume_config_changes(saved: dict, current: dict) -> list[str]:
+    """The changes between a checkpoint's saved config and the config resuming it that would break the model or
+    the exactness of the resumed run, as ``key: saved -> current`` lines (empty when the resume is sound).
+
+    Refused: anything under ``model``, ``objective`` and ``data`` (but ``data.in_memory``), the global batch and its
+    split into accumulation steps, the seed (which fixes the data order), the optimizer, and the EMA kind and
+    profiles (whose state the checkpoint holds). Allowed: everything else — ``train.max_steps``, the log, sample
+    and checkpoint cadences, the output and hub settings, the learning-rate values, mixed precision, compilation.
+    """
+    fixed_sections = ("model", "objective", "data")
+    # Where the data is read from changes nothing of what is read.
+    free_keys = ("data.in_memory",)
+    fixed_keys = (
+        "train.batch_size",
+        "train.gradient_accumulation_steps",
+        "train.seed",
+        "optim.optimizer",
+        "ema.kind",
+        "ema.sigma_rels",
+    )
+    changes = []
+
+    def flatten(mapping, prefix=""):
+        flat = {}
+        for key, value in (mapping or {}).items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and value:
+                flat.update(flatten(value, name + "."))
+            else:
+                flat[name] = value
+        return flat
+
+    old, new = flatten(saved), flatten(current)
+    for key in sorted(set(old) | set(new)):
+        if key in free_keys or not (key.split(".")[0] in fixed_sections or key in fixed_keys):
+            continue
+        if old.get(key) != new.get(key):
+            changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changes
+
+
+def check_resume_config(config: Config, checkpoint_dir: str | Path) -> None:
+    """Refuse to resume ``checkpoint_dir`` with a config that changes what it trained (see `resume_config_changes`).
+
+    Raises:
+        ConfigError: naming every changed key with the checkpoint's value and the new one.
+    """
+    import yaml
+
+    saved_path = Path(checkpoint_dir) / CONFIG_FILE_NAME
+    if not saved_path.is_file():
+        return  # a checkpoint written without the config cannot be compared
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    changes = resume_config_changes(saved, config_to_dict(config))
+    if changes:
+        raise ConfigError(
+            f"train.resume: {checkpoint_dir} was trained with another model, objective, data or batch; resuming it "
+            f"would not continue that run ({'; '.join(changes)}). Use the checkpoint's settings (its "
+            f"{CONFIG_FILE_NAME}), or start a new run in another train.output_dir."
+        )
 
 
 def build_noise_scheduler(schedule: ScheduleConfig):

@@ -34,11 +34,13 @@ from .config import (
     ConfigError,
     build_noise_scheduler,
     check_environment,
+    check_resume_config,
     config_to_dict,
     config_to_yaml,
     model_class,
     report_to_trackers,
 )
+from .distributed import check_world_size
 from .ema import ConstantEMA, PowerFunctionEMA
 from .lr_schedules import get_lr_scheduler
 
@@ -90,14 +92,18 @@ def load_training_data(config: Config, device) -> TrainingData:
         names = dataset.class_names or [str(i) for i in range(dataset.num_classes)]
         return TrainingData(dataset, True, list(names), dataset.latent_shape)
     source = data.name if data.kind == "builtin" else data.path
-    dataset = load_pixel_dataset(
-        source,
-        resolution=data.resolution,
-        channels=data.channels,
-        random_flip=data.random_flip,
-        image_column=data.image_column,
-        label_column=data.label_column,
-    )
+    try:
+        dataset = load_pixel_dataset(
+            source,
+            resolution=data.resolution,
+            channels=data.channels,
+            random_flip=data.random_flip,
+            image_column=data.image_column,
+            label_column=data.label_column,
+        )
+    except (OSError, ValueError) as error:  # datasets' own errors name neither the key nor, often, the path
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"data.path: cannot read {source!r} as {data.kind}: {first_line}") from None
     if data.in_memory:
         dataset = dataset.to(device)
     if dataset.rejected:
@@ -438,12 +444,22 @@ class Trainer:
             ),
         )
         accelerator = self.accelerator
+        check_world_size(accelerator.num_processes, "train/train.py", cpu_flag="train.cpu=true")
+        logger.info(
+            "process %d of %d (%s) on %s", accelerator.process_index, accelerator.num_processes,
+            accelerator.distributed_type.value, accelerator.device,
+        )  # fmt: skip
         if accelerator.distributed_type == DistributedType.FSDP:
             _check_fsdp(config)
+        # The checkpoint a resume will load, compared with this config before any work.
+        self.resume_from = resume_checkpoint(config)
+        if self.resume_from is not None:
+            check_resume_config(config, self.resume_from)
         world = accelerator.num_processes * train.gradient_accumulation_steps
         if train.batch_size % world:
-            raise ValueError(
-                f"train.batch_size={train.batch_size} is not divisible by processes × accumulation steps = {world}."
+            raise ConfigError(
+                f"train.batch_size: {train.batch_size} is not divisible by processes × accumulation steps = "
+                f"{accelerator.num_processes} × {train.gradient_accumulation_steps}."
             )
         self.micro_batch_size = train.batch_size // world
         if train.allow_tf32 and torch.cuda.is_available():
@@ -453,9 +469,11 @@ class Trainer:
 
         self.data = load_training_data(config, accelerator.device)
         if len(self.data.dataset) < self.micro_batch_size * accelerator.num_processes:
-            raise ValueError(
-                f"The dataset has {len(self.data.dataset)} samples, fewer than one global batch "
-                f"({self.micro_batch_size * accelerator.num_processes})."
+            needed = self.micro_batch_size * accelerator.num_processes
+            raise ConfigError(
+                f"train.batch_size: {train.batch_size} (micro-batches of {self.micro_batch_size} on "
+                f"{accelerator.num_processes} process(es)) needs at least {needed} samples, but the dataset "
+                f"({self._dataset_name()}) has {len(self.data.dataset)}."
             )
         self.model = build_model(config, self.data)
         if train.gradient_checkpointing:
@@ -514,6 +532,7 @@ class Trainer:
 
         self.step, self.epoch, self.batches_into_epoch, self.images_seen, self.nonfinite_in_a_row = 0, 0, 0, 0, 0
         self.train_seconds = 0.0
+        self.hardware = _hardware(accelerator)
         self.latest_grid = None
         self.pusher = None
         self.push_result = None
@@ -527,6 +546,8 @@ class Trainer:
             "images_seen": self.images_seen,
             "nonfinite_in_a_row": int(self.nonfinite_in_a_row),
             "train_seconds": self.train_seconds,
+            "hardware": self.hardware,
+            "world_size": self.accelerator.num_processes,
         }
 
     def save_checkpoint(self) -> Path:
@@ -553,15 +574,25 @@ class Trainer:
         resume = self.config.train.resume
         if resume is None:
             return
-        path = find_latest_checkpoint(self.output_dir) if resume == "latest" else Path(resume)
+        if resume == "latest":
+            path = find_latest_checkpoint(self.output_dir, clean=self.accelerator.is_main_process)
+        else:
+            path = Path(resume)
         if path is None:
-            logger.info("No checkpoint in %s yet; starting from scratch.", self.output_dir)
+            logger.warning(
+                "train.resume=latest: no checkpoint in %s, so this run STARTS FROM SCRATCH (step 0).", self.output_dir
+            )
             return
+        if self.resume_from is not None and path.resolve() != self.resume_from.resolve():
+            check_resume_config(self.config, path)  # a newer checkpoint appeared since the start-up check
         state = load_checkpoint(self.accelerator, path)
         self.step = int(state["step"])
         for key in ("epoch", "batches_into_epoch", "images_seen", "nonfinite_in_a_row"):
             setattr(self, key, int(state[key]))
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        trained_on = state.get("hardware")
+        if trained_on and trained_on != self.hardware:
+            self.hardware = f"{trained_on}, then {self.hardware}"
         logger.info("Resumed from %s at step %d.", path, self.step)
 
     # --- the loop ------------------------------------------------------------------------------------------------
@@ -588,9 +619,14 @@ class Trainer:
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / CONFIG_NAME).write_text(config_to_yaml(config))
-        if accelerator.log_with:
-            accelerator.init_trackers(train.tracker_project_name, config=_tracker_config(config))
         self.resume()
+        if accelerator.log_with:
+            # TensorBoard drops what an interrupted run logged after the checkpoint resumed from, so the steps
+            # written again are not there twice.
+            init_kwargs = {"tensorboard": {"purge_step": self.step + 1}} if self.step else {}
+            accelerator.init_trackers(
+                train.tracker_project_name, config=_tracker_config(config), init_kwargs=init_kwargs
+            )
         if config.hub.push_to_hub:
             from ..hub import BackgroundHubPusher
 
@@ -623,7 +659,8 @@ class Trainer:
         )
         with self.progress, logging_redirect_tqdm():  # log lines print above the bar instead of through it
             self._loop(batches, tracker, grad_norm, longest_nonfinite_run, skipped_since_log)
-        self.save_checkpoint()
+        if self._outside_nonfinite_run():
+            self.save_checkpoint()
         export_dir = self.finish()
         accelerator.end_training()
         return export_dir
@@ -665,7 +702,20 @@ class Trainer:
             if train.sample_every and self.step % train.sample_every == 0 and self.step != train.max_steps:
                 self.sample_grid()
             if train.checkpoint_every and self.step % train.checkpoint_every == 0 and self.step != train.max_steps:
-                self._checkpoint_and_maybe_export()
+                if self._outside_nonfinite_run():
+                    self._checkpoint_and_maybe_export()
+
+    def _outside_nonfinite_run(self) -> bool:
+        """False while the latest steps were skipped as non-finite: a checkpoint written then would be named as the
+        last good one although the run had already gone wrong. (One host read, at checkpoint steps only.)"""
+        in_a_row = int(self.nonfinite_in_a_row)
+        if in_a_row:
+            logger.warning(
+                "No checkpoint at step %d: the last %d optimizer steps were non-finite and skipped.",
+                self.step,
+                in_a_row,
+            )
+        return not in_a_row
 
     def _check_nonfinite(self, skipped: torch.Tensor, longest_run: torch.Tensor, steps: int) -> None:
         """Warn about the steps skipped since the last log, and stop once too many came in a row."""
@@ -800,7 +850,7 @@ class Trainer:
                 training_steps=self.step,
                 images_seen=self.images_seen,
                 batch_size=config.train.batch_size,
-                hardware=_hardware(accelerator),
+                hardware=self.hardware,
                 training_time=f"{self.train_seconds / 60:.1f} minutes",
                 num_inference_steps=config.sampling.num_inference_steps,
                 guidance_scale=config.sampling.guidance_scale,
@@ -864,6 +914,55 @@ class Trainer:
             elif self.push_result is not None:
                 logger.info("Pushed %s to %s", export_dir, self.push_result.commit_url)
         return export_dir
+
+
+def export_checkpoint(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Export the inference weights of a checkpoint as the trainer exports at the end of a run: a pipeline folder
+    with its card (steps, images, batch, hardware and time from the checkpoint; the run's sample grid of that step
+    when there is one).
+
+    Rebuilds the run from the checkpoint's config.yaml (data included, for the class names and the VAE) in one CPU
+    process, loads the checkpoint, and exports; nothing in the run folder changes.
+    """
+    import yaml
+    from PIL import Image
+
+    from .checkpoints import load_trainer_state
+    from .config import config_from_mapping
+
+    checkpoint_dir = Path(checkpoint_dir)
+    state = load_trainer_state(checkpoint_dir)
+    saved = checkpoint_dir / CONFIG_NAME
+    if not saved.is_file():
+        raise FileNotFoundError(f"{checkpoint_dir} has no {CONFIG_NAME}, so the run it belongs to cannot be rebuilt")
+    mapping = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    mapping["train"].update(
+        resume=str(checkpoint_dir),
+        output_dir=str(checkpoint_dir.parent),
+        report_to="none",
+        compile=False,
+        cpu=True,
+        mixed_precision="fp32",
+    )
+    mapping["hub"]["push_to_hub"] = False
+    trainer = Trainer(config_from_mapping(mapping))
+    trainer.resume()
+    trainer.hardware = state.get("hardware") or trainer.hardware
+    grid = checkpoint_dir.parent / "samples" / f"step_{trainer.step:07d}.png"
+    if grid.is_file():
+        trainer.latest_grid = Image.open(grid)
+    return trainer.export(Path(output_dir))
+
+
+def resume_checkpoint(config: Config) -> Path | None:
+    """The checkpoint ``train.resume`` names (``latest``: the newest complete one in ``train.output_dir``), or None
+    for a fresh run. Reads only; leftovers of interrupted saves are cleaned when the run resumes."""
+    resume = config.train.resume
+    if resume is None:
+        return None
+    if resume == "latest":
+        return find_latest_checkpoint(config.train.output_dir, clean=False)
+    return Path(resume)
 
 
 def train(config: Config) -> Path | None:
