@@ -3,8 +3,8 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
