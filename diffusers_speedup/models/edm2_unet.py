@@ -121,9 +121,9 @@ class MPConv(nn.Module):
     """Bias-free convolution (or linear layer when `kernel_size=()`) with EDM2's weight normalisation (eqs. 47, 66).
 
     With `weight_norm=True` the stored weight is N(0, 1) initialised and each output unit's row is kept at norm
-    √fan_in (unit RMS per element): in training mode it is renormalised in place before use (forced weight
-    normalisation, so the effective learning rate is fixed), and it is normalised again on use with gradients flowing
-    through (standard weight normalisation). The row actually applied has norm `gain`. In eval mode the stored weight
+    √fan_in (unit RMS per element, less EDM2's ε = 1e-4): in training mode it is renormalised in place before use
+    (forced weight normalisation, so the effective learning rate is fixed), and it is normalised again on use with
+    gradients flowing through (standard weight normalisation). The row actually applied has norm `gain`. In eval mode the stored weight
     is never touched, so EMA or inference copies stay exactly as they were saved.
 
     With `weight_norm=False` (Config C) the weight is He-uniform initialised and used as stored, times `gain`.
@@ -151,11 +151,11 @@ class MPConv(nn.Module):
         w = self.weight.float()
         if self.weight_norm:
             if self.training:
-                # Forced WN. Dividing by the exact row RMS (the eps only guards all-zero rows) makes it idempotent
-                # to float precision, so a gradient-checkpoint recompute may redo it; with normalize's eps=1e-4
-                # every repeat would shrink the rows by a further ~1e-4.
+                # Forced WN with EDM2's ε = 1e-4, as on use below: r ↦ r / (r + ε) has its fixed point at row RMS
+                # 1 − ε with slope ε, so a repeat (a gradient-checkpoint recompute) moves a row only ε times its
+                # distance from there and never shrinks it further; the stored rows equal the official ones.
                 with torch.no_grad():
-                    self.weight.copy_(normalize(w, eps=1e-30))
+                    self.weight.copy_(normalize(w))
                 w = self.weight.float()
             w = normalize(w) * (1 / math.sqrt(w[0].numel()))
         w = (w * gain).to(x.dtype)
