@@ -438,3 +438,49 @@ def test_invalid_presets_and_inputs_raise():
         model(x, 1.0, torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="unconditional"):
         tiny_model(num_classes=0)(x, 1.0, torch.tensor([0, 1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layerwise casting
+
+
+def test_layerwise_casting_stores_low_and_computes_in_the_compute_dtype():
+    import copy
+
+    model = tiny_model().eval()
+    wake_gains(model)
+    # What layerwise casting must compute: the same network with every MPConv weight rounded to float8 and held in
+    # bfloat16, activations in bfloat16 (this model runs its activations in conv_in's weight dtype).
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for conv in mp_convs(reference):
+            conv.weight.data = conv.weight.data.to(torch.float8_e4m3fn).to(torch.bfloat16)
+
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    assert all(conv.weight.dtype == torch.float8_e4m3fn for conv in mp_convs(model))
+    assert model.out_gain.dtype == torch.float32 and model.noise_fourier.freqs.dtype == torch.float32
+    seen = []
+    model.conv_in.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+
+    x, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.4, 3.0]), torch.tensor([1, 5])
+    with torch.no_grad():
+        out = model(x, sigma, labels).sample
+        expected = reference(x, sigma, labels).sample
+    assert seen == [torch.bfloat16]
+    assert torch.equal(out, expected)
+    assert all(conv.weight.dtype == torch.float8_e4m3fn for conv in mp_convs(model))  # back in storage after use
+
+
+def test_layerwise_casting_skips_what_diffusers_skips():
+    model = tiny_model()
+    model.enable_layerwise_casting(
+        storage_dtype=torch.bfloat16, compute_dtype=torch.float32, skip_modules_pattern=("^decoder$", "conv_in")
+    )
+    assert model.conv_in.weight.dtype == torch.float32
+    assert all(conv.weight.dtype == torch.float32 for conv in mp_convs(model.decoder))
+    assert all(conv.weight.dtype == torch.bfloat16 for conv in mp_convs(model.encoder))
+    model = tiny_model()
+    model.enable_layerwise_casting(storage_dtype=torch.bfloat16, skip_modules_classes=(EDM2Block,))
+    assert model.dtype == torch.float32  # diffusers reports the compute dtype
+    assert model.conv_out.weight.dtype == torch.bfloat16
+    assert all(conv.weight.dtype == torch.float32 for conv in mp_convs(model.encoder))
