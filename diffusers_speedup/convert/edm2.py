@@ -276,9 +276,8 @@ def edm2_unet_config(precond: PickledObject, path: str | os.PathLike = "<pickle>
     for key in ("channel_mult", "attn_resolutions"):
         if key in config:
             config[key] = tuple(config[key])
-    # Precond's own attributes are what its forward uses; they must agree with the recorded arguments.
-    sigma_data = precond.state.get("sigma_data", config.get("sigma_data", 0.5))
-    config["sigma_data"] = float(sigma_data)
+    # Precond's attribute is what its forward uses (the recorded arguments hold it only when it was passed).
+    config["sigma_data"] = float(precond.state.get("sigma_data", config.get("sigma_data", 0.5)))
     return config
 
 
