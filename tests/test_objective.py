@@ -471,3 +471,14 @@ def test_sum_reduction_is_the_mean_times_the_element_count():
     torch.testing.assert_close(outputs["sum"].mse, outputs["mean"].mse)  # the logged MSE stays a mean
     with pytest.raises(ValueError, match="loss_reduction"):
         DiffusionObjective(EDMEulerScheduler(), loss_reduction="total")
+
+
+def test_only_the_edm2_recipes_sum_the_loss():
+    from pathlib import Path
+
+    from diffusers_speedup.training.config import load_config
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+    reductions = {path.name: load_config(path).objective.loss_reduction for path in recipes}
+    summed = {name for name, reduction in reductions.items() if reduction == "sum"}
+    assert summed == {"edm2_c.yaml", "edm2_e.yaml", "edm2_xs.yaml"}, reductions
