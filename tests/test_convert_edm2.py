@@ -554,6 +554,12 @@ def test_truncated_file_and_other_architectures_get_one_clear_error(tmp_path, of
     with pytest.raises(CheckpointFormatError, match=r"unexpected keys \[unet.dec.16x16_block2.conv_res0.weight"):
         convert_edm2.convert_edm2_network(convert_edm2.load_edm2_pickle(path)["ema"], path)
 
+    # Weights of a wider network than the recorded arguments: the first key whose shape differs is named.
+    wider = dict(TINY, model_channels=32)
+    write_official_pickle(path, mutate=lambda layout: official_layout(**wider))
+    with pytest.raises(CheckpointFormatError, match=r"unet\.emb_fourier\.freqs has shape \(32,\), expected \(16,\)"):
+        convert_edm2.convert_edm2_network(convert_edm2.load_edm2_pickle(path)["ema"], path)
+
     # A different network class under 'ema' (EDM1's preconditioner, say).
     write_official_pickle(path)
     data = convert_edm2.load_edm2_pickle(path)
