@@ -424,7 +424,7 @@ def convert_edm2_pickle(
         vae_model.register_to_config(**normalization.vae_config())
         vae_model.eval()
     elif vae is not None:
-        raise CheckpointFormatError(f"{checkpoint}: a pixel-space model (no VAE encoder in the pickle); drop --vae")
+        raise CheckpointFormatError(f"{checkpoint}: a pixel-space model (its pickle has no VAE encoder) takes no vae")
     scheduler = EDMHeunScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=unet.config.sigma_data, rho=7.0)
     scheduler.register_to_config(prediction_type="sample")
     pipeline = ClassConditionalPipeline(scheduler=scheduler, unet=unet, vae=vae_model)
@@ -464,6 +464,7 @@ def convert_edm2_pickle(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``diffusers-speedup convert edm2``."""
     parser.add_argument(
         "--vae",
         default=None,
@@ -477,6 +478,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
+    """Convert ``args.checkpoint`` into the pipeline folder ``args.output_dir``."""
     return convert_edm2_pickle(
         args.checkpoint, args.output_dir, vae=args.vae, model_name=args.model_name, source=args.source
     )
