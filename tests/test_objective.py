@@ -356,3 +356,129 @@ def test_learned_variance_rejects_what_it_cannot_train():
     with pytest.raises(ValueError, match="zero terminal SNR"):
         DiffusionObjective(zero_snr, learned_variance=True)
     DiffusionObjective(zero_snr, learned_variance=True, prediction_type="v_prediction")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# EDM2's loss at EDM2's scale
+
+
+class _RecordingDenoiser(nn.Module):
+    """Passes through to an EDM2UNetModel and keeps what the objective fed it (noisy input, σ)."""
+
+    input_is_sigma = True
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, []
+
+    def forward(self, sample, sigma, class_labels=None, return_logvar=False):
+        self.calls.append((sample.detach().clone(), sigma.detach().clone()))
+        return self.net(sample, sigma, class_labels, return_logvar=return_logvar)
+
+
+def _one_step_against_edm2(loss_reduction: str, lr: float = 0.01):
+    """One optimizer step of the ImageNet-512 EDM2 recipe's objective and optimizer, and one step written from EDM2's
+    definitions on a copy of the same weights and batch. Returns, per parameter, the two updates and the reference
+    gradient."""
+    import copy
+    from pathlib import Path
+
+    from diffusers_speedup.models.edm2_unet import EDM2UNetModel
+    from diffusers_speedup.training.config import build_noise_scheduler, load_config
+    from diffusers_speedup.training.trainer import build_objective, build_optimizer
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "imagenet512" / "edm2_xs.yaml"
+    config = load_config(recipe, [f"objective.loss_reduction={loss_reduction}"])
+    torch.manual_seed(0)
+    net = EDM2UNetModel(
+        sample_size=32, in_channels=4, num_classes=10, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+        attn_resolutions=(16,), channels_per_head=16, logvar_channels=16,
+    ).train()  # fmt: skip
+    with torch.no_grad():  # non-zero gains, so that every weight gets a gradient
+        for name, param in net.named_parameters():
+            if name.endswith("emb_gain") or name == "out_gain":
+                param.fill_(0.7)
+    reference = copy.deepcopy(net)
+    start = {name: param.detach().clone() for name, param in net.named_parameters()}
+
+    recorder = _RecordingDenoiser(net)
+    objective = build_objective(config, build_noise_scheduler(config.objective.schedule), 10, net)
+    optimizer = build_optimizer(config, list(net.parameters()), torch.device("cpu"))
+    for group in optimizer.param_groups:
+        group["lr"] = lr  # the schedule's value at step 0 is 0 (ramp-up); any fixed lr serves the comparison
+    generator = torch.Generator().manual_seed(1)
+    x0 = 0.5 * torch.randn(4, 4, 32, 32, generator=generator)
+    labels = torch.randint(0, 10, (4,), generator=generator)
+    objective(recorder, x0, labels, generator=generator).loss.mean().backward()  # as the trainer reduces it
+    optimizer.step()
+
+    # EDM2 (training_loop.py): λ(σ) = (σ² + σ_d²)/(σ·σ_d)², loss = λ/e^u·(D − y)² + u per element, then
+    # loss.sum()·(loss_scaling = 1)/batch backward, and Adam(β = (0.9, 0.99)) with torch's defaults otherwise.
+    noisy, sigma = recorder.calls[-1]
+    s = sigma.reshape(-1, 1, 1, 1)
+    denoised, logvar = reference(noisy, sigma, labels, return_logvar=True, return_dict=False)
+    loss = ((s**2 + 0.25) / (s * 0.5) ** 2 / logvar.exp()) * (denoised - x0) ** 2 + logvar
+    loss.sum().mul(1 / x0.shape[0]).backward()
+    reference_optimizer = torch.optim.Adam(reference.parameters(), lr=lr, betas=(0.9, 0.99))
+    gradients = {name: param.grad.clone() for name, param in reference.named_parameters()}
+    reference_optimizer.step()
+
+    optimizer_settings = optimizer.param_groups[0]
+    results = {}
+    for (name, ours), (_, theirs) in zip(net.named_parameters(), reference.named_parameters()):
+        results[name] = (ours.detach() - start[name], theirs.detach() - start[name], gradients[name])
+    return results, optimizer_settings, type(optimizer)
+
+
+def _worst_step_difference(results, lr):
+    """Largest |Δθ − Δθ_EDM2| / lr over the elements whose gradient float32 resolves. Adam's first step is
+    g/(|g| + ε) per element, so rounding in an element whose gradient nearly cancels (|g| far below its tensor's
+    largest) flips its step whatever the loss scale; both sides compute in float32, so those are left out."""
+    worst = 0.0
+    for ours, theirs, gradient in results.values():
+        resolved = gradient.abs() >= 1e-3 * gradient.abs().max()
+        if resolved.any() and gradient.abs().max() > 0:
+            worst = max(worst, ((ours - theirs)[resolved].abs().max() / lr).item())
+    return worst
+
+
+def test_edm2_recipe_takes_the_official_optimizer_step():
+    lr = 0.01
+    results, settings, optimizer_class = _one_step_against_edm2("sum", lr)
+    # EDM2's optimizer: Adam, β = (0.9, 0.99), ε = 1e-8, no weight decay.
+    assert optimizer_class is torch.optim.Adam
+    assert tuple(settings["betas"]) == (0.9, 0.99) and settings["eps"] == 1e-8 and settings["weight_decay"] == 0
+    assert _worst_step_difference(results, lr) < 1e-4
+    # Averaging over C·H·W instead shrinks the gradients 4096-fold towards Adam's ε, and the steps move off EDM2's.
+    mean_results, _, _ = _one_step_against_edm2("mean", lr)
+    assert _worst_step_difference(mean_results, lr) > 1e-3
+
+
+def test_sum_reduction_is_the_mean_times_the_element_count():
+    x0 = torch.randn(4, 3, 4, 4)
+    outputs = {}
+    for reduction in ("mean", "sum"):
+        objective = DiffusionObjective(
+            EDMEulerScheduler(),
+            weighting="edm",
+            prediction_type="sample",
+            learned_uncertainty=True,
+            uncertainty_from_model=True,
+            loss_reduction=reduction,
+        )
+        outputs[reduction] = objective(SigmaDenoiser(), x0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(outputs["sum"].loss, outputs["mean"].loss * 48)
+    torch.testing.assert_close(outputs["sum"].mse, outputs["mean"].mse)  # the logged MSE stays a mean
+    with pytest.raises(ValueError, match="loss_reduction"):
+        DiffusionObjective(EDMEulerScheduler(), loss_reduction="total")
+
+
+def test_only_the_edm2_recipes_sum_the_loss():
+    from pathlib import Path
+
+    from diffusers_speedup.training.config import load_config
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+    reductions = {path.name: load_config(path).objective.loss_reduction for path in recipes}
+    summed = {name for name, reduction in reductions.items() if reduction == "sum"}
+    assert summed == {"edm2_c.yaml", "edm2_e.yaml", "edm2_xs.yaml"}, reductions

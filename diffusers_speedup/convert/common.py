@@ -26,7 +26,9 @@ def load_torch_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise CheckpointFormatError(f"{path}: cannot be read as {what} (truncated or not a torch file): {error}") from None
+        raise CheckpointFormatError(
+            f"{path}: cannot be read as {what} (truncated or not a torch file): {error}"
+        ) from None
     except Exception as error:  # the weights-only unpickler refuses anything that is not plain tensors
         raise CheckpointFormatError(f"{path}: is not {what} of plain tensors: {error}") from None
     if not isinstance(state, Mapping):

@@ -30,6 +30,7 @@ C and E are our reading of the paper's ladder (its code ships only G); the balan
 
 import inspect
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -121,9 +122,9 @@ class MPConv(nn.Module):
     """Bias-free convolution (or linear layer when `kernel_size=()`) with EDM2's weight normalisation (eqs. 47, 66).
 
     With `weight_norm=True` the stored weight is N(0, 1) initialised and each output unit's row is kept at norm
-    √fan_in (unit RMS per element): in training mode it is renormalised in place before use (forced weight
-    normalisation, so the effective learning rate is fixed), and it is normalised again on use with gradients flowing
-    through (standard weight normalisation). The row actually applied has norm `gain`. In eval mode the stored weight
+    √fan_in (unit RMS per element, less EDM2's ε = 1e-4): in training mode it is renormalised in place before use
+    (forced weight normalisation, so the effective learning rate is fixed), and it is normalised again on use with
+    gradients flowing through (standard weight normalisation). The row actually applied has norm `gain`. In eval mode the stored weight
     is never touched, so EMA or inference copies stay exactly as they were saved.
 
     With `weight_norm=False` (Config C) the weight is He-uniform initialised and used as stored, times `gain`.
@@ -151,11 +152,11 @@ class MPConv(nn.Module):
         w = self.weight.float()
         if self.weight_norm:
             if self.training:
-                # Forced WN. Dividing by the exact row RMS (the eps only guards all-zero rows) makes it idempotent
-                # to float precision, so a gradient-checkpoint recompute may redo it; with normalize's eps=1e-4
-                # every repeat would shrink the rows by a further ~1e-4.
+                # Forced WN with EDM2's ε = 1e-4, as on use below: r ↦ r / (r + ε) has its fixed point at row RMS
+                # 1 − ε with slope ε, so a repeat (a gradient-checkpoint recompute) moves a row only ε times its
+                # distance from there and never shrinks it further; the stored rows equal the official ones.
                 with torch.no_grad():
-                    self.weight.copy_(normalize(w, eps=1e-30))
+                    self.weight.copy_(normalize(w))
                 w = self.weight.float()
             w = normalize(w) * (1 / math.sqrt(w[0].numel()))
         w = (w * gain).to(x.dtype)
@@ -409,6 +410,7 @@ class EDM2UNetModel(ModelMixin, ConfigMixin):
         mp = architecture == "G"
         weight_norm = architecture in ("E", "G")
         self.gradient_checkpointing = False
+        self._layerwise_compute_dtype = None  # set by enable_layerwise_casting
 
         block_channels = [model_channels * m for m in channel_mult]
         noise_channels = model_channels * (channel_mult_noise or channel_mult[0])
@@ -528,6 +530,49 @@ class EDM2UNetModel(ModelMixin, ConfigMixin):
             raise ValueError(f"from_preset({name!r}): unknown argument(s) {unknown}; expected some of {sorted(known)}.")
         return cls(**{**EDM2_PRESETS[name], **overrides})
 
+    def enable_layerwise_casting(
+        self,
+        storage_dtype: torch.dtype = torch.float8_e4m3fn,
+        compute_dtype: torch.dtype | None = None,
+        skip_modules_pattern: tuple[str, ...] | None = None,
+        skip_modules_classes: tuple[type, ...] | None = None,
+        non_blocking: bool = False,
+    ) -> None:
+        """Store the weights in `storage_dtype` and compute in `compute_dtype`, as diffusers' layerwise casting does.
+
+        diffusers' `ModelMixin.enable_layerwise_casting` hooks only the torch layer types it knows (nn.Conv2d,
+        nn.Linear, ...), and every weight of this model lives in an `MPConv`, so the inherited method would cast
+        nothing. This gives each `MPConv` diffusers' own layerwise-casting hook instead: its weight rests in
+        `storage_dtype` and is cast to `compute_dtype` around its forward, and the network's activations run in
+        `compute_dtype`. The weight normalisation still runs in float32 on the cast weight, as always.
+
+        Args:
+            storage_dtype: dtype the weights are kept in between uses (e.g. `torch.float8_e4m3fn`).
+            compute_dtype: dtype of the computation; defaults to the model's dtype.
+            skip_modules_pattern: regular expressions; an `MPConv` whose dotted name, or a parent's, matches one
+                keeps its dtype. Defaults to diffusers' defaults; `_keep_in_fp32_modules` is always added.
+            skip_modules_classes: module classes whose `MPConv`s keep their dtype.
+            non_blocking: cast without blocking the host.
+        """
+        from diffusers.hooks import apply_layerwise_casting_hook
+        from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+        patterns = tuple(DEFAULT_SKIP_MODULES_PATTERN if skip_modules_pattern is None else skip_modules_pattern)
+        patterns += tuple(self._keep_in_fp32_modules or ()) + tuple(self._skip_layerwise_casting_patterns or ())
+        compute_dtype = compute_dtype or self.dtype
+        modules = dict(self.named_modules())
+        for name, module in modules.items():
+            if not isinstance(module, MPConv):
+                continue
+            # As in diffusers, a skipped module skips everything under it.
+            parents = [".".join(name.split(".")[: i + 1]) for i in range(name.count(".") + 1)]
+            if any(re.search(pattern, parent) for pattern in patterns for parent in parents):
+                continue
+            if skip_modules_classes and any(isinstance(modules[parent], skip_modules_classes) for parent in parents):
+                continue
+            apply_layerwise_casting_hook(module, storage_dtype, compute_dtype, non_blocking)
+        self._layerwise_compute_dtype = compute_dtype
+
     # -----------------------------------------------------------------------------------------------------------------
 
     def _label_vectors(self, class_labels, batch_size, device):
@@ -627,7 +672,7 @@ class EDM2UNetModel(ModelMixin, ConfigMixin):
         c_in = 1 / (sigma_data**2 + s**2).sqrt()
         c_noise = sigma.log() / 4
 
-        dtype = self.conv_in.weight.dtype
+        dtype = self._layerwise_compute_dtype or self.conv_in.weight.dtype
         f_x = self.unet((c_in * x).to(dtype), c_noise, labels)  # the embedding stays in float32, as in EDM2
         denoised = c_skip * x + c_out * f_x.float()
 

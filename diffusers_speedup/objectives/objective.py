@@ -16,6 +16,8 @@ from .samplers import (
 )
 from .weighting import MAX_SNR, MIN_SNR, PREDICTION_TYPES, compute_loss_weights, x0_space_weights
 
+LOSS_REDUCTIONS = ("mean", "sum")
+
 
 class UncertaintyHead(nn.Module):
     """EDM2's learned uncertainty u(σ) (Karras et al. 2024, Eq. 21): Fourier features of the noise level → linear.
@@ -49,7 +51,8 @@ class ObjectiveOutput:
     """What one evaluation of the objective returns (all per sample, float32).
 
     Attributes:
-        loss: the loss to average and back-propagate.
+        loss: the loss to average over the batch and back-propagate: the per-element loss averaged or summed over
+            C·H·W, as the objective's ``loss_reduction`` says.
         mse: the unweighted mean squared error of the regressed target.
         snr: the signal-to-noise ratio of each sample's noise level (for per-noise-level logging).
         logvar: the learned uncertainty u, when learned_uncertainty is on.
@@ -116,6 +119,10 @@ class DiffusionObjective(nn.Module):
             It is trained with the variational bound as in Improved DDPM / DiT: the loss becomes the weighted MSE
             plus the unweighted KL term L_vb, computed with the mean prediction detached so that L_vb trains the
             variance alone. Discrete schedules only. Sample with ``DDPMScheduler(variance_type="learned_range")``.
+        loss_reduction: how each sample's per-element loss becomes one number. "mean" averages it over C·H·W (DDPM,
+            DiT, U-ViT, Min-SNR); "sum" adds it up, as EDM2 does (its loss is summed over pixels and divided by the
+            batch size only). The two differ by the factor C·H·W, which Adam ignores except through its ε: at
+            EDM2's scale the gradients of "mean" are so small that ε (1e-8) changes the steps.
     """
 
     def __init__(
@@ -130,8 +137,12 @@ class DiffusionObjective(nn.Module):
         label_dropout: float = 0.0,
         num_classes: int | None = None,
         learned_variance: bool = False,
+        loss_reduction: str = "mean",
     ):
         super().__init__()
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}.")
+        self.loss_reduction = loss_reduction
         config = getattr(noise_scheduler, "config", None)
         if getattr(noise_scheduler, "alphas_cumprod", None) is not None:
             self.schedule = "discrete"
@@ -337,6 +348,9 @@ class DiffusionObjective(nn.Module):
             loss = loss / logvar.exp() + logvar
         if vb is not None:
             loss = loss + vb  # unweighted, as in DiT and SpeeD: the weights multiply the MSE term only
+        if self.loss_reduction == "sum":
+            # Σ over C·H·W of the per-element loss; EDM2's u(σ) is added once per element, so it scales too.
+            loss = loss * x0[0].numel()
         return ObjectiveOutput(loss=loss, mse=mse, snr=snr, logvar=logvar, vb=vb)
 
     def _variational_bound(self, prediction, variance, x0, noisy, timesteps, alpha, sigma) -> torch.Tensor:

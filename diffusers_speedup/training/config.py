@@ -90,6 +90,7 @@ class ObjectiveConfig:
     learned_uncertainty: bool = False
     learned_variance: bool = False  # DiT's learn_sigma: 2C outputs, variance trained with the VB term
     label_dropout: float = 0.1
+    loss_reduction: str = "mean"  # mean | sum: each sample's loss averaged or summed (EDM2) over C·H·W
 
 
 @dataclass
@@ -372,6 +373,9 @@ def validate_config(config: Config) -> None:
     _choice("objective.prediction_type", objective.prediction_type, ("epsilon", "v_prediction", "sample"))
     if not 0 <= objective.label_dropout < 1:
         raise ConfigError(f"objective.label_dropout: must lie in [0, 1), got {objective.label_dropout}.")
+    from ..objectives.objective import LOSS_REDUCTIONS
+
+    _choice("objective.loss_reduction", objective.loss_reduction, LOSS_REDUCTIONS)
     if model.kind == "edm2_unet":
         if schedule.kind != "edm":
             raise ConfigError("objective.schedule.kind: EDM2UNetModel takes σ and needs the 'edm' schedule.")
