@@ -170,11 +170,6 @@ class TestEDM2WithDiffusersMixin(_ModelMixinCase, unittest.TestCase):
     suite_case = model_suite.EDM2Case()
     main_input_name = "sample"
 
-    @unittest.expectedFailure
-    def test_layerwise_casting_inference(self):
-        # MPConv is neither nn.Linear nor nn.Conv*: enable_layerwise_casting casts nothing.
-        super().test_layerwise_casting_inference()
-
 
 # ------------------------------------------------------------------------------------------------------------------
 # PipelineTesterMixin

@@ -263,21 +263,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(case):
 # Layerwise casting and regional compilation
 
 
-def layerwise_casting_case(case):
-    if case.model_class is EDM2UNetModel:
-        return pytest.param(
-            case,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="EDM2UNetModel's weights live in MPConv, which is neither nn.Linear nor nn.Conv*, so "
-                "enable_layerwise_casting casts nothing (a silent no-op)",
-            ),
-            id=case.model_class.__name__,
-        )
-    return pytest.param(case, id=case.model_class.__name__)
-
-
-@pytest.mark.parametrize("model_case", [layerwise_casting_case(case) for case in CASES])
+@pytest.mark.parametrize("model_case", CASES, ids=lambda case: case.model_class.__name__)
 def test_layerwise_casting_stores_weights_in_the_storage_dtype(model_case):
     model = model_case.build().eval()
     with torch.no_grad():

@@ -138,8 +138,8 @@ fi
 log "=== commit $COMMIT"
 
 # Install the carried wheels (a fresh target each time: a machine kept warm may hold an older one), then this
-# package from the working tree, laid out as its install would be (pipelines/ is installed as
-# diffusers_speedup.pipelines).
+# package from the working tree, laid out as its install would be (pipelines/ and configs/ are installed as
+# diffusers_speedup.pipelines and diffusers_speedup.configs).
 log "=== installing"
 rm -rf "$SITE"
 mkdir -p "$SITE"
@@ -147,7 +147,9 @@ env -u PYTHONPATH "$PYTHON" benchmarks/gpu/install_wheels.py "$WHEEL_DIR" "$SITE
 install_status=${PIPESTATUS[0]}
 ((install_status)) && log "error: some carried wheels did not install (exit $install_status); the imports below say what is missing"
 cp -r diffusers_speedup "$SITE/diffusers_speedup"
+rm -rf "$SITE/diffusers_speedup/pipelines" "$SITE/diffusers_speedup/configs" # a development symlink, if any
 cp -r pipelines "$SITE/diffusers_speedup/pipelines"
+cp -r configs "$SITE/diffusers_speedup/configs"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export HF_HOME="$SCRATCH/hf_home" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10

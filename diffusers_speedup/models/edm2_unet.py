@@ -378,6 +378,8 @@ class EDM2UNetModel(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # A block's skip connections and residual sums stay on one device under device_map="auto".
+    _no_split_modules = ["EDM2Block"]
     _keep_in_fp32_modules = ["noise_fourier", "logvar_fourier"]
     # Takes σ and returns the denoised sample (not ε or v); other components check this flag.
     input_is_sigma = True
