@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from ..errors import one_line_errors
 from .common import CheckpointFormatError
 
 # Command-line format name -> module of this package.
@@ -42,9 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    with one_line_errors():
         folder = args.run(args)
-    except (CheckpointFormatError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
     print(f"wrote {folder}")
     return 0

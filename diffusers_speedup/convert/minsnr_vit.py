@@ -22,8 +22,14 @@ from pathlib import Path
 
 import torch
 
-from .common import CheckpointFormatError, check_state_dict_keys, load_torch_state_dict, save_converted_pipeline
-from .uvit import load_mapped_state_dict
+from .common import (
+    CheckpointFormatError,
+    check_state_dict_keys,
+    load_mapped_state_dict,
+    load_torch_state_dict,
+    save_converted_pipeline,
+    tensor_shape,
+)
 
 SOURCE = "https://github.com/TiankaiHang/Min-SNR-Diffusion-Training"
 # The repository publishes no licence file; its code builds on openai/guided-diffusion (MIT).
@@ -75,14 +81,6 @@ def official_key_map(depth: int, class_cond: bool, final_norm: bool, conv_last: 
     return mapping
 
 
-def _shape(state: Mapping[str, torch.Tensor], key: str, ndim: int, path) -> tuple[int, ...]:
-    value = state[key]
-    if not isinstance(value, torch.Tensor) or value.ndim != ndim:
-        found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise CheckpointFormatError(f"{path}: not {WHAT}: {key} should be a {ndim}-d tensor, found {found}")
-    return tuple(value.shape)
-
-
 def convert_minsnr_vit_state_dict(
     state: Mapping[str, torch.Tensor],
     *,
@@ -109,16 +107,16 @@ def convert_minsnr_vit_state_dict(
     )
     key_map = official_key_map(depth, **options)
     check_state_dict_keys(state, key_map, path, WHAT)
-    hidden, in_channels, patch, _ = _shape(state, "patch_embed.proj.weight", 4, path)
-    tokens = _shape(state, "pos_embed", 3, path)[1]
+    hidden, in_channels, patch, _ = tensor_shape(state, "patch_embed.proj.weight", 4, path, WHAT)
+    tokens = tensor_shape(state, "pos_embed", 3, path, WHAT)[1]
     extras = 2 if options["class_cond"] else 1
     side = math.isqrt(max(tokens - extras, 0))
     if side == 0 or side * side != tokens - extras:
         raise CheckpointFormatError(
             f"{path}: not {WHAT}: pos_embed has {tokens} tokens, not {extras} extra token(s) plus a square grid"
         )
-    out_channels = _shape(state, "linear_projection.weight", 2, path)[0] // (patch * patch)
-    label_rows = _shape(state, "class_embedding.weight", 2, path)[0] if options["class_cond"] else 0
+    out_channels = tensor_shape(state, "linear_projection.weight", 2, path, WHAT)[0] // (patch * patch)
+    label_rows = tensor_shape(state, "class_embedding.weight", 2, path, WHAT)[0] if options["class_cond"] else 0
     has_null = label_rows == 1001 if has_null_label is None else has_null_label and label_rows > 0
     num_heads = num_heads or HEADS_BY_WIDTH.get(hidden)
     if num_heads is None:
@@ -133,7 +131,7 @@ def convert_minsnr_vit_state_dict(
         num_layers=depth,
         hidden_size=hidden,
         num_attention_heads=num_heads,
-        mlp_ratio=_shape(state, "blocks.0.mlp.fc1.weight", 2, path)[0] / hidden,
+        mlp_ratio=tensor_shape(state, "blocks.0.mlp.fc1.weight", 2, path, WHAT)[0] / hidden,
         qkv_bias="qv",
         num_classes=label_rows - int(has_null),
         use_long_skips=False,
@@ -141,7 +139,7 @@ def convert_minsnr_vit_state_dict(
         final_norm=options["final_norm"],
         layer_norm_eps=1e-6,
         time_embedding_type="learned",
-        num_time_embeddings=_shape(state, "time_embedding.weight", 2, path)[0],
+        num_time_embeddings=tensor_shape(state, "time_embedding.weight", 2, path, WHAT)[0],
         init_scheme="beit",
     )
 

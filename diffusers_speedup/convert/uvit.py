@@ -35,7 +35,14 @@ from pathlib import Path
 
 import torch
 
-from .common import CheckpointFormatError, check_state_dict_keys, load_torch_state_dict, save_converted_pipeline
+from .common import (
+    CheckpointFormatError,
+    check_state_dict_keys,
+    load_mapped_state_dict,
+    load_torch_state_dict,
+    save_converted_pipeline,
+    tensor_shape,
+)
 
 SOURCE = "https://github.com/baofff/U-ViT"
 LICENSE = "mit"  # baofff/U-ViT's LICENSE (MIT, Copyright (c) 2022 Fan Bao) covers the code and the released weights
@@ -152,37 +159,6 @@ def _count_blocks(state: Mapping[str, object], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _shape(state: Mapping[str, torch.Tensor], key: str, ndim: int, path, what: str) -> tuple[int, ...]:
-    value = state[key]
-    if not isinstance(value, torch.Tensor) or value.ndim != ndim:
-        found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise CheckpointFormatError(f"{path}: not {what}: {key} should be a {ndim}-d tensor, found {found}")
-    return tuple(value.shape)
-
-
-def load_mapped_state_dict(model, state, key_map: Mapping[str, str], path, what: str, adjust=None) -> None:
-    """Copies ``state[official]`` into ``model``'s ``key_map[official]`` after checking every shape.
-
-    `adjust(official_key, tensor) -> tensor` rewrites a tensor on the way (row order, padding). Every tensor of
-    the model must be covered; shape mismatches are reported together, by official key.
-    """
-    target = model.state_dict()
-    uncovered = sorted(set(target) - set(key_map.values()))
-    if uncovered:  # a gap in the mapping itself, not in the file
-        raise RuntimeError(f"conversion map leaves {type(model).__name__} tensors unset: {uncovered}")
-    converted, mismatched = {}, []
-    for official, ours in key_map.items():
-        tensor = state[official].detach().to(torch.float32)
-        if adjust is not None:
-            tensor = adjust(official, tensor)
-        if tuple(tensor.shape) != tuple(target[ours].shape):
-            mismatched.append(f"{official} {tuple(state[official].shape)} (expected {tuple(target[ours].shape)})")
-        converted[ours] = tensor
-    if mismatched:
-        raise CheckpointFormatError(f"{path}: not {what}: tensors of the wrong shape: {', '.join(mismatched)}")
-    model.load_state_dict(converted, strict=True)
-
-
 @dataclass(frozen=True)
 class UViTArchitecture:
     """What the tensor shapes of a U-ViT state dict say about its network."""
@@ -228,8 +204,8 @@ def infer_architecture(state: Mapping[str, torch.Tensor], path="<state dict>") -
         conv="final_layer.weight" in state,
     )
     check_state_dict_keys(state, official_key_map(depth, **options), path, WHAT)
-    hidden, in_channels, patch, _ = _shape(state, "patch_embed.proj.weight", 4, path, WHAT)
-    _, tokens, _ = _shape(state, "pos_embed", 3, path, WHAT)
+    hidden, in_channels, patch, _ = tensor_shape(state, "patch_embed.proj.weight", 4, path, WHAT)
+    _, tokens, _ = tensor_shape(state, "pos_embed", 3, path, WHAT)
     extras = 2 if options["conditional"] else 1
     side = math.isqrt(max(tokens - extras, 0))
     if side * side != tokens - extras or side == 0:
@@ -237,14 +213,14 @@ def infer_architecture(state: Mapping[str, torch.Tensor], path="<state dict>") -
             f"{path}: not {WHAT}: pos_embed has {tokens} tokens, which is not {extras} extra token(s) plus a square "
             "grid of patches"
         )
-    mlp_hidden = _shape(state, "mid_block.mlp.fc1.weight", 2, path, WHAT)[0]
+    mlp_hidden = tensor_shape(state, "mid_block.mlp.fc1.weight", 2, path, WHAT)[0]
     return UViTArchitecture(
         sample_size=side * patch,
         patch_size=patch,
         in_channels=in_channels,
         hidden_size=hidden,
         depth=depth,
-        label_rows=_shape(state, "label_emb.weight", 2, path, WHAT)[0] if options["conditional"] else 0,
+        label_rows=tensor_shape(state, "label_emb.weight", 2, path, WHAT)[0] if options["conditional"] else 0,
         mlp_ratio=mlp_hidden / hidden,
         mlp_time_embed=options["mlp_time_embed"],
         qkv_bias=options["qkv_bias"],
