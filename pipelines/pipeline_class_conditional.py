@@ -287,6 +287,26 @@ class ClassConditionalPipeline(DiffusionPipeline):
             )
         return [self.labels[name] for name in labels]
 
+    def _label_ids_per_image(self, class_labels, num_images_per_prompt: int, guidance_scale: float):
+        """The label id of every image (each label repeated `num_images_per_prompt` times), or None for an
+        unconditional model, which is refused labels and, without a guide network, guidance."""
+        name = type(self.denoiser).__name__
+        if _model_num_classes(self.denoiser) > 0:
+            if class_labels is None:
+                raise ValueError(f"class_labels is required: {name} is class-conditional ({self.num_classes} classes).")
+            return [i for i in self._class_label_ids(class_labels) for _ in range(num_images_per_prompt)]
+        if class_labels is not None:
+            raise ValueError(
+                f"{name} is unconditional (its config has none of {_NUM_CLASSES_KEYS} > 0); pass no class_labels "
+                "and set num_images_per_prompt to the number of images."
+            )
+        if guidance_scale != 1 and self.guide is None:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs a null label or a guide network, and the unconditional {name} "
+                "has no null label; use guidance_scale=1 or give the pipeline a guide."
+            )
+        return None
+
     def _class_label_ids(self, class_labels) -> list[int]:
         items = _flatten_labels(class_labels)
         if len(items) == 0:
@@ -378,10 +398,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 f"The guide denoises samples of shape {guide_shape} (channels, height, width), the main network "
                 f"{main_shape}; they must be equal."
             )
-        guide_classes = _model_num_classes(guide)
-        if guide_classes not in (0, self.num_classes):
+        guide_classes, main_classes = _model_num_classes(guide), _model_num_classes(self.denoiser)
+        if guide_classes not in (0, main_classes):
             raise ValueError(
-                f"The guide has {guide_classes} classes and the main network {self.num_classes}; a conditional "
+                f"The guide has {guide_classes} classes and the main network {main_classes}; a conditional "
                 "guide (autoguidance) must share the label set, an unconditional one has none."
             )
 
@@ -523,7 +543,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: int | str | Sequence[int | str] | torch.Tensor,
+        class_labels: int | str | Sequence[int | str] | torch.Tensor | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 4.0,
         guidance_interval: tuple[float, float] | None = None,
@@ -541,12 +561,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
         Args:
             class_labels: class ids, class names (looked up in `id2label`), or a mix, as a flat or nested list or a
-                tensor; images come in the order of the flattened labels.
+                tensor; images come in the order of the flattened labels. Required for a class-conditional model;
+                an unconditional one (no class count in its config: U-ViT on CIFAR-10 or CelebA, EDM2's
+                `uncond` networks) takes none and generates `num_images_per_prompt` images.
             num_inference_steps (`int`, defaults to 50): scheduler steps (second-order schedulers such as
                 EDMHeunScheduler and HeunDiscreteScheduler take 2N−1 evaluations).
             guidance_scale (`float`, defaults to 4.0): w in `reference + w·(cond − reference)`, where the reference
                 is the null label of the same model, or the `guide` network when the pipeline has one; 1 disables
-                guidance and its extra evaluation.
+                guidance and its extra evaluation. An unconditional model has no null label: without a guide it
+                takes only w = 1.
             guidance_interval (`(sigma_lo, sigma_hi)`, *optional*): guide only the steps whose σ lies in
                 (sigma_lo, sigma_hi] (Kynkäänniemi et al. 2024); elsewhere only the conditional pass runs. Both
                 evaluations of a second-order step follow the step's σ (see `guidance_sigmas`). The comparison is in
@@ -598,17 +621,17 @@ class ClassConditionalPipeline(DiffusionPipeline):
         guidance_channels = self._check_guidance_channels(guidance_channels)
         self._check_scheduler()
         self._check_guide()
-        label_ids = [i for i in self._class_label_ids(class_labels) for _ in range(num_images_per_prompt)]
+        label_ids = self._label_ids_per_image(class_labels, num_images_per_prompt, guidance_scale)
 
         device = self._execution_device
-        batch_size = len(label_ids)
+        batch_size = num_images_per_prompt if label_ids is None else len(label_ids)
         shape = self._sample_shape(batch_size)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"generator is a list of {len(generator)} generators, but {batch_size} images are generated "
-                f"({len(label_ids) // num_images_per_prompt} labels × num_images_per_prompt={num_images_per_prompt})."
+                f"({batch_size // num_images_per_prompt} labels × num_images_per_prompt={num_images_per_prompt})."
             )
 
         scheduler = self.scheduler
@@ -623,8 +646,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
             sigma_lo, sigma_hi = interval
             in_interval = [_above(s, sigma_lo) and not _above(s, sigma_hi) for s in self.guidance_sigmas().tolist()]
 
-        labels = torch.tensor(label_ids, device=device, dtype=torch.long)
-        null_labels = torch.full_like(labels, self.num_classes)
+        labels = null_labels = None
+        if label_ids is not None:
+            labels = torch.tensor(label_ids, device=device, dtype=torch.long)
+            null_labels = torch.full_like(labels, self.num_classes)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         latents = latents.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma

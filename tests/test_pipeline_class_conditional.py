@@ -911,3 +911,43 @@ def test_bad_guide_raises_before_any_network_call(guide, match):
     with pytest.raises(ValueError, match=match):
         pipe([0], num_inference_steps=2)
     assert counter.calls == 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Unconditional models (U-ViT on CIFAR-10 / CelebA, EDM2's uncond networks)
+
+
+def test_unconditional_model_samples_without_labels_and_solves_the_gaussian_ode():
+    pipe = ClassConditionalPipeline(
+        unet=GaussianClassDenoiser(num_classes=0), scheduler=EDMHeunScheduler(prediction_type="sample")
+    )
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = pipe(num_images_per_prompt=3, latents=noise, num_inference_steps=32, guidance_scale=1.0, output_type="latent")
+    # x0 ~ N(0, s²): the probability-flow solution from σ_max is σ_max·z·s/√(s²+σ_max²).
+    exact = SIGMA_MAX * noise * 0.5 / math.sqrt(0.25 + SIGMA_MAX**2)
+    assert (out.images - exact).abs().max() < 0.05
+
+
+def test_unconditional_model_refuses_labels_and_guidance_without_a_guide():
+    pipe = ClassConditionalPipeline(
+        unet=GaussianClassDenoiser(num_classes=0), scheduler=EDMHeunScheduler(prediction_type="sample")
+    )
+    with pytest.raises(ValueError, match="unconditional .* pass no class_labels"):
+        pipe([0, 1], guidance_scale=1.0, num_inference_steps=2)
+    with pytest.raises(ValueError, match="no null label"):
+        pipe(guidance_scale=2.0, num_inference_steps=2)
+    # With an unconditional guide network, guidance is D_guide + w·(D − D_guide).
+    guided = ClassConditionalPipeline(
+        unet=GaussianClassDenoiser(num_classes=0),
+        guide=GaussianClassDenoiser(num_classes=0),
+        scheduler=EDMHeunScheduler(prediction_type="sample"),
+    )
+    guided.set_progress_bar_config(disable=True)
+    assert guided(guidance_scale=2.0, num_inference_steps=2, output_type="latent").images.shape == (1, 2, 4, 4)
+
+
+def test_class_conditional_model_needs_class_labels():
+    pipe = ClassConditionalPipeline(unet=GaussianClassDenoiser(), scheduler=EDMHeunScheduler(prediction_type="sample"))
+    with pytest.raises(ValueError, match="class_labels is required"):
+        pipe(num_inference_steps=2)
