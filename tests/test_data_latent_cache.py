@@ -318,11 +318,8 @@ def test_a_mistyped_local_vae_path_says_that_the_path_does_not_exist(workspace, 
 
 
 def test_cache_cli_errors_are_one_line_with_a_non_zero_exit(workspace, tmp_path):
-    import importlib.util
+    from diffusers_speedup.commands import cache_latents as cli
 
-    spec = importlib.util.spec_from_file_location("cache_cli", os.path.join(REPO, "train", "cache_latents.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     common = ["--image_folder", str(workspace["images"]), "--num_workers", "0", "--no_progress"]
     with pytest.raises(SystemExit) as caught:
         cli.main(["--output_dir", str(tmp_path / "a"), *common, "--vae", str(tmp_path / "vea")])

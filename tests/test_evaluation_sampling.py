@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -359,3 +360,26 @@ def test_sample_cli_under_torchrun_on_cpu_runs_as_two_ranks_of_one_run(tmp_path)
     two, one = read(tmp_path / "two" / "samples_5x4x4x3.npz"), read(tmp_path / "one" / "samples_5x4x4x3.npz")
     np.testing.assert_array_equal(one["arr_1"], two["arr_1"])
     np.testing.assert_allclose(one["arr_0"].astype(int), two["arr_0"].astype(int), atol=1)
+
+
+def test_sample_cli_guides_with_a_separate_network_on_the_first_channels(tmp_path):
+    torch.manual_seed(0)
+    tiny_dit_pipeline().save_pretrained(tmp_path / "main")
+    torch.manual_seed(1)
+    tiny_dit_pipeline().save_pretrained(tmp_path / "guide")
+    cli = load_script("sample")
+    common = ["--pipeline", str(tmp_path / "main"), "--num_samples", "2", "--batch_size", "2", "--steps", "2"]
+    common += ["--num_classes", "10", "--guidance_scale", "2"]
+    cli.main([*common, "--output_dir", str(tmp_path / "plain")])
+    cli.main([*common, "--output_dir", str(tmp_path / "guided"), "--guide", str(tmp_path / "guide")])
+    cli.main([*common, "--output_dir", str(tmp_path / "dit_rule"), "--guidance_channels", "3"])
+    plain, guided, dit_rule = (
+        json.loads((tmp_path / name / "sampling_config.json").read_text()) for name in ("plain", "guided", "dit_rule")
+    )
+    # The guide's weights are part of what produced the shards; the channel rule is a recorded setting.
+    assert guided["pipeline"]["weights_sha256"] != plain["pipeline"]["weights_sha256"]
+    assert dit_rule["sampling_kwargs"]["guidance_channels"] == 3
+    images = [np.load(next((tmp_path / name).glob("samples_*.npz")))["arr_0"] for name in ("plain", "guided")]
+    assert not np.array_equal(images[0], images[1])
+    with pytest.raises(SystemExit, match="neither a pipeline folder"):
+        cli.main([*common, "--output_dir", str(tmp_path / "bad"), "--guide", str(tmp_path)])

@@ -1,6 +1,6 @@
 """The README's export and push commands, as written, on a run trained with the defaults (tiny settings)."""
 
-import importlib.util
+import importlib
 import json
 import os
 import sys
@@ -35,10 +35,7 @@ FACTS = ("**Optimizer steps:** 4", "**Images seen:** 64", "**Global batch size:*
 
 
 def export_script():
-    spec = importlib.util.spec_from_file_location("export_script", REPO / "train" / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("diffusers_speedup.commands.export")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +70,7 @@ def assert_card_keeps_the_training_facts(folder: Path, step: int = 4):
 
 
 def test_export_run_folder_and_push_as_in_the_readme(run, hub, tmp_path):
-    # python train/export.py outputs/run --output_dir export --push_to_hub --hub_model_id user/name
+    # diffusers-speedup export outputs/run --output_dir export --push_to_hub --hub_model_id user/name
     assert export_script().main([str(run), "--output_dir", str(tmp_path / "export"), "--push_to_hub",
                                  "--hub_model_id", "user/name"]) == 0  # fmt: skip
     assert_card_keeps_the_training_facts(tmp_path / "export")
@@ -109,7 +106,7 @@ def test_export_the_run_pipeline_folder_keeps_the_card(run, tmp_path):
 def test_push_a_dataset_folder_as_in_the_readme(hub, tmp_path):
     from datasets import Dataset
 
-    # python train/export.py --dataset_folder data/imagenet256_latents --hub_dataset_id user/latents
+    # diffusers-speedup export --dataset_folder data/imagenet256_latents --hub_dataset_id user/latents
     folder = tmp_path / "data" / "imagenet256_latents"
     Dataset.from_dict({"index": [0, 1], "label": [0, 1]}).save_to_disk(str(folder))
     (folder / "latents_metadata.json").write_text(json.dumps({"vae_id": "tiny"}))

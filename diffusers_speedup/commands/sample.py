@@ -10,6 +10,8 @@ uint8 NHWC images, `arr_1` labels) goes to `diffusers-speedup evaluate` or to AD
 
 import argparse
 import inspect
+import json
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -35,6 +37,18 @@ def parse_args(argv=None):
         default=None,
         help="apply guidance only for noise levels sigma in [LO, HI] (ClassConditionalPipeline only)",
     )
+    parser.add_argument(
+        "--guidance_channels",
+        type=int,
+        default=None,
+        help="guide only the first N output channels (3 is the DiT paper's rule, behind its FIDs; default: all)",
+    )
+    parser.add_argument(
+        "--guide",
+        default=None,
+        help="guide network (EDM2's guiding networks, autoguidance): a pipeline folder, whose network is taken, or a "
+        "model folder; D = D_guide + w·(D_cond − D_guide)",
+    )
     parser.add_argument("--class_labels", choices=["balanced", "random"], default="balanced")
     parser.add_argument("--num_classes", type=int, default=None, help="default: read from the model's config")
     parser.add_argument("--seed", type=int, default=0)
@@ -56,6 +70,26 @@ def load_pipeline(path: str):
 
         return DiffusionPipeline.from_pretrained(path)
     return ClassConditionalPipeline.from_pretrained(path)
+
+
+def load_guide(path: str):
+    """The network of a pipeline folder (its transformer or unet), or a model folder of this package or diffusers."""
+    folder = Path(path)
+    if (folder / "model_index.json").is_file():
+        guide_pipeline = load_pipeline(path)
+        return guide_pipeline.transformer if guide_pipeline.transformer is not None else guide_pipeline.unet
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"--guide: {path} is neither a pipeline folder (model_index.json) nor a model folder")
+    import diffusers
+
+    import diffusers_speedup
+
+    class_name = json.loads(config.read_text()).get("_class_name")
+    cls = getattr(diffusers_speedup, str(class_name), None) or getattr(diffusers, str(class_name), None)
+    if cls is None:
+        raise ValueError(f"--guide: {config} names the class {class_name!r}, which neither package defines")
+    return cls.from_pretrained(folder)
 
 
 def infer_num_classes(pipeline) -> int | None:
@@ -86,7 +120,12 @@ def sample(args):
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    pipeline = load_pipeline(args.pipeline).to(accelerator.device)
+    pipeline = load_pipeline(args.pipeline)
+    if args.guide is not None:
+        if "guide" not in getattr(pipeline, "_optional_components", ()):
+            raise ValueError(f"--guide: {type(pipeline).__name__} takes no guide network")
+        pipeline.register_modules(guide=load_guide(args.guide))
+    pipeline = pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
 
     num_classes = args.num_classes or infer_num_classes(pipeline)
@@ -97,6 +136,10 @@ def sample(args):
         if "guidance_interval" not in inspect.signature(pipeline.__call__).parameters:
             raise ValueError(f"--guidance_interval: {type(pipeline).__name__} has no guidance_interval argument")
         sampling_kwargs["guidance_interval"] = tuple(args.guidance_interval)
+    if args.guidance_channels is not None:
+        if "guidance_channels" not in inspect.signature(pipeline.__call__).parameters:
+            raise ValueError(f"--guidance_channels: {type(pipeline).__name__} has no guidance_channels argument")
+        sampling_kwargs["guidance_channels"] = args.guidance_channels
 
     path = generate_samples(
         pipeline,
