@@ -280,6 +280,28 @@ def test_layerwise_casting_stores_weights_in_the_storage_dtype(model_case):
     assert cosine > 0.9, cosine
 
 
+def test_layerwise_casting_trains_like_the_storage_rounded_weights(case):
+    """A training step with float8 storage computes what float32 weights rounded to float8 compute.
+
+    The weights a forward pass uses must stay readable by backward after layerwise casting has put them back into
+    storage (EDM2's weight normalisation once saved the Parameter itself, whose storage then turned float8)."""
+    cast = case.build().train()
+    case.prepare_for_gradients(cast)
+    cast.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    rounded = case.build().train()
+    case.prepare_for_gradients(rounded)
+    with torch.no_grad():
+        for p_cast, p_rounded in zip(cast.parameters(), rounded.parameters()):
+            p_rounded.copy_(p_cast.float())
+    assert any(p.dtype == torch.float8_e4m3fn for p in cast.parameters())
+    loss, grads = loss_and_grads(cast, case.inputs())
+    loss_rounded, grads_rounded = loss_and_grads(rounded, case.inputs())
+    torch.testing.assert_close(loss, loss_rounded)
+    assert grads.keys() == grads_rounded.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name].float(), grads_rounded[name], msg=name)
+
+
 def block_structure(block: torch.nn.Module):
     return [(name, type(module).__name__) for name, module in block.named_modules()]
 
