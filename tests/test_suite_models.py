@@ -20,6 +20,8 @@ Mixin tests that do not apply, and why:
   `norm_num_groups` / `block_out_channels` config and its `(sample, timestep)` names; EDM2 has no GroupNorm (its
   normalisation is fixed by the architecture) and takes σ.
 - `test_from_save_pretrained_dynamo`: torch.compile in a subprocess; same reason as the compile tests above.
+- `test_auto_model`: diffusers' AutoModel resolves a config's `_class_name` inside diffusers only (or through
+  `auto_map` remote code); these classes are not part of diffusers.
 - `test_deprecated_kwargs`: neither `__init__` takes `**kwargs`, and `_deprecated_kwargs` is empty, which is what
   that test asserts; checked below.
 """
