@@ -11,10 +11,10 @@ are in tests/test_edm_heun.py.
 Mixin tests that do not apply, and why:
 - `test_trained_betas`, `test_betas`, `test_schedules`, `test_clip_sample`, `test_thresholding`: EDM has no β
   schedule, no clipping and no thresholding (EDMEulerScheduler's own test skips `test_trained_betas` too).
-- The mixin's default `time_step=0` / `timestep=1` arguments to `step` and `scale_model_input`: EDM timesteps are
-  c_noise = ln(σ)/4 of the grid, so 0 or 1 is no timestep of the schedule, and this scheduler says so with a
-  ValueError instead of guessing; the checks here use `scheduler.timesteps[i]`, as diffusers' EDMEulerScheduler test
-  overrides do.
+- `test_scheduler_public_api` and `test_add_noise_device` call `scale_model_input(sample, 0.0)` (the mixin
+  special-cases only diffusers' EDMEulerScheduler), and `check_over_configs` / `check_over_forward` default to
+  `time_step=0`: EDM timesteps are c_noise = ln(σ)/4 of the grid, so 0 is no timestep of the schedule, and this
+  scheduler says so with a ValueError instead of guessing; the checks here use `scheduler.timesteps[i]`.
 - `test_full_loop_*` regression sums with the mixin's dummy model: numbers recorded from one implementation; the
   full loops here are checked against the exact Gaussian ODE solution instead (tests/test_edm_heun.py).
 - `test_add_noise_device` on an accelerator, and the Hub push tests: no accelerator, no network in these tests.

@@ -20,6 +20,8 @@ Mixin tests that do not apply, and why:
   `norm_num_groups` / `block_out_channels` config and its `(sample, timestep)` names; EDM2 has no GroupNorm (its
   normalisation is fixed by the architecture) and takes σ.
 - `test_from_save_pretrained_dynamo`: torch.compile in a subprocess; same reason as the compile tests above.
+- `test_auto_model`: diffusers' AutoModel resolves a config's `_class_name` inside diffusers only (or through
+  `auto_map` remote code); these classes are not part of diffusers.
 - `test_deprecated_kwargs`: neither `__init__` takes `**kwargs`, and `_deprecated_kwargs` is empty, which is what
   that test asserts; checked below.
 """
@@ -278,6 +280,28 @@ def test_layerwise_casting_stores_weights_in_the_storage_dtype(model_case):
     assert all(p.dtype == torch.float8_e4m3fn for p in stored)  # cast back for storage after the forward pass
     cosine = torch.nn.functional.cosine_similarity(output.flatten(), reference.flatten(), dim=0)
     assert cosine > 0.9, cosine
+
+
+def test_layerwise_casting_trains_like_the_storage_rounded_weights(case):
+    """A training step with float8 storage computes what float32 weights rounded to float8 compute.
+
+    The weights a forward pass uses must stay readable by backward after layerwise casting has put them back into
+    storage (EDM2's weight normalisation once saved the Parameter itself, whose storage then turned float8)."""
+    cast = case.build().train()
+    case.prepare_for_gradients(cast)
+    cast.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    rounded = case.build().train()
+    case.prepare_for_gradients(rounded)
+    with torch.no_grad():
+        for p_cast, p_rounded in zip(cast.parameters(), rounded.parameters()):
+            p_rounded.copy_(p_cast.float())
+    assert any(p.dtype == torch.float8_e4m3fn for p in cast.parameters())
+    loss, grads = loss_and_grads(cast, case.inputs())
+    loss_rounded, grads_rounded = loss_and_grads(rounded, case.inputs())
+    torch.testing.assert_close(loss, loss_rounded)
+    assert grads.keys() == grads_rounded.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name].float(), grads_rounded[name], msg=name)
 
 
 def block_structure(block: torch.nn.Module):

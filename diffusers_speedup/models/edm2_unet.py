@@ -148,8 +148,14 @@ class MPConv(nn.Module):
             weight = torch.rand_like(weight).mul(2 * bound).sub(bound)
         self.weight = nn.Parameter(weight)
 
+    def _float_weight(self) -> torch.Tensor:
+        # A view of the Parameter, not the Parameter itself, enters the autograd graph: layerwise casting swaps the
+        # Parameter's storage back to the storage dtype (e.g. float8) right after the forward pass, and backward
+        # must still read the float32 values this forward used. The view keeps them alive without a copy.
+        return self.weight.view_as(self.weight).float()
+
     def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
-        w = self.weight.float()
+        w = self._float_weight()
         if self.weight_norm:
             if self.training:
                 # Forced WN with EDM2's ε = 1e-4, as on use below: r ↦ r / (r + ε) has its fixed point at row RMS
@@ -157,7 +163,7 @@ class MPConv(nn.Module):
                 # distance from there and never shrinks it further; the stored rows equal the official ones.
                 with torch.no_grad():
                     self.weight.copy_(normalize(w))
-                w = self.weight.float()
+                w = self._float_weight()
             w = normalize(w) * (1 / math.sqrt(w[0].numel()))
         w = (w * gain).to(x.dtype)
         if w.ndim == 2:
