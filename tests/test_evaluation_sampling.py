@@ -383,3 +383,22 @@ def test_sample_cli_guides_with_a_separate_network_on_the_first_channels(tmp_pat
     assert not np.array_equal(images[0], images[1])
     with pytest.raises(SystemExit, match="neither a pipeline folder"):
         cli.main([*common, "--output_dir", str(tmp_path / "bad"), "--guide", str(tmp_path)])
+
+
+def test_sample_cli_draws_an_unconditional_model_without_labels(tmp_path):
+    from diffusers import DDIMScheduler
+
+    from diffusers_speedup import ClassConditionalPipeline, UViTModel
+
+    torch.manual_seed(0)
+    transformer = UViTModel(
+        sample_size=8, patch_size=2, in_channels=3, hidden_size=32, num_attention_heads=4, num_classes=0, num_layers=3
+    )
+    ClassConditionalPipeline(transformer=transformer, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "pipe")
+    cli = load_script("sample")
+    cli.main(["--pipeline", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "out")]
+             + ["--num_samples", "3", "--batch_size", "2", "--steps", "2"])  # fmt: skip
+    config = json.loads((tmp_path / "out" / "sampling_config.json").read_text())
+    assert config["class_labels"] == "none"
+    with np.load(next((tmp_path / "out").glob("samples_3x8x8x3.npz"))) as merged:
+        assert merged["arr_0"].shape == (3, 8, 8, 3) and "arr_1" not in merged  # no labels, as ADM's unconditional

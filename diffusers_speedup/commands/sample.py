@@ -49,7 +49,12 @@ def parse_args(argv=None):
         help="guide network (EDM2's guiding networks, autoguidance): a pipeline folder, whose network is taken, or a "
         "model folder; D = D_guide + w·(D_cond − D_guide)",
     )
-    parser.add_argument("--class_labels", choices=["balanced", "random"], default="balanced")
+    parser.add_argument(
+        "--class_labels",
+        choices=["balanced", "random", "none"],
+        default=None,
+        help="label scheme (default: balanced; none, for an unconditional model)",
+    )
     parser.add_argument("--num_classes", type=int, default=None, help="default: read from the model's config")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--png", action="store_true", help="also write every sample as a PNG")
@@ -93,8 +98,6 @@ def load_guide(path: str):
 
 
 def infer_num_classes(pipeline) -> int | None:
-    if isinstance(getattr(pipeline, "num_classes", None), int):
-        return pipeline.num_classes
     for name in ("transformer", "unet"):
         model = getattr(pipeline, name, None)
         config = getattr(model, "config", None)
@@ -129,8 +132,12 @@ def sample(args):
     pipeline.set_progress_bar_config(disable=True)
 
     num_classes = args.num_classes or infer_num_classes(pipeline)
-    if num_classes is None:
-        raise ValueError(f"could not read the number of classes from {args.pipeline}; pass --num_classes")
+    class_labels = args.class_labels or ("balanced" if num_classes else "none")
+    if class_labels != "none" and num_classes is None:
+        raise ValueError(
+            f"could not read the number of classes from {args.pipeline}; pass --num_classes, or --class_labels none "
+            "for an unconditional model"
+        )
     sampling_kwargs = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
     if args.guidance_interval is not None:
         if "guidance_interval" not in inspect.signature(pipeline.__call__).parameters:
@@ -146,7 +153,7 @@ def sample(args):
         args.output_dir,
         num_samples=args.num_samples,
         batch_size=args.batch_size,
-        class_labels=args.class_labels,
+        class_labels=class_labels,
         num_classes=num_classes,
         seed=args.seed,
         save_png=args.png,

@@ -55,6 +55,10 @@ def shard_seed(seed: int, shard_index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(shard_index)]).generate_state(1, dtype=np.uint64)[0])
 
 
+# The label of every sample of an unconditional model; merged archives of such runs have no `arr_1`, as ADM's.
+NO_LABEL = -1
+
+
 def make_class_labels(
     class_labels: str | Sequence[int] | np.ndarray | torch.Tensor,
     num_samples: int,
@@ -64,7 +68,8 @@ def make_class_labels(
     """The class label of every sample of a run, as an int64 array of length `num_samples`.
 
     Args:
-        class_labels: `"balanced"`: sample `i` gets class `i % num_classes`, so every class appears
+        class_labels: `"none"`: an unconditional model, every label is `NO_LABEL`; `"balanced"`: sample `i` gets
+            class `i % num_classes`, so every class appears
             `num_samples // num_classes` or one more times and each shard mixes many classes; `"random"`: i.i.d.
             uniform classes from `numpy.random.default_rng(seed)`, as ADM, DiT and EDM2 sample them; or an explicit
             sequence of `num_samples` ids.
@@ -73,8 +78,12 @@ def make_class_labels(
         seed: the run's seed.
     """
     if isinstance(class_labels, str):
-        if class_labels not in ("balanced", "random"):
-            raise ValueError(f"class_labels must be 'balanced', 'random' or a list of ids, got {class_labels!r}")
+        if class_labels not in ("balanced", "random", "none"):
+            raise ValueError(
+                f"class_labels must be 'balanced', 'random', 'none' or a list of ids, got {class_labels!r}"
+            )
+        if class_labels == "none":
+            return np.full(num_samples, NO_LABEL, dtype=np.int64)
         if num_classes is None or int(num_classes) < 1:
             raise ValueError(f"class_labels={class_labels!r} needs num_classes >= 1, got num_classes={num_classes!r}")
         if class_labels == "balanced":
@@ -219,6 +228,8 @@ def merge_shards(output_dir: str | os.PathLike, num_samples: int, batch_size: in
                 yield shard["images"]
 
     path = merged_npz_path(output_dir, num_samples, image_shape)
+    if (labels == NO_LABEL).all():
+        labels = None  # an unconditional run
     return write_adm_npz(path, image_batches(), num_samples, image_shape, labels=labels)
 
 
@@ -236,7 +247,8 @@ def generate_samples(
     show_progress: bool = True,
     **sampling_kwargs: Any,
 ) -> Path:
-    """Generate `num_samples` class-conditional samples into `output_dir`, resumably, on one or many processes.
+    """Generate `num_samples` class-conditional (or unconditional) samples into `output_dir`, resumably, on one or many
+    processes.
 
     Args:
         pipeline: any callable with diffusers' class-conditional calling convention, e.g. `ClassConditionalPipeline`
@@ -303,7 +315,10 @@ def generate_samples(
         shard_labels = labels[start:stop]
         generator = torch.Generator(device=generator_device).manual_seed(shard_seed(seed, s))
         with torch.no_grad(), autocast() if autocast is not None else nullcontext():
-            output = pipeline(class_labels=shard_labels.tolist(), generator=generator, **sampling_kwargs)
+            if class_labels == "none":
+                output = pipeline(num_images_per_prompt=stop - start, generator=generator, **sampling_kwargs)
+            else:
+                output = pipeline(class_labels=shard_labels.tolist(), generator=generator, **sampling_kwargs)
         images = _pipeline_images_to_uint8(output, stop - start)
         if save_png:
             _save_pngs(output_dir / PNG_DIR, images, start)
