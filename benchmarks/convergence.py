@@ -34,14 +34,15 @@ axes, the objective (prediction type and weighting) and the timestep sampler; th
 speed-up over the ε baseline wins each axis. Their combination and the baseline are then trained on the held-out
 seeds (default 3 4 5) and only those runs report the combination's speed-up, so the choice never sees them.
 
-**Budget and time (CPU).** The earlier one-seed study reached only class accuracy 0.13 for the baseline at 1500
-steps, while Min-SNR-5 (1.7× faster) had 0.80: the baseline needs roughly 1.7 × 1500 ≈ 2600 steps for that. The
-study uses 2000 steps (evaluations every 200, target at step 1600) so that it fits about two hours: 15 recipes × 3
-selection seeds + (combination, baseline) × 3 held-out seeds = 51 runs; each 2000 steps at the quickstart's
-≈ 570 img/s at batch 64 (≈ 8.9 steps/s, one thread, idle) ≈ 225 s of training plus 10 evaluations of ≈ 5 s
-≈ 275 s, so ≈ 14,000 core-seconds: ≈ 1 h 57 min with ``--jobs 2`` on two idle cores (longer when the cores are
-shared). ``--steps 3000 --eval_every 250`` gives the baseline more room (≈ 2 h 50 min). The results say when the
-baseline's final samples are still not recognisable (class accuracy < 0.5).
+**Budget and time (CPU).** In the earlier one-seed study the baseline still had class accuracy 0.13 (FD 104) at
+1500 steps, while Min-SNR-5, 1.7× faster, went from FD 104 (step 867) to 23 and class accuracy 0.80 (step 1500):
+at that ratio the baseline reaches recognisable digits at ≈ 2200–2600 steps. The study therefore uses 2500 steps
+(evaluations every 250, target at step 2000), the shortest budget at which the baseline should draw digits before
+the end: 15 recipes × 3 selection seeds + (combination, baseline) × 3 held-out seeds = 51 runs, each ≈ 281 s of
+training at the quickstart's ≈ 570 img/s at batch 64 (≈ 8.9 steps/s, one thread, idle) + 10 evaluations of ≈ 6 s
++ ≈ 10 s of set-up ≈ 350 s, so ≈ 17,900 core-seconds: **≈ 2 h 30 min with ``--jobs 2``** on two idle cores
+(longer while the cores are shared). ``--steps 2000 --eval_every 200`` fits ≈ 2 h, at the risk that the baseline
+is still drawing noise-like digits; the report says so when its final class accuracy is below 0.5.
 
 **Evaluation** of every checkpoint's exported pipeline (EMA weights):
 
@@ -288,8 +289,8 @@ class Setting:
     dit_num_layers: int = 5
     dit_num_heads: int = 4
     batch_size: int = 64
-    steps: int = 2000
-    eval_every: int = 200
+    steps: int = 2500
+    eval_every: int = 250
     warmup_steps: int = 50
     lr: float = 1e-3
     samples_per_class: int = 20
