@@ -561,6 +561,7 @@ class Evaluator:
     grid_noise: torch.Tensor  # (len(grid), N, 1, H, W)
     inference_steps: int
     guidance_scale: float
+    device: str  # where the pipelines run: the GPU when there is one (--gpu), else the CPU
 
     @classmethod
     def build(cls, setting: Setting, cache_dir: Path, seed: int = 1234) -> Evaluator:
@@ -596,6 +597,7 @@ class Evaluator:
             grid_noise=torch.randn((len(timesteps), len(test_labels), *shape), generator=generator),
             inference_steps=setting.inference_steps,
             guidance_scale=setting.guidance_scale,
+            device="cuda" if torch.cuda.is_available() else "cpu",
         )
 
     def quality(self, images_uint8: np.ndarray, labels) -> dict:
@@ -614,7 +616,7 @@ class Evaluator:
         """Sample from and measure the exported pipeline in ``folder``."""
         from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 
-        pipeline = ClassConditionalPipeline.from_pretrained(folder)
+        pipeline = ClassConditionalPipeline.from_pretrained(folder).to(self.device)
         pipeline.set_progress_bar_config(disable=True)
         second_order = getattr(pipeline.scheduler, "order", 1) == 2
         steps = (self.inference_steps + 1) // 2 if second_order else self.inference_steps
@@ -622,7 +624,7 @@ class Evaluator:
             self.sample_labels,
             num_inference_steps=steps,
             guidance_scale=self.guidance_scale,
-            latents=self.sample_noise.clone(),
+            latents=self.sample_noise.clone().to(self.device),  # a copy: the pipeline may denoise in place
             output_type="np",
         ).images
         images = np.rint(np.clip(images, 0, 1) * 255).astype(np.uint8)
@@ -632,11 +634,11 @@ class Evaluator:
         """x0-space MSE of the pipeline's denoiser on the test digits over the fixed noise grid (see module doc)."""
         model, scheduler = pipeline.transformer, pipeline.scheduler
         prediction_type = scheduler.config.prediction_type
-        x0, labels = self.test_pixels, self.test_labels
+        x0, labels = self.test_pixels.to(self.device), self.test_labels.to(self.device)
         per_level = []
         for index, timestep in enumerate(self.grid_timesteps.tolist()):
             alpha_bar = self.grid_alphas_cumprod[index]
-            noise = self.grid_noise[index]
+            noise = self.grid_noise[index].to(self.device)
             if "sigma_data" in scheduler.config:  # EDM: x = x0 + σ·n through EDM's preconditioning
                 sigma = ((1 - alpha_bar) / alpha_bar).sqrt()
                 sigma_data = scheduler.config.sigma_data
@@ -645,13 +647,13 @@ class Evaluator:
                 c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
                 c_out = -c_out if prediction_type == "v_prediction" else c_out
                 c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
-                c_noise = torch.full((len(x0),), sigma.log().item() / 4)
+                c_noise = torch.full((len(x0),), sigma.log().item() / 4, device=self.device)
                 output = model(c_in * noisy, c_noise, class_labels=labels, return_dict=False)[0][:, : x0.shape[1]]
                 x0_hat = c_skip * noisy + c_out * output
             else:
                 alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
                 noisy = alpha * x0 + sigma * noise
-                t = torch.full((len(x0),), timestep, dtype=torch.long)
+                t = torch.full((len(x0),), timestep, dtype=torch.long, device=self.device)
                 # DiT with a learned variance returns [ε, v] (2C channels); the mean prediction is the first C.
                 output = model(noisy, t, class_labels=labels, return_dict=False)[0][:, : x0.shape[1]]
                 if prediction_type == "epsilon":
@@ -790,7 +792,8 @@ def _comparison(name, runs, reference, reference_runs, setting, seeds) -> dict:
         "label": runs[0]["label"],
         "reference": reference,
         "reference_label": reference_runs[0]["label"],
-        "seeds": seeds,
+        "seed_set": seeds,
+        "seeds": [run["seed"] for run in runs],
         **{metric: compare(runs, reference_runs, metric, setting) for metric in ("fd", "class_accuracy")},
     }
 
@@ -821,7 +824,8 @@ def markdown_report(summary: dict, setting: Setting, reference: dict, selection:
     ]
     for row in summary["comparisons"]:
         lines.append(
-            f"| {row['label']} | {row['reference_label']} | {row['seeds']} | {_fmt_speedup(row['fd'])} "
+            f"| {row['label']} | {row['reference_label']} | {', '.join(map(str, row['seeds']))} "
+            f"| {_fmt_speedup(row['fd'])} "
             f"| {_fmt_speedup(row['class_accuracy'])} |"
         )
     lines += [

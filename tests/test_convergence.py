@@ -307,7 +307,7 @@ def test_tiny_study_runs_end_to_end(tmp_path):
     trained_heldout = sorted(path.name for path in (output / "runs").iterdir() if path.name.endswith("seed2"))
     is_baseline = (results["selection"]["objective"], results["selection"]["sampler"]) == ("baseline", "baseline")
     assert trained_heldout == (["baseline_seed2"] if is_baseline else ["baseline_seed2", "combination_seed2"])
-    comparisons = {(row["recipe"], row["reference"], row["seeds"]) for row in results["summary"]["comparisons"]}
+    comparisons = {(row["recipe"], row["reference"], row["seed_set"]) for row in results["summary"]["comparisons"]}
     assert comparisons == {("min_snr", "baseline", "selection"), ("combination", "baseline", "held-out")}
     report = (output / "results.md").read_text()
     assert "### Reading" in report and "Min-SNR-γ, published 3.4×" in report and "held-out seeds" in report
