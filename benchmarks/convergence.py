@@ -457,6 +457,7 @@ def value_at(steps, values, step: float) -> float:
 
 
 def curve(run: dict, metric: str) -> tuple[list[int], list[float]]:
+    """One run's evaluation steps and its values of ``metric``."""
     return [point["step"] for point in run["curve"]], [point[metric] for point in run["curve"]]
 
 
