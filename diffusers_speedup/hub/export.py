@@ -41,11 +41,11 @@ import logging
 import os
 import shutil
 import sys
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..utils import atomic_folder
 from .model_card import ModelCardInfo, build_model_card
 
 logger = logging.getLogger(__name__)
@@ -242,17 +242,6 @@ def _card_info_for(pipeline, info: ModelCardInfo) -> ModelCardInfo:
     return dataclasses.replace(info, class_labels=labels)
 
 
-def _replace_folder(new: Path, target: Path) -> None:
-    """Renames `new` to `target`; an existing `target` is moved aside first and deleted only afterwards."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
-
-
 def export_pipeline(
     pipeline,
     output_dir: str | os.PathLike,
@@ -286,8 +275,7 @@ def export_pipeline(
     info = ModelCardInfo.from_value(card_info)
     config = _plain_config(training_config)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_folder(target) as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)
         if ship_code:
             index = ship_pipeline_code(pipeline, staging)
@@ -307,10 +295,6 @@ def export_pipeline(
         card = build_model_card(info, training_config=config, component_classes=components, sample_grid_file=grid_name)
         card.save(staging / "README.md")
         (staging / CARD_INFO_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=2) + "\n")
-        _replace_folder(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("Exported pipeline to %s", target)
     return target
 

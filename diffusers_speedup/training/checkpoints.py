@@ -23,6 +23,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from ..utils import atomic_write, replace_folder
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -54,12 +56,8 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_write(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def _read_latest_pointer(output_dir: Path) -> Path | None:
@@ -199,17 +197,9 @@ def save_checkpoint(
             save_fn(tmp_dir)
         # trainer_state.json is written last: a folder holding it is a complete checkpoint.
         _write_text_atomic(tmp_dir / TRAINER_STATE_NAME, trainer_state_text + "\n")
-        if final_dir.exists():
-            # Re-saving a step (a resumed run passing an old save again): move the old one aside as a .tmp leftover
-            # first, since a folder cannot be renamed onto a non-empty one.
-            stale = output_dir / (checkpoint_name(step) + ".old" + TMP_SUFFIX)
-            if stale.exists():
-                shutil.rmtree(stale)
-            os.replace(final_dir, stale)
-            os.replace(tmp_dir, final_dir)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, final_dir)
+        # Re-saving a step (a resumed run passing an old save again) moves the old one aside under a .tmp name, so
+        # that a crash between the renames leaves a leftover that clean_incomplete_checkpoints removes.
+        replace_folder(tmp_dir, final_dir, aside=output_dir / (checkpoint_name(step) + ".old" + TMP_SUFFIX))
         _write_text_atomic(output_dir / LATEST_NAME, final_dir.name + "\n")
         rotate_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()

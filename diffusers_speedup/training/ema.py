@@ -30,6 +30,8 @@ from accelerate.utils import extract_model_from_parallel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..utils import atomic_write
+
 # sigma_rel must stay below this: it is the profile width at gamma = 0, and gamma must be positive.
 MAX_SIGMA_REL = 12**-0.5
 
@@ -350,9 +352,8 @@ class PowerFunctionEMA(_ShadowModule):
                 "buffers": json.dumps(sorted(buffer_names & tensors.keys())),
             }
             path = _snapshot_path(snapshot_dir, self.t, sigma_rel)
-            tmp_path = path.with_name(path.name + ".tmp")
-            save_file(tensors, str(tmp_path), metadata=metadata)
-            os.replace(tmp_path, path)
+            with atomic_write(path) as temporary:
+                save_file(tensors, str(temporary), metadata=metadata)
             paths.append(path)
         return paths
 
