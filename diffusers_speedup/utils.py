@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 
 def temporary_name(path: str | os.PathLike, kind: str = "tmp") -> Path:
     """A hidden, unique sibling of `path` (`.<name>.<kind>-<pid>-<random>`), for writing before the rename."""
@@ -75,3 +77,26 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def is_saved_dataset(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder written by 🤗 datasets' `save_to_disk`: a `Dataset` (dataset_info.json and
+    state.json) or a `DatasetDict` (dataset_dict.json), the files `datasets.load_from_disk` itself looks for."""
+    path = Path(path)
+    return ((path / "dataset_info.json").is_file() and (path / "state.json").is_file()) or (
+        path / "dataset_dict.json"
+    ).is_file()
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module behind DDP / FSDP / DeepSpeed and `torch.compile` wrappers, nested in any order, so that
+    its attributes and plain parameter names are seen. Anything that is not a module (a plain function standing in
+    for a model) is returned as it is."""
+    from accelerate.utils import extract_model_from_parallel
+
+    while isinstance(model, torch.nn.Module):
+        inner = extract_model_from_parallel(model, keep_fp32_wrapper=True, keep_torch_compile=False)
+        if inner is model:
+            break
+        model = inner
+    return model

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import extract_model_from_parallel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..utils import atomic_write
+from ..utils import atomic_write, unwrap_model
 
 # sigma_rel must stay below this: it is the profile width at gamma = 0, and gamma must be positive.
 MAX_SIGMA_REL = 12**-0.5
@@ -39,14 +38,9 @@ SNAPSHOT_DIR_NAME = "ema_snapshots"
 SNAPSHOT_PATTERN = re.compile(r"^phema-(\d+)-(\d+\.\d+)\.safetensors$")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # DDP / FSDP / torch.compile wrappers hold the real module; averaging must see the plain parameter names.
-    return extract_model_from_parallel(model, keep_fp32_wrapper=True, keep_torch_compile=False)
-
-
 def _make_shadow_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A detached fp32 deep copy of `model` in eval mode, without accelerate's autocast forward wrapper."""
-    shadow = copy.deepcopy(_unwrap(model))
+    shadow = copy.deepcopy(unwrap_model(model))
     # accelerate.prepare() stores an autocast-wrapped forward on the instance; the copy is a plain module.
     for name in ("forward", "_original_forward"):
         shadow.__dict__.pop(name, None)
@@ -64,7 +58,7 @@ class _ShadowModule:
     """Shared plumbing for an averaged copy of a model: parameter matching, buffers, copy_to."""
 
     def _check_same_params(self, model: torch.nn.Module, shadow: torch.nn.Module) -> list[torch.Tensor]:
-        live = _float_params(_unwrap(model))
+        live = _float_params(unwrap_model(model))
         names = [name for name, _ in live]
         if names != self._param_names:
             missing = sorted(set(self._param_names) - set(names))
@@ -79,14 +73,14 @@ class _ShadowModule:
     @torch.no_grad()
     def _copy_buffers(model: torch.nn.Module, shadow: torch.nn.Module) -> None:
         shadow_buffers = dict(shadow.named_buffers())
-        for name, buffer in _unwrap(model).named_buffers():
+        for name, buffer in unwrap_model(model).named_buffers():
             if name in shadow_buffers:
                 shadow_buffers[name].copy_(buffer)
 
     @staticmethod
     @torch.no_grad()
     def _copy_params(source: torch.nn.Module, target: torch.nn.Module) -> None:
-        target = _unwrap(target)
+        target = unwrap_model(target)
         target_params = dict(target.named_parameters())
         for name, p in source.named_parameters():
             if name not in target_params:
