@@ -187,9 +187,6 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
     accelerator.save_state(str(tmp_dir))
-    # save_state has already advanced the counter; stored so load_checkpoint can restore it (accelerate doesn't).
-    trainer_state["accelerate_iteration"] = accelerator.project_configuration.iteration
-    trainer_state_text = json.dumps(trainer_state, indent=2, sort_keys=True)
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
@@ -218,18 +215,16 @@ def load_checkpoint(accelerator, checkpoint_dir: str | os.PathLike) -> dict:
     """Restore the state saved by `save_checkpoint` and return its trainer state.
 
     Register the same objects with `register_for_checkpointing` (in the same order) and prepare the same models,
-    optimizers and dataloaders before calling it. Also sets `accelerator.project_configuration.iteration` to its
-    value after that save, which `load_state` leaves at 0.
+    optimizers and dataloaders before calling it.
 
     Args:
         accelerator (`accelerate.Accelerator`): the accelerator to load into.
         checkpoint_dir: a checkpoint folder, e.g. from `find_latest_checkpoint`.
 
     Returns:
-        The dict stored in `trainer_state.json` (`step`, `accelerate_iteration` and the trainer's `extra_state`).
+        The dict stored in `trainer_state.json` (`step` and the trainer's `extra_state`).
     """
     checkpoint_dir = Path(checkpoint_dir)
     trainer_state = load_trainer_state(checkpoint_dir)
     accelerator.load_state(str(checkpoint_dir))
-    accelerator.project_configuration.iteration = int(trainer_state.get("accelerate_iteration", 0))
     return trainer_state

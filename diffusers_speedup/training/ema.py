@@ -97,23 +97,18 @@ class ConstantEMA(_ShadowModule):
     Args:
         model (`torch.nn.Module`): the live model (it may still be wrapped by DDP or torch.compile).
         decay (`float`, defaults to 0.9999): decay applied at every update. The averaging horizon is about
-            `every / (1 - decay)` optimizer steps.
+            `1 / (1 - decay)` optimizer steps.
         start_step (`int`, defaults to 0): up to and including this step the average simply copies the model;
             averaging starts at the first update after it.
-        every (`int`, defaults to 1): average only on steps divisible by `every` (the decay is applied per update,
-            not per step).
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, start_step: int = 0, every: int = 1):
+    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, start_step: int = 0):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ConstantEMA: decay must be in [0, 1), got {decay}.")
         if start_step < 0:
             raise ValueError(f"ConstantEMA: start_step must be >= 0, got {start_step}.")
-        if every < 1:
-            raise ValueError(f"ConstantEMA: every must be >= 1, got {every}.")
         self.decay = float(decay)
         self.start_step = int(start_step)
-        self.every = int(every)
         self.step = 0
         self.num_updates = 0
         self.model = _make_shadow_copy(model)
@@ -127,11 +122,9 @@ class ConstantEMA(_ShadowModule):
         self.step = int(step)
         if step <= self.start_step:
             decay = 0.0
-        elif step % self.every == 0:
+        else:
             decay = self.decay
             self.num_updates += 1
-        else:
-            return
         live = [p.to(device=s.device, dtype=s.dtype) for p, s in zip(live, self._shadow_params)]
         if live:
             torch._foreach_lerp_(self._shadow_params, live, 1.0 - decay)
@@ -152,14 +145,13 @@ class ConstantEMA(_ShadowModule):
         return {
             "decay": self.decay,
             "start_step": self.start_step,
-            "every": self.every,
             "step": self.step,
             "num_updates": self.num_updates,
             "model": self.model.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        for key in ("decay", "start_step", "every"):
+        for key in ("decay", "start_step"):
             if key in state_dict and state_dict[key] != getattr(self, key):
                 raise ValueError(
                     f"ConstantEMA.load_state_dict: checkpoint has {key}={state_dict[key]}, this EMA has "
