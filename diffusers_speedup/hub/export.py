@@ -33,7 +33,6 @@ Both routes read the same folder; neither needs the other's entries.
 from __future__ import annotations
 
 import ast
-import collections
 import dataclasses
 import inspect
 import json
@@ -69,31 +68,6 @@ SAMPLE_GRID_STEM = "samples"
 DISPLAY_MIN_SIDE = 768
 
 
-def source_file_of(cls: type) -> Path:
-    """The .py file that defines `cls`.
-
-    `inspect.getsourcefile(cls)` goes through `sys.modules[cls.__module__]`, which is the package root once the
-    package sets `__module__ = "diffusers_speedup"` on its public classes; the code objects of the class's own
-    methods still point at the defining file.
-    """
-    counts: collections.Counter[str] = collections.Counter()
-    for value in vars(cls).values():
-        if isinstance(value, property):
-            value = value.fget
-        func = (
-            inspect.unwrap(getattr(value, "__func__", value)) if callable(getattr(value, "__func__", value)) else None
-        )
-        code = getattr(func, "__code__", None)
-        if code is not None and getattr(func, "__qualname__", "").startswith(cls.__qualname__ + "."):
-            counts[code.co_filename] += 1
-    if not counts:
-        module = sys.modules.get(cls.__module__)
-        if module is None or not getattr(module, "__file__", None):
-            raise ValueError(f"Cannot find the source file of {cls.__qualname__} (module {cls.__module__!r})")
-        return Path(module.__file__)
-    return Path(counts.most_common(1)[0][0])
-
-
 def _non_shippable_imports(source: Path) -> list[str]:
     """Top-level imports of `source` outside the standard library, torch and diffusers (plus relative imports)."""
     tree = ast.parse(source.read_text(encoding="utf-8"), filename=str(source))
@@ -125,7 +99,10 @@ def _is_custom_library(library: str | None) -> bool:
 
 
 def _copy_code(cls: type, destination_dir: Path) -> str:
-    source = source_file_of(cls)
+    source = inspect.getsourcefile(cls)
+    if source is None:
+        raise ValueError(f"Cannot find the source file of {cls.__qualname__} (module {cls.__module__!r})")
+    source = Path(source)
     bad = _non_shippable_imports(source)
     if bad:
         # The folder still loads with the package installed; only the trust_remote_code route would break.
