@@ -68,7 +68,7 @@ def test_constant_ema_has_no_warmup():
     ema = ConstantEMA(model, decay=0.9999)
     model.set(1.0)
     ema.update(model, step=1)
-    # diffusers' EMAModel would use decay 0 here and copy the value; a constant EMA moves by 1 - decay.
+    # No warm-up: the first update already moves the average by 1 - decay (EMAModel's default would copy).
     assert ema.model.weight.item() == pytest.approx(1e-4, rel=1e-4)
 
 

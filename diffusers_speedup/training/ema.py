@@ -3,8 +3,8 @@
 Two kinds:
 
 - `ConstantEMA`: the constant-decay EMA that DiT and U-ViT use (decay 0.9999 from the first update). diffusers'
-  `EMAModel(decay=0.9999)` is not this: it warms the decay up as `(1 + n) / (10 + n)`, which is 0.9991 after 10k
-  steps, so it cannot reproduce those papers' numbers.
+  `EMAModel(decay=0.9999)` warms the decay up as `(1 + n) / (10 + n)` by default; with `min_decay=0.9999` it
+  computes the same average.
 - `PowerFunctionEMA`: EDM2's power-function EMA (Karras et al. 2024, App. C). Each profile averages the whole
   trajectory with weights proportional to `t^gamma`, so its length is a fixed fraction of training time (`sigma_rel`).
   Periodic snapshots of the profiles allow any other `sigma_rel` to be reconstructed after training
@@ -12,6 +12,13 @@ Two kinds:
 
 Both keep the averaged weights in fp32 in a deep copy of the live model (`.model`, always in eval mode, usable for
 sampling and `save_pretrained`).
+
+Why not `EMAModel`: diffusers has no EDM2 power-function EMA, and the trainer treats both kinds alike, through one
+interface (`update(model, step)`, `.model`, `state_dict`). `EMAModel` keeps a list of shadow tensors that are swapped
+into the live model (`store` / `copy_to` / `restore`) to sample or save, matched to its parameters by position and
+counted by its own number of calls; here the average is a module of its own (buffers included) that the sampling
+pipeline and the export use as it is, matched by parameter name behind DDP and torch.compile wrappers, and updated
+by the trainer's optimizer step, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
