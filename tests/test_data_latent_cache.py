@@ -209,9 +209,14 @@ def test_reader_statistics_mirror_choice_and_rank_split(workspace):
     mirror = torch.isclose(z, scale * many["mean_flip"].float()).flatten(1).all(1)
     assert torch.all(plain ^ mirror) and 1800 < mirror.sum() < 2200
 
-    # Ranks split every epoch into disjoint batches covering all rows; the DataLoader returns whole batches.
-    loaders = [latents.loader(2, epoch=1, seed=3, rank=rank, world_size=2) for rank in range(2)]
-    seen = [index for loader in loaders for batch in loader for index in batch["index"].tolist()]
+    # Ranks split every epoch into disjoint batches covering all rows.
+    batches = [latents.index_batches(2, epoch=1, seed=3, rank=rank, world_size=2) for rank in range(2)]
+    seen = [
+        index
+        for rank_batches in batches
+        for indices in rank_batches
+        for index in latents.read_batch(indices)["index"].tolist()
+    ]
     assert sorted(seen) == list(range(8))
     in_memory = LatentDataset(str(workspace["reference"]), in_memory=True)
     assert torch.equal(in_memory.read_batch([5, 1])["mean"], batch["mean"])

@@ -207,15 +207,6 @@ def test_export_script_from_run_folder(tmp_path):
         find_export_source(tmp_path / "hub-ready" / "transformer")
 
 
-def test_source_file_survives_public_module_name(monkeypatch):
-    from diffusers_speedup.hub import source_file_of
-
-    # The package root renames __module__ of public classes; the shipped file must still be the defining one.
-    monkeypatch.setattr(UViTModel, "__module__", "diffusers_speedup")
-    assert source_file_of(UViTModel).name == "uvit.py"
-    assert source_file_of(ClassConditionalPipeline).name == "pipeline_class_conditional.py"
-
-
 HUB_RECIPE = {
     "model": {"kind": "uvit", "pretrained": "me/uvit-base"},
     "data": {"kind": "hf_dataset", "path": "ILSVRC/imagenet-1k"},

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from diffusers_speedup.training.distributed import require_single_process
 from diffusers_speedup.training.ema import SNAPSHOT_DIR_NAME, SNAPSHOT_PATTERN, reconstruct_posthoc_ema
+from diffusers_speedup.utils import atomic_folder, atomic_write
 
 logger = logging.getLogger("posthoc_ema")
 
@@ -87,10 +88,6 @@ def find_model_weights(pipeline_dir: Path, keys: set[str]) -> Path:
 
 def write_pipeline_copy(pipeline_dir: Path, state_dict: dict[str, torch.Tensor], destination: Path) -> Path:
     source_weights = find_model_weights(pipeline_dir, set(state_dict))
-    tmp = destination.with_name(destination.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(pipeline_dir, tmp)
     with safe_open(str(source_weights), framework="pt") as f:
         dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
     target_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -98,10 +95,9 @@ def write_pipeline_copy(pipeline_dir: Path, state_dict: dict[str, torch.Tensor],
         name: tensor.to(target_dtype.get(dtypes[name], tensor.dtype)).contiguous()
         for name, tensor in state_dict.items()
     }
-    save_file(tensors, str(tmp / source_weights.relative_to(pipeline_dir)), metadata={"format": "pt"})
-    if destination.exists():
-        shutil.rmtree(destination)
-    tmp.rename(destination)
+    with atomic_folder(destination) as staging:
+        shutil.copytree(pipeline_dir, staging, dirs_exist_ok=True)
+        save_file(tensors, str(staging / source_weights.relative_to(pipeline_dir)), metadata={"format": "pt"})
     return destination
 
 
@@ -128,8 +124,8 @@ def write_reconstructions(args: argparse.Namespace) -> list[Path]:
         path = args.output_dir / f"phema-{sigma_rel:.3f}.safetensors"
         tensors = {name: tensor.contiguous() for name, tensor in state_dict.items()}
         metadata = {"format": "pt", "sigma_rel": repr(sigma_rel), "target_nimg": str(args.target_nimg or "last")}
-        save_file(tensors, str(path) + ".tmp", metadata=metadata)
-        Path(str(path) + ".tmp").replace(path)
+        with atomic_write(path) as temporary:
+            save_file(tensors, str(temporary), metadata=metadata)
         logger.info("sigma_rel %.3f -> %s", sigma_rel, path)
         written.append(path)
         if pipeline_dir is not None:

@@ -18,6 +18,7 @@ from accelerate import Accelerator
 
 from diffusers_speedup.errors import one_line_errors
 from diffusers_speedup.evaluation import generate_samples
+from diffusers_speedup.pipelines.pipeline_class_conditional import _model_num_classes
 from diffusers_speedup.training.distributed import check_world_size, wants_cpu_process_group
 
 
@@ -98,15 +99,12 @@ def load_guide(path: str):
 
 
 def infer_num_classes(pipeline) -> int | None:
+    """Number of classes of the pipeline's `transformer` or `unet`, read as the class-conditional pipeline reads it;
+    None for an unconditional model."""
     for name in ("transformer", "unet"):
         model = getattr(pipeline, name, None)
-        config = getattr(model, "config", None)
-        if config is None:
-            continue
-        for key in ("num_classes", "num_class_embeds", "label_dim", "num_embeds_ada_norm"):
-            value = getattr(config, key, None) if not isinstance(config, dict) else config.get(key)
-            if value:
-                return int(value)
+        if getattr(model, "config", None) is not None and _model_num_classes(model):
+            return _model_num_classes(model)
     return None
 
 

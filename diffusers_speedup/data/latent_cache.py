@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
+from ..utils import atomic_write
 from .preprocessing import CROP_METHOD, EXIF_ORIENTATION, ImageRejectedError, preprocess_image
 from .sources import ImageSource, make_source
 
@@ -232,12 +233,8 @@ def _chunk_range(chunk: int, chunk_size: int, num_items: int) -> range:
 
 
 def _atomic_write_json(path: str, payload) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as file:
+    with atomic_write(path) as temporary, open(temporary, "w") as file:
         json.dump(payload, file, indent=2, default=str)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
 
 
 def _check_output_dir(output_dir: str, identity: dict) -> None:
@@ -293,12 +290,11 @@ def _write_chunk(chunk_dir: str, chunk: int, rows: dict, rejected: list[dict], f
     from datasets.arrow_writer import ArrowWriter
 
     arrow_path = os.path.join(chunk_dir, f"{chunk:06d}.arrow")
-    temporary = f"{arrow_path}.tmp-{os.getpid()}"
-    writer = ArrowWriter(features=features, path=temporary)
-    writer.write_batch(rows)
-    writer.finalize()
-    writer.close()
-    os.replace(temporary, arrow_path)
+    with atomic_write(arrow_path) as temporary:
+        writer = ArrowWriter(features=features, path=str(temporary))
+        writer.write_batch(rows)
+        writer.finalize()
+        writer.close()
     # The JSON goes last: a chunk counts as done only once both files are in place.
     # Which process of how many wrote it: evidence, kept with --keep_chunks, that the work really was shared.
     rank, world_size = writer_rank

@@ -3,9 +3,8 @@
 Typical use in a training loop (every rank)::
 
     latents = LatentDataset("cache/imagenet256")
-    loader = latents.loader(batch_size, epoch=epoch, seed=seed, rank=rank, world_size=world, start_step=k, num_workers=2)
-    for batch in loader:
-        z, labels = latents.sample(batch, generator=generator, device=device)
+    for indices in latents.index_batches(batch_size, epoch=epoch, seed=seed, rank=rank, world_size=world, start_step=k):
+        z, labels = latents.sample(latents.read_batch(indices), generator=generator, device=device)
 """
 
 from __future__ import annotations
@@ -18,9 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader
 
-from .batching import index_batches, steps_per_epoch
+from .batching import index_batches
 from .latent_cache import METADATA_NAME, read_cache_metadata
 
 _LATENT_COLUMNS = ("mean", "std", "mean_flip", "std_flip")
@@ -230,12 +228,6 @@ class LatentDataset:
         batch["index"] = indices
         return batch
 
-    # torch's DataLoader calls __getitems__ with a whole index batch (torch >= 2.1).
-    __getitems__ = read_batch
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {name: value[0] for name, value in self.read_batch([index]).items()}
-
     def sample(
         self,
         batch: dict[str, torch.Tensor],
@@ -272,51 +264,9 @@ class LatentDataset:
         channel_std = (second / count - channel_mean.square()).clamp_min(0).sqrt()
         return channel_mean.tolist(), channel_std.tolist()
 
-    def steps_per_epoch(self, batch_size: int, world_size: int = 1, drop_last: bool = True) -> int:
-        """Batches per rank in one epoch."""
-        return steps_per_epoch(len(self), batch_size, world_size, drop_last)
-
     def index_batches(
         self, batch_size: int, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, **kwargs
     ) -> Iterator[torch.Tensor]:
         """This rank's index batches of one epoch (``shuffle``, ``drop_last``, ``start_step`` as in
         :func:`~diffusers_speedup.data.batching.index_batches`)."""
         return index_batches(len(self), batch_size, epoch, seed, rank, world_size, **kwargs)
-
-    def loader(
-        self,
-        batch_size: int,
-        epoch: int = 0,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        start_step: int = 0,
-        shuffle: bool = True,
-        drop_last: bool = True,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-    ) -> DataLoader:
-        """A DataLoader over this rank's batches of one epoch, each a :meth:`read_batch` dict.
-
-        Do not pass it through ``accelerator.prepare``: it is already split across ranks and resumable
-        (``start_step``), which ``prepare`` would undo.
-        """
-        if self._memory is not None and num_workers:
-            raise ValueError("num_workers must be 0 for an in-memory LatentDataset (the tensors are already loaded)")
-        batches = list(
-            self.index_batches(
-                batch_size, epoch, seed, rank, world_size, shuffle=shuffle, drop_last=drop_last, start_step=start_step
-            )
-        )
-        return DataLoader(
-            self,
-            batch_sampler=batches,
-            collate_fn=_identity,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=False,
-        )
-
-
-def _identity(batch):
-    return batch

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..utils import is_saved_dataset
 from .batching import index_batches
 from .builtin import BUILTIN_DATASETS, DIGITS_CLASS_NAMES, load_builtin_arrays
 from .preprocessing import ImageRejectedError, apply_exif_orientation, center_crop_arr, open_image, to_rgb
@@ -164,7 +165,7 @@ def load_pixel_dataset(
             random_flip=bool(random_flip),
             rejected=[],
         )
-    if os.path.isdir(source) and not _is_hf_dataset_folder(source):
+    if os.path.isdir(source) and not is_saved_dataset(source):
         image_source = make_source(image_folder=source)
     else:
         image_source = make_source(dataset=source, split=split, image_column=image_column, label_column=label_column)
@@ -176,7 +177,3 @@ def load_pixel_dataset(
         random_flip=True if random_flip is None else random_flip,
         rejected=rejected,
     )
-
-
-def _is_hf_dataset_folder(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, name)) for name in ("dataset_info.json", "dataset_dict.json"))

@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ..utils import is_saved_dataset
 from .preprocessing import IMAGE_EXTENSIONS
 
 
@@ -84,10 +85,7 @@ def open_hf_dataset(name_or_path: str, split: str = "train"):
     """Open a 🤗 dataset by Hub name, by ``save_to_disk`` folder, or by a local data folder (parquet, imagefolder)."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
-    if os.path.isdir(name_or_path) and (
-        os.path.exists(os.path.join(name_or_path, "dataset_info.json"))
-        or os.path.exists(os.path.join(name_or_path, "dataset_dict.json"))
-    ):
+    if os.path.isdir(name_or_path) and is_saved_dataset(name_or_path):
         dataset = load_from_disk(name_or_path)
         if isinstance(dataset, DatasetDict):
             if split not in dataset:

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.preprocessing import IMAGE_EXTENSIONS, center_crop_arr
+from ..utils import is_saved_dataset
 from .npz_io import IMAGES_KEY, iter_npz_array, npz_keys, write_npz_atomically
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 EVAL_EXTRA_HINT = "pip install diffusers-speedup[eval]"
 
 FeatureExtractor = Callable[[torch.Tensor], Any]
@@ -214,23 +215,10 @@ def _as_nchw_rgb_uint8(batch: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
 
 
-def _adm_center_crop(image, resolution: int):
-    """ADM's centre crop: halve with a box filter while the short side is >= 2x the target, then bicubic-resize
-    the short side to `resolution` and crop the centre square."""
-    from PIL import Image
-
-    while min(image.size) >= 2 * resolution:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = resolution / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    left, top = (image.size[0] - resolution) // 2, (image.size[1] - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
-
-
 def _pil_to_array(image, resolution: int | None) -> np.ndarray:
     image = image.convert("RGB")
     if resolution is not None:
-        image = _adm_center_crop(image, resolution)
+        return center_crop_arr(image, resolution)
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -296,7 +284,7 @@ def iter_image_batches(
                 raise KeyError(f"{path} holds no images under {IMAGES_KEY!r} (keys: {npz_keys(path)})")
             yield from iter_npz_array(path, IMAGES_KEY, batch_size)
             return
-        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+        if path.is_dir() and is_saved_dataset(path):
             import datasets
 
             source = datasets.load_from_disk(str(path))
@@ -312,9 +300,9 @@ def iter_image_batches(
             return
         else:
             raise FileNotFoundError(f"image source {source} is neither an .npz file nor a folder")
+    if isinstance(source, dict) and hasattr(source, "column_names"):
+        raise ValueError(f"got a DatasetDict with splits {list(source)}; pass one split")
     if hasattr(source, "features") and hasattr(source, "column_names"):
-        if isinstance(source, dict):
-            raise ValueError(f"got a DatasetDict with splits {list(source)}; pass one split")
         column = image_column or _default_image_column(source)
         if column not in source.column_names:
             raise KeyError(f"dataset has no image column {column!r}; its columns are {source.column_names}")

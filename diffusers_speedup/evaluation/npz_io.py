@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils import atomic_write
+
 IMAGES_KEY = "arr_0"
 LABELS_KEY = "arr_1"
 
@@ -24,14 +26,9 @@ LABELS_KEY = "arr_1"
 def write_npz_atomically(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """`np.savez(path, **arrays)` through a temporary file and `os.replace`, so that `path` is either absent or
     complete, even when the process is killed while writing."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
     # np.savez appends ".npz" to string paths that lack it; an open file object keeps the temporary name exact.
-    with open(temporary, "wb") as file:
+    with atomic_write(path) as temporary, open(temporary, "wb") as file:
         np.savez(file, **arrays)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
 
 
 def write_adm_npz(
@@ -51,14 +48,16 @@ def write_adm_npz(
         labels: optional int array of length `num_images`, stored as `arr_1`.
     """
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
     header = {
         "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
         "fortran_order": False,
         "shape": (int(num_images), *(int(s) for s in image_shape)),
     }
     written = 0
-    with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with (
+        atomic_write(path) as temporary,
+        zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive,
+    ):
         with archive.open(f"{IMAGES_KEY}.npy", "w", force_zip64=True) as member:
             np.lib.format.write_array_header_1_0(member, header)
             for batch in image_batches:
@@ -77,9 +76,6 @@ def write_adm_npz(
                 raise ValueError(f"write_adm_npz: labels must have shape ({num_images},), got {labels.shape}")
             with archive.open(f"{LABELS_KEY}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, labels, allow_pickle=False)
-    with open(temporary, "rb+") as file:
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
     return path
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..utils import atomic_write
 from .npz_io import IMAGES_KEY, LABELS_KEY, write_adm_npz, write_npz_atomically
 
 CONFIG_NAME = "sampling_config.json"
@@ -186,10 +187,9 @@ def _check_or_write_run_config(output_dir: Path, config: dict) -> None:
                     "settings and pipeline that made them."
                 )
         return
-    # Every process may write it: the content is identical and os.replace is atomic.
-    temporary = path.with_name(f".{CONFIG_NAME}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(config, indent=2, sort_keys=True))
-    os.replace(temporary, path)
+    # Every process may write it: the content is identical and the rename is atomic.
+    with atomic_write(path) as temporary:
+        temporary.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def shard_path(output_dir: str | os.PathLike, shard_index: int) -> Path:

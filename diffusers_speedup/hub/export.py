@@ -33,7 +33,6 @@ Both routes read the same folder; neither needs the other's entries.
 from __future__ import annotations
 
 import ast
-import collections
 import dataclasses
 import inspect
 import json
@@ -41,11 +40,11 @@ import logging
 import os
 import shutil
 import sys
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..utils import atomic_folder
 from .model_card import ModelCardInfo, build_model_card
 
 logger = logging.getLogger(__name__)
@@ -67,31 +66,6 @@ SAMPLE_GRID_STEM = "samples"
 # The card's image is enlarged by a whole factor until its longer side is at least this many pixels: a grid of
 # 16-pixel samples (182×20) would be a smudge on the model page otherwise.
 DISPLAY_MIN_SIDE = 768
-
-
-def source_file_of(cls: type) -> Path:
-    """The .py file that defines `cls`.
-
-    `inspect.getsourcefile(cls)` goes through `sys.modules[cls.__module__]`, which is the package root once the
-    package sets `__module__ = "diffusers_speedup"` on its public classes; the code objects of the class's own
-    methods still point at the defining file.
-    """
-    counts: collections.Counter[str] = collections.Counter()
-    for value in vars(cls).values():
-        if isinstance(value, property):
-            value = value.fget
-        func = (
-            inspect.unwrap(getattr(value, "__func__", value)) if callable(getattr(value, "__func__", value)) else None
-        )
-        code = getattr(func, "__code__", None)
-        if code is not None and getattr(func, "__qualname__", "").startswith(cls.__qualname__ + "."):
-            counts[code.co_filename] += 1
-    if not counts:
-        module = sys.modules.get(cls.__module__)
-        if module is None or not getattr(module, "__file__", None):
-            raise ValueError(f"Cannot find the source file of {cls.__qualname__} (module {cls.__module__!r})")
-        return Path(module.__file__)
-    return Path(counts.most_common(1)[0][0])
 
 
 def _non_shippable_imports(source: Path) -> list[str]:
@@ -125,7 +99,10 @@ def _is_custom_library(library: str | None) -> bool:
 
 
 def _copy_code(cls: type, destination_dir: Path) -> str:
-    source = source_file_of(cls)
+    source = inspect.getsourcefile(cls)
+    if source is None:
+        raise ValueError(f"Cannot find the source file of {cls.__qualname__} (module {cls.__module__!r})")
+    source = Path(source)
     bad = _non_shippable_imports(source)
     if bad:
         # The folder still loads with the package installed; only the trust_remote_code route would break.
@@ -242,17 +219,6 @@ def _card_info_for(pipeline, info: ModelCardInfo) -> ModelCardInfo:
     return dataclasses.replace(info, class_labels=labels)
 
 
-def _replace_folder(new: Path, target: Path) -> None:
-    """Renames `new` to `target`; an existing `target` is moved aside first and deleted only afterwards."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
-
-
 def export_pipeline(
     pipeline,
     output_dir: str | os.PathLike,
@@ -286,8 +252,7 @@ def export_pipeline(
     info = ModelCardInfo.from_value(card_info)
     config = _plain_config(training_config)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_folder(target) as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)
         if ship_code:
             index = ship_pipeline_code(pipeline, staging)
@@ -307,10 +272,6 @@ def export_pipeline(
         card = build_model_card(info, training_config=config, component_classes=components, sample_grid_file=grid_name)
         card.save(staging / "README.md")
         (staging / CARD_INFO_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=2) + "\n")
-        _replace_folder(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("Exported pipeline to %s", target)
     return target
 

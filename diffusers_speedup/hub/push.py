@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+from ..utils import is_saved_dataset
+
 logger = logging.getLogger(__name__)
 
 _TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9_\-]{6,}")
@@ -141,8 +143,7 @@ def push_dataset_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset folder does not exist or is not a folder: {folder}")
-    is_saved_dataset = (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
-    if not is_saved_dataset:
+    if not is_saved_dataset(folder):
         return push_folder_to_hub(
             folder, repo_id, private=private, token=token, commit_message=commit_message, repo_type="dataset"
         )

@@ -431,10 +431,6 @@ class UViTModel(ModelMixin, ConfigMixin):
         """Go back to torch SDPA attention."""
         self.set_use_memory_efficient_attention_xformers(False)
 
-    def no_weight_decay(self) -> set:
-        """Parameter names U-ViT trains without weight decay."""
-        return {"pos_embed"}
-
     def _run_block(self, block: nn.Module, *args) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(block, *args)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+# The forward reads the user model's attributes (e.g. `input_is_sigma`) behind DDP and torch.compile wrappers.
+from ..utils import unwrap_model as _unwrap
 from .samplers import (
     LogitNormalTimestepSampler,
     LogNormalSigmaSampler,
@@ -65,17 +67,6 @@ class ObjectiveOutput:
     snr: torch.Tensor
     logvar: torch.Tensor | None = None
     vb: torch.Tensor | None = None
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's model behind DDP/FSDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        inner = getattr(model, "module", None)
-        if inner is None:
-            inner = getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
 
 
 def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

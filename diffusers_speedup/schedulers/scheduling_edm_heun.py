@@ -203,12 +203,6 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         return self._eval_sigmas_f64[self._step_index if self._step_index is not None else (self._begin_index or 0)]
 
     @property
-    def current_step_sigma(self) -> float:
-        """σ_i of the step the next network evaluation belongs to (the same for both evaluations of a step)."""
-        index = self._step_index if self._step_index is not None else (self._begin_index or 0)
-        return self._sigmas_f64[int(self.evaluation_step_indices[index])]
-
-    @property
     def state_in_first_order(self) -> bool:
         """True when the next evaluation starts a step (an Euler predictor), False for a Heun correction."""
         return self._derivative is None

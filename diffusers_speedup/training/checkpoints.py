@@ -23,6 +23,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from ..utils import atomic_write, replace_folder
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -54,12 +56,8 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_write(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def _read_latest_pointer(output_dir: Path) -> Path | None:
@@ -189,9 +187,6 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
     accelerator.save_state(str(tmp_dir))
-    # save_state has already advanced the counter; stored so load_checkpoint can restore it (accelerate doesn't).
-    trainer_state["accelerate_iteration"] = accelerator.project_configuration.iteration
-    trainer_state_text = json.dumps(trainer_state, indent=2, sort_keys=True)
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
@@ -199,17 +194,9 @@ def save_checkpoint(
             save_fn(tmp_dir)
         # trainer_state.json is written last: a folder holding it is a complete checkpoint.
         _write_text_atomic(tmp_dir / TRAINER_STATE_NAME, trainer_state_text + "\n")
-        if final_dir.exists():
-            # Re-saving a step (a resumed run passing an old save again): move the old one aside as a .tmp leftover
-            # first, since a folder cannot be renamed onto a non-empty one.
-            stale = output_dir / (checkpoint_name(step) + ".old" + TMP_SUFFIX)
-            if stale.exists():
-                shutil.rmtree(stale)
-            os.replace(final_dir, stale)
-            os.replace(tmp_dir, final_dir)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, final_dir)
+        # Re-saving a step (a resumed run passing an old save again) moves the old one aside under a .tmp name, so
+        # that a crash between the renames leaves a leftover that clean_incomplete_checkpoints removes.
+        replace_folder(tmp_dir, final_dir, aside=output_dir / (checkpoint_name(step) + ".old" + TMP_SUFFIX))
         _write_text_atomic(output_dir / LATEST_NAME, final_dir.name + "\n")
         rotate_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
@@ -228,18 +215,16 @@ def load_checkpoint(accelerator, checkpoint_dir: str | os.PathLike) -> dict:
     """Restore the state saved by `save_checkpoint` and return its trainer state.
 
     Register the same objects with `register_for_checkpointing` (in the same order) and prepare the same models,
-    optimizers and dataloaders before calling it. Also sets `accelerator.project_configuration.iteration` to its
-    value after that save, which `load_state` leaves at 0.
+    optimizers and dataloaders before calling it.
 
     Args:
         accelerator (`accelerate.Accelerator`): the accelerator to load into.
         checkpoint_dir: a checkpoint folder, e.g. from `find_latest_checkpoint`.
 
     Returns:
-        The dict stored in `trainer_state.json` (`step`, `accelerate_iteration` and the trainer's `extra_state`).
+        The dict stored in `trainer_state.json` (`step` and the trainer's `extra_state`).
     """
     checkpoint_dir = Path(checkpoint_dir)
     trainer_state = load_trainer_state(checkpoint_dir)
     accelerator.load_state(str(checkpoint_dir))
-    accelerator.project_configuration.iteration = int(trainer_state.get("accelerate_iteration", 0))
     return trainer_state

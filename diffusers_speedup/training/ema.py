@@ -3,8 +3,8 @@
 Two kinds:
 
 - `ConstantEMA`: the constant-decay EMA that DiT and U-ViT use (decay 0.9999 from the first update). diffusers'
-  `EMAModel(decay=0.9999)` is not this: it warms the decay up as `(1 + n) / (10 + n)`, which is 0.9991 after 10k
-  steps, so it cannot reproduce those papers' numbers.
+  `EMAModel(decay=0.9999)` warms the decay up as `(1 + n) / (10 + n)` by default; with `min_decay=0.9999` it
+  computes the same average.
 - `PowerFunctionEMA`: EDM2's power-function EMA (Karras et al. 2024, App. C). Each profile averages the whole
   trajectory with weights proportional to `t^gamma`, so its length is a fixed fraction of training time (`sigma_rel`).
   Periodic snapshots of the profiles allow any other `sigma_rel` to be reconstructed after training
@@ -12,6 +12,13 @@ Two kinds:
 
 Both keep the averaged weights in fp32 in a deep copy of the live model (`.model`, always in eval mode, usable for
 sampling and `save_pretrained`).
+
+Why not `EMAModel`: diffusers has no EDM2 power-function EMA, and the trainer treats both kinds alike, through one
+interface (`update(model, step)`, `.model`, `state_dict`). `EMAModel` keeps a list of shadow tensors that are swapped
+into the live model (`store` / `copy_to` / `restore`) to sample or save, matched to its parameters by position and
+counted by its own number of calls; here the average is a module of its own (buffers included) that the sampling
+pipeline and the export use as it is, matched by parameter name behind DDP and torch.compile wrappers, and updated
+by the trainer's optimizer step, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import extract_model_from_parallel
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from ..utils import atomic_write, unwrap_model
 
 # sigma_rel must stay below this: it is the profile width at gamma = 0, and gamma must be positive.
 MAX_SIGMA_REL = 12**-0.5
@@ -37,14 +45,9 @@ SNAPSHOT_DIR_NAME = "ema_snapshots"
 SNAPSHOT_PATTERN = re.compile(r"^phema-(\d+)-(\d+\.\d+)\.safetensors$")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # DDP / FSDP / torch.compile wrappers hold the real module; averaging must see the plain parameter names.
-    return extract_model_from_parallel(model, keep_fp32_wrapper=True, keep_torch_compile=False)
-
-
 def _make_shadow_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A detached fp32 deep copy of `model` in eval mode, without accelerate's autocast forward wrapper."""
-    shadow = copy.deepcopy(_unwrap(model))
+    shadow = copy.deepcopy(unwrap_model(model))
     # accelerate.prepare() stores an autocast-wrapped forward on the instance; the copy is a plain module.
     for name in ("forward", "_original_forward"):
         shadow.__dict__.pop(name, None)
@@ -62,7 +65,7 @@ class _ShadowModule:
     """Shared plumbing for an averaged copy of a model: parameter matching, buffers, copy_to."""
 
     def _check_same_params(self, model: torch.nn.Module, shadow: torch.nn.Module) -> list[torch.Tensor]:
-        live = _float_params(_unwrap(model))
+        live = _float_params(unwrap_model(model))
         names = [name for name, _ in live]
         if names != self._param_names:
             missing = sorted(set(self._param_names) - set(names))
@@ -77,14 +80,14 @@ class _ShadowModule:
     @torch.no_grad()
     def _copy_buffers(model: torch.nn.Module, shadow: torch.nn.Module) -> None:
         shadow_buffers = dict(shadow.named_buffers())
-        for name, buffer in _unwrap(model).named_buffers():
+        for name, buffer in unwrap_model(model).named_buffers():
             if name in shadow_buffers:
                 shadow_buffers[name].copy_(buffer)
 
     @staticmethod
     @torch.no_grad()
     def _copy_params(source: torch.nn.Module, target: torch.nn.Module) -> None:
-        target = _unwrap(target)
+        target = unwrap_model(target)
         target_params = dict(target.named_parameters())
         for name, p in source.named_parameters():
             if name not in target_params:
@@ -101,23 +104,18 @@ class ConstantEMA(_ShadowModule):
     Args:
         model (`torch.nn.Module`): the live model (it may still be wrapped by DDP or torch.compile).
         decay (`float`, defaults to 0.9999): decay applied at every update. The averaging horizon is about
-            `every / (1 - decay)` optimizer steps.
+            `1 / (1 - decay)` optimizer steps.
         start_step (`int`, defaults to 0): up to and including this step the average simply copies the model;
             averaging starts at the first update after it.
-        every (`int`, defaults to 1): average only on steps divisible by `every` (the decay is applied per update,
-            not per step).
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, start_step: int = 0, every: int = 1):
+    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, start_step: int = 0):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ConstantEMA: decay must be in [0, 1), got {decay}.")
         if start_step < 0:
             raise ValueError(f"ConstantEMA: start_step must be >= 0, got {start_step}.")
-        if every < 1:
-            raise ValueError(f"ConstantEMA: every must be >= 1, got {every}.")
         self.decay = float(decay)
         self.start_step = int(start_step)
-        self.every = int(every)
         self.step = 0
         self.num_updates = 0
         self.model = _make_shadow_copy(model)
@@ -131,11 +129,9 @@ class ConstantEMA(_ShadowModule):
         self.step = int(step)
         if step <= self.start_step:
             decay = 0.0
-        elif step % self.every == 0:
+        else:
             decay = self.decay
             self.num_updates += 1
-        else:
-            return
         live = [p.to(device=s.device, dtype=s.dtype) for p, s in zip(live, self._shadow_params)]
         if live:
             torch._foreach_lerp_(self._shadow_params, live, 1.0 - decay)
@@ -156,14 +152,13 @@ class ConstantEMA(_ShadowModule):
         return {
             "decay": self.decay,
             "start_step": self.start_step,
-            "every": self.every,
             "step": self.step,
             "num_updates": self.num_updates,
             "model": self.model.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        for key in ("decay", "start_step", "every"):
+        for key in ("decay", "start_step"):
             if key in state_dict and state_dict[key] != getattr(self, key):
                 raise ValueError(
                     f"ConstantEMA.load_state_dict: checkpoint has {key}={state_dict[key]}, this EMA has "
@@ -350,9 +345,8 @@ class PowerFunctionEMA(_ShadowModule):
                 "buffers": json.dumps(sorted(buffer_names & tensors.keys())),
             }
             path = _snapshot_path(snapshot_dir, self.t, sigma_rel)
-            tmp_path = path.with_name(path.name + ".tmp")
-            save_file(tensors, str(tmp_path), metadata=metadata)
-            os.replace(tmp_path, path)
+            with atomic_write(path) as temporary:
+                save_file(tensors, str(temporary), metadata=metadata)
             paths.append(path)
         return paths
 

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from accelerate.utils.environment import str_to_bool
+from diffusers.utils import make_image_grid
 from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -397,19 +398,6 @@ def log_image_to_trackers(accelerator: Accelerator, name: str, image, step: int)
             tracker.log_images({name: pixels}, step=step)
         else:  # W&B, SwanLab and trackers of one's own: a list of images per key
             tracker.log_images({name: [pixels]}, step=step)
-
-
-def make_grid(images, columns: int, padding: int = 2):
-    """Tile PIL images (all one size) into a grid, row by row, with ``padding`` black pixels between them."""
-    from PIL import Image
-
-    width, height = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new(images[0].mode, (columns * (width + padding) + padding, rows * (height + padding) + padding))
-    for index, image in enumerate(images):
-        row, column = divmod(index, columns)
-        grid.paste(image, (padding + column * (width + padding), padding + row * (height + padding)))
-    return grid
 
 
 # --- the trainer -------------------------------------------------------------------------------------------------
@@ -824,7 +812,7 @@ class Trainer:
                 generator=torch.Generator(accelerator.device).manual_seed(self.config.train.seed),
                 output_type="pil",
             ).images
-            grid = make_grid(images, columns=len(classes))
+            grid = make_image_grid(images, rows=sampling.images_per_class, cols=len(classes))
             path = self.output_dir / "samples" / f"step_{self.step:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)
