@@ -30,6 +30,7 @@ from .common import (
     save_converted_pipeline,
     tensor_shape,
 )
+from .uvit import BLOCK_PARTS
 
 SOURCE = "https://github.com/TiankaiHang/Min-SNR-Diffusion-Training"
 # The repository publishes no licence file; its code builds on openai/guided-diffusion (MIT).
@@ -42,21 +43,8 @@ PREDICTION_TYPES = ("sample", "epsilon", "v_prediction")
 HEADS_BY_WIDTH = {768: 12, 1024: 16, 1152: 16}
 NAMES_BY_WIDTH = {768: "B", 1024: "L", 1152: "XL"}
 
-_BLOCK_PARTS = {  # official name inside blocks.{i} -> UViTModel name inside in_blocks.{i}
-    "norm1.weight": "norm1.weight",
-    "norm1.bias": "norm1.bias",
-    "attn.qkv.weight": "attn.qkv.weight",
-    "attn.q_bias": "attn.q_bias",
-    "attn.v_bias": "attn.v_bias",
-    "attn.proj.weight": "attn.proj.weight",
-    "attn.proj.bias": "attn.proj.bias",
-    "norm2.weight": "norm2.weight",
-    "norm2.bias": "norm2.bias",
-    "mlp.fc1.weight": "mlp.0.weight",
-    "mlp.fc1.bias": "mlp.0.bias",
-    "mlp.fc2.weight": "mlp.2.weight",
-    "mlp.fc2.bias": "mlp.2.bias",
-}
+# Official name inside blocks.{i} -> UViTModel name inside in_blocks.{i}: U-ViT's block with q and v biases only.
+_BLOCK_PARTS = {**BLOCK_PARTS, "attn.q_bias": "attn.q_bias", "attn.v_bias": "attn.v_bias"}
 
 
 def official_key_map(depth: int, class_cond: bool, final_norm: bool, conv_last: bool) -> dict[str, str]:

@@ -101,7 +101,7 @@ RELEASES = {
     )
 }  # fmt: skip
 
-_BLOCK_PARTS = {  # official name inside a block -> UViTModel name
+BLOCK_PARTS = {  # official name inside a block -> UViTModel name (the timm ViT block both U-ViT and Min-SNR use)
     "norm1.weight": "norm1.weight",
     "norm1.bias": "norm1.bias",
     "attn.qkv.weight": "attn.qkv.weight",
@@ -141,7 +141,7 @@ def official_key_map(depth: int, conditional: bool, mlp_time_embed: bool, qkv_bi
         and (mlp_time_embed or not official.startswith("time_embed"))
         and (conv or not official.startswith("final_layer"))
     }
-    parts = dict(_BLOCK_PARTS, **({"attn.qkv.bias": "attn.qkv.bias"} if qkv_bias else {}))
+    parts = dict(BLOCK_PARTS, **({"attn.qkv.bias": "attn.qkv.bias"} if qkv_bias else {}))
     prefixes = [f"in_blocks.{i}." for i in range(depth // 2)] + ["mid_block."]
     prefixes += [f"out_blocks.{i}." for i in range(depth // 2)]
     for prefix in prefixes:
