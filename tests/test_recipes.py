@@ -3,6 +3,7 @@ and data are shrunk by overrides."""
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from diffusers_speedup.training import ConfigError, Trainer, load_config
+from diffusers_speedup.training.config import LRSchedule, validate_config
+from diffusers_speedup.training.lr_schedules import get_lr_scheduler
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(CONFIGS.rglob("*.yaml"))
@@ -239,3 +242,18 @@ def test_configured_statistics_must_match_the_cache_channels(tiny_data, tmp_path
     ]
     with pytest.raises(ConfigError, match="data.latents_mean: 3 values, but the latents in .* have 4 channels"):
         Trainer(load_config(CONFIGS / "imagenet512" / "edm2_xs.yaml", overrides))
+
+
+def test_choices_are_checked_from_their_types_also_for_a_config_changed_in_python():
+    with pytest.raises(ConfigError, match="optim.lr_schedule: Invalid value 'cosine_annealing', expected one of"):
+        load_config(CONFIGS / "quickstart.yaml", ["optim.lr_schedule=cosine_annealing"])
+    config = load_config(CONFIGS / "quickstart.yaml")
+    config.ema.kind = "polyak"
+    with pytest.raises(ConfigError, match="ema.kind: Invalid value 'polyak'"):
+        validate_config(config)
+
+
+def test_every_schedule_a_recipe_can_name_builds():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for name in get_args(LRSchedule):
+        get_lr_scheduler(name, optimizer, warmup_steps=2, total_steps=10)

@@ -12,25 +12,36 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..objectives.objective import LOSS_REDUCTIONS
+from ..objectives.weighting import PREDICTION_TYPES
 from .checkpoints import CONFIG_NAME as CONFIG_FILE_NAME
 from .checkpoints import TRAINER_STATE_NAME, list_checkpoints
 
-MODEL_KINDS = ("uvit", "edm2_unet", "dit")
-DATA_KINDS = ("builtin", "image_folder", "hf_dataset", "latents")
-LATENT_NORMS = ("vae", "per_channel")
-SCHEDULE_KINDS = ("ddpm", "edm")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-SAMPLING_SCHEDULERS = ("ddim", "ddpm", "dpm_solver", "edm_euler", "edm_heun")
-EMA_KINDS = ("none", "constant", "power")
-OPTIMIZERS = ("adamw", "adam")
-LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "inverse_sqrt")
-MIXED_PRECISION = ("fp32", "bf16", "fp16")
-ATTENTION = ("sdpa", "xformers")
+# The choices of the recipe fields. OmegaConf checks a value against its field's Literal whenever a recipe or an
+# override is merged, and `validate_config` does so for a Config built in Python.
+ModelKind = Literal["uvit", "edm2_unet", "dit"]
+DataKind = Literal["builtin", "image_folder", "hf_dataset", "latents"]
+LatentNorm = Literal["vae", "per_channel"]
+ScheduleKind = Literal["ddpm", "edm"]
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+PredictionType = Literal[PREDICTION_TYPES]
+LossReduction = Literal[LOSS_REDUCTIONS]
+SamplingScheduler = Literal["ddim", "ddpm", "dpm_solver", "edm_euler", "edm_heun"]
+EMAKind = Literal["none", "constant", "power"]
+OptimizerName = Literal["adamw", "adam"]
+# The schedules of `get_lr_scheduler` that need no options beyond the warm-up and the training length (its
+# "piecewise_constant" needs step rules, which a recipe does not carry).
+LRSchedule = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt"
+]
+MixedPrecision = Literal["fp32", "bf16", "fp16"]
+AttentionBackend = Literal["sdpa", "xformers"]
+MIXED_PRECISION = get_args(MixedPrecision)
 # accelerate's experiment trackers (accelerate.utils.LoggerType); train.report_to takes one, several joined by
 # commas, "all" (every one installed) or "none". The Python module each needs has the same name.
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio")
@@ -42,7 +53,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    kind: str = "uvit"  # uvit | edm2_unet | dit
+    kind: ModelKind = "uvit"
     preset: str | None = None  # e.g. uvit-s, edm2-xs, dit-xl-2; None builds from params alone
     params: dict[str, Any] = field(default_factory=dict)  # constructor arguments, overriding the preset
     pretrained: str | None = None  # a saved model folder to start from instead
@@ -50,11 +61,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "builtin"  # builtin | image_folder | hf_dataset | latents
+    kind: DataKind = "builtin"
     name: str = "digits"  # the built-in dataset
     path: str | None = None  # image folder, 🤗 dataset name or folder, or cached-latents folder
     resolution: int = 32
-    channels: int = 3  # 1 keeps the built-in digits grayscale
+    channels: Literal[1, 3] = 3  # 1 keeps the built-in digits grayscale
     random_flip: bool = False
     in_memory: bool = False  # hold the whole dataset on the training device (no reads during training)
     image_column: str = "image"
@@ -62,7 +73,7 @@ class DataConfig:
     # Cached latents only. "vae": the VAE config's own normalisation (z * 0.18215 for SD VAEs). "per_channel": each
     # channel to mean 0 and std latent_target_std (EDM2), from latents_mean/latents_std when given, else measured
     # on the cache.
-    latent_norm: str = "vae"
+    latent_norm: LatentNorm = "vae"
     latents_mean: list[float] | None = None
     latents_std: list[float] | None = None
     latent_target_std: float = 0.5
@@ -70,9 +81,9 @@ class DataConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: str = "ddpm"  # ddpm (discrete, DDPMScheduler) | edm (continuous σ)
+    kind: ScheduleKind = "ddpm"  # ddpm: discrete, DDPMScheduler; edm: continuous σ
     num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"
+    beta_schedule: BetaSchedule = "linear"
     beta_start: float = 0.0001
     beta_end: float = 0.02
     rescale_betas_zero_snr: bool = False
@@ -84,23 +95,23 @@ class ScheduleConfig:
 @dataclass
 class ObjectiveConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    prediction_type: str = "epsilon"  # epsilon | v_prediction | sample
+    prediction_type: PredictionType = "epsilon"
     sampler: dict[str, Any] = field(default_factory=lambda: {"kind": "default"})
     weighting: dict[str, Any] = field(default_factory=lambda: {"kind": "constant"})
     learned_uncertainty: bool = False
     learned_variance: bool = False  # DiT's learn_sigma: 2C outputs, variance trained with the VB term
     label_dropout: float = 0.1
-    loss_reduction: str = "mean"  # mean | sum: each sample's loss averaged or summed (EDM2) over C·H·W
+    loss_reduction: LossReduction = "mean"  # each sample's loss averaged or summed (EDM2) over C·H·W
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"
+    optimizer: OptimizerName = "adamw"
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     eps: float = 1e-8
-    lr_schedule: str = "constant"
+    lr_schedule: LRSchedule = "constant"
     warmup_steps: int = 0
     # inverse_sqrt (EDM2): lr / sqrt(max(step / ref_batches, 1)), ramped up over the first rampup_images images
     ref_batches: float = 70000.0
@@ -110,7 +121,7 @@ class OptimConfig:
 
 @dataclass
 class EMAConfig:
-    kind: str = "constant"  # none | constant | power
+    kind: EMAKind = "constant"
     decay: float = 0.9999
     start_step: int = 0
     sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
@@ -119,7 +130,7 @@ class EMAConfig:
 
 @dataclass
 class SamplingConfig:
-    scheduler: str | None = None  # ddim | ddpm | dpm_solver | edm_euler | edm_heun; None picks by schedule
+    scheduler: SamplingScheduler | None = None  # None picks by the training schedule
     num_inference_steps: int = 50
     guidance_scale: float = 1.0
     guidance_interval: list[float] | None = None  # [sigma_lo, sigma_hi]
@@ -144,12 +155,12 @@ class TrainConfig:
     batch_size: int = 64  # global batch (all processes, all accumulation steps)
     gradient_accumulation_steps: int = 1
     max_steps: int = 1000
-    # fp32 | bf16 | fp16 (autocast; weights stay fp32). None: the launcher's choice (`accelerate launch
+    # Autocast precision (weights stay fp32). None: the launcher's choice (`accelerate launch
     # --mixed_precision`, `accelerate config`), fp32 without one; a value here overrides the launcher, with a warning.
-    mixed_precision: str | None = None
+    mixed_precision: MixedPrecision | None = None
     allow_tf32: bool = True
     compile: bool = False
-    attention: str = "sdpa"
+    attention: AttentionBackend = "sdpa"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 500
     checkpoints_total_limit: int | None = 3
@@ -326,85 +337,37 @@ def model_presets(kind: str) -> dict:
 
 
 def validate_config(config: Config) -> None:
-    """Check choices, ranges and combinations that the types alone cannot; raise ConfigError naming the key."""
-    model, data, objective, schedule = config.model, config.data, config.objective, config.objective.schedule
-    optim, ema, sampling, train = config.optim, config.ema, config.sampling, config.train
+    """Check what the types alone cannot: the values' ranges, then how the fields fit together.
 
-    _choice("model.kind", model.kind, MODEL_KINDS)
-    if model.preset is not None:
-        _choice("model.preset", model.preset, sorted(model_presets(model.kind)))
-    accepted = set(inspect.signature(model_class(model.kind).__init__).parameters) - {"self"}
-    for key in model.params:
-        if key not in accepted:
-            raise ConfigError(
-                f"model.params.{key}: not an argument of {model_class(model.kind).__name__} "
-                f"(accepted: {', '.join(sorted(accepted))})."
-            )
+    Raises:
+        ConfigError: naming the key, for the first problem found.
+    """
+    try:
+        OmegaConf.structured(config)  # the types and choices, for a Config built or changed in Python
+    except OmegaConfBaseException as error:
+        raise ConfigError(_omegaconf_message(error)) from None
+    _check_ranges(config)
+    _check_combinations(config)
 
-    _choice("data.kind", data.kind, DATA_KINDS)
-    if data.kind == "builtin":
-        from ..data.builtin import BUILTIN_DATASETS
 
-        _choice("data.name", data.name, BUILTIN_DATASETS)
-    if data.kind != "builtin" and not data.path:
-        raise ConfigError(f"data.path: required for data.kind {data.kind!r}.")
+def _check_ranges(config: Config) -> None:
+    """Each field on its own: ranges and lengths."""
+    data, objective, optim, ema, sampling, hub, train = (
+        config.data,
+        config.objective,
+        config.optim,
+        config.ema,
+        config.sampling,
+        config.hub,
+        config.train,
+    )
     _positive("data.resolution", data.resolution)
-    _choice("data.channels", data.channels, (1, 3))
-    _choice("data.latent_norm", data.latent_norm, LATENT_NORMS)
-    if data.latent_norm != "vae" and data.kind != "latents":
-        raise ConfigError(
-            f"data.latent_norm: {data.latent_norm!r} applies to cached latents, not data.kind {data.kind!r}."
-        )
-    if (data.latents_mean is None) != (data.latents_std is None):
-        raise ConfigError("data.latents_mean, data.latents_std: give both (per-channel raw statistics) or neither.")
-    if data.latents_mean is not None:
-        if data.latent_norm != "per_channel":
-            raise ConfigError("data.latents_mean: only used with data.latent_norm: per_channel.")
-        if len(data.latents_mean) != len(data.latents_std):
-            raise ConfigError(
-                f"data.latents_std: {len(data.latents_std)} values for {len(data.latents_mean)} in data.latents_mean."
-            )
-        if min(data.latents_std) <= 0:
-            raise ConfigError(f"data.latents_std: must be positive, got {list(data.latents_std)}.")
+    if data.latents_std is not None and min(data.latents_std) <= 0:
+        raise ConfigError(f"data.latents_std: must be positive, got {list(data.latents_std)}.")
     _positive("data.latent_target_std", data.latent_target_std)
-
-    _choice("objective.schedule.kind", schedule.kind, SCHEDULE_KINDS)
-    _choice("objective.schedule.beta_schedule", schedule.beta_schedule, BETA_SCHEDULES)
-    _choice("objective.prediction_type", objective.prediction_type, ("epsilon", "v_prediction", "sample"))
     if not 0 <= objective.label_dropout < 1:
         raise ConfigError(f"objective.label_dropout: must lie in [0, 1), got {objective.label_dropout}.")
-    from ..objectives.objective import LOSS_REDUCTIONS
 
-    _choice("objective.loss_reduction", objective.loss_reduction, LOSS_REDUCTIONS)
-    if model.kind == "edm2_unet":
-        if schedule.kind != "edm":
-            raise ConfigError("objective.schedule.kind: EDM2UNetModel takes σ and needs the 'edm' schedule.")
-        if objective.prediction_type != "sample":
-            raise ConfigError("objective.prediction_type: EDM2UNetModel returns the denoised sample; use 'sample'.")
-    if objective.learned_variance and (model.kind != "dit" or schedule.kind != "ddpm"):
-        raise ConfigError(
-            f"objective.learned_variance: needs model.kind 'dit' with the 'ddpm' schedule (DiT's learned σ), "
-            f"got model.kind {model.kind!r} with schedule {schedule.kind!r}."
-        )
-    if model.kind == "dit" and objective.label_dropout > 0:
-        raise ConfigError("objective.label_dropout: DiTModel drops labels itself (class_dropout_prob); set it to 0.")
-    try:
-        from ..objectives import build_sampler, compute_loss_weights
-
-        build_sampler(dict(objective.sampler), build_noise_scheduler(schedule))
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"objective.sampler: {error}") from None
-    weighting = dict(objective.weighting)
-    kind = weighting.pop("kind", "constant")
-    try:
-        import torch
-
-        compute_loss_weights(kind, torch.ones(1), objective.prediction_type, **weighting)
-    except ValueError as error:
-        raise ConfigError(f"objective.weighting: {error}") from None
-
-    _choice("optim.optimizer", optim.optimizer, OPTIMIZERS)
-    _choice("optim.lr_schedule", optim.lr_schedule, LR_SCHEDULES)
     _positive("optim.lr", optim.lr)
     if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
         raise ConfigError(f"optim.betas: needs two values in [0, 1), got {list(optim.betas)}.")
@@ -414,7 +377,6 @@ def validate_config(config: Config) -> None:
     _positive("optim.eps", optim.eps)
     _positive("optim.weight_decay", optim.weight_decay, allow_zero=True)
 
-    _choice("ema.kind", ema.kind, EMA_KINDS)
     if not 0 < ema.decay < 1:
         raise ConfigError(f"ema.decay: must lie in (0, 1), got {ema.decay}.")
     _positive("ema.start_step", ema.start_step, allow_zero=True)
@@ -423,12 +385,6 @@ def validate_config(config: Config) -> None:
         if not 0 < sigma_rel < 0.2887:
             raise ConfigError(f"ema.sigma_rels: each must lie in (0, 0.2887), got {sigma_rel}.")
 
-    if sampling.scheduler is not None:
-        _choice("sampling.scheduler", sampling.scheduler, SAMPLING_SCHEDULERS)
-        if (sampling.scheduler.startswith("edm")) != (schedule.kind == "edm"):
-            raise ConfigError(
-                f"sampling.scheduler: {sampling.scheduler!r} does not fit the {schedule.kind!r} training schedule."
-            )
     # Used only after training (sample grids, export): checked now rather than after hours of work.
     _positive("sampling.num_inference_steps", sampling.num_inference_steps)
     _positive("sampling.images_per_class", sampling.images_per_class)
@@ -441,10 +397,8 @@ def validate_config(config: Config) -> None:
                 f"sampling.guidance_interval: needs [sigma_lo, sigma_hi] with 0 <= lo <= hi, got {lo_hi}."
             )
 
-    if config.hub.push_to_hub and not config.hub.hub_model_id:
-        raise ConfigError("hub.hub_model_id: required when hub.push_to_hub is true.")
-    _positive("hub.max_retries", config.hub.max_retries, allow_zero=True)
-    _positive("hub.retry_delay", config.hub.retry_delay, allow_zero=True)
+    _positive("hub.max_retries", hub.max_retries, allow_zero=True)
+    _positive("hub.retry_delay", hub.retry_delay, allow_zero=True)
 
     _positive("train.batch_size", train.batch_size)
     _positive("train.gradient_accumulation_steps", train.gradient_accumulation_steps)
@@ -458,19 +412,11 @@ def validate_config(config: Config) -> None:
             f"train.checkpoints_total_limit: must be >= 1 (or null to keep every checkpoint), "
             f"got {train.checkpoints_total_limit}."
         )
-    if train.mixed_precision is not None:
-        _choice("train.mixed_precision", train.mixed_precision, MIXED_PRECISION)
-    _choice("train.attention", train.attention, ATTENTION)
     if train.report_to not in ("all", "none"):
         for tracker in train.report_to.split(","):
             _choice("train.report_to", tracker.strip(), (*TRACKERS, "all", "none"))
     if not train.tracker_project_name.strip():
         raise ConfigError("train.tracker_project_name: must not be empty.")
-    if train.batch_size % train.gradient_accumulation_steps:
-        raise ConfigError(
-            f"train.batch_size: {train.batch_size} is not divisible by "
-            f"train.gradient_accumulation_steps={train.gradient_accumulation_steps}."
-        )
     if train.resume not in (None, "latest"):
         resume = Path(train.resume)
         if not resume.is_dir():
@@ -485,6 +431,86 @@ def validate_config(config: Config) -> None:
             raise ConfigError(
                 f"train.resume: {train.resume!r} is not a checkpoint folder (no {TRAINER_STATE_NAME}); {hint}."
             )
+
+
+def _check_combinations(config: Config) -> None:
+    """The fields that depend on others: every cross-field rule of a recipe is here."""
+    model, data, objective, schedule = config.model, config.data, config.objective, config.objective.schedule
+
+    if model.preset is not None:
+        _choice("model.preset", model.preset, sorted(model_presets(model.kind)))
+    accepted = set(inspect.signature(model_class(model.kind).__init__).parameters) - {"self"}
+    for key in model.params:
+        if key not in accepted:
+            raise ConfigError(
+                f"model.params.{key}: not an argument of {model_class(model.kind).__name__} "
+                f"(accepted: {', '.join(sorted(accepted))})."
+            )
+
+    if data.kind == "builtin":
+        from ..data.builtin import BUILTIN_DATASETS
+
+        _choice("data.name", data.name, BUILTIN_DATASETS)
+    elif not data.path:
+        raise ConfigError(f"data.path: required for data.kind {data.kind!r}.")
+    if data.latent_norm != "vae" and data.kind != "latents":
+        raise ConfigError(
+            f"data.latent_norm: {data.latent_norm!r} applies to cached latents, not data.kind {data.kind!r}."
+        )
+    if (data.latents_mean is None) != (data.latents_std is None):
+        raise ConfigError("data.latents_mean, data.latents_std: give both (per-channel raw statistics) or neither.")
+    if data.latents_mean is not None:
+        if data.latent_norm != "per_channel":
+            raise ConfigError("data.latents_mean: only used with data.latent_norm: per_channel.")
+        if len(data.latents_mean) != len(data.latents_std):
+            raise ConfigError(
+                f"data.latents_std: {len(data.latents_std)} values for {len(data.latents_mean)} in data.latents_mean."
+            )
+
+    if model.kind == "edm2_unet":
+        if schedule.kind != "edm":
+            raise ConfigError("objective.schedule.kind: EDM2UNetModel takes σ and needs the 'edm' schedule.")
+        if objective.prediction_type != "sample":
+            raise ConfigError("objective.prediction_type: EDM2UNetModel returns the denoised sample; use 'sample'.")
+    if objective.learned_variance and (model.kind != "dit" or schedule.kind != "ddpm"):
+        raise ConfigError(
+            f"objective.learned_variance: needs model.kind 'dit' with the 'ddpm' schedule (DiT's learned σ), "
+            f"got model.kind {model.kind!r} with schedule {schedule.kind!r}."
+        )
+    if model.kind == "dit" and objective.label_dropout > 0:
+        raise ConfigError("objective.label_dropout: DiTModel drops labels itself (class_dropout_prob); set it to 0.")
+    _check_sampler_and_weighting(objective)
+
+    scheduler = config.sampling.scheduler
+    if scheduler is not None and scheduler.startswith("edm") != (schedule.kind == "edm"):
+        raise ConfigError(f"sampling.scheduler: {scheduler!r} does not fit the {schedule.kind!r} training schedule.")
+    if config.hub.push_to_hub and not config.hub.hub_model_id:
+        raise ConfigError("hub.hub_model_id: required when hub.push_to_hub is true.")
+    train = config.train
+    if train.batch_size % train.gradient_accumulation_steps:
+        raise ConfigError(
+            f"train.batch_size: {train.batch_size} is not divisible by "
+            f"train.gradient_accumulation_steps={train.gradient_accumulation_steps}."
+        )
+
+
+def _check_sampler_and_weighting(objective: ObjectiveConfig) -> None:
+    """The timestep sampler and the loss weighting, by building them (their options depend on their kind, the
+    sampler's on the schedule and the weighting's on the prediction type)."""
+    import torch
+
+    from ..objectives import build_sampler, compute_loss_weights
+
+    try:
+        build_sampler(dict(objective.sampler), build_noise_scheduler(objective.schedule))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"objective.sampler: {error}") from None
+    weighting = dict(objective.weighting)
+    kind = weighting.pop("kind", "constant")
+    try:
+        compute_loss_weights(kind, torch.ones(1), objective.prediction_type, **weighting)
+    except ValueError as error:
+        raise ConfigError(f"objective.weighting: {error}") from None
 
 
 def report_to_trackers(report_to: str) -> list[str]:
