@@ -121,17 +121,6 @@ class ModelCardInfo:
         return cls(**dict(value))
 
 
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _is_off(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, str) and value.lower() in ("", "none", "off", "false"))
 
@@ -139,41 +128,29 @@ def _is_off(value: Any) -> bool:
 def detect_techniques(training_config: Mapping[str, Any] | None, pipeline_class_names: list[str] = ()) -> list[str]:
     """Techniques (keys of `TECHNIQUES`) a training config and the pipeline's component classes show.
 
-    The config is searched by key name rather than by a fixed schema so the card keeps working while the config
-    layout evolves: a loss weighting or timestep sampler whose value names the technique, a `skip_scaling` other
-    than "none" (ScaleLong), a `guidance_interval` that is set, and the model classes themselves.
+    `training_config` is the trainer's resolved config as a dict (sections ``model``, ``objective``,
+    ``sampling``, ...; see `diffusers_speedup.training.config.Config`); missing sections count as defaults. The
+    tags come in the config's order (model, objective, sampling), then those of the classes.
     """
-    found: list[str] = []
+    model = _recipe_section(training_config, "model")
+    objective = _recipe_section(training_config, "objective")
+    sampling = _recipe_section(training_config, "sampling")
+    params = model.get("params") if isinstance(model.get("params"), Mapping) else {}
 
-    def add(tag):
-        if tag not in found:
-            found.append(tag)
+    def kind(section: Mapping[str, Any], key: str) -> str | None:
+        value = section.get(key)
+        return value.get("kind") if isinstance(value, Mapping) else None
 
-    for key, value in _flatten(training_config or {}).items():
-        leaf = key.rsplit(".", 1)[-1].lower()
-        text = str(value).lower().replace("-", "_")
-        if leaf in ("weighting", "loss_weighting", "weighting_scheme", "kind") and text in ("min_snr", "soft_min_snr"):
-            add("min-snr")
-        if leaf in ("snr_gamma", "min_snr_gamma") and not _is_off(value):
-            add("min-snr")
-        if leaf in ("sampler", "timestep_sampler", "timestep_sampling", "kind") and text == "speed":
-            add("speed")
-        if leaf == "skip_scaling" and not _is_off(value):
-            add("scalelong")
-        if leaf == "guidance_interval" and not _is_off(value):
-            add("limited-interval-guidance")
-        if leaf in ("model", "model_type", "type", "architecture", "name", "kind", "weighting") and text.startswith(
-            "edm2"
-        ):
-            add("edm2")
-        if leaf in ("model", "model_type", "type", "architecture", "name") and text.startswith("uvit"):
-            add("u-vit")
-    for class_name in pipeline_class_names:
-        if class_name == "UViTModel":
-            add("u-vit")
-        if class_name == "EDM2UNetModel":
-            add("edm2")
-    return found
+    used = [
+        ("edm2", model.get("kind") == "edm2_unet"),
+        ("scalelong", not _is_off(params.get("skip_scaling"))),
+        ("speed", kind(objective, "sampler") == "speed"),
+        ("min-snr", kind(objective, "weighting") in ("min_snr", "soft_min_snr")),
+        ("limited-interval-guidance", not _is_off(sampling.get("guidance_interval"))),
+        ("u-vit", "UViTModel" in pipeline_class_names),
+        ("edm2", "EDM2UNetModel" in pipeline_class_names),
+    ]
+    return list(dict.fromkeys(tag for tag, present in used if present))
 
 
 def hub_repo_id(name: Any) -> str | None:
