@@ -255,6 +255,52 @@ images = {_call(info, kwargs, "    ")}.images
 """
 
 
+def _fid_result(info: ModelCardInfo, datasets: list[str]) -> EvalResult:
+    """The card's `model-index` entry for `info.fid`."""
+    return EvalResult(
+        task_type="image-generation",
+        task_name="Class-conditional image generation",
+        dataset_type=datasets[0] if datasets else "custom",
+        dataset_name=info.dataset_name or (datasets[0] if datasets else "training data"),
+        dataset_split=info.fid_split,
+        metric_type="fid",
+        metric_name=f"FID-{info.fid_num_samples // 1000}K" if info.fid_num_samples else "FID",
+        metric_value=float(info.fid),
+    )
+
+
+def _training_lines(
+    info: ModelCardInfo, datasets: list[str], base_model: str | None, has_config: bool, techniques: list[str]
+) -> list[str]:
+    """The card's "How it was trained" section: data, starting point, the reported facts, and the techniques."""
+    recipe = []
+    if info.dataset_name or datasets:
+        recipe.append(f"- **Data:** {info.dataset_name or ', '.join(datasets)}")
+    if base_model:
+        recipe.append(f"- **Started from:** [{base_model}](https://huggingface.co/{base_model})")
+    for label, value in (
+        ("Optimizer steps", info.training_steps),
+        ("Images seen", info.images_seen),
+        ("Global batch size", info.batch_size),
+        ("Hardware", info.hardware),
+        ("Training time", info.training_time),
+    ):
+        if value is not None:
+            recipe.append(f"- **{label}:** {value:,}" if isinstance(value, int) else f"- **{label}:** {value}")
+    if has_config:
+        recipe.append("- **Full recipe:** [`training_config.yaml`](training_config.yaml) (the resolved config)")
+    lines = ["## How it was trained", "", *(recipe or ["Not recorded."]), ""]
+    if techniques:
+        lines += ["### Techniques", ""]
+        for tag in techniques:
+            t = TECHNIQUES[tag]
+            lines.append(
+                f"- **{t['name']}**: {t['citation']} ([arXiv:{t['arxiv']}](https://arxiv.org/abs/{t['arxiv']}))"
+            )
+        lines += [""]
+    return lines
+
+
 def build_model_card(
     info: ModelCardInfo | Mapping[str, Any] | None = None,
     *,
@@ -288,21 +334,7 @@ def build_model_card(
     if base_model is not None:
         _check_repo_ids("base_model", [base_model])
 
-    eval_results = None
-    if info.fid is not None:
-        metric_name = f"FID-{info.fid_num_samples // 1000}K" if info.fid_num_samples else "FID"
-        eval_results = [
-            EvalResult(
-                task_type="image-generation",
-                task_name="Class-conditional image generation",
-                dataset_type=datasets[0] if datasets else "custom",
-                dataset_name=info.dataset_name or (datasets[0] if datasets else "training data"),
-                dataset_split=info.fid_split,
-                metric_type="fid",
-                metric_name=metric_name,
-                metric_value=float(info.fid),
-            )
-        ]
+    eval_results = [_fid_result(info, datasets)] if info.fid is not None else None
     tags = list(dict.fromkeys(BASE_TAGS + techniques + list(info.extra_tags)))
     shown_image = info.widget_file or sample_grid_file
     card_data = ModelCardData(
@@ -337,34 +369,7 @@ def build_model_card(
     lines += [f"- `{name}`: `{cls}`" for name, cls in component_classes.items()]
     lines += [""]
 
-    lines += ["## How it was trained", ""]
-    recipe = []
-    if info.dataset_name or datasets:
-        recipe.append(f"- **Data:** {info.dataset_name or ', '.join(datasets)}")
-    if base_model:
-        recipe.append(f"- **Started from:** [{base_model}](https://huggingface.co/{base_model})")
-    for label, value in (
-        ("Optimizer steps", info.training_steps),
-        ("Images seen", info.images_seen),
-        ("Global batch size", info.batch_size),
-        ("Hardware", info.hardware),
-        ("Training time", info.training_time),
-    ):
-        if value is not None:
-            recipe.append(f"- **{label}:** {value:,}" if isinstance(value, int) else f"- **{label}:** {value}")
-    if training_config:
-        recipe.append("- **Full recipe:** [`training_config.yaml`](training_config.yaml) (the resolved config)")
-    lines += recipe or ["Not recorded."]
-    lines += [""]
-
-    if techniques:
-        lines += ["### Techniques", ""]
-        for tag in techniques:
-            t = TECHNIQUES[tag]
-            lines.append(
-                f"- **{t['name']}**: {t['citation']} ([arXiv:{t['arxiv']}](https://arxiv.org/abs/{t['arxiv']}))"
-            )
-        lines += [""]
+    lines += _training_lines(info, datasets, base_model, bool(training_config), techniques)
 
     if info.fid is not None:
         lines += ["## Evaluation", ""]
