@@ -353,8 +353,7 @@ def build_model_card(
 
     location = location or info.repo_id or "path/to/this/folder"
     backbone = component_classes.get("transformer") or component_classes.get("unet") or "diffusion model"
-    uses_vae = "vae" in component_classes
-    space = "the latent space of a Stable Diffusion VAE (`vae/`)" if uses_vae else "pixel space"
+    space = "the latent space of a Stable Diffusion VAE (`vae/`)" if "vae" in component_classes else "pixel space"
     description = info.description or (
         f"A class-conditional image generation model ({backbone}) trained in {space}"
         + (f" on {info.dataset_name}" if info.dataset_name else "")
