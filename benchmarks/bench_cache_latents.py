@@ -6,13 +6,17 @@
 The real mode generates ``--num_images`` JPEGs of ImageNet's typical size (500x375, quality 90, smooth content so
 they compress like photos) unless ``--image_folder`` is given. ``--vae random-sd`` builds the SD VAE architecture with
 random weights (same compute) for machines without Hub access. Goal: >= 1000 img/s end to end on one H100 with 16
-CPU cores (both the image and its mirror encoded).
+CPU cores (both the image and its mirror encoded). Writes ``caching.json`` to ``--output_dir``: the settings and
+every rate measured, also when a later stage fails (``error`` then says how).
 """
 
 import argparse
+import json
 import os
+import sys
 import tempfile
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -115,14 +119,43 @@ def main(argv=None):
     parser.add_argument("--num_workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--output_dir", default="outputs/bench_cache_latents")
     args = parser.parse_args(argv)
     if args.tiny:
         args.num_images, args.vae, args.resolution, args.batch_size, args.num_workers = 48, "tiny", 32, 16, 0
 
-    from diffusers_speedup.data.latent_cache import cache_latents
-
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = ("fp16" if device.type == "cuda" else "fp32") if args.dtype == "auto" else args.dtype
+    result = {
+        "benchmark": "cache_latents",
+        "command": "python benchmarks/bench_cache_latents.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "dtype": dtype,
+        "resolution": args.resolution,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "vae": args.vae,
+        "error": None,
+    }
+    try:
+        measure(args, device, dtype, result)
+    except Exception as error:
+        result["error"] = f"{type(error).__name__}: {error}"
+        traceback.print_exc()
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "caching.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    if result["error"]:
+        sys.exit(f"error: {result['error']}")
+    return result
+
+
+def measure(args, device, dtype, result: dict) -> None:
+    """Runs the three measurements, printing each and filling `result` as it goes."""
+    from diffusers_speedup.data.latent_cache import cache_latents
+
     with tempfile.TemporaryDirectory() as scratch:
         image_folder = args.image_folder
         if image_folder is None:
@@ -132,7 +165,11 @@ def main(argv=None):
             # Explicit: os.cpu_count() can report the host's cores inside a container.
             workers = 1 if args.tiny else max(1, len(os.sched_getaffinity(0)) - 1)
             make_image_folder(image_folder, args.num_images, size, workers=workers)
-            print(f"generated {args.num_images} JPEGs of {size[0]}x{size[1]} in {time.perf_counter() - start:.1f} s")
+            seconds = time.perf_counter() - start
+            print(f"generated {args.num_images} JPEGs of {size[0]}x{size[1]} in {seconds:.1f} s")
+            result.update(
+                generated_images=args.num_images, image_width=size[0], image_height=size[1], generation_seconds=seconds
+            )
         vae = build_vae(args.vae)
         print(
             f"device={device} dtype={dtype} resolution={args.resolution} batch_size={args.batch_size} "
@@ -140,8 +177,10 @@ def main(argv=None):
         )
         decode_rate = bench_decode(image_folder, args.resolution, args.num_workers, args.batch_size, args.num_images)
         print(f"decode + ADM crop only: {decode_rate:.1f} img/s")
+        result["decode_images_per_second"] = decode_rate
         vae_rate = bench_vae(vae, device, dtype, args.resolution, args.batch_size, 2 if args.tiny else 20)
         print(f"VAE encode only (image + mirror): {vae_rate:.1f} img/s")
+        result["vae_images_per_second"] = vae_rate
         start = time.perf_counter()
         metadata = cache_latents(
             os.path.join(scratch, "cache"),
@@ -161,6 +200,11 @@ def main(argv=None):
         print(
             f"cache_latents end to end: {metadata['num_accepted'] / elapsed:.1f} img/s "
             f"({metadata['num_accepted']} images in {elapsed:.1f} s, including setup and the final save)"
+        )
+        result.update(
+            end_to_end_images_per_second=metadata["num_accepted"] / elapsed,
+            end_to_end_images=metadata["num_accepted"],
+            end_to_end_seconds=round(elapsed, 1),
         )
 
 

@@ -78,12 +78,9 @@ def test_dry_run_names_existing_scripts_with_flags_they_accept(mode, monkeypatch
     for name, script, argv in steps:
         assert os.path.isfile(os.path.join(REPO, script)), f"{name}: {script} does not exist"
         module = _load(os.path.splitext(os.path.basename(script))[0], os.path.dirname(os.path.join(REPO, script)))
-        if script.endswith("cache_latents_json.py"):
-            wrapper_args, argv = module.build_parser().parse_known_args(argv)
-            assert wrapper_args.json.endswith("caching.json")
-            module = _load("bench_cache_latents", BENCHMARKS)
         args = _parse_with_own_parser(module, argv, monkeypatch)
         assert args.tiny == bool(mode)
+        assert args.output_dir.endswith(f"/{name}")  # each benchmark writes its JSON into the step's own folder
         if script.endswith("bench_train_throughput.py"):
             flops.get_models(args.models)  # the model names are checked after parsing
             assert (args.device == "cuda") != bool(mode)  # a GPU run must not fall back to CPU
@@ -170,10 +167,12 @@ def test_report_prints_the_docs_tables_from_real_tiny_runs(tiny_suite, tmp_path,
             str(tmp_path / "sampling"),
         ]
     )
-    assert _load("cache_latents_json").main(["--json", str(tmp_path / "caching.json"), "--tiny"]) == 0
+    _load("bench_cache_latents", BENCHMARKS).main(["--tiny", "--output_dir", str(tmp_path / "caching")])
     capsys.readouterr()
     report = _load("report")
-    text = report.main([str(out), str(tmp_path / "sampling" / "sampling.json"), str(tmp_path / "caching.json")])
+    text = report.main(
+        [str(out), str(tmp_path / "sampling" / "sampling.json"), str(tmp_path / "caching" / "caching.json")]
+    )
     lines = text.splitlines()
 
     # The column layouts are those of docs/benchmarks.md's GPU sections.
@@ -211,8 +210,8 @@ def test_report_prints_the_docs_tables_from_real_tiny_runs(tiny_suite, tmp_path,
     assert rows["EDM2-XS Heun 32, no CFG"].split(" | ")[2] == "63"
     assert "Limited-interval guidance: 40% fewer network evaluations (126 → 75 per image)" in text
 
-    # Caching rows from the wrapper's JSON.
-    caching = json.loads((tmp_path / "caching.json").read_text())
+    # Caching rows from the benchmark's own JSON.
+    caching = json.loads((tmp_path / "caching" / "caching.json").read_text())
     assert caching["error"] is None and caching["end_to_end_images"] == 48
     assert f"| JPEG decode + ADM centre crop | {caching['decode_images_per_second']:,.1f} |" in text
     assert f"| `cache_latents` end to end | {caching['end_to_end_images_per_second']:,.1f} |" in text

@@ -1,6 +1,9 @@
 """Export of a pipeline to a Hub-ready folder and its model card (no network, no Hub)."""
 
+import ast
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,8 +40,8 @@ root_exports_classes = pytest.mark.xfail(
 )
 
 CONFIG = {
-    "model": {"type": "uvit", "skip_scaling": "constant"},
-    "objective": {"weighting": "min_snr", "snr_gamma": 5.0, "sampler": "speed"},
+    "model": {"kind": "uvit", "params": {"skip_scaling": "constant"}},
+    "objective": {"weighting": {"kind": "min_snr", "gamma": 5.0}, "sampler": {"kind": "speed"}},
     "sampling": {"guidance_interval": [0.28, 2.9]},
     "hub": {"hub_token": "hf_shouldNeverBeWritten", "repo_id": "me/model"},
 }
@@ -75,6 +78,39 @@ def test_exported_folder_layout_and_model_index(tmp_path):
     assert not any("hf_shouldNeverBeWritten" in p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file())
     # Nothing but the export is left next to it (the staging folder was renamed into place).
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+# What a file copied into an exported folder may import: the standard library, torch, diffusers and what diffusers
+# itself depends on, and optional xformers. Anything else breaks `DiffusionPipeline.from_pretrained(...,
+# trust_remote_code=True)` for a user without this package.
+SHIPPABLE_IMPORTS = {"torch", "diffusers", "numpy", "PIL", "xformers", "safetensors", "huggingface_hub"}
+SHIPPED_FOLDERS = ("diffusers_speedup/models", "diffusers_speedup/schedulers", "pipelines")
+
+
+def _imports(source):
+    """Every module `source` imports, at any depth; relative imports as their leading dots plus the module."""
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"), filename=str(source))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            yield "." * node.level + (node.module or "")
+
+
+def test_shipped_source_files_import_only_what_plain_diffusers_has():
+    root = Path(__file__).resolve().parent.parent
+    shipped = [path for folder in SHIPPED_FOLDERS for path in sorted((root / folder).glob("*.py"))]
+    shipped = [path for path in shipped if path.name != "__init__.py"]
+    assert {"uvit.py", "edm2_unet.py", "scheduling_edm_heun.py", "pipeline_class_conditional.py"} <= {
+        path.name for path in shipped
+    }
+    for path in shipped:
+        bad = [
+            name
+            for name in _imports(path)
+            if name.startswith(".")
+            or (name.split(".")[0] not in SHIPPABLE_IMPORTS and name.split(".")[0] not in sys.stdlib_module_names)
+        ]
+        assert not bad, f"{path.relative_to(root)} imports {bad}"
 
 
 def test_diffusers_classes_ship_no_code(tmp_path):
@@ -158,10 +194,35 @@ def test_model_card_without_fid_has_no_model_index():
 
 
 def test_detect_techniques_from_config_and_classes():
-    assert detect_techniques({"loss": {"weighting": "soft-min-snr"}}) == ["min-snr"]
-    assert detect_techniques({"model": {"skip_scaling": "none"}, "guidance_interval": None}) == []
+    assert detect_techniques({"objective": {"weighting": {"kind": "soft_min_snr", "gamma": 2.0}}}) == ["min-snr"]
+    assert (
+        detect_techniques({"model": {"params": {"skip_scaling": "none"}}, "sampling": {"guidance_interval": None}})
+        == []
+    )
     assert detect_techniques({}, ["EDM2UNetModel"]) == ["edm2"]
-    assert detect_techniques({"timestep_sampler": {"kind": "speed"}}) == ["speed"]
+    assert detect_techniques({"objective": {"sampler": {"kind": "speed", "k": 5.0}}}) == ["speed"]
+
+
+# The tags of every shipped recipe, with the classes its export holds.
+RECIPE_TAGS = {
+    "quickstart.yaml": ["scalelong", "min-snr", "u-vit"],
+    "cifar10/edm2_c.yaml": ["edm2"],
+    "cifar10/uvit_s2.yaml": ["u-vit"],
+    "cifar10/uvit_s2_scalelong_learned_per_skip.yaml": ["scalelong", "u-vit"],
+    "imagenet256/dit_b2_baseline.yaml": [],
+    "imagenet256/dit_xl2_speed.yaml": ["speed"],
+    "imagenet256/vit_b_minsnr_v.yaml": ["min-snr", "u-vit"],
+    "imagenet512/edm2_xs.yaml": ["edm2"],
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPE_TAGS))
+def test_detect_techniques_reads_the_typed_recipes(recipe):
+    from diffusers_speedup.training.config import config_to_dict, load_config, recipes_dir
+
+    config = load_config(recipes_dir() / recipe)
+    classes = {"uvit": "UViTModel", "edm2_unet": "EDM2UNetModel", "dit": "DiTModel"}[config.model.kind]
+    assert detect_techniques(config_to_dict(config), [classes, "EDMHeunScheduler"]) == RECIPE_TAGS[recipe]
 
 
 def test_bad_card_info_is_named():

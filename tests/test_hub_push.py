@@ -112,6 +112,20 @@ def test_background_push_reports_final_failure_without_token(hub, tmp_path, capl
     assert "Giving up" in caplog.text and FAKE_TOKEN not in caplog.text
 
 
+def test_close_with_a_timeout_stops_the_retries(hub, tmp_path):
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "a.txt").write_text("x")
+    hub.fail_requests(100, r"/commit/")
+    pusher = BackgroundHubPusher("me/run", max_retries=50, retry_delay=30.0)
+    pusher.submit(folder)
+    pusher.close(timeout=1.0)  # the first attempt has failed; the 30 s retry wait is under way
+    # The worker gives up at once instead of keeping the process alive through 50 retries.
+    pusher.wait(timeout=10)
+    result = pusher.last_result
+    assert result is not None and not result.ok and result.attempts == 1 and not result.superseded
+
+
 def test_newest_submission_supersedes_queued_one(hub, tmp_path):
     uploading, gate = threading.Event(), threading.Event()
     original = hub.handle

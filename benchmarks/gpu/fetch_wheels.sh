@@ -2,11 +2,10 @@
 # Download the wheels that an offline GPU machine lacks into .whl/ (an ignored folder), to be copied there with the
 # working tree and installed by benchmarks/gpu/run_suite.sh. Run here, where the package registry is reachable:
 #
-#     PYTHON=/path/to/dev-venv/bin/python bash benchmarks/gpu/fetch_wheels.sh [--speed-only]
+#     PYTHON=/path/to/dev-venv/bin/python bash benchmarks/gpu/fetch_wheels.sh
 #
 # The versions are the ones installed in $PYTHON's environment (the development environment the benchmarks were
 # tested in); the wheels are built for the GPU machine's Python ($TARGET_PYTHON_VERSION, manylinux x86_64).
-# --speed-only fetches only what the training and sampling benchmarks need (no datasets: no caching benchmark).
 #
 # The GPU machine has torch, accelerate, transformers, safetensors, huggingface_hub and, with them, numpy, requests,
 # pyyaml, tqdm, filelock, packaging and regex. What it lacks:
@@ -28,11 +27,10 @@ SIZE_TARGET_MIB=45   # leaves room for the working tree under a 64 MiB cap on wh
 SIZE_LIMIT_MIB=62
 
 packages="$SPEED_PACKAGES $CACHING_PACKAGES"
-case "${1:-}" in
-    "") ;;
-    --speed-only) packages="$SPEED_PACKAGES" ;;
-    *) echo "fetch_wheels.sh: unknown argument '$1' (the only option is --speed-only)" >&2; exit 2 ;;
-esac
+if (($#)); then
+    echo "fetch_wheels.sh: takes no arguments (got '$1'); set PYTHON, TARGET_PYTHON_VERSION or WHEEL_DIR instead" >&2
+    exit 2
+fi
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
@@ -83,7 +81,7 @@ total=$(du -cb "$WHEEL_DIR"/*.whl | tail -1 | cut -f1)
 tree=$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
 awk -v w="$total" -v t="$tree" 'BEGIN { printf "wheels: %.1f MiB; working tree: %.1f MiB; copied in all: %.1f MiB\n", w / 2^20, t / 2^20, (w + t) / 2^20 }'
 if (( total > SIZE_LIMIT_MIB * 1024 * 1024 )); then
-    echo "fetch_wheels.sh: the wheels exceed ${SIZE_LIMIT_MIB} MiB and will not fit a 64 MiB copy; use --speed-only" >&2
+    echo "fetch_wheels.sh: the wheels exceed ${SIZE_LIMIT_MIB} MiB and will not fit a 64 MiB copy" >&2
     exit 1
 elif (( total > SIZE_TARGET_MIB * 1024 * 1024 )); then
     echo "note: over the ${SIZE_TARGET_MIB} MiB target; it still fits a 64 MiB copy with this working tree"

@@ -151,7 +151,6 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("wheel_dir", help="folder of carried .whl files")
     parser.add_argument("target", help="folder to install into (put it first on PYTHONPATH afterwards)")
-    parser.add_argument("--dry-run", action="store_true", help="print the decisions, install nothing")
     args = parser.parse_args(argv)
 
     paths = sorted(glob.glob(os.path.join(args.wheel_dir, "*.whl")))
@@ -163,7 +162,7 @@ def main(argv=None) -> int:
     for wheel, install, reason in decisions:
         print(f"{'install' if install else 'keep   '} {wheel.name} {wheel.version}: {reason}")
     chosen = [wheel for wheel, install, _ in decisions if install]
-    if args.dry_run or not chosen:
+    if not chosen:
         return 0
 
     os.makedirs(args.target, exist_ok=True)

@@ -74,9 +74,9 @@ def shown_command(command: str) -> str:
     for word in words:
         if skip:
             skip = False
-        elif word in ("--output_dir", "--json"):
+        elif word == "--output_dir":
             skip = True
-        elif not word.startswith(("--output_dir=", "--json=")):
+        elif not word.startswith("--output_dir="):
             kept.append(word)
     if kept and os.path.basename(kept[0]).startswith("python"):
         kept[0] = "python"

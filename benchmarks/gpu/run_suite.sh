@@ -85,8 +85,8 @@ declare -A TIMEOUT=([train_dit_xl]=150 [train_dit_xl_compile]=220 [train_others]
 declare -A NEEDS=([train_dit_xl]=speed [train_dit_xl_compile]=speed [train_others]=speed [caching]=caching
     [sampling]=speed)
 
-# The command of a step (its Python arguments). Every benchmark writes into its own folder under $SCRATCH; the JSON
-# that matters is copied to $OUT/STEP.json afterwards. Full-size runs name --device cuda so that a machine without a
+# The command of a step (its Python arguments). Every benchmark writes its own JSON into its folder under $SCRATCH;
+# that file is copied to $OUT/STEP.json afterwards. Full-size runs name --device cuda so that a machine without a
 # GPU fails at once instead of training a 700 M-parameter model on CPU.
 step_command() {
     local step=$1 device="--device cuda" tiny=""
@@ -96,7 +96,7 @@ step_command() {
         train_dit_xl) echo "$train --models dit-xl-2" ;;
         train_dit_xl_compile) echo "$train --models dit-xl-2 --compile --steps 30 --warmup_steps 5" ;;
         train_others) echo "$train --models dit-b-2 uvit-l-2 edm2-xs --steps 30 --warmup_steps 5" ;;
-        caching) echo "benchmarks/gpu/cache_latents_json.py --json $SCRATCH/$step/caching.json $tiny --vae random-sd --num_images 8192 --num_workers $WORKERS" ;;
+        caching) echo "benchmarks/bench_cache_latents.py $tiny --vae random-sd --num_images 8192 --num_workers $WORKERS --output_dir $SCRATCH/$step" ;;
         sampling) echo "benchmarks/bench_sampling.py $tiny $device --output_dir $SCRATCH/$step" ;;
     esac
 }

@@ -4,7 +4,7 @@ The order of an epoch is a pure function of ``(num_rows, seed, epoch)``: one glo
 batches of ``batch_size * world_size``; rank ``r`` takes the ``r``-th slice of each global batch. A trainer resumes
 mid-epoch exactly by asking for the same epoch with ``start_step`` set to the number of steps already taken, with
 no data read for the skipped steps (accelerate's ``skip_first_batches`` on a RandomSampler replays a *different*
-permutation, see shared research §5.2).
+permutation unless the sampler is seeded; huggingface/accelerate#1451).
 """
 
 from __future__ import annotations

@@ -32,14 +32,12 @@ Both routes read the same folder; neither needs the other's entries.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import inspect
 import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,9 +49,6 @@ logger = logging.getLogger(__name__)
 
 # Libraries whose classes diffusers loads by name; anything else is third-party code that ships as a file.
 DIFFUSERS_LOADABLE_LIBRARIES = ("diffusers", "transformers", "onnxruntime.training")
-# What a shipped single-file module may import (ARCHITECTURE principle 1): stdlib, torch, diffusers, and
-# optional accelerators.
-_ALLOWED_IMPORTS = {"torch", "diffusers", "numpy", "PIL", "xformers", "safetensors", "huggingface_hub"}
 # Config keys that may carry credentials; they are never written into an exported folder.
 _SECRET_KEY_PARTS = ("token", "password", "secret", "api_key")
 
@@ -66,28 +61,6 @@ SAMPLE_GRID_STEM = "samples"
 # The card's image is enlarged by a whole factor until its longer side is at least this many pixels: a grid of
 # 16-pixel samples (182×20) would be a smudge on the model page otherwise.
 DISPLAY_MIN_SIDE = 768
-
-
-def _non_shippable_imports(source: Path) -> list[str]:
-    """Top-level imports of `source` outside the standard library, torch and diffusers (plus relative imports)."""
-    tree = ast.parse(source.read_text(encoding="utf-8"), filename=str(source))
-    bad = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level > 0:
-            bad.append("." * node.level + (node.module or ""))
-            continue
-        names = (
-            [alias.name for alias in node.names]
-            if isinstance(node, ast.Import)
-            else [node.module]
-            if isinstance(node, ast.ImportFrom)
-            else []
-        )
-        for name in names:
-            top = name.split(".")[0]
-            if top not in _ALLOWED_IMPORTS and top not in sys.stdlib_module_names:
-                bad.append(name)
-    return bad
 
 
 def _is_custom_library(library: str | None) -> bool:
@@ -103,15 +76,6 @@ def _copy_code(cls: type, destination_dir: Path) -> str:
     if source is None:
         raise ValueError(f"Cannot find the source file of {cls.__qualname__} (module {cls.__module__!r})")
     source = Path(source)
-    bad = _non_shippable_imports(source)
-    if bad:
-        # The folder still loads with the package installed; only the trust_remote_code route would break.
-        logger.warning(
-            "%s imports %s, which a user without diffusers-speedup installed will not have; "
-            "DiffusionPipeline.from_pretrained(..., trust_remote_code=True) will fail on the exported folder.",
-            source,
-            bad,
-        )
     destination_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, destination_dir / source.name)
     return source.stem

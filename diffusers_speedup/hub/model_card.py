@@ -121,17 +121,6 @@ class ModelCardInfo:
         return cls(**dict(value))
 
 
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _is_off(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, str) and value.lower() in ("", "none", "off", "false"))
 
@@ -139,41 +128,29 @@ def _is_off(value: Any) -> bool:
 def detect_techniques(training_config: Mapping[str, Any] | None, pipeline_class_names: list[str] = ()) -> list[str]:
     """Techniques (keys of `TECHNIQUES`) a training config and the pipeline's component classes show.
 
-    The config is searched by key name rather than by a fixed schema so the card keeps working while the config
-    layout evolves: a loss weighting or timestep sampler whose value names the technique, a `skip_scaling` other
-    than "none" (ScaleLong), a `guidance_interval` that is set, and the model classes themselves.
+    `training_config` is the trainer's resolved config as a dict (sections ``model``, ``objective``,
+    ``sampling``, ...; see `diffusers_speedup.training.config.Config`); missing sections count as defaults. The
+    tags come in the config's order (model, objective, sampling), then those of the classes.
     """
-    found: list[str] = []
+    model = _recipe_section(training_config, "model")
+    objective = _recipe_section(training_config, "objective")
+    sampling = _recipe_section(training_config, "sampling")
+    params = model.get("params") if isinstance(model.get("params"), Mapping) else {}
 
-    def add(tag):
-        if tag not in found:
-            found.append(tag)
+    def kind(section: Mapping[str, Any], key: str) -> str | None:
+        value = section.get(key)
+        return value.get("kind") if isinstance(value, Mapping) else None
 
-    for key, value in _flatten(training_config or {}).items():
-        leaf = key.rsplit(".", 1)[-1].lower()
-        text = str(value).lower().replace("-", "_")
-        if leaf in ("weighting", "loss_weighting", "weighting_scheme", "kind") and text in ("min_snr", "soft_min_snr"):
-            add("min-snr")
-        if leaf in ("snr_gamma", "min_snr_gamma") and not _is_off(value):
-            add("min-snr")
-        if leaf in ("sampler", "timestep_sampler", "timestep_sampling", "kind") and text == "speed":
-            add("speed")
-        if leaf == "skip_scaling" and not _is_off(value):
-            add("scalelong")
-        if leaf == "guidance_interval" and not _is_off(value):
-            add("limited-interval-guidance")
-        if leaf in ("model", "model_type", "type", "architecture", "name", "kind", "weighting") and text.startswith(
-            "edm2"
-        ):
-            add("edm2")
-        if leaf in ("model", "model_type", "type", "architecture", "name") and text.startswith("uvit"):
-            add("u-vit")
-    for class_name in pipeline_class_names:
-        if class_name == "UViTModel":
-            add("u-vit")
-        if class_name == "EDM2UNetModel":
-            add("edm2")
-    return found
+    used = [
+        ("edm2", model.get("kind") == "edm2_unet"),
+        ("scalelong", not _is_off(params.get("skip_scaling"))),
+        ("speed", kind(objective, "sampler") == "speed"),
+        ("min-snr", kind(objective, "weighting") in ("min_snr", "soft_min_snr")),
+        ("limited-interval-guidance", not _is_off(sampling.get("guidance_interval"))),
+        ("u-vit", "UViTModel" in pipeline_class_names),
+        ("edm2", "EDM2UNetModel" in pipeline_class_names),
+    ]
+    return list(dict.fromkeys(tag for tag, present in used if present))
 
 
 def hub_repo_id(name: Any) -> str | None:
@@ -278,6 +255,52 @@ images = {_call(info, kwargs, "    ")}.images
 """
 
 
+def _fid_result(info: ModelCardInfo, datasets: list[str]) -> EvalResult:
+    """The card's `model-index` entry for `info.fid`."""
+    return EvalResult(
+        task_type="image-generation",
+        task_name="Class-conditional image generation",
+        dataset_type=datasets[0] if datasets else "custom",
+        dataset_name=info.dataset_name or (datasets[0] if datasets else "training data"),
+        dataset_split=info.fid_split,
+        metric_type="fid",
+        metric_name=f"FID-{info.fid_num_samples // 1000}K" if info.fid_num_samples else "FID",
+        metric_value=float(info.fid),
+    )
+
+
+def _training_lines(
+    info: ModelCardInfo, datasets: list[str], base_model: str | None, has_config: bool, techniques: list[str]
+) -> list[str]:
+    """The card's "How it was trained" section: data, starting point, the reported facts, and the techniques."""
+    recipe = []
+    if info.dataset_name or datasets:
+        recipe.append(f"- **Data:** {info.dataset_name or ', '.join(datasets)}")
+    if base_model:
+        recipe.append(f"- **Started from:** [{base_model}](https://huggingface.co/{base_model})")
+    for label, value in (
+        ("Optimizer steps", info.training_steps),
+        ("Images seen", info.images_seen),
+        ("Global batch size", info.batch_size),
+        ("Hardware", info.hardware),
+        ("Training time", info.training_time),
+    ):
+        if value is not None:
+            recipe.append(f"- **{label}:** {value:,}" if isinstance(value, int) else f"- **{label}:** {value}")
+    if has_config:
+        recipe.append("- **Full recipe:** [`training_config.yaml`](training_config.yaml) (the resolved config)")
+    lines = ["## How it was trained", "", *(recipe or ["Not recorded."]), ""]
+    if techniques:
+        lines += ["### Techniques", ""]
+        for tag in techniques:
+            t = TECHNIQUES[tag]
+            lines.append(
+                f"- **{t['name']}**: {t['citation']} ([arXiv:{t['arxiv']}](https://arxiv.org/abs/{t['arxiv']}))"
+            )
+        lines += [""]
+    return lines
+
+
 def build_model_card(
     info: ModelCardInfo | Mapping[str, Any] | None = None,
     *,
@@ -311,21 +334,7 @@ def build_model_card(
     if base_model is not None:
         _check_repo_ids("base_model", [base_model])
 
-    eval_results = None
-    if info.fid is not None:
-        metric_name = f"FID-{info.fid_num_samples // 1000}K" if info.fid_num_samples else "FID"
-        eval_results = [
-            EvalResult(
-                task_type="image-generation",
-                task_name="Class-conditional image generation",
-                dataset_type=datasets[0] if datasets else "custom",
-                dataset_name=info.dataset_name or (datasets[0] if datasets else "training data"),
-                dataset_split=info.fid_split,
-                metric_type="fid",
-                metric_name=metric_name,
-                metric_value=float(info.fid),
-            )
-        ]
+    eval_results = [_fid_result(info, datasets)] if info.fid is not None else None
     tags = list(dict.fromkeys(BASE_TAGS + techniques + list(info.extra_tags)))
     shown_image = info.widget_file or sample_grid_file
     card_data = ModelCardData(
@@ -344,8 +353,7 @@ def build_model_card(
 
     location = location or info.repo_id or "path/to/this/folder"
     backbone = component_classes.get("transformer") or component_classes.get("unet") or "diffusion model"
-    uses_vae = "vae" in component_classes
-    space = "the latent space of a Stable Diffusion VAE (`vae/`)" if uses_vae else "pixel space"
+    space = "the latent space of a Stable Diffusion VAE (`vae/`)" if "vae" in component_classes else "pixel space"
     description = info.description or (
         f"A class-conditional image generation model ({backbone}) trained in {space}"
         + (f" on {info.dataset_name}" if info.dataset_name else "")
@@ -360,34 +368,7 @@ def build_model_card(
     lines += [f"- `{name}`: `{cls}`" for name, cls in component_classes.items()]
     lines += [""]
 
-    lines += ["## How it was trained", ""]
-    recipe = []
-    if info.dataset_name or datasets:
-        recipe.append(f"- **Data:** {info.dataset_name or ', '.join(datasets)}")
-    if base_model:
-        recipe.append(f"- **Started from:** [{base_model}](https://huggingface.co/{base_model})")
-    for label, value in (
-        ("Optimizer steps", info.training_steps),
-        ("Images seen", info.images_seen),
-        ("Global batch size", info.batch_size),
-        ("Hardware", info.hardware),
-        ("Training time", info.training_time),
-    ):
-        if value is not None:
-            recipe.append(f"- **{label}:** {value:,}" if isinstance(value, int) else f"- **{label}:** {value}")
-    if training_config:
-        recipe.append("- **Full recipe:** [`training_config.yaml`](training_config.yaml) (the resolved config)")
-    lines += recipe or ["Not recorded."]
-    lines += [""]
-
-    if techniques:
-        lines += ["### Techniques", ""]
-        for tag in techniques:
-            t = TECHNIQUES[tag]
-            lines.append(
-                f"- **{t['name']}**: {t['citation']} ([arXiv:{t['arxiv']}](https://arxiv.org/abs/{t['arxiv']}))"
-            )
-        lines += [""]
+    lines += _training_lines(info, datasets, base_model, bool(training_config), techniques)
 
     if info.fid is not None:
         lines += ["## Evaluation", ""]

@@ -14,7 +14,8 @@ import re
 import shutil
 import tempfile
 import threading
-import time
+from concurrent import futures
+from concurrent.futures import Future
 from pathlib import Path
 
 from ..utils import is_saved_dataset
@@ -202,15 +203,37 @@ def _snapshot(folder: Path) -> Path:
     return copy
 
 
+def _remove_snapshot(snapshot_dir: Path | None) -> None:
+    if snapshot_dir is not None:
+        shutil.rmtree(snapshot_dir.parent, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class _Upload:
+    """One submitted folder: what to upload, and how to stop its retries (a newer folder came, or `close`)."""
+
+    folder: Path
+    commit_message: str
+    snapshot: Path | None
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    future: Future | None = None
+
+
 class BackgroundHubPusher:
-    """Pushes folders to one Hub repository from a single background thread, so training never waits on the
-    network and never dies because of it.
+    """Pushes folders to one Hub repository in the background, so training never waits on the network and never
+    dies because of it.
 
     `submit(folder)` returns at once. A push that is still queued when a newer one is submitted is dropped (the
     newer folder supersedes it); the one already uploading finishes. A failed push is retried with exponential
     backoff; if a newer folder arrives meanwhile the retries stop in its favour. Errors are logged (without the
     token) and never raised into the training loop; `wait()` / `close()` return the result of the last push so
     the caller can report it at the end of training.
+
+    The uploads run on huggingface_hub's own background worker (`HfApi.run_as_future`: one thread, jobs in the
+    order submitted). `upload_folder(..., run_as_future=True)` alone would not do: it makes a single attempt, and
+    it reads the folder when its turn comes, after the trainer may have replaced it. So each job is a snapshot
+    taken at `submit` plus the retry loop around `push_folder_to_hub`; latest-wins is `Future.cancel` on a job
+    still queued, and an event that ends the retry wait of the one already running.
 
     Args:
         repo_id: "user/name" of the model repository.
@@ -245,6 +268,8 @@ class BackgroundHubPusher:
                 f"max_retries, retry_delay and max_retry_delay must be >= 0, got {max_retries}, {retry_delay}, "
                 f"{max_retry_delay}"
             )
+        from huggingface_hub import HfApi
+
         self.repo_id = repo_id
         self.enabled = enabled
         self.private = private
@@ -255,13 +280,10 @@ class BackgroundHubPusher:
         self.snapshot = snapshot
         self.ignore_patterns = ignore_patterns
         self.results: list[PushResult] = []
-        self._pending: tuple[Path, str, Path | None] | None = None
-        self._busy = False
+        self._api = HfApi(token=token)
+        self._latest: _Upload | None = None
         self._closed = False
-        self._condition = threading.Condition()
-        self._thread: threading.Thread | None = None
 
-    # -- caller side ---------------------------------------------------------------------------------------------
     def submit(self, folder: str | os.PathLike, commit_message: str | None = None) -> None:
         """Queues `folder` for upload and returns immediately (replacing a queued, not yet started push)."""
         if not self.enabled:
@@ -271,46 +293,37 @@ class BackgroundHubPusher:
         if self._closed:
             raise RuntimeError("BackgroundHubPusher.submit called after close()")
         try:
-            upload_dir = _snapshot(folder) if self.snapshot else folder
+            snapshot = _snapshot(folder) if self.snapshot else None
         except OSError as error:  # the folder vanished or the disk is full: report, don't raise into training
             self._record(PushResult(str(folder), commit_message, False, 0, error=_redact(repr(error), self._token)))
             return
-        with self._condition:
-            if self._pending is not None:
-                dropped_folder, dropped_message, dropped_snapshot = self._pending
-                self._record(
-                    PushResult(str(dropped_folder), dropped_message, False, 0, superseded=True), log_failure=False
-                )
-                _remove_snapshot(dropped_snapshot)
-            self._pending = (folder, commit_message, upload_dir if self.snapshot else None)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="hub-pusher", daemon=True)
-                self._thread.start()
-            self._condition.notify_all()
+        previous, upload = self._latest, _Upload(folder, commit_message, snapshot)
+        self._latest = upload
+        if previous is not None:
+            previous.stop.set()
+            if previous.future.cancel():  # still queued: it never runs
+                self._record(PushResult(str(previous.folder), previous.commit_message, False, 0, superseded=True))
+                _remove_snapshot(previous.snapshot)
+        upload.future = self._api.run_as_future(self._push_with_retries, upload)
 
     def wait(self, timeout: float | None = None) -> PushResult | None:
         """Blocks until nothing is queued or uploading (or `timeout` seconds pass); returns the last result."""
         if not self.enabled:
             return None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._condition:
-            while self._pending is not None or self._busy:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                self._condition.wait(remaining)
+        if self._latest is not None:
+            # Jobs run one at a time in submission order, so the newest one finishing means all have.
+            futures.wait([self._latest.future], timeout)
         return self.last_result
 
     def close(self, timeout: float | None = None) -> PushResult | None:
-        """Waits for the queued push to finish (see `wait`), stops the thread and returns the final result."""
+        """Waits for the queued push to finish (see `wait`) and returns the final result. A push still retrying
+        after `timeout` stops at its next wait, so it does not hold up the end of the process."""
         if not self.enabled:
             return None
         result = self.wait(timeout)
-        with self._condition:
-            self._closed = True
-            self._condition.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._closed = True
+        if self._latest is not None:
+            self._latest.stop.set()
         return result
 
     @property
@@ -321,74 +334,57 @@ class BackgroundHubPusher:
                 return result
         return None
 
-    # -- worker side ---------------------------------------------------------------------------------------------
-    def _record(self, result: PushResult, log_failure: bool = True) -> None:
+    def _record(self, result: PushResult) -> None:
         self.results.append(result)
         if result.ok:
             logger.info("Pushed %s to %s after %d attempt(s)", result.folder, self.repo_id, result.attempts)
         elif result.superseded:
             logger.info("Push of %s superseded by a newer folder", result.folder)
-        elif log_failure:
+        else:
             logger.error("Giving up pushing %s to %s: %s", result.folder, self.repo_id, result.error)
 
-    def _run(self) -> None:
-        while True:
-            with self._condition:
-                while self._pending is None and not self._closed:
-                    self._condition.wait()
-                if self._pending is None:
+    def _push_with_retries(self, upload: _Upload) -> None:
+        """Runs on the background worker; records the outcome and never raises."""
+        folder, message = upload.folder, upload.commit_message
+        upload_dir = upload.snapshot or folder
+        delay, attempts = self.retry_delay, 0
+        try:
+            while True:
+                attempts += 1
+                try:
+                    url = push_folder_to_hub(
+                        upload_dir,
+                        self.repo_id,
+                        private=self.private,
+                        token=self._token,
+                        commit_message=message,
+                        ignore_patterns=self.ignore_patterns,
+                    )
+                    self._record(PushResult(str(folder), message, True, attempts, commit_url=url))
                     return
-                folder, message, snapshot_dir = self._pending
-                self._pending = None
-                self._busy = True
-            try:
-                self._record(self._push_with_retries(folder, message, snapshot_dir or folder))
-            finally:
-                _remove_snapshot(snapshot_dir)
-                with self._condition:
-                    self._busy = False
-                    self._condition.notify_all()
-
-    def _push_with_retries(self, folder: Path, message: str, upload_dir: Path) -> PushResult:
-        delay = self.retry_delay
-        attempts = 0
-        error_text = None
-        while True:
-            attempts += 1
-            try:
-                url = push_folder_to_hub(
-                    upload_dir,
+                except Exception as error:  # noqa: BLE001 - any failure is reported, never raised into training
+                    if isinstance(error, PushError):  # already one redacted line; name the folder, not its snapshot
+                        error_text = str(error).replace(str(upload_dir), str(folder))
+                    else:
+                        error_text = _redact(f"{type(error).__name__}: {error}", self._token)
+                if attempts > self.max_retries:
+                    self._record(PushResult(str(folder), message, False, attempts, error=error_text))
+                    return
+                logger.warning(
+                    "Push of %s to %s failed (attempt %d of %d), retrying in %.1fs: %s",
+                    folder,
                     self.repo_id,
-                    private=self.private,
-                    token=self._token,
-                    commit_message=message,
-                    ignore_patterns=self.ignore_patterns,
+                    attempts,
+                    self.max_retries + 1,
+                    delay,
+                    error_text,
                 )
-                return PushResult(str(folder), message, True, attempts, commit_url=url)
-            except Exception as error:  # noqa: BLE001 - any failure is reported, never raised into training
-                if isinstance(error, PushError):  # already one redacted line; name the folder, not its snapshot
-                    error_text = str(error).replace(str(upload_dir), str(folder))
-                else:
-                    error_text = _redact(f"{type(error).__name__}: {error}", self._token)
-            if attempts > self.max_retries:
-                return PushResult(str(folder), message, False, attempts, error=error_text)
-            logger.warning(
-                "Push of %s to %s failed (attempt %d of %d), retrying in %.1fs: %s",
-                folder,
-                self.repo_id,
-                attempts,
-                self.max_retries + 1,
-                delay,
-                error_text,
-            )
-            with self._condition:
-                # Sleep, but give up early in favour of a newer folder.
-                self._condition.wait_for(lambda: self._pending is not None, timeout=delay)
-                if self._pending is not None:
-                    return PushResult(str(folder), message, False, attempts, error=error_text, superseded=True)
-            delay = min(delay * 2, self.max_retry_delay)
-
-
-def _remove_snapshot(snapshot_dir: Path | None) -> None:
-    if snapshot_dir is not None:
-        shutil.rmtree(snapshot_dir.parent, ignore_errors=True)
+                if upload.stop.wait(delay):  # a newer folder arrived, or the pusher was closed
+                    superseded = self._latest is not upload
+                    self._record(
+                        PushResult(str(folder), message, False, attempts, error=error_text, superseded=superseded)
+                    )
+                    return
+                delay = min(delay * 2, self.max_retry_delay)
+        finally:
+            _remove_snapshot(upload.snapshot)

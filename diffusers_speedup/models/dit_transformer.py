@@ -32,8 +32,6 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-ATTENTION_BACKENDS = ("native", "xformers")
-
 # DiT paper, Table 1 (layers N, hidden size d, heads), at patch sizes 2, 4 and 8 (Table 4 / the official
 # `DiT_models`). Everything else (sample_size, in_channels, out_channels, num_classes) comes from the constructor
 # defaults (ImageNet-256 latents: 32×32×4, 1000 classes) or from the overrides given to `DiTModel.from_preset`.
@@ -137,7 +135,8 @@ class LabelEmbedder(nn.Module):
 
 class DiTAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (timm's Attention, qkv_bias=True) through PyTorch SDPA,
-    or xformers' memory-efficient kernel when enabled."""
+    or xformers' memory-efficient kernel after `model.enable_xformers_memory_efficient_attention()`. (diffusers'
+    `set_attention_backend` does not reach this module: it only retargets diffusers' own `Attention` processors.)"""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -155,8 +154,8 @@ class DiTAttention(nn.Module):
             except ImportError as error:
                 raise ModuleNotFoundError(
                     "xformers attention was requested for DiTModel, but the `xformers` package is not installed; "
-                    "install it (`pip install xformers` matching your torch) or keep the default 'native' (SDPA) "
-                    "attention backend"
+                    "install it (`pip install xformers` matching your torch) or keep the default SDPA "
+                    "attention"
                 ) from error
         self.use_xformers = valid
         self.xformers_op = attention_op if valid else None
@@ -352,20 +351,6 @@ class DiTModel(ModelMixin, ConfigMixin):
         if key not in DIT_PRESETS:
             raise ValueError(f"Unknown DiT preset name={name!r}; choose one of {sorted(DIT_PRESETS)}")
         return cls(**{**DIT_PRESETS[key], **overrides})
-
-    # --- attention backend, gradient checkpointing -----------------------------------------------------------------
-
-    def set_attention_backend(self, backend: str) -> None:
-        """Choose the attention kernel: "native" (torch SDPA, the default) or "xformers" (must be installed)."""
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"DiTModel attention backend={backend!r} is not supported; use one of {ATTENTION_BACKENDS}"
-            )
-        self.set_use_memory_efficient_attention_xformers(backend == "xformers")
-
-    def reset_attention_backend(self) -> None:
-        """Go back to torch SDPA attention."""
-        self.set_use_memory_efficient_attention_xformers(False)
 
     # --- forward -----------------------------------------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 SKIP_SCALING_MODES = ("none", "inv_sqrt2", "constant", "learned", "learned_per_skip")
-ATTENTION_BACKENDS = ("native", "xformers")
 TIME_EMBEDDING_TYPES = ("sinusoidal", "learned")
 INIT_SCHEMES = ("uvit", "beit")
 # BEiT's `init_scale`: the output projection starts 1000 times smaller than the other linear layers.
@@ -74,7 +73,9 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 
 class UViTAttention(nn.Module):
-    """Multi-head self-attention through PyTorch SDPA, or xformers' memory-efficient kernel when enabled.
+    """Multi-head self-attention through PyTorch SDPA, or xformers' memory-efficient kernel after
+    `model.enable_xformers_memory_efficient_attention()`. (diffusers' `set_attention_backend` does not reach this
+    module: it only retargets diffusers' own `Attention` processors.)
 
     `qkv_bias`: False (no bias), True (one bias for query, key and value, in ``qkv.bias``) or "qv" (BEiT's layout:
     learned ``q_bias`` and ``v_bias``, the key's bias fixed at zero; softmax ignores a key bias anyway, since it adds
@@ -102,8 +103,8 @@ class UViTAttention(nn.Module):
             except ImportError as error:
                 raise ModuleNotFoundError(
                     "xformers attention was requested for UViTModel, but the `xformers` package is not installed; "
-                    "install it (`pip install xformers` matching your torch) or keep the default 'native' (SDPA) "
-                    "attention backend"
+                    "install it (`pip install xformers` matching your torch) or keep the default SDPA "
+                    "attention"
                 ) from error
         self.use_xformers = valid
         self.xformers_op = attention_op if valid else None
@@ -418,18 +419,6 @@ class UViTModel(ModelMixin, ConfigMixin):
             return skip * self.skip_gates[index](skip)
         scale = self._fixed_skip_scale(index)
         return skip if scale == 1.0 else skip * scale
-
-    def set_attention_backend(self, backend: str) -> None:
-        """Choose the attention kernel: "native" (torch SDPA, the default) or "xformers" (must be installed)."""
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"UViTModel attention backend={backend!r} is not supported; use one of {ATTENTION_BACKENDS}"
-            )
-        self.set_use_memory_efficient_attention_xformers(backend == "xformers")
-
-    def reset_attention_backend(self) -> None:
-        """Go back to torch SDPA attention."""
-        self.set_use_memory_efficient_attention_xformers(False)
 
     def _run_block(self, block: nn.Module, *args) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
