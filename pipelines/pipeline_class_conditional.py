@@ -540,6 +540,46 @@ class ClassConditionalPipeline(DiffusionPipeline):
     # ----------------------------------------------------------------------------------------------------------
     # Sampling
 
+    def check_inputs(
+        self,
+        output_type,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+        num_inference_steps,
+        num_images_per_prompt,
+    ) -> list[str]:
+        """Check the arguments that need no model; returns the callback's tensor inputs (a `PipelineCallback`
+        names its own)."""
+        if output_type not in _OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}.")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        unknown_inputs = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown_inputs:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown_inputs} are not among {self._callback_tensor_inputs}."
+            )
+        for name, value in (
+            ("num_inference_steps", num_inference_steps),
+            ("num_images_per_prompt", num_images_per_prompt),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        return callback_on_step_end_tensor_inputs
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str):
+        """Final latents as `output_type`: through the VAE (if any) to [0, 1] images, or unchanged for "latent"."""
+        if output_type == "latent":
+            return latents
+        samples = (
+            latents if self.vae is None else self.vae.decode(self._to_vae_latents(latents).to(self.vae.dtype)).sample
+        )
+        images = (samples.to(torch.float32) / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        images = images.cpu().permute(0, 2, 3, 1).numpy()
+        return self.numpy_to_pil(images) if output_type == "pil" else images
+
     @torch.no_grad()
     def __call__(
         self,
@@ -597,23 +637,13 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 are consecutive.
         """
         # Every check happens before the first network evaluation.
-        if output_type not in _OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}.")
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        unknown_inputs = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-        if unknown_inputs:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs {unknown_inputs} are not among {self._callback_tensor_inputs}."
-            )
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
-        if (
-            isinstance(num_images_per_prompt, bool)
-            or not isinstance(num_images_per_prompt, int)
-            or num_images_per_prompt < 1
-        ):
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
+        callback_on_step_end_tensor_inputs = self.check_inputs(
+            output_type,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            num_inference_steps,
+            num_images_per_prompt,
+        )
         guidance_scale = float(guidance_scale)
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}.")
@@ -688,19 +718,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                 latents = callback_outputs.pop("latents", latents)
 
-        if output_type == "latent":
-            images = latents
-        else:
-            if self.vae is not None:
-                samples = self.vae.decode(self._to_vae_latents(latents).to(self.vae.dtype)).sample
-            else:
-                samples = latents
-            images = (samples.to(torch.float32) / 2 + 0.5).clamp(0, 1)
-            if output_type != "pt":
-                images = images.cpu().permute(0, 2, 3, 1).numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
-
+        images = self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
