@@ -152,7 +152,7 @@ class DiffusionObjective(nn.Module):
         self.weighting_params = dict(weighting_params or {})
         if weighting == "edm" and self.sigma_data is not None:
             self.weighting_params.setdefault("sigma_data", self.sigma_data)
-        # Checks the prediction type, the weighting kind and its parameters once, for every step.
+        # The prediction type, the weighting kind and its parameters are checked here, once, not on every step.
         self.loss_weighting = LossWeighting(weighting, self.prediction_type, **self.weighting_params)
 
         if sampler is None:
@@ -325,7 +325,7 @@ class DiffusionObjective(nn.Module):
             hidden_states=_expand(c_in, x0) * noisy, timestep=c_noise, class_labels=class_labels, return_dict=False
         )[0]
         target = (x0 - _expand(c_skip, x0) * noisy) / _expand(c_out, x0)
-        # F's error is the x0 error divided by c_out, so a weight on the x0 error is c_out² times that on F's.
+        # F's error is the x0 error divided by c_out, so a weight w on the x0 error is the weight w·c_out² on F's.
         return _Terms(_first_channels(output, x0), target, self._edm_weights(snr, c_out.float() ** 2))
 
     def _edm_weights(self, snr: torch.Tensor, target_scale_sq: torch.Tensor | None = None) -> torch.Tensor:
