@@ -6,8 +6,8 @@ unchanged into exported model folders and loaded there with `trust_remote_code=T
 """
 
 import math
+from collections import namedtuple
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -19,13 +19,8 @@ from diffusers.utils.torch_utils import randn_tensor
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-class EDMScalings(NamedTuple):
-    """EDM's preconditioning coefficients (Karras et al. 2022, Table 1): D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise)."""
-
-    c_skip: float | torch.Tensor
-    c_out: float | torch.Tensor
-    c_in: float | torch.Tensor
-    c_noise: float | torch.Tensor
+# EDM's preconditioning coefficients (Karras et al. 2022, Table 1): D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise).
+EDMScalings = namedtuple("EDMScalings", ["c_skip", "c_out", "c_in", "c_noise"])
 
 
 def edm_scalings(sigma: float | torch.Tensor, sigma_data: float, prediction_type: str = "epsilon") -> EDMScalings:
