@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import EDMEulerScheduler
 
-from diffusers_speedup.schedulers.scheduling_edm_heun import EDMHeunScheduler
+from diffusers_speedup.schedulers.scheduling_edm_heun import EDMHeunScheduler, edm_scalings
 
 SIGMA_MIN, SIGMA_MAX, RHO, SIGMA_DATA = 0.002, 80.0, 7.0, 0.5
 # Toy data: x0 ~ N(MU, S²) independently per dimension; its exact denoiser is affine in x.
@@ -128,6 +128,18 @@ def test_heun_beats_euler_at_equal_network_evaluations():
     # Second order vs first order: doubling the evaluations cuts Heun's error ~4x, Euler's ~2x.
     assert heun_16 / heun_32 > 3.0
     assert euler_31 / euler_63 < 2.5
+
+
+def test_edm_scalings_closed_forms_for_floats_and_tensors():
+    """EDM Table 1 at σ = 1.2, σ_data = 0.5 (where √(σ²+σ_data²) = 1.3) and at σ = σ_data (where c_skip = ½)."""
+    at_1_2 = (0.25 / 1.69, 0.6 / 1.3, 1 / 1.3, math.log(1.2) / 4)
+    at_sigma_data = (0.5, 0.5 / math.sqrt(2), math.sqrt(2), math.log(0.5) / 4)
+    assert tuple(edm_scalings(1.2, 0.5)) == pytest.approx(at_1_2, rel=1e-15)
+    c_skip, c_out, c_in, c_noise = edm_scalings(1.2, 0.5, "v_prediction")
+    assert (c_skip, -c_out, c_in, c_noise) == pytest.approx(at_1_2, rel=1e-15)  # only c_out changes sign
+    on_tensor = edm_scalings(torch.tensor([1.2, 0.5], dtype=torch.float64), 0.5)
+    for value, first, second in zip(on_tensor, at_1_2, at_sigma_data):
+        torch.testing.assert_close(value, torch.tensor([first, second], dtype=torch.float64), rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -230,6 +230,15 @@ def test_from_config_and_mismatches_raise_clear_errors():
         DiffusionObjective(EDMEulerScheduler()).loss(SigmaDenoiser(), torch.randn(2, 3, 4, 4))
 
 
+def test_bad_weighting_or_prediction_type_stop_the_construction():
+    with pytest.raises(ValueError, match="unknown parameter"):
+        DiffusionObjective(LINEAR, weighting="min_snr", weighting_params={"gama": 5.0})
+    with pytest.raises(ValueError, match="Unknown loss weighting kind 'minsnr'"):
+        DiffusionObjective.from_config({"weighting": {"kind": "minsnr"}}, LINEAR)
+    with pytest.raises(ValueError, match="Unknown prediction_type 'x0'"):
+        DiffusionObjective(EDMEulerScheduler(), prediction_type="x0")
+
+
 def test_learned_sigma_output_uses_the_first_half_of_the_channels():
     model = lambda hidden_states, timestep, class_labels=None, return_dict=True: (torch.cat([hidden_states] * 2, 1),)
     loss = DiffusionObjective(LINEAR).loss(model, torch.randn(2, 4, 2, 2))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffusers_speedup import compute_loss_weights
-from diffusers_speedup.objectives import WEIGHTING_KINDS
+from diffusers_speedup.objectives import WEIGHTING_KINDS, LossWeighting
 
 GAMMA = 5.0
 # SNR below, at and above γ.
@@ -94,3 +94,16 @@ def test_weights_non_negative_over_documented_parameter_ranges():
 def test_bad_arguments_raise_a_clear_error(kind, prediction_type, params, message):
     with pytest.raises(ValueError, match=message):
         compute_loss_weights(kind, SNRS, prediction_type, **params)
+
+
+def test_a_loss_weighting_is_checked_when_built_and_then_only_computes():
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        LossWeighting("min_snr", "epsilon", gamma=0.0)
+    with pytest.raises(ValueError, match="Unknown prediction_type 'x0'"):
+        LossWeighting("min_snr", "x0")
+    weighting = LossWeighting("min_snr", "v_prediction", gamma=GAMMA)
+    assert weighting.params == {"gamma": GAMMA}
+    torch.testing.assert_close(weighting(SNRS), torch.tensor([1.0 / 2.0, 5.0 / 6.0, 5.0 / 21.0]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(weighting.x0_space(SNRS), torch.tensor([1.0, 5.0, 5.0]), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="defined on the regressed target"):
+        LossWeighting("constant").x0_space(SNRS)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..objectives import PREDICTION_TYPES
 from .common import (
     CheckpointFormatError,
     check_state_dict_keys,
@@ -38,7 +39,6 @@ LICENSE = "other"
 WHAT = "a Min-SNR VisionTransformer state dict (TiankaiHang/Min-SNR-Diffusion-Training)"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # scripts_vit/sampler_edm.py decodes with it, latents / 0.18215
 VAE_SCALING_FACTOR = 0.18215
-PREDICTION_TYPES = ("sample", "epsilon", "v_prediction")
 # Heads of the official model functions by width: vit_base 768/12, vit_large 1024/16, vit_xl 1152/16.
 HEADS_BY_WIDTH = {768: 12, 1024: 16, 1152: 16}
 NAMES_BY_WIDTH = {768: "B", 1024: "L", 1152: "XL"}

@@ -672,7 +672,8 @@ class EDM2UNetModel(ModelMixin, ConfigMixin):
             raise ValueError(f"sigma must be a scalar or have {batch_size} elements; got shape {tuple(sigma.shape)}.")
         labels = self._label_vectors(class_labels, batch_size, x.device)
 
-        # EDM preconditioning (Karras et al. 2022, Table 1).
+        # EDM preconditioning (Karras et al. 2022, Table 1): `edm_scalings` of scheduling_edm_heun.py, written out
+        # here because this file ships on its own.
         sigma_data = self.config.sigma_data
         s = sigma[:, None, None, None]
         c_skip = sigma_data**2 / (s**2 + sigma_data**2)

@@ -1,18 +1,21 @@
 """What training minimises: noise-level samplers, loss weights and the loss itself."""
 
-from .objective import SAMPLER_KINDS, DiffusionObjective, ObjectiveOutput, UncertaintyHead, build_sampler
+from .objective import DiffusionObjective, ObjectiveOutput, UncertaintyHead
 from .samplers import (
+    SAMPLER_KINDS,
     LogitNormalTimestepSampler,
     LogNormalSigmaSampler,
     SpeeDTimestepSampler,
     UniformTimestepSampler,
+    build_sampler,
     speed_pivot,
 )
-from .weighting import PREDICTION_TYPES, WEIGHTING_KINDS, compute_loss_weights, x0_space_weights, x0_weights_to_target
+from .weighting import PREDICTION_TYPES, WEIGHTING_KINDS, LossWeighting, compute_loss_weights
 
 __all__ = [
     "DiffusionObjective",
     "LogNormalSigmaSampler",
+    "LossWeighting",
     "LogitNormalTimestepSampler",
     "ObjectiveOutput",
     "PREDICTION_TYPES",
@@ -24,6 +27,4 @@ __all__ = [
     "build_sampler",
     "compute_loss_weights",
     "speed_pivot",
-    "x0_space_weights",
-    "x0_weights_to_target",
 ]

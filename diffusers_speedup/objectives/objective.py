@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from ..schedulers.scheduling_edm_heun import edm_scalings
+
 # The forward reads the user model's attributes (e.g. `input_is_sigma`) behind DDP and torch.compile wrappers.
 from ..utils import unwrap_model as _unwrap
-from .samplers import (
-    LogitNormalTimestepSampler,
-    LogNormalSigmaSampler,
-    SpeeDTimestepSampler,
-    UniformTimestepSampler,
-)
-from .weighting import MAX_SNR, MIN_SNR, PREDICTION_TYPES, compute_loss_weights, x0_space_weights
+from .samplers import LogNormalSigmaSampler, build_sampler
+from .weighting import MAX_SNR, MIN_SNR, LossWeighting
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -66,6 +64,17 @@ class ObjectiveOutput:
     mse: torch.Tensor
     snr: torch.Tensor
     logvar: torch.Tensor | None = None
+    vb: torch.Tensor | None = None
+
+
+class _Terms(NamedTuple):
+    """What a schedule's path hands to the reduction: the model's prediction of the regressed target, the target,
+    the per-sample weights on its MSE, and the model's own log-variance and the variational-bound term, if any."""
+
+    prediction: torch.Tensor
+    target: torch.Tensor
+    weights: torch.Tensor
+    model_logvar: torch.Tensor | None = None
     vb: torch.Tensor | None = None
 
 
@@ -134,43 +143,22 @@ class DiffusionObjective(nn.Module):
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}.")
         self.loss_reduction = loss_reduction
+        self.schedule, alphas_cumprod, self.sigma_data = _read_schedule(noise_scheduler)
+        if alphas_cumprod is not None:
+            self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
         config = getattr(noise_scheduler, "config", None)
-        if getattr(noise_scheduler, "alphas_cumprod", None) is not None:
-            self.schedule = "discrete"
-            self.register_buffer(
-                "alphas_cumprod", torch.as_tensor(noise_scheduler.alphas_cumprod, dtype=torch.float64), persistent=False
-            )
-            self.sigma_data = None
-        elif config is not None and "sigma_data" in config:
-            self.schedule = "edm"
-            self.sigma_data = float(config.sigma_data)
-        else:
-            raise ValueError(
-                f"noise_scheduler must be a discrete diffusers scheduler (with alphas_cumprod) or an EDM scheduler "
-                f"(with config.sigma_data); got {type(noise_scheduler).__name__}."
-            )
         self.prediction_type = prediction_type or getattr(config, "prediction_type", None) or "epsilon"
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}.")
-
-        if sampler is None:
-            sampler = (
-                UniformTimestepSampler(noise_scheduler) if self.schedule == "discrete" else LogNormalSigmaSampler()
-            )
-        draws_sigma = isinstance(sampler, LogNormalSigmaSampler)
-        if self.schedule == "edm" and not draws_sigma:
-            raise ValueError(
-                f"{type(sampler).__name__} draws discrete timesteps; an EDM schedule needs σ (LogNormalSigmaSampler)."
-            )
-        if self.schedule == "discrete" and draws_sigma:
-            raise ValueError("LogNormalSigmaSampler draws continuous σ; a discrete schedule needs timesteps.")
-        self.sampler = sampler
-
         self.weighting = weighting
         self.weighting_params = dict(weighting_params or {})
         if weighting == "edm" and self.sigma_data is not None:
             self.weighting_params.setdefault("sigma_data", self.sigma_data)
-        compute_loss_weights(weighting, torch.ones(1), self.prediction_type, **self.weighting_params)  # validates
+        # The prediction type, the weighting kind and its parameters are checked here, once, not on every step.
+        self.loss_weighting = LossWeighting(weighting, self.prediction_type, **self.weighting_params)
+
+        if sampler is None:
+            sampler = build_sampler({"kind": "default"}, noise_scheduler)
+        _check_sampler_fits(sampler, self.schedule)
+        self.sampler = sampler
 
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}.")
@@ -180,18 +168,20 @@ class DiffusionObjective(nn.Module):
 
         self.learned_uncertainty = learned_uncertainty
         self.uncertainty_head = UncertaintyHead() if learned_uncertainty and not uncertainty_from_model else None
-
         self.learned_variance = learned_variance
         if learned_variance:
-            if self.schedule != "discrete":
-                raise ValueError("learned_variance needs a discrete (DDPM-style) schedule; EDM schedules have none.")
-            if learned_uncertainty:
-                raise ValueError("learned_variance and learned_uncertainty cannot be combined.")
-            if self.prediction_type == "epsilon" and float(self.alphas_cumprod[-1]) == 0.0:
-                raise ValueError(
-                    "learned_variance with epsilon-prediction cannot recover x0 at zero terminal SNR; "
-                    "use v_prediction or a schedule without rescale_betas_zero_snr."
-                )
+            self._check_learned_variance()
+
+    def _check_learned_variance(self) -> None:
+        if self.schedule != "discrete":
+            raise ValueError("learned_variance needs a discrete (DDPM-style) schedule; EDM schedules have none.")
+        if self.learned_uncertainty:
+            raise ValueError("learned_variance and learned_uncertainty cannot be combined.")
+        if self.prediction_type == "epsilon" and float(self.alphas_cumprod[-1]) == 0.0:
+            raise ValueError(
+                "learned_variance with epsilon-prediction cannot recover x0 at zero terminal SNR; "
+                "use v_prediction or a schedule without rescale_betas_zero_snr."
+            )
 
     @classmethod
     def from_config(
@@ -255,82 +245,10 @@ class DiffusionObjective(nn.Module):
                 then made for the whole global batch (the stream is the same on every process) and sliced, so N
                 processes draw exactly what one process would for the same global batch.
         """
-        rank, world_size = shard
-        local_size = x0.shape[0]
-        total_size = local_size * world_size
-        draw_device = generator.device if generator is not None else x0.device
-        mine = slice(rank * local_size, (rank + 1) * local_size)
-        noise_levels, sampler_weights = self.sampler.sample(total_size, device=x0.device, generator=generator)
-        noise_levels, sampler_weights = noise_levels[mine], sampler_weights[mine]
-        noise = torch.randn((total_size, *x0.shape[1:]), generator=generator, device=draw_device)[mine]
-        noise = noise.to(device=x0.device, dtype=x0.dtype)
-        if class_labels is not None and self.training and self.label_dropout > 0:
-            drop = torch.rand(total_size, generator=generator, device=draw_device)[mine] < self.label_dropout
-            null_labels = torch.full_like(class_labels, self.num_classes)
-            class_labels = torch.where(drop.to(class_labels.device), null_labels, class_labels)
+        noise_levels, sampler_weights, noise, class_labels = self._draw(x0, class_labels, generator, shard)
         snr = self.snr(noise_levels)
-        takes_sigma = getattr(_unwrap(model), "input_is_sigma", False)
-        model_logvar = vb = None
-
-        if self.schedule == "discrete":
-            if takes_sigma:
-                raise ValueError(
-                    f"{type(_unwrap(model)).__name__} takes σ and returns the denoised sample; train it "
-                    "with an EDM schedule, not a discrete one."
-                )
-            alphas_cumprod = self.alphas_cumprod[noise_levels.to(self.alphas_cumprod.device)].to(x0.device)
-            alpha, sigma = _expand(alphas_cumprod.sqrt(), x0), _expand((1.0 - alphas_cumprod).sqrt(), x0)
-            noisy = alpha * x0 + sigma * noise
-            output = model(hidden_states=noisy, timestep=noise_levels, class_labels=class_labels, return_dict=False)[0]
-            if self.learned_variance:
-                if output.shape[1] != 2 * x0.shape[1]:
-                    raise ValueError(
-                        f"learned_variance needs a model with twice the data's {x0.shape[1]} channels as output "
-                        f"(mean, then variance); it returned {output.shape[1]}."
-                    )
-                prediction, variance = output.chunk(2, dim=1)
-                vb = self._variational_bound(prediction.detach(), variance, x0, noisy, noise_levels, alpha, sigma)
-            else:
-                prediction = _first_channels(output, x0)
-            target = {"epsilon": noise, "v_prediction": alpha * noise - sigma * x0, "sample": x0}[self.prediction_type]
-            weights = compute_loss_weights(self.weighting, snr, self.prediction_type, **self.weighting_params)
-        else:
-            sigma = _expand(noise_levels, x0)
-            noisy = x0 + sigma * noise
-            if takes_sigma:
-                if self.prediction_type != "sample":
-                    raise ValueError(
-                        f"{type(_unwrap(model)).__name__} returns the denoised sample: use "
-                        f"prediction_type 'sample', not {self.prediction_type!r}."
-                    )
-                output = model(noisy, noise_levels, class_labels, return_logvar=self.learned_uncertainty)
-                prediction, model_logvar, target = output.sample, output.logvar, x0
-                output_scale_sq = torch.ones_like(snr)
-            else:
-                if self.prediction_type == "sample":
-                    raise ValueError(
-                        "With an EDM schedule, prediction_type 'sample' is for models that take σ and "
-                        "return the denoised sample (input_is_sigma = True)."
-                    )
-                sigma_data = self.sigma_data
-                c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
-                c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
-                c_out = -c_out if self.prediction_type == "v_prediction" else c_out
-                c_in = 1.0 / (sigma**2 + sigma_data**2).sqrt()
-                c_noise = noise_levels.log() / 4
-                prediction = _first_channels(
-                    model(hidden_states=c_in * noisy, timestep=c_noise, class_labels=class_labels, return_dict=False)[
-                        0
-                    ],
-                    x0,
-                )
-                target = (x0 - c_skip * noisy) / c_out
-                output_scale_sq = c_out.reshape(-1).float() ** 2
-            # The regressed target is D (σ-input models) or F, whose error is the x0 error divided by c_out.
-            if self.weighting == "constant":
-                weights = torch.ones_like(snr)
-            else:
-                weights = x0_space_weights(self.weighting, snr, **self.weighting_params) * output_scale_sq
+        terms_of = self._discrete_terms if self.schedule == "discrete" else self._edm_terms
+        prediction, target, weights, model_logvar, vb = terms_of(model, x0, noise, noise_levels, snr, class_labels)
 
         mse = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
         loss = weights * sampler_weights * mse
@@ -343,6 +261,79 @@ class DiffusionObjective(nn.Module):
             # Σ over C·H·W of the per-element loss; EDM2's u(σ) is added once per element, so it scales too.
             loss = loss * x0[0].numel()
         return ObjectiveOutput(loss=loss, mse=mse, snr=snr, logvar=logvar, vb=vb)
+
+    def _draw(self, x0, class_labels, generator, shard):
+        """This process's slice of the global batch's draws: noise levels, sampler weights, noise, labels after
+        dropout. The draws are made in this order for the whole global batch, whatever the shard."""
+        rank, world_size = shard
+        local_size = x0.shape[0]
+        total_size = local_size * world_size
+        draw_device = generator.device if generator is not None else x0.device
+        mine = slice(rank * local_size, (rank + 1) * local_size)
+        noise_levels, sampler_weights = self.sampler.sample(total_size, device=x0.device, generator=generator)
+        noise = torch.randn((total_size, *x0.shape[1:]), generator=generator, device=draw_device)[mine]
+        noise = noise.to(device=x0.device, dtype=x0.dtype)
+        if class_labels is not None and self.training and self.label_dropout > 0:
+            drop = torch.rand(total_size, generator=generator, device=draw_device)[mine] < self.label_dropout
+            null_labels = torch.full_like(class_labels, self.num_classes)
+            class_labels = torch.where(drop.to(class_labels.device), null_labels, class_labels)
+        return noise_levels[mine], sampler_weights[mine], noise, class_labels
+
+    def _discrete_terms(self, model, x0, noise, timesteps, snr, class_labels) -> _Terms:
+        """x_t = √ᾱ·x0 + √(1−ᾱ)·ε; the model regresses ε, v or x0 (and a learned variance, through L_vb)."""
+        if getattr(_unwrap(model), "input_is_sigma", False):
+            raise ValueError(
+                f"{type(_unwrap(model)).__name__} takes σ and returns the denoised sample; train it "
+                "with an EDM schedule, not a discrete one."
+            )
+        alphas_cumprod = self.alphas_cumprod[timesteps.to(self.alphas_cumprod.device)].to(x0.device)
+        alpha, sigma = _expand(alphas_cumprod.sqrt(), x0), _expand((1.0 - alphas_cumprod).sqrt(), x0)
+        noisy = alpha * x0 + sigma * noise
+        output = model(hidden_states=noisy, timestep=timesteps, class_labels=class_labels, return_dict=False)[0]
+        vb = None
+        if self.learned_variance:
+            if output.shape[1] != 2 * x0.shape[1]:
+                raise ValueError(
+                    f"learned_variance needs a model with twice the data's {x0.shape[1]} channels as output "
+                    f"(mean, then variance); it returned {output.shape[1]}."
+                )
+            prediction, variance = output.chunk(2, dim=1)
+            vb = self._variational_bound(prediction.detach(), variance, x0, noisy, timesteps, alpha, sigma)
+        else:
+            prediction = _first_channels(output, x0)
+        target = {"epsilon": noise, "v_prediction": alpha * noise - sigma * x0, "sample": x0}[self.prediction_type]
+        return _Terms(prediction, target, self.loss_weighting(snr), vb=vb)
+
+    def _edm_terms(self, model, x0, noise, sigmas, snr, class_labels) -> _Terms:
+        """x = x0 + σ·n; a σ-input model returns D itself, any other is preconditioned and regresses F."""
+        noisy = x0 + _expand(sigmas, x0) * noise
+        if getattr(_unwrap(model), "input_is_sigma", False):
+            if self.prediction_type != "sample":
+                raise ValueError(
+                    f"{type(_unwrap(model)).__name__} returns the denoised sample: use "
+                    f"prediction_type 'sample', not {self.prediction_type!r}."
+                )
+            output = model(noisy, sigmas, class_labels, return_logvar=self.learned_uncertainty)
+            return _Terms(output.sample, x0, self._edm_weights(snr), model_logvar=output.logvar)
+        if self.prediction_type == "sample":
+            raise ValueError(
+                "With an EDM schedule, prediction_type 'sample' is for models that take σ and "
+                "return the denoised sample (input_is_sigma = True)."
+            )
+        c_skip, c_out, c_in, c_noise = edm_scalings(sigmas, self.sigma_data, self.prediction_type)
+        output = model(
+            hidden_states=_expand(c_in, x0) * noisy, timestep=c_noise, class_labels=class_labels, return_dict=False
+        )[0]
+        target = (x0 - _expand(c_skip, x0) * noisy) / _expand(c_out, x0)
+        # F's error is the x0 error divided by c_out, so a weight w on the x0 error is the weight w·c_out² on F's.
+        return _Terms(_first_channels(output, x0), target, self._edm_weights(snr, c_out.float() ** 2))
+
+    def _edm_weights(self, snr: torch.Tensor, target_scale_sq: torch.Tensor | None = None) -> torch.Tensor:
+        """Weights on the EDM target (D, or F with ``target_scale_sq`` = c_out²); "constant" is 1 on either."""
+        if self.weighting == "constant":
+            return torch.ones_like(snr)
+        weights = self.loss_weighting.x0_space(snr)
+        return weights if target_scale_sq is None else weights * target_scale_sq
 
     def _variational_bound(self, prediction, variance, x0, noisy, timesteps, alpha, sigma) -> torch.Tensor:
         """Per-sample L_vb in bits per dimension for a learned variance: KL(q(x_{t-1}|x_t, x0) ‖ p(x_{t-1}|x_t))
@@ -399,6 +390,29 @@ class DiffusionObjective(nn.Module):
         return self(model, x0, class_labels, generator=generator).loss
 
 
+def _read_schedule(noise_scheduler) -> tuple[str, torch.Tensor | None, float | None]:
+    """("discrete", ᾱ in float64, None) or ("edm", None, σ_data) for a diffusers scheduler."""
+    config = getattr(noise_scheduler, "config", None)
+    if getattr(noise_scheduler, "alphas_cumprod", None) is not None:
+        return "discrete", torch.as_tensor(noise_scheduler.alphas_cumprod, dtype=torch.float64), None
+    if config is not None and "sigma_data" in config:
+        return "edm", None, float(config.sigma_data)
+    raise ValueError(
+        f"noise_scheduler must be a discrete diffusers scheduler (with alphas_cumprod) or an EDM scheduler "
+        f"(with config.sigma_data); got {type(noise_scheduler).__name__}."
+    )
+
+
+def _check_sampler_fits(sampler, schedule: str) -> None:
+    draws_sigma = isinstance(sampler, LogNormalSigmaSampler)
+    if schedule == "edm" and not draws_sigma:
+        raise ValueError(
+            f"{type(sampler).__name__} draws discrete timesteps; an EDM schedule needs σ (LogNormalSigmaSampler)."
+        )
+    if schedule == "discrete" and draws_sigma:
+        raise ValueError("LogNormalSigmaSampler draws continuous σ; a discrete schedule needs timesteps.")
+
+
 def _discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor):
     """log P(x) of data in [-1, 1] quantised to 256 levels under N(mean, e^{2·log_scale}), with open outer bins."""
     inv_scale = (-log_scale).exp()
@@ -417,34 +431,3 @@ def _first_channels(prediction: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     if prediction.shape != x0.shape:
         raise ValueError(f"The model's output has shape {tuple(prediction.shape)}, the data {tuple(x0.shape)}.")
     return prediction
-
-
-SAMPLER_KINDS = ("default", "uniform", "speed", "lognormal", "logit_normal")
-
-
-def build_sampler(config: dict, noise_scheduler):
-    """A sampler from its recipe form ``{"kind": ..., **params}``; "default" picks the schedule's usual one."""
-    config = dict(config)
-    kind = config.pop("kind", "default")
-    discrete = getattr(noise_scheduler, "alphas_cumprod", None) is not None
-    if kind == "default":
-        kind = "uniform" if discrete else "lognormal"
-    if kind not in SAMPLER_KINDS:
-        raise ValueError(f"Unknown sampler kind {kind!r}; expected one of {', '.join(SAMPLER_KINDS)}.")
-    if kind in ("uniform", "speed", "logit_normal") and not discrete:
-        raise ValueError(
-            f"The {kind!r} sampler draws discrete timesteps and needs a discrete (DDPM-style) schedule; "
-            f"{type(noise_scheduler).__name__} is continuous. Use the 'lognormal' sampler."
-        )
-    if kind == "lognormal" and discrete:
-        raise ValueError("The 'lognormal' sampler draws continuous σ and needs an EDM schedule.")
-    try:
-        if kind == "uniform":
-            return UniformTimestepSampler(noise_scheduler, **config)
-        if kind == "speed":
-            return SpeeDTimestepSampler(noise_scheduler, **config)
-        if kind == "logit_normal":
-            return LogitNormalTimestepSampler(noise_scheduler, **config)
-        return LogNormalSigmaSampler(**config)
-    except TypeError as error:
-        raise ValueError(f"Sampler {kind!r}: {error}") from error

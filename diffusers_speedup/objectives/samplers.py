@@ -178,3 +178,34 @@ class LogitNormalTimestepSampler:
         )
         timesteps = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
         return timesteps.to(device), torch.ones(batch_size, device=device)
+
+
+SAMPLER_KINDS = ("default", "uniform", "speed", "lognormal", "logit_normal")
+
+
+def build_sampler(config: dict, noise_scheduler):
+    """A sampler from its recipe form ``{"kind": ..., **params}``; "default" picks the schedule's usual one."""
+    config = dict(config)
+    kind = config.pop("kind", "default")
+    discrete = getattr(noise_scheduler, "alphas_cumprod", None) is not None
+    if kind == "default":
+        kind = "uniform" if discrete else "lognormal"
+    if kind not in SAMPLER_KINDS:
+        raise ValueError(f"Unknown sampler kind {kind!r}; expected one of {', '.join(SAMPLER_KINDS)}.")
+    if kind in ("uniform", "speed", "logit_normal") and not discrete:
+        raise ValueError(
+            f"The {kind!r} sampler draws discrete timesteps and needs a discrete (DDPM-style) schedule; "
+            f"{type(noise_scheduler).__name__} is continuous. Use the 'lognormal' sampler."
+        )
+    if kind == "lognormal" and discrete:
+        raise ValueError("The 'lognormal' sampler draws continuous σ and needs an EDM schedule.")
+    try:
+        if kind == "uniform":
+            return UniformTimestepSampler(noise_scheduler, **config)
+        if kind == "speed":
+            return SpeeDTimestepSampler(noise_scheduler, **config)
+        if kind == "logit_normal":
+            return LogitNormalTimestepSampler(noise_scheduler, **config)
+        return LogNormalSigmaSampler(**config)
+    except TypeError as error:
+        raise ValueError(f"Sampler {kind!r}: {error}") from error

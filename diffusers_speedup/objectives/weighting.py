@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from ..schedulers.scheduling_edm_heun import PREDICTION_TYPES
+
 WEIGHTING_KINDS = ("constant", "min_snr", "soft_min_snr", "p2", "edm")
 
 # SNR is clamped into [MIN_SNR, MAX_SNR] before any arithmetic: wide enough to leave every real schedule untouched
@@ -63,42 +64,59 @@ def _resolve_params(kind: str, params: dict) -> dict:
     return resolved
 
 
-def _check_prediction_type(prediction_type: str) -> None:
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"Unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}.")
+class LossWeighting:
+    """A loss weighting with its kind, parameters and regressed target checked once, when it is built.
 
+    Calling it costs only the arithmetic, so it belongs in a training step; :func:`compute_loss_weights` is the
+    one-call form.
 
-def x0_space_weights(kind: str, snr: torch.Tensor, **params) -> torch.Tensor:
-    """The weight on the x0 error ‖x̂0 − x0‖² for an SNR-based weighting (float32, SNR clamped to [``MIN_SNR``, ``MAX_SNR``]).
-
-    "constant" is not SNR-based (it puts weight 1 on whatever target is regressed) and has no x0-space form here.
+    Args:
+        kind: one of ``WEIGHTING_KINDS`` (see :func:`compute_loss_weights`).
+        prediction_type: "epsilon", "v_prediction" or "sample" (x0), the target the model regresses.
+        **params: the kind's parameters (``gamma``; ``k`` and ``gamma`` for "p2"; ``sigma_data`` for "edm");
+            missing ones take their defaults.
     """
-    params = _resolve_params(kind, params)
-    if kind == "constant":
-        raise ValueError("The 'constant' weighting is defined on the regressed target, not in x0-space.")
-    snr = snr.float().clamp(MIN_SNR, MAX_SNR)
-    if kind == "min_snr":
-        return snr.clamp(max=params["gamma"])
-    if kind == "soft_min_snr":
-        # The harmonic soft minimum (1/SNR + 1/γ)⁻¹, written to give 0 at SNR = 0 and γ at SNR = ∞.
-        gamma = params["gamma"]
-        return gamma / (1.0 + gamma / snr)
-    if kind == "p2":
-        # P2 (Choi et al. 2022) is 1/(k + SNR)^γ on the ε error, hence SNR/(k + SNR)^γ on the x0 error.
-        return snr * (params["k"] + snr).pow(-params["gamma"])
-    # EDM's λ(σ) = (σ² + σ_d²)/(σ σ_d)², with σ² = 1/SNR.
-    return 1.0 / params["sigma_data"] ** 2 + snr
 
+    def __init__(self, kind: str, prediction_type: str = "epsilon", **params):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"Unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}."
+            )
+        self.kind, self.prediction_type, self.params = kind, prediction_type, _resolve_params(kind, params)
 
-def x0_weights_to_target(weights_x0: torch.Tensor, snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """Convert weights on the x0 error into weights on the error of ``prediction_type``'s target."""
-    _check_prediction_type(prediction_type)
-    snr = snr.float().clamp(MIN_SNR, MAX_SNR)
-    if prediction_type == "epsilon":
-        return weights_x0 / snr
-    if prediction_type == "v_prediction":
-        return weights_x0 / (snr + 1.0)
-    return weights_x0
+    def x0_space(self, snr: torch.Tensor) -> torch.Tensor:
+        """The weight on the x0 error ‖x̂0 − x0‖² (float32, SNR clamped to [``MIN_SNR``, ``MAX_SNR``]).
+
+        "constant" is not SNR-based (it puts weight 1 on whatever target is regressed) and has no x0-space form.
+        """
+        kind, params = self.kind, self.params
+        if kind == "constant":
+            raise ValueError("The 'constant' weighting is defined on the regressed target, not in x0-space.")
+        snr = snr.float().clamp(MIN_SNR, MAX_SNR)
+        if kind == "min_snr":
+            return snr.clamp(max=params["gamma"])
+        if kind == "soft_min_snr":
+            # The harmonic soft minimum (1/SNR + 1/γ)⁻¹, written to give 0 at SNR = 0 and γ at SNR = ∞.
+            gamma = params["gamma"]
+            return gamma / (1.0 + gamma / snr)
+        if kind == "p2":
+            # P2 (Choi et al. 2022) is 1/(k + SNR)^γ on the ε error, hence SNR/(k + SNR)^γ on the x0 error.
+            return snr * (params["k"] + snr).pow(-params["gamma"])
+        # EDM's λ(σ) = (σ² + σ_d²)/(σ σ_d)², with σ² = 1/SNR.
+        return 1.0 / params["sigma_data"] ** 2 + snr
+
+    def __call__(self, snr: torch.Tensor) -> torch.Tensor:
+        """Per-sample float32 weights, with the shape of ``snr``, on the mean squared error of the regressed target."""
+        if self.kind == "constant":
+            return torch.ones_like(snr, dtype=torch.float32)
+        weights = self.x0_space(snr)
+        clamped = snr.float().clamp(MIN_SNR, MAX_SNR)
+        if self.prediction_type == "epsilon":
+            weights = weights / clamped
+        elif self.prediction_type == "v_prediction":
+            weights = weights / (clamped + 1.0)
+        # At SNR = 0 the x0 error says nothing; the official Min-SNR code gives the target weight 1 there.
+        return torch.where(snr == 0, torch.ones_like(weights), weights)
 
 
 def compute_loss_weights(kind: str, snr: torch.Tensor, prediction_type: str, **params) -> torch.Tensor:
@@ -122,10 +140,4 @@ def compute_loss_weights(kind: str, snr: torch.Tensor, prediction_type: str, **p
     Returns:
         float32 weights with the shape of ``snr``, finite and non-negative everywhere.
     """
-    _check_prediction_type(prediction_type)
-    if kind == "constant":
-        _resolve_params(kind, params)
-        return torch.ones_like(snr, dtype=torch.float32)
-    weights = x0_weights_to_target(x0_space_weights(kind, snr, **params), snr, prediction_type)
-    # At SNR = 0 the x0 error says nothing; the official Min-SNR code gives the target weight 1 there.
-    return torch.where(snr == 0, torch.ones_like(weights), weights)
+    return LossWeighting(kind, prediction_type, **params)(snr)

@@ -6,6 +6,7 @@ unchanged into exported model folders and loaded there with `trust_remote_code=T
 """
 
 import math
+from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,32 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# What a network can return: the noise ε, the velocity v, or the denoised sample x0 (diffusers' names).
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+# EDM's preconditioning coefficients (Karras et al. 2022, Table 1): D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise).
+EDMScalings = namedtuple("EDMScalings", ["c_skip", "c_out", "c_in", "c_noise"])
+
+
+def edm_scalings(sigma: float | torch.Tensor, sigma_data: float, prediction_type: str = "epsilon") -> EDMScalings:
+    """
+    EDM's preconditioning at noise level σ, elementwise for a tensor σ and in float64 for a Python float.
+
+    Args:
+        sigma (`float` or `torch.Tensor`): the noise level σ > 0.
+        sigma_data (`float`): standard deviation of the data.
+        prediction_type (`str`, defaults to `"epsilon"`): `"v_prediction"` negates c_out, as diffusers' EDM
+            schedulers do, so that F is a v-style target; any other value leaves EDM's c_out.
+    """
+    sqrt, log = (torch.sqrt, torch.log) if isinstance(sigma, torch.Tensor) else (math.sqrt, math.log)
+    c_out = sigma * sigma_data / sqrt(sigma**2 + sigma_data**2)
+    return EDMScalings(
+        c_skip=sigma_data**2 / (sigma**2 + sigma_data**2),
+        c_out=-c_out if prediction_type == "v_prediction" else c_out,
+        c_in=1 / sqrt(sigma**2 + sigma_data**2),
+        c_noise=log(sigma) / 4,
+    )
 
 
 @dataclass
@@ -91,8 +117,8 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"sigma_data must be positive, got {sigma_data}.")
         if rho <= 0:
             raise ValueError(f"rho must be positive, got {rho}.")
-        if prediction_type not in _PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {_PREDICTION_TYPES}, got {prediction_type!r}.")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
         if s_churn < 0 or s_noise < 0:
             raise ValueError(f"s_churn and s_noise must be non-negative, got s_churn={s_churn}, s_noise={s_noise}.")
 
@@ -214,23 +240,19 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         """c_noise = ¼·ln σ, the network's timestep input."""
         if not isinstance(sigma, torch.Tensor):
             sigma = torch.tensor([sigma], dtype=torch.float64)
-        return 0.25 * torch.log(sigma)
+        return edm_scalings(sigma, self.config.sigma_data).c_noise
 
     def precondition_inputs(self, sample: torch.Tensor, sigma: float) -> torch.Tensor:
         """c_in·x with c_in = 1/√(σ²+σ_data²); the identity for prediction_type "sample"."""
         if self.config.prediction_type == "sample":
             return sample
-        return sample / math.sqrt(sigma**2 + self.config.sigma_data**2)
+        return sample * edm_scalings(sigma, self.config.sigma_data).c_in
 
     def precondition_outputs(self, sample: torch.Tensor, model_output: torch.Tensor, sigma: float) -> torch.Tensor:
         """The denoised sample D(x; σ) from the network output (c_skip·x + c_out·F, or the output itself)."""
         if self.config.prediction_type == "sample":
             return model_output
-        sigma_data = self.config.sigma_data
-        c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
-        c_out = sigma * sigma_data / math.sqrt(sigma**2 + sigma_data**2)
-        if self.config.prediction_type == "v_prediction":
-            c_out = -c_out
+        c_skip, c_out, _, _ = edm_scalings(sigma, self.config.sigma_data, self.config.prediction_type)
         return c_skip * sample + c_out * model_output
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
