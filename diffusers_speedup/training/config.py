@@ -17,8 +17,8 @@ from typing import Any, Literal, get_args
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..objectives import PREDICTION_TYPES
 from ..objectives.objective import LOSS_REDUCTIONS
-from ..objectives.weighting import PREDICTION_TYPES
 from .checkpoints import CONFIG_NAME as CONFIG_FILE_NAME
 from .checkpoints import TRAINER_STATE_NAME, list_checkpoints
 
@@ -497,9 +497,7 @@ def _check_combinations(config: Config) -> None:
 def _check_sampler_and_weighting(objective: ObjectiveConfig) -> None:
     """The timestep sampler and the loss weighting, by building them (their options depend on their kind, the
     sampler's on the schedule and the weighting's on the prediction type)."""
-    import torch
-
-    from ..objectives import build_sampler, compute_loss_weights
+    from ..objectives import LossWeighting, build_sampler
 
     try:
         build_sampler(dict(objective.sampler), build_noise_scheduler(objective.schedule))
@@ -508,8 +506,8 @@ def _check_sampler_and_weighting(objective: ObjectiveConfig) -> None:
     weighting = dict(objective.weighting)
     kind = weighting.pop("kind", "constant")
     try:
-        compute_loss_weights(kind, torch.ones(1), objective.prediction_type, **weighting)
-    except ValueError as error:
+        LossWeighting(kind, objective.prediction_type, **weighting)
+    except (ValueError, TypeError) as error:
         raise ConfigError(f"objective.weighting: {error}") from None
 
 
