@@ -4,9 +4,10 @@
     python benchmarks/convergence.py --jobs 2                     # the CPU study (see the estimate below)
     python benchmarks/convergence.py --gpu                        # the same recipes, longer, larger evaluation
 
-**Recipes, one change at a time.** Every U-ViT recipe trains the quickstart's class-conditional U-ViT (16×16
-grayscale digits, hidden 128, 7 layers, patch 4, 1.49 M parameters, no skip scaling) with the real trainer, the same
-batch, learning-rate schedule and steps; each differs from the recipe it is compared with in one thing:
+**Recipes, one change at a time.** Every U-ViT recipe trains a small class-conditional U-ViT on the built-in
+digits at their native 8×8 (grayscale; hidden 64, 7 layers, 4 heads, patch 2, no skip scaling, 0.38 M parameters)
+with the real trainer (configs/quickstart.yaml plus overrides), the same batch, learning-rate schedule and steps;
+each differs from the recipe it is compared with in one thing:
 
 * ε, v and x0 prediction with constant weight, and Min-SNR-5 on each (compared with its own constant-weight
   baseline and with the ε baseline);
@@ -34,15 +35,21 @@ axes, the objective (prediction type and weighting) and the timestep sampler; th
 speed-up over the ε baseline wins each axis. Their combination and the baseline are then trained on the held-out
 seeds (default 3 4 5) and only those runs report the combination's speed-up, so the choice never sees them.
 
-**Budget and time (CPU).** In the earlier one-seed study the baseline still had class accuracy 0.13 (FD 104) at
-1500 steps, while Min-SNR-5, 1.7× faster, went from FD 104 (step 867) to 23 and class accuracy 0.80 (step 1500):
-at that ratio the baseline reaches recognisable digits at ≈ 2200–2600 steps. The study therefore uses 2500 steps
-(evaluations every 250, target at step 2000), the shortest budget at which the baseline should draw digits before
-the end: 15 recipes × 3 selection seeds + (combination, baseline) × 3 held-out seeds = 51 runs, each ≈ 281 s of
-training at the quickstart's ≈ 570 img/s at batch 64 (≈ 8.9 steps/s, one thread, idle) + 10 evaluations of ≈ 6 s
-+ ≈ 10 s of set-up ≈ 350 s, so ≈ 17,900 core-seconds: **≈ 2 h 30 min with ``--jobs 2``** on two idle cores
-(longer while the cores are shared). ``--steps 2000 --eval_every 200`` fits ≈ 2 h, at the risk that the baseline
-is still drawing noise-like digits; the report says so when its final class accuracy is below 0.5.
+**Budget and time (CPU).** The budget is set so that the ε baseline draws recognisable digits (class accuracy
+above 0.5) before the end, measured with one-seed trial runs of the baseline (2026-12-01, 2-core AMD EPYC):
+
+* the quickstart's model (16×16, hidden 128) at batch 64: class accuracy 0.13 at step 1500, at ≈ 4 steps/s per
+  core — recognisable digits would need ≈ 5 h for the whole study;
+* hidden 64 at 16×16, batch 64: class accuracy 0.13 (FD 101) at step 2000;
+* hidden 64 at 8×8, batch 64: accuracy 0.41 at step 1600 and 0.64 at 2000; at batch 32 (the same images in twice
+  the steps, at ≈ 1.8× the steps per second): 0.48 at step 2400, 0.65 at 3200, 0.77 at 4000.
+
+The 16×16 digits are the 8×8 ones upscaled, so at 16×16 the same noise level leaves four times the signal-to-noise
+ratio per original pixel and the uniform-t ε objective spends even less of its weight on the high noise levels that
+decide the class. The study therefore trains at 8×8, batch 32, **3200 steps** (evaluations every 320; the target at
+step 2560, where the baseline is at ≈ 0.5–0.6): 15 recipes × 3 selection seeds + (combination, baseline) × 3
+held-out seeds = 51 runs of ≈ 170 s of training (≈ 19 steps/s per run with two runs at a time) + 10 evaluations
++ set-up, ≈ 200 s; ≈ 1 h 25 min with ``--jobs 2`` on two idle cores, longer while the cores are shared.
 
 **Evaluation** of every checkpoint's exported pipeline (EMA weights):
 
@@ -280,17 +287,17 @@ class Setting:
             (empty: no combination).
     """
 
-    resolution: int = 16
-    hidden_size: int = 128
+    resolution: int = 8
+    hidden_size: int = 64
     num_layers: int = 7
     num_heads: int = 4
-    patch_size: int = 4
-    dit_hidden_size: int = 128
+    patch_size: int = 2
+    dit_hidden_size: int = 64
     dit_num_layers: int = 5
     dit_num_heads: int = 4
-    batch_size: int = 64
-    steps: int = 2500
-    eval_every: int = 250
+    batch_size: int = 32
+    steps: int = 3200
+    eval_every: int = 320
     warmup_steps: int = 50
     lr: float = 1e-3
     samples_per_class: int = 20
@@ -633,6 +640,8 @@ class Evaluator:
 
     def heldout_x0_mse(self, pipeline) -> dict:
         """x0-space MSE of the pipeline's denoiser on the test digits over the fixed noise grid (see module doc)."""
+        from diffusers_speedup.schedulers.scheduling_edm_heun import edm_scalings
+
         model, scheduler = pipeline.transformer, pipeline.scheduler
         prediction_type = scheduler.config.prediction_type
         x0, labels = self.test_pixels.to(self.device), self.test_labels.to(self.device)
@@ -642,13 +651,9 @@ class Evaluator:
             noise = self.grid_noise[index].to(self.device)
             if "sigma_data" in scheduler.config:  # EDM: x = x0 + σ·n through EDM's preconditioning
                 sigma = ((1 - alpha_bar) / alpha_bar).sqrt()
-                sigma_data = scheduler.config.sigma_data
                 noisy = x0 + sigma * noise
-                c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
-                c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
-                c_out = -c_out if prediction_type == "v_prediction" else c_out
-                c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
-                c_noise = torch.full((len(x0),), sigma.log().item() / 4, device=self.device)
+                c_skip, c_out, c_in, c_noise = edm_scalings(sigma, scheduler.config.sigma_data, prediction_type)
+                c_noise = torch.full((len(x0),), c_noise.item(), device=self.device)
                 output = model(c_in * noisy, c_noise, class_labels=labels, return_dict=False)[0][:, : x0.shape[1]]
                 x0_hat = c_skip * noisy + c_out * output
             else:
