@@ -77,9 +77,7 @@ class TrainingData:
         return len(self.class_names)
 
     def batch(self, indices: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.is_latent:
-            return self.dataset.sample(self.dataset.read_batch(indices), device=device)
-        return self.dataset.get_batch(indices, device=device)
+        return self.dataset.batch(indices, device)
 
 
 def load_training_data(config: Config, device) -> TrainingData:
