@@ -168,7 +168,9 @@ class LatentDataset:
     ):
         from datasets import load_from_disk
 
-        self.dataset, self.metadata = load_from_disk(path), read_cache_metadata(path)
+        # The metadata is written last, so reading it first names an unfinished or missing cache as such.
+        self.metadata = read_cache_metadata(path)
+        self.dataset = load_from_disk(path)
         self.latent_shape = tuple(self.metadata["latent_shape"])
         self.scaling_factor = float(self.metadata["scaling_factor"])
         self.normalization = normalization or LatentNormalization.from_vae_config(self.metadata)
