@@ -343,13 +343,10 @@ class Trainer:
         return path
 
     def resume(self) -> None:
-        resume = self.config.train.resume
-        if resume is None:
+        """Load the checkpoint ``train.resume`` names, if any, and continue from its step."""
+        if self.config.train.resume is None:
             return
-        if resume == "latest":
-            path = find_latest_checkpoint(self.output_dir, clean=self.accelerator.is_main_process)
-        else:
-            path = Path(resume)
+        path = resume_checkpoint(self.config, clean=self.accelerator.is_main_process)
         if path is None:
             logger.warning(
                 "train.resume=latest: no checkpoint in %s, so this run STARTS FROM SCRATCH (step 0).", self.output_dir
@@ -565,14 +562,15 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, output_dir: str | os.Pa
     return trainer.export(Path(output_dir))
 
 
-def resume_checkpoint(config: Config) -> Path | None:
+def resume_checkpoint(config: Config, clean: bool = False) -> Path | None:
     """The checkpoint ``train.resume`` names (``latest``: the newest complete one in ``train.output_dir``), or None
-    for a fresh run. Reads only; leftovers of interrupted saves are cleaned when the run resumes."""
+    for a fresh run. ``clean``: also remove the leftovers of interrupted saves (the main process does so when the
+    run resumes; the start-up check only reads)."""
     resume = config.train.resume
     if resume is None:
         return None
     if resume == "latest":
-        return find_latest_checkpoint(config.train.output_dir, clean=False)
+        return find_latest_checkpoint(config.train.output_dir, clean=clean)
     return Path(resume)
 
 
