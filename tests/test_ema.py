@@ -368,3 +368,22 @@ def test_posthoc_cli_writes_state_dicts_and_pipeline_copy(tmp_path):
 
     with pytest.raises(SystemExit, match="no phema"):
         cli.main(["--run_dir", str(tmp_path / "out"), "--sigma_rel", "0.1", "--output_dir", str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize("kind", ["constant", "power"])
+def test_parameter_names_are_matched_on_the_first_update_only(kind, monkeypatch):
+    model = Tiny(2)
+    ema = ConstantEMA(model, decay=0.5) if kind == "constant" else PowerFunctionEMA(model, sigma_rels=(0.1,))
+    model.set([1.0, 2.0])
+    ema.update(model, 1, nimg=4)
+    monkeypatch.setattr(model, "named_parameters", lambda *args, **kwargs: pytest.fail("names matched again"))
+    # Moving the model swaps each parameter's data but keeps the parameter: later updates still see its values.
+    model.to(torch.float64)
+    model.set([3.0, 6.0])
+    ema.update(model, 2, nimg=8)
+    if kind == "constant":  # 0.5 * (0.5 * 0 + 0.5 * 1) + 0.5 * 3, per element
+        expected = torch.tensor([1.75, 3.5])
+    else:  # the first update copies (t = delta_t); the second is a lerp by 1 - (1 - 4/8)^(gamma + 1)
+        weight = 1 - 0.5 ** (ema.gammas[0] + 1)
+        expected = torch.tensor([1.0, 2.0]) + weight * torch.tensor([2.0, 4.0])
+    torch.testing.assert_close(ema.model.weight, expected)

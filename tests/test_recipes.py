@@ -213,6 +213,32 @@ def test_per_channel_latent_normalisation_is_measured_trained_on_and_exported(ti
     torch.testing.assert_close(pipeline._to_vae_latents(x), expected)
 
 
+def test_a_latent_run_loads_its_vae_once_for_every_grid_and_export(tiny_data, tmp_path, monkeypatch):
+    from diffusers_speedup import data
+
+    loads, load_vae = [], data.load_vae
+    monkeypatch.setattr(data, "load_vae", lambda *args, **kwargs: loads.append(args) or load_vae(*args, **kwargs))
+    overrides = [
+        *SHRINK["dit"],
+        f"data.path={tiny_data / 'latents'}",
+        f"train.output_dir={tmp_path}",
+        "train.cpu=true",
+        "train.mixed_precision=fp32",
+        "train.batch_size=4",
+        "train.max_steps=2",
+        "train.sample_every=1",
+        "train.checkpoint_every=1",
+        "train.export_every_checkpoint=true",
+        "train.report_to=none",
+        "sampling.num_inference_steps=2",
+        "sampling.images_per_class=1",
+    ]
+    Trainer(load_config(CONFIGS / "imagenet256" / "dit_b2_baseline.yaml", overrides)).train()
+    # A grid and an export at step 1, and again at the end: one load.
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 2 and (tmp_path / "checkpoint-1" / "pipeline").is_dir()
+    assert loads == [(str(tiny_data / "vae"),)]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

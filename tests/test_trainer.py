@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from diffusers_speedup.training import ConfigError, Trainer, load_config
 from diffusers_speedup.training.checkpoints import find_latest_checkpoint
-from diffusers_speedup.training.trainer import NonFiniteLossError, TrainingData, optimizer_step
+from diffusers_speedup.training.trainer import NonFiniteLossError, NonFiniteSteps, TrainingData, optimizer_step
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -159,6 +159,22 @@ def test_non_finite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(tm
     for name, value in trainer.model.state_dict().items():
         assert torch.isfinite(value).all()
         assert torch.equal(value, weights_before[f"model.{name}"])
+
+
+def test_non_finite_steps_count_runs_and_stop_at_the_limit(tmp_path, caplog):
+    counts = NonFiniteSteps(max_in_a_row=3, device="cpu")
+    for skipped in (True, False, True, True):
+        counts.record(torch.tensor(skipped))
+    assert counts.current_run() == 2 and not counts.allow_checkpoint(step=4)
+    counts.check(steps=4, step=4, output_dir=tmp_path)  # 3 skipped, at most 2 in a row: a warning only
+    assert "3 of the last 4 optimizer steps (up to step 4)" in caplog.text
+    assert (int(counts.since_log), int(counts.longest_run)) == (0, 2)  # the next log counts afresh
+    counts.record(torch.tensor(True))
+    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row .*step 5.*none saved"):
+        counts.check(steps=1, step=5, output_dir=tmp_path)
+    counts.restore(1)  # a checkpoint written one skipped step into a run
+    counts.record(torch.tensor(False))
+    assert counts.current_run() == 0 and counts.allow_checkpoint(step=6) and int(counts.longest_run) == 1
 
 
 def load_checkpoint_weights(folder):

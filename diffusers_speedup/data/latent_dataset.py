@@ -4,13 +4,12 @@ Typical use in a training loop (every rank)::
 
     latents = LatentDataset("cache/imagenet256")
     for indices in latents.index_batches(batch_size, epoch=epoch, seed=seed, rank=rank, world_size=world, start_step=k):
-        z, labels = latents.sample(latents.read_batch(indices), generator=generator, device=device)
+        z, labels = latents.batch(indices, device)
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from .batching import index_batches
-from .latent_cache import METADATA_NAME, read_cache_metadata
+from .latent_cache import read_cache_metadata
 
 _LATENT_COLUMNS = ("mean", "std", "mean_flip", "std_flip")
 
@@ -144,7 +143,7 @@ class LatentDataset:
     """A latent cache written by :func:`~diffusers_speedup.data.latent_cache.cache_latents`.
 
     Args:
-        path: the cache folder, or a Hub dataset repo id it was pushed to.
+        path: the cache folder.
         random_flip: default for :meth:`sample`: use the mirrored posterior for half of the samples.
         in_memory: read every row into RAM now (``device`` moves it further, e.g. onto the GPU: ImageNet-256 with both
             mirrors is about 21 GB in fp16); otherwise batches are gathered from the memory-mapped Arrow files.
@@ -155,7 +154,7 @@ class LatentDataset:
 
     Attributes:
         metadata: the cache's ``latents_metadata.json``.
-        latent_shape, scaling_factor, shift_factor, num_classes, class_names, has_flip, normalization.
+        latent_shape, scaling_factor, num_classes, class_names, has_flip, normalization.
         labels: ``int64`` tensor of every row's label.
     """
 
@@ -169,22 +168,11 @@ class LatentDataset:
     ):
         from datasets import load_from_disk
 
-        if os.path.isdir(path):
-            self.dataset, self.metadata = load_from_disk(path), read_cache_metadata(path)
-        else:
-            from datasets import load_dataset
-            from huggingface_hub import hf_hub_download
-
-            self.dataset = load_dataset(path, split="train")
-            with open(hf_hub_download(path, METADATA_NAME, repo_type="dataset")) as file:
-                import json
-
-                self.metadata = json.load(file)
-        if self.dataset._indices is not None:
-            self.dataset = self.dataset.flatten_indices()
+        # The metadata is written last, so reading it first names an unfinished or missing cache as such.
+        self.metadata = read_cache_metadata(path)
+        self.dataset = load_from_disk(path)
         self.latent_shape = tuple(self.metadata["latent_shape"])
         self.scaling_factor = float(self.metadata["scaling_factor"])
-        self.shift_factor = self.metadata.get("shift_factor")
         self.normalization = normalization or LatentNormalization.from_vae_config(self.metadata)
         self.class_names = self.metadata.get("class_names")
         self.num_classes = int(self.metadata["num_classes"])
@@ -227,6 +215,16 @@ class LatentDataset:
             batch["label"] = self.labels[indices]
         batch["index"] = indices
         return batch
+
+    def batch(
+        self,
+        indices,
+        device: str | torch.device | None = None,
+        generator: torch.Generator | None = None,
+        random_flip: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``indices`` as the model's data, on ``device``: :meth:`read_batch`, then :meth:`sample`."""
+        return self.sample(self.read_batch(indices), generator=generator, device=device, random_flip=random_flip)
 
     def sample(
         self,

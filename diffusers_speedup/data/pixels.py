@@ -28,7 +28,7 @@ class PixelDataset:
         images: ``torch.uint8`` tensor ``(N, C, H, W)``.
         labels: ``torch.int64`` tensor ``(N,)``.
         class_names: name of each class id.
-        random_flip: whether :meth:`get_batch` mirrors each sample with probability 1/2 by default.
+        random_flip: whether :meth:`batch` mirrors each sample with probability 1/2 by default.
         rejected: inputs that were skipped, ``{"path": ..., "reason": ...}``.
     """
 
@@ -56,24 +56,20 @@ class PixelDataset:
             self.images.to(device), self.labels.to(device), self.class_names, self.random_flip, self.rejected
         )
 
-    def to_float(self) -> torch.Tensor:
-        """All images as ``float32`` in [-1, 1], shape ``(N, C, H, W)``."""
-        return self.images.float() / 127.5 - 1.0
-
-    def get_batch(
+    def batch(
         self,
         indices: torch.Tensor,
+        device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
         random_flip: bool | None = None,
-        device: torch.device | str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather a batch as ``(pixels float32 in [-1, 1] (B, C, H, W), labels int64 (B,))``.
 
         Args:
             indices: row indices (``LongTensor``), e.g. from :meth:`index_batches`.
+            device: where to put the batch (default: where the images are).
             generator: RNG for the mirror choice (on the images' device); ``None`` uses the global RNG.
             random_flip: override :attr:`random_flip` for this call.
-            device: where to put the batch (default: where the images are).
         """
         indices = indices.to(self.images.device)
         images = self.images[indices]
@@ -149,7 +145,7 @@ def load_pixel_dataset(
             with ADM's crop to this size (``None`` keeps them as they are; they must then all have one size).
         split: dataset split (built-in: ``"train"``, ``"test"``, ``"all"``).
         channels: 1 (grayscale) or 3 (RGB). Default 1 for digits, 3 otherwise.
-        random_flip: mirror samples at random in :meth:`PixelDataset.get_batch`. Default off for digits (mirrored
+        random_flip: mirror samples at random in :meth:`PixelDataset.batch`. Default off for digits (mirrored
             digits are not digits), on otherwise.
         image_column, label_column: column names for a 🤗 dataset (CIFAR-10 on the Hub uses ``"img"``).
     """

@@ -14,11 +14,11 @@ Both keep the averaged weights in fp32 in a deep copy of the live model (`.model
 sampling and `save_pretrained`).
 
 Why not `EMAModel`: diffusers has no EDM2 power-function EMA, and the trainer treats both kinds alike, through one
-interface (`update(model, step)`, `.model`, `state_dict`). `EMAModel` keeps a list of shadow tensors that are swapped
-into the live model (`store` / `copy_to` / `restore`) to sample or save, matched to its parameters by position and
-counted by its own number of calls; here the average is a module of its own (buffers included) that the sampling
-pipeline and the export use as it is, matched by parameter name behind DDP and torch.compile wrappers, and updated
-by the trainer's optimizer step, so a resumed run continues exactly.
+interface (`update(model, step, nimg)`, `.model`, `state_dict`). `EMAModel` keeps a list of shadow tensors that are
+swapped into the live model (`store` / `copy_to` / `restore`) to sample or save, matched to its parameters by position
+and counted by its own number of calls; here the average is a module of its own (buffers included) that the sampling
+pipeline and the export use as it is, matched by parameter name (once, behind DDP and torch.compile wrappers), and
+updated by the trainer's optimizer step, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -64,7 +64,18 @@ def _float_params(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 class _ShadowModule:
     """Shared plumbing for an averaged copy of a model: parameter matching, buffers, copy_to."""
 
-    def _check_same_params(self, model: torch.nn.Module, shadow: torch.nn.Module) -> list[torch.Tensor]:
+    _param_names: list[str]  # of the averaged copy, set by the subclass
+    _bound_model: torch.nn.Module | None = None  # the live model of the latest update, and its parameters
+    _bound_params: list[torch.Tensor]
+
+    def _live_params(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        """The floating-point parameters of `model`, in the order of the averaged ones.
+
+        They are matched by name once, on the first update with this model, and reused after that: the parameter
+        objects stay the same when the model is moved, compiled in place or wrapped by DDP.
+        """
+        if model is self._bound_model:
+            return self._bound_params
         live = _float_params(unwrap_model(model))
         names = [name for name, _ in live]
         if names != self._param_names:
@@ -74,7 +85,8 @@ class _ShadowModule:
                 f"{type(self).__name__}.update: the model's parameters differ from the ones the EMA was built from "
                 f"(missing: {missing[:5]}, unexpected: {extra[:5]})."
             )
-        return [p.detach() for _, p in live]
+        self._bound_model, self._bound_params = model, [p for _, p in live]
+        return self._bound_params
 
     @staticmethod
     @torch.no_grad()
@@ -123,9 +135,16 @@ class ConstantEMA(_ShadowModule):
         self._shadow_params = [p for _, p in _float_params(self.model)]
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        """Fold the current weights of `model` into the average; `step` is the number of optimizer steps done."""
-        live = self._check_same_params(model, self.model)
+    def update(self, model: torch.nn.Module, step: int, nimg: int | None = None) -> None:
+        """Fold the current weights of `model` into the average.
+
+        Args:
+            model: the live model.
+            step: optimizer steps done, this one included.
+            nimg: images seen; unused (the decay is the same at every step), taken so that both EMA kinds are
+                updated by the same call.
+        """
+        live = self._live_params(model)
         self.step = int(step)
         if step <= self.start_step:
             decay = 0.0
@@ -295,7 +314,7 @@ class PowerFunctionEMA(_ShadowModule):
             nimg: images seen, this step included. When given it is the EMA's time `t` (EDM2's choice, correct with
                 a changing batch size); otherwise `t = step`.
         """
-        live = self._check_same_params(model, self.models[0])
+        live = self._live_params(model)
         t = int(nimg if nimg is not None else step)
         if t <= self.t:
             raise ValueError(

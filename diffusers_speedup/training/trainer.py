@@ -3,6 +3,9 @@
 Runs the same on one CPU and under ``accelerate launch`` on many GPUs. The data order is a pure function of
 (seed, epoch, rank), and every random draw of the step comes from torch's global RNG, which accelerate saves with
 each checkpoint: a resumed run continues exactly where the interrupted one stopped.
+
+`Trainer` comes first and reads as the run goes: set-up, the loop, checkpoints, sample grids and export. The pieces
+it is built from follow it: the data, the model and its optimizer, one optimizer step, and the launcher settings.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -42,7 +46,7 @@ from .config import (
     report_to_trackers,
 )
 from .distributed import check_world_size
-from .ema import ConstantEMA, PowerFunctionEMA
+from .ema import SNAPSHOT_DIR_NAME, ConstantEMA, PowerFunctionEMA
 from .lr_schedules import get_lr_scheduler
 
 logger = logging.getLogger(__name__)
@@ -58,346 +62,6 @@ LOG_SNR_BUCKETS = (
 
 class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-# --- data --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingData:
-    """Pixels held in memory (PixelDataset) or cached latents (LatentDataset) behind one interface."""
-
-    dataset: object
-    is_latent: bool
-    class_names: list[str]
-    sample_shape: tuple[int, int, int]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def batch(self, indices: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.is_latent:
-            return self.dataset.sample(self.dataset.read_batch(indices), device=device)
-        return self.dataset.get_batch(indices, device=device)
-
-
-def load_training_data(config: Config, device) -> TrainingData:
-    from ..data import LatentDataset, load_pixel_dataset
-
-    data = config.data
-    if data.kind == "latents":
-        dataset = LatentDataset(data.path, random_flip=data.random_flip, in_memory=data.in_memory, device=device)
-        if data.latent_norm == "per_channel":
-            dataset.normalization = per_channel_normalization(dataset, data)
-        names = dataset.class_names or [str(i) for i in range(dataset.num_classes)]
-        return TrainingData(dataset, True, list(names), dataset.latent_shape)
-    source = data.name if data.kind == "builtin" else data.path
-    try:
-        dataset = load_pixel_dataset(
-            source,
-            resolution=data.resolution,
-            channels=data.channels,
-            random_flip=data.random_flip,
-            image_column=data.image_column,
-            label_column=data.label_column,
-        )
-    except (OSError, ValueError) as error:  # datasets' own errors name neither the key nor, often, the path
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ConfigError(f"data.path: cannot read {source!r} as {data.kind}: {first_line}") from None
-    if data.in_memory:
-        dataset = dataset.to(device)
-    if dataset.rejected:
-        logger.warning("%d images were rejected, e.g. %s", len(dataset.rejected), dataset.rejected[:3])
-    names = dataset.class_names or [str(i) for i in range(int(dataset.labels.max()) + 1)]
-    return TrainingData(dataset, False, list(names), dataset.sample_shape)
-
-
-def per_channel_normalization(dataset, data) -> LatentNormalization:
-    """EDM2-style normalisation: the configured raw statistics, or the cache's own, mapped to latent_target_std."""
-    channels = dataset.latent_shape[0]
-    if data.latents_mean is not None:
-        if len(data.latents_mean) != channels:
-            raise ConfigError(
-                f"data.latents_mean: {len(data.latents_mean)} values, but the latents in {data.path} have "
-                f"{channels} channels."
-            )
-        mean, std = list(data.latents_mean), list(data.latents_std)
-    else:
-        mean, std = dataset.latent_statistics()
-        if min(std) <= 0:
-            raise ConfigError(f"data.latent_norm: a channel of the latents in {data.path} is constant (std {std}).")
-    normalization = LatentNormalization.per_channel(mean, std, data.latent_target_std)
-    logger.info(
-        "latents normalised per channel to std %g: mean %s, std %s",
-        data.latent_target_std,
-        [round(v, 4) for v in mean],
-        [round(v, 4) for v in std],
-    )
-    return normalization
-
-
-# --- model, objective, sampling scheduler ------------------------------------------------------------------------
-
-
-def build_model(config: Config, data: TrainingData) -> nn.Module:
-    """The recipe's model, with sample size, channels and classes filled in from the data unless given."""
-    kind, cls = config.model.kind, model_class(config.model.kind)
-    if config.model.pretrained:
-        return cls.from_pretrained(config.model.pretrained)
-    channels, size = data.sample_shape[0], data.sample_shape[1]
-    fitted = {"sample_size": size, "in_channels": channels}
-    if kind == "dit":
-        out_channels = 2 * channels if config.objective.learned_variance else channels  # mean, then variance
-        fitted["out_channels"] = out_channels
-    fitted["num_classes"] = data.num_classes
-    params = {**fitted, **config.model.params}
-    if config.model.preset is None:
-        return cls(**params)
-    return cls.from_preset(config.model.preset, **params)
-
-
-def build_objective(config: Config, noise_scheduler, num_classes: int, model: nn.Module) -> DiffusionObjective:
-    objective = config_to_dict(config)["objective"]
-    objective.pop("schedule")
-    # EDM2's UNet has its own log-variance output, so the objective builds no head of its own.
-    from_model = getattr(model, "input_is_sigma", False)
-    return DiffusionObjective.from_config(
-        objective, noise_scheduler, num_classes=num_classes, uncertainty_from_model=from_model
-    )
-
-
-def build_sampling_scheduler(config: Config, noise_scheduler):
-    """The scheduler that sample grids and the exported pipeline use."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EDMEulerScheduler
-
-    from ..schedulers.scheduling_edm_heun import EDMHeunScheduler
-
-    schedule, prediction_type = config.objective.schedule, config.objective.prediction_type
-    name = config.sampling.scheduler or ("edm_heun" if schedule.kind == "edm" else "ddim")
-    if schedule.kind == "edm":
-        cls = {"edm_heun": EDMHeunScheduler, "edm_euler": EDMEulerScheduler}[name]
-        kwargs = {
-            "sigma_min": schedule.sigma_min,
-            "sigma_max": schedule.sigma_max,
-            "sigma_data": schedule.sigma_data,
-            "prediction_type": prediction_type,
-        }
-        return cls(**kwargs)
-    cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm_solver": DPMSolverMultistepScheduler}[name]
-    extra = {"timestep_spacing": "trailing"} if schedule.rescale_betas_zero_snr else {}
-    if name == "ddpm":  # DDPM samples with a learned variance (DiT's sampler); the others use the mean alone
-        extra["variance_type"] = "learned_range" if config.objective.learned_variance else "fixed_small"
-        if config.objective.learned_variance:  # DiT's sample_ddp.py: x0 unclipped, steps evenly spread over 0..T-1
-            extra["clip_sample"] = False
-            extra.setdefault("timestep_spacing", "linspace")
-    return cls.from_config(noise_scheduler.config, prediction_type=prediction_type, **extra)
-
-
-class TrainingModule(nn.Module):
-    """The model and the objective as one module, so that DDP also averages the objective's own parameters
-    (EDM2's uncertainty head) and a single forward returns the per-sample losses."""
-
-    def __init__(self, model: nn.Module, objective: DiffusionObjective, rank: int = 0, world_size: int = 1):
-        super().__init__()
-        self.model, self.objective = model, objective
-        self.shard = (rank, world_size)
-
-    def forward(self, x0: torch.Tensor, class_labels: torch.Tensor):
-        # Every process draws the noise of the whole global batch and keeps its slice: N processes train on exactly
-        # what one process would, and no two processes reuse the same noise.
-        return self.objective(self.model, x0, class_labels, shard=self.shard)
-
-
-class LossTracker:
-    """Running sums of the loss, overall and per log-SNR bucket, kept on the device: reading them (one host sync)
-    happens only when they are logged."""
-
-    def __init__(self, device):
-        self.edges = torch.tensor(LOG_SNR_EDGES, device=device)
-        self.loss = torch.zeros((), device=device)
-        self.bucket_sum = torch.zeros(len(LOG_SNR_EDGES) + 1, device=device)
-        self.bucket_count = torch.zeros(len(LOG_SNR_EDGES) + 1, device=device)
-        self.vb = None  # the variational-bound part of the loss, for learned-variance models
-
-    def add(self, output, weight: float = 1.0) -> None:
-        per_sample = output.loss.detach()
-        self.loss += per_sample.mean() * weight
-        if output.vb is not None:
-            self.vb = (0 if self.vb is None else self.vb) + output.vb.detach().mean() * weight
-        buckets = torch.bucketize(output.snr.clamp_min(1e-20).log(), self.edges)
-        self.bucket_sum.index_add_(0, buckets, per_sample)
-        self.bucket_count.index_add_(0, buckets, torch.ones_like(per_sample))
-
-    def reset(self) -> None:
-        for total in (self.loss, self.bucket_sum, self.bucket_count):
-            total.zero_()
-        self.vb = None
-
-
-def optimizer_step(
-    accelerator, module, optimizer, micro_batches, max_grad_norm: float | None, tracker: LossTracker | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over ``micro_batches`` (an iterable of ``(x0, class_labels)``, one per accumulation step,
-    read lazily): forward and backward each, clip, and step unless the gradient is not finite.
-
-    Returns the gradient norm and a 0-dim bool tensor telling whether the step was skipped, both left on the device:
-    with a fused optimizer (the default) nothing here waits for the GPU.
-    """
-    parameters = [p for p in module.parameters() if p.requires_grad]
-    grad_norm, skipped = torch.zeros(()), torch.zeros((), dtype=torch.bool)
-    for x0, class_labels in micro_batches:
-        with accelerator.accumulate(module):
-            output = module(x0, class_labels)
-            accelerator.backward(output.loss.mean())
-            if accelerator.sync_gradients:
-                # With no clipping asked for, an infinite bound still returns the norm (for logging and the check).
-                grad_norm = accelerator.clip_grad_norm_(
-                    parameters, math.inf if max_grad_norm is None else max_grad_norm
-                )
-                grad_norm = torch.as_tensor(grad_norm)
-                skipped = ~torch.isfinite(grad_norm)
-                if accelerator.scaler is not None:
-                    optimizer.step()  # fp16's loss scaler skips non-finite steps itself
-                else:
-                    _step_unless(optimizer, skipped)
-                optimizer.zero_grad(set_to_none=True)
-        if tracker is not None:
-            tracker.add(output, weight=1.0 / accelerator.gradient_accumulation_steps)
-    return grad_norm, skipped
-
-
-def _step_unless(optimizer, skip: torch.Tensor) -> None:
-    """Step unless ``skip`` (a 0-dim bool tensor) is set, deciding on the device when the optimizer is fused.
-
-    Fused Adam/AdamW read a ``found_inf`` flag inside their kernel (the hook GradScaler uses) and then leave the
-    parameters, moments and step count untouched, so the skip costs no host read. Other optimizers need the
-    decision on the host: one scalar read per step.
-    """
-    inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
-    if all(group.get("fused") for group in inner.param_groups):
-        inner.found_inf = skip.float()
-        try:
-            optimizer.step()
-        finally:
-            del inner.found_inf
-    elif not bool(skip):
-        optimizer.step()
-
-
-# --- helpers -----------------------------------------------------------------------------------------------------
-
-
-def _check_fsdp(config: Config) -> None:
-    """FSDP leaves each process a shard of every parameter; these features need each weight whole."""
-    if config.ema.kind != "none":
-        raise ConfigError(
-            "ema.kind: the EMA averages whole parameters, which FSDP shards; train with DDP or set ema.kind=none."
-        )
-    if config.model.kind == "edm2_unet":
-        raise ConfigError(
-            "model.kind: EDM2UNetModel renormalises each whole weight in place as it trains (forced weight "
-            "normalisation), which FSDP's shards would not keep; train it with DDP."
-        )
-
-
-def build_optimizer(config: Config, parameters, device: torch.device) -> torch.optim.Optimizer:
-    optim = config.optim
-    cls = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
-    kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
-    if device.type in ("cuda", "cpu"):
-        # One kernel for the whole update instead of several per tensor, and it can skip a non-finite step on the
-        # device (see _step_unless).
-        kwargs["fused"] = True
-    return cls(parameters, **kwargs)
-
-
-# accelerate's spelling of a precision -> the recipe's.
-_LAUNCHER_PRECISION = {"no": "fp32", "fp16": "fp16", "bf16": "bf16", "fp8": "fp8"}
-
-
-def apply_launcher_settings(config: Config) -> Config:
-    """The recipe with ``train.mixed_precision`` and ``train.cpu`` taken from the launcher where it leaves them unset.
-
-    ``accelerate launch`` hands its flags, or the ``accelerate config`` defaults, to the processes it starts as
-    ACCELERATE_MIXED_PRECISION and ACCELERATE_USE_CPU. A value in the recipe wins over the launcher's, as the
-    ``--mixed_precision`` argument of diffusers' example scripts does, with a warning naming both when they differ.
-    Without a launcher and a recipe value: fp32, and the GPU when there is one.
-    """
-    train = config.train
-    launcher_env = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    launcher_precision = None if launcher_env is None else _LAUNCHER_PRECISION.get(launcher_env.lower(), launcher_env)
-    mixed_precision = train.mixed_precision
-    if mixed_precision is None:
-        mixed_precision = launcher_precision or "fp32"
-        if mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(
-                f"train.mixed_precision: the launcher asks for {launcher_env!r} (ACCELERATE_MIXED_PRECISION), which "
-                f"this trainer does not support; launch with one of no, bf16, fp16, or set it in the recipe."
-            )
-    elif launcher_precision is not None and launcher_precision != mixed_precision:
-        logger.warning(
-            "train.mixed_precision is %r in the recipe but the launcher (accelerate launch --mixed_precision, or "
-            "accelerate config) asks for %r; training in %r as the recipe says. Leave train.mixed_precision unset "
-            "to follow the launcher.",
-            mixed_precision,
-            launcher_precision,
-            mixed_precision,
-        )
-
-    # accelerate always sets ACCELERATE_USE_CPU ("False" unless --cpu), so only an asked-for CPU can contradict.
-    launcher_cpu = str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")) == 1
-    cpu = train.cpu
-    if cpu is None:
-        cpu = launcher_cpu
-    elif launcher_cpu and not cpu:
-        logger.warning(
-            "train.cpu is false in the recipe but the launcher (accelerate launch --cpu, or accelerate config) asks "
-            "for the CPU; training on the accelerator as the recipe says. Leave train.cpu unset to follow the "
-            "launcher."
-        )
-        # accelerate reads the variable again and would force the CPU; the recipe's choice is final here.
-        os.environ["ACCELERATE_USE_CPU"] = "false"
-    return dataclasses.replace(config, train=dataclasses.replace(train, mixed_precision=mixed_precision, cpu=cpu))
-
-
-def _hardware(accelerator: Accelerator) -> str:
-    count = accelerator.num_processes
-    if accelerator.device.type == "cuda":
-        return f"{count}× {torch.cuda.get_device_name(accelerator.device)}"
-    return f"{count}× CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def _tracker_config(config: Config) -> dict:
-    """Flat scalar hyper-parameters, which TensorBoard's hparams view accepts."""
-    flat = {}
-
-    def visit(prefix, value):
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                visit(f"{prefix}.{key}" if prefix else key, inner)
-        else:
-            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    visit("", config_to_dict(config))
-    return flat
-
-
-def log_image_to_trackers(accelerator: Accelerator, name: str, image, step: int) -> None:
-    """Log one PIL image to every tracker of `accelerator` that takes images, in the form each one's
-    ``log_images`` expects (trackers without it, such as MLflow's in accelerate, are skipped)."""
-    import numpy as np
-
-    pixels = np.asarray(image.convert("RGB"))
-    for tracker in accelerator.trackers:
-        if not callable(getattr(tracker, "log_images", None)):
-            continue
-        if tracker.name == "tensorboard":
-            tracker.log_images({name: pixels[None]}, step=step, dataformats="NHWC")
-        elif tracker.name in ("aim", "clearml"):
-            tracker.log_images({name: pixels}, step=step)
-        else:  # W&B, SwanLab and trackers of one's own: a list of images per key
-            tracker.log_images({name: [pixels]}, step=step)
 
 
 # --- the trainer -------------------------------------------------------------------------------------------------
@@ -416,11 +80,40 @@ class Trainer:
     def __init__(self, config: Config, trackers: list[GeneralTracker] | tuple[GeneralTracker, ...] = ()):
         config = apply_launcher_settings(config)
         check_environment(config)
-        self.config = config
-        train = config.train
-        self.output_dir = Path(train.output_dir)
+        self.config, self.output_dir = config, Path(config.train.output_dir)
+        self.accelerator = self._start_accelerator(trackers)
+        # The checkpoint a resume will load, compared with this config before any work.
+        self.resume_from = resume_checkpoint(config)
+        if self.resume_from is not None:
+            check_resume_config(config, self.resume_from)
+        self.micro_batch_size = self._micro_batch_size()
+        if config.train.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        set_seed(config.train.seed)  # model initialisation, then the training stream (restored on resume)
+
+        self.data = load_training_data(config, self.accelerator.device)
+        self._check_dataset_size()
+        self._build_model()
+        snapshot_dir = str(self.output_dir / SNAPSHOT_DIR_NAME) if self.accelerator.is_main_process else None
+        self.ema = build_ema(config, self.model, snapshot_dir)
+        self._prepare_for_training()
+
+        # Where the run stands; a checkpoint saves it (`_trainer_state`) and a resume restores it.
+        self.step, self.epoch, self.batches_into_epoch, self.images_seen = 0, 0, 0, 0
+        self.nonfinite = NonFiniteSteps(config.train.max_consecutive_nonfinite, self.accelerator.device)
+        self.train_seconds = 0.0
+        self.hardware = _hardware(self.accelerator)
+        self.latest_grid = None
+        self.pusher = None
+        self.push_result = None
+
+    # --- set-up --------------------------------------------------------------------------------------------------
+
+    def _start_accelerator(self, trackers) -> Accelerator:
+        train = self.config.train
         log_with = [*report_to_trackers(train.report_to), *trackers]
-        self.accelerator = Accelerator(
+        accelerator = Accelerator(
             cpu=train.cpu,
             mixed_precision="no" if train.mixed_precision == "fp32" else train.mixed_precision,
             gradient_accumulation_steps=train.gradient_accumulation_steps,
@@ -431,38 +124,39 @@ class Trainer:
                 automatic_checkpoint_naming=False,
             ),
         )
-        accelerator = self.accelerator
         check_world_size(accelerator.num_processes, "train/train.py", cpu_flag="train.cpu=true")
         logger.info(
             "process %d of %d (%s) on %s", accelerator.process_index, accelerator.num_processes,
             accelerator.distributed_type.value, accelerator.device,
         )  # fmt: skip
         if accelerator.distributed_type == DistributedType.FSDP:
-            _check_fsdp(config)
-        # The checkpoint a resume will load, compared with this config before any work.
-        self.resume_from = resume_checkpoint(config)
-        if self.resume_from is not None:
-            check_resume_config(config, self.resume_from)
-        world = accelerator.num_processes * train.gradient_accumulation_steps
+            _check_fsdp(self.config)
+        return accelerator
+
+    def _micro_batch_size(self) -> int:
+        """The batch of one process in one accumulation step: the global batch must split evenly into them."""
+        train, processes = self.config.train, self.accelerator.num_processes
+        world = processes * train.gradient_accumulation_steps
         if train.batch_size % world:
             raise ConfigError(
                 f"train.batch_size: {train.batch_size} is not divisible by processes × accumulation steps = "
-                f"{accelerator.num_processes} × {train.gradient_accumulation_steps}."
+                f"{processes} × {train.gradient_accumulation_steps}."
             )
-        self.micro_batch_size = train.batch_size // world
-        if train.allow_tf32 and torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        set_seed(train.seed)  # model initialisation, then the training stream (restored on resume)
+        return train.batch_size // world
 
-        self.data = load_training_data(config, accelerator.device)
-        if len(self.data.dataset) < self.micro_batch_size * accelerator.num_processes:
-            needed = self.micro_batch_size * accelerator.num_processes
+    def _check_dataset_size(self) -> None:
+        processes = self.accelerator.num_processes
+        needed = self.micro_batch_size * processes
+        if len(self.data.dataset) < needed:
             raise ConfigError(
-                f"train.batch_size: {train.batch_size} (micro-batches of {self.micro_batch_size} on "
-                f"{accelerator.num_processes} process(es)) needs at least {needed} samples, but the dataset "
+                f"train.batch_size: {self.config.train.batch_size} (micro-batches of {self.micro_batch_size} on "
+                f"{processes} process(es)) needs at least {needed} samples, but the dataset "
                 f"({self._dataset_name()}) has {len(self.data.dataset)}."
             )
+
+    def _build_model(self) -> None:
+        """The model (fitted to the data), the noise schedule it is trained on, and the objective."""
+        config, train = self.config, self.config.train
         self.model = build_model(config, self.data)
         if train.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
@@ -471,122 +165,72 @@ class Trainer:
         self.noise_scheduler = build_noise_scheduler(config.objective.schedule)
         self.objective = build_objective(config, self.noise_scheduler, self.data.num_classes, self.model)
 
-        ema = config.ema
-        if ema.kind == "constant":
-            self.ema = ConstantEMA(self.model, decay=ema.decay, start_step=ema.start_step)
-        elif ema.kind == "power":
-            snapshot_dir = str(self.output_dir / "ema_snapshots") if accelerator.is_main_process else None
-            self.ema = PowerFunctionEMA(
-                self.model,
-                sigma_rels=ema.sigma_rels,
-                snapshot_dir=snapshot_dir,
-                snapshot_every=ema.snapshot_every or None,
-            )
-        else:
-            self.ema = None
-
-        if train.compile:
+    def _prepare_for_training(self) -> None:
+        """Compile, hand the model and the optimizer to accelerate, and register the LR schedule and the EMA, which
+        checkpoints also hold (in this order: their files are numbered by it)."""
+        config, accelerator = self.config, self.accelerator
+        if config.train.compile:
             # In place rather than torch.compile(model): the parameter names, and so checkpoints, stay the same
             # with and without compilation, and a run can be resumed either way.
             self.model.compile()
-        trainable = TrainingModule(
-            self.model,
-            self.objective,
-            accelerator.process_index,
-            accelerator.num_processes,
-        )
+        trainable = TrainingModule(self.model, self.objective, accelerator.process_index, accelerator.num_processes)
         optimizer = build_optimizer(config, trainable.parameters(), accelerator.device)
         self.module, self.optimizer = accelerator.prepare(trainable, optimizer)
         # Not passed through prepare: accelerate would step it once per process per step.
-        self.lr_scheduler = get_lr_scheduler(
-            config.optim.lr_schedule,
-            optimizer,
-            warmup_steps=config.optim.warmup_steps,
-            total_steps=train.max_steps,
-            **(
-                {
-                    "ref_batches": config.optim.ref_batches,
-                    "rampup_images": config.optim.rampup_images,
-                    "batch_size": train.batch_size,
-                }
-                if config.optim.lr_schedule == "inverse_sqrt"
-                else {}
-            ),
-        )
+        self.lr_scheduler = build_lr_scheduler(config, optimizer)
         accelerator.register_for_checkpointing(self.lr_scheduler)
         if self.ema is not None:
             self.ema.to(accelerator.device)
             accelerator.register_for_checkpointing(self.ema)
 
-        self.step, self.epoch, self.batches_into_epoch, self.images_seen, self.nonfinite_in_a_row = 0, 0, 0, 0, 0
-        self.train_seconds = 0.0
-        self.hardware = _hardware(accelerator)
-        self.latest_grid = None
-        self.pusher = None
-        self.push_result = None
+    # --- training ------------------------------------------------------------------------------------------------
 
-    # --- checkpoints ---------------------------------------------------------------------------------------------
-
-    def _trainer_state(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "batches_into_epoch": self.batches_into_epoch,
-            "images_seen": self.images_seen,
-            "nonfinite_in_a_row": int(self.nonfinite_in_a_row),
-            "train_seconds": self.train_seconds,
-            "hardware": self.hardware,
-            "world_size": self.accelerator.num_processes,
-        }
-
-    def save_checkpoint(self) -> Path:
-        def write_config(folder: Path) -> None:
-            (folder / CONFIG_NAME).write_text(config_to_yaml(self.config))
-
-        path = save_checkpoint(
-            self.accelerator,
-            self.output_dir,
-            self.step,
-            self._trainer_state(),
-            save_fn=write_config,
-            total_limit=self.config.train.checkpoints_total_limit,
-        )
-        if (
-            isinstance(self.ema, PowerFunctionEMA)
-            and not self.config.ema.snapshot_every
-            and self.accelerator.is_main_process
-        ):
-            self.ema.save_snapshot()
-        return path
-
-    def resume(self) -> None:
-        resume = self.config.train.resume
-        if resume is None:
-            return
-        if resume == "latest":
-            path = find_latest_checkpoint(self.output_dir, clean=self.accelerator.is_main_process)
-        else:
-            path = Path(resume)
-        if path is None:
-            logger.warning(
-                "train.resume=latest: no checkpoint in %s, so this run STARTS FROM SCRATCH (step 0).", self.output_dir
+    def train(self) -> Path | None:
+        """Resume when asked, train to ``train.max_steps``, then write the last checkpoint, the final grid and the
+        export (and push it when asked). Returns the exported folder on the main process."""
+        config, accelerator = self.config, self.accelerator
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / CONFIG_NAME).write_text(config_to_yaml(config))
+        self.resume()
+        if accelerator.log_with:
+            # TensorBoard drops what an interrupted run logged after the checkpoint resumed from, so the steps
+            # written again are not there twice.
+            init_kwargs = {"tensorboard": {"purge_step": self.step + 1}} if self.step else {}
+            accelerator.init_trackers(
+                config.train.tracker_project_name, config=_tracker_config(config), init_kwargs=init_kwargs
             )
-            return
-        if self.resume_from is not None and path.resolve() != self.resume_from.resolve():
-            check_resume_config(self.config, path)  # a newer checkpoint appeared since the start-up check
-        state = load_checkpoint(self.accelerator, path)
-        self.step = int(state["step"])
-        for key in ("epoch", "batches_into_epoch", "images_seen", "nonfinite_in_a_row"):
-            setattr(self, key, int(state[key]))
-        self.train_seconds = float(state.get("train_seconds", 0.0))
-        trained_on = state.get("hardware")
-        if trained_on and trained_on != self.hardware:
-            self.hardware = f"{trained_on}, then {self.hardware}"
-        logger.info("Resumed from %s at step %d.", path, self.step)
+        if config.hub.push_to_hub:
+            from ..hub import BackgroundHubPusher
 
-    # --- the loop ------------------------------------------------------------------------------------------------
+            # Uploads run on a background thread with retries: training never waits for or dies on a push.
+            self.pusher = BackgroundHubPusher(
+                config.hub.hub_model_id,
+                enabled=accelerator.is_main_process,
+                private=config.hub.private,
+                max_retries=config.hub.max_retries,
+                retry_delay=config.hub.retry_delay,
+            )
+        self.module.train()
+        # Steps of the total, loss, img/s and the time left (main process); resumed runs start at their step.
+        self.progress = tqdm(
+            total=config.train.max_steps,
+            initial=self.step,
+            desc="Training",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not accelerator.is_main_process,
+        )
+        with self.progress, logging_redirect_tqdm():  # log lines print above the bar instead of through it
+            self._loop()
+        if self.nonfinite.allow_checkpoint(self.step):
+            self.save_checkpoint()
+        export_dir = self.finish()
+        accelerator.end_training()
+        return export_dir
 
     def _batches(self):
-        """Micro-batches forever, epoch after epoch, starting where the run left off."""
+        """Micro-batches of indices forever, epoch after epoch, starting where the run left off."""
         accelerator = self.accelerator
         while True:
             for indices in self.data.dataset.index_batches(
@@ -601,61 +245,10 @@ class Trainer:
                 yield indices
             self.epoch, self.batches_into_epoch = self.epoch + 1, 0
 
-    def train(self) -> Path | None:
-        config, accelerator = self.config, self.accelerator
-        train = config.train
-        if accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / CONFIG_NAME).write_text(config_to_yaml(config))
-        self.resume()
-        if accelerator.log_with:
-            # TensorBoard drops what an interrupted run logged after the checkpoint resumed from, so the steps
-            # written again are not there twice.
-            init_kwargs = {"tensorboard": {"purge_step": self.step + 1}} if self.step else {}
-            accelerator.init_trackers(
-                train.tracker_project_name, config=_tracker_config(config), init_kwargs=init_kwargs
-            )
-        if config.hub.push_to_hub:
-            from ..hub import BackgroundHubPusher
-
-            # Uploads run on a background thread with retries: training never waits for or dies on a push.
-            self.pusher = BackgroundHubPusher(
-                config.hub.hub_model_id,
-                enabled=accelerator.is_main_process,
-                private=config.hub.private,
-                max_retries=config.hub.max_retries,
-                retry_delay=config.hub.retry_delay,
-            )
-
-        device = accelerator.device
-        tracker = LossTracker(device)
-        grad_norm = torch.zeros(())
-        # Non-finite steps are counted on the device and read when the loss is logged (no host read per step).
-        self.nonfinite_in_a_row = torch.as_tensor(self.nonfinite_in_a_row, device=device)
-        longest_nonfinite_run = self.nonfinite_in_a_row.clone()
-        skipped_since_log = torch.zeros((), dtype=torch.long, device=device)
-        batches = self._batches()
-        self.module.train()
-        # Steps of the total, loss, img/s and the time left (main process); resumed runs start at their step.
-        self.progress = tqdm(
-            total=train.max_steps,
-            initial=self.step,
-            desc="Training",
-            unit="step",
-            dynamic_ncols=True,
-            disable=not accelerator.is_main_process,
-        )
-        with self.progress, logging_redirect_tqdm():  # log lines print above the bar instead of through it
-            self._loop(batches, tracker, grad_norm, longest_nonfinite_run, skipped_since_log)
-        if self._outside_nonfinite_run():
-            self.save_checkpoint()
-        export_dir = self.finish()
-        accelerator.end_training()
-        return export_dir
-
-    def _loop(self, batches, tracker, grad_norm, longest_nonfinite_run, skipped_since_log) -> None:
+    def _loop(self) -> None:
         config, accelerator = self.config, self.accelerator
         train, device = config.train, accelerator.device
+        batches, tracker = self._batches(), LossTracker(device)
         steps_since_log, last_log_time = 0, time.perf_counter()
         while self.step < train.max_steps:
             step_start = time.perf_counter()
@@ -663,66 +256,27 @@ class Trainer:
             grad_norm, skipped = optimizer_step(
                 accelerator, self.module, self.optimizer, micro_batches, config.optim.max_grad_norm, tracker
             )
-            self.nonfinite_in_a_row = (self.nonfinite_in_a_row + 1) * skipped
-            longest_nonfinite_run = torch.maximum(longest_nonfinite_run, self.nonfinite_in_a_row)
-            skipped_since_log += skipped
+            self.nonfinite.record(skipped)
             self.lr_scheduler.step()  # also on a skipped step: the schedule follows the step count, as with fp16
             self.step += 1
             self.images_seen += train.batch_size
             if self.ema is not None:
-                unwrapped = self.model
-                if isinstance(self.ema, PowerFunctionEMA):
-                    self.ema.update(unwrapped, self.step, nimg=self.images_seen)
-                else:
-                    self.ema.update(unwrapped, self.step)
+                self.ema.update(self.model, self.step, nimg=self.images_seen)
             self.train_seconds += time.perf_counter() - step_start
             steps_since_log += 1
             self.progress.update()
 
             if self.step % train.log_every == 0 or self.step == train.max_steps:
                 now = time.perf_counter()
-                self._check_nonfinite(skipped_since_log, longest_nonfinite_run, steps_since_log)
+                self.nonfinite.check(steps_since_log, self.step, self.output_dir)
                 self._log(tracker, grad_norm, steps_since_log, now - last_log_time)
                 tracker.reset()
-                skipped_since_log.zero_()
-                longest_nonfinite_run.copy_(self.nonfinite_in_a_row)
                 steps_since_log, last_log_time = 0, now
             if train.sample_every and self.step % train.sample_every == 0 and self.step != train.max_steps:
                 self.sample_grid()
             if train.checkpoint_every and self.step % train.checkpoint_every == 0 and self.step != train.max_steps:
-                if self._outside_nonfinite_run():
+                if self.nonfinite.allow_checkpoint(self.step):
                     self._checkpoint_and_maybe_export()
-
-    def _outside_nonfinite_run(self) -> bool:
-        """False while the latest steps were skipped as non-finite: a checkpoint written then would be named as the
-        last good one although the run had already gone wrong. (One host read, at checkpoint steps only.)"""
-        in_a_row = int(self.nonfinite_in_a_row)
-        if in_a_row:
-            logger.warning(
-                "No checkpoint at step %d: the last %d optimizer steps were non-finite and skipped.",
-                self.step,
-                in_a_row,
-            )
-        return not in_a_row
-
-    def _check_nonfinite(self, skipped: torch.Tensor, longest_run: torch.Tensor, steps: int) -> None:
-        """Warn about the steps skipped since the last log, and stop once too many came in a row."""
-        skipped, longest_run = int(skipped), int(longest_run)
-        if not skipped:
-            return
-        logger.warning(
-            "%d of the last %d optimizer steps (up to step %d) had a non-finite gradient norm and were skipped.",
-            skipped,
-            steps,
-            self.step,
-        )
-        if longest_run >= self.config.train.max_consecutive_nonfinite:
-            last = find_latest_checkpoint(self.output_dir, clean=False)
-            raise NonFiniteLossError(
-                f"{longest_run} optimizer steps in a row had a non-finite loss or gradient (seen at step {self.step}; "
-                f"train.max_consecutive_nonfinite is {self.config.train.max_consecutive_nonfinite}); stopping. "
-                f"The last good checkpoint is {last or 'none (none saved)'}."
-            )
 
     def _log(self, tracker: LossTracker, grad_norm, steps, seconds) -> None:
         accelerator = self.accelerator
@@ -757,6 +311,60 @@ class Trainer:
                 values["train/images_per_second"],
             )
 
+    # --- checkpoints ---------------------------------------------------------------------------------------------
+
+    def _trainer_state(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "batches_into_epoch": self.batches_into_epoch,
+            "images_seen": self.images_seen,
+            "nonfinite_in_a_row": self.nonfinite.current_run(),
+            "train_seconds": self.train_seconds,
+            "hardware": self.hardware,
+            "world_size": self.accelerator.num_processes,
+        }
+
+    def save_checkpoint(self) -> Path:
+        def write_config(folder: Path) -> None:
+            (folder / CONFIG_NAME).write_text(config_to_yaml(self.config))
+
+        path = save_checkpoint(
+            self.accelerator,
+            self.output_dir,
+            self.step,
+            self._trainer_state(),
+            save_fn=write_config,
+            total_limit=self.config.train.checkpoints_total_limit,
+        )
+        # Without periodic snapshots, each checkpoint is a point that post-hoc EMA can reconstruct from.
+        ema = self.ema
+        if isinstance(ema, PowerFunctionEMA) and ema.snapshot_every is None and ema.snapshot_dir is not None:
+            ema.save_snapshot()
+        return path
+
+    def resume(self) -> None:
+        """Load the checkpoint ``train.resume`` names, if any, and continue from its step."""
+        if self.config.train.resume is None:
+            return
+        path = resume_checkpoint(self.config, clean=self.accelerator.is_main_process)
+        if path is None:
+            logger.warning(
+                "train.resume=latest: no checkpoint in %s, so this run STARTS FROM SCRATCH (step 0).", self.output_dir
+            )
+            return
+        if self.resume_from is not None and path.resolve() != self.resume_from.resolve():
+            check_resume_config(self.config, path)  # a newer checkpoint appeared since the start-up check
+        state = load_checkpoint(self.accelerator, path)
+        self.step = int(state["step"])
+        for key in ("epoch", "batches_into_epoch", "images_seen"):
+            setattr(self, key, int(state[key]))
+        self.nonfinite.restore(int(state["nonfinite_in_a_row"]))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        trained_on = state.get("hardware")
+        if trained_on and trained_on != self.hardware:
+            self.hardware = f"{trained_on}, then {self.hardware}"
+        logger.info("Resumed from %s at step %d.", path, self.step)
+
     def _checkpoint_and_maybe_export(self) -> None:
         path = self.save_checkpoint()
         push = self.pusher is not None and self.config.hub.push_checkpoints
@@ -767,28 +375,34 @@ class Trainer:
 
     # --- sampling and export -------------------------------------------------------------------------------------
 
+    @cached_property
+    def vae(self):
+        """The VAE that decodes sampled latents (None for pixel data), loaded once, for the first grid or export.
+
+        Its config carries the training normalisation, so a pipeline around it decodes what the model learned.
+        """
+        if not self.data.is_latent:
+            return None
+        from ..data import load_vae
+
+        metadata = self.data.dataset.metadata
+        vae, _ = load_vae(
+            metadata["vae_id"], revision=metadata.get("vae_revision"), subfolder=metadata.get("vae_subfolder")
+        )
+        vae.register_to_config(**self.data.dataset.normalization.vae_config())
+        return vae.to(self.accelerator.device).eval()
+
     def pipeline(self):
         """A pipeline around the EMA weights (the live weights when there is no EMA; put them in eval mode first
         and back in train mode after)."""
         from ..pipelines.pipeline_class_conditional import ClassConditionalPipeline
 
         model = self.ema.model if self.ema is not None else self.model
-        vae = None
-        if self.data.is_latent:
-            from ..data import load_vae
-
-            metadata = self.data.dataset.metadata
-            vae, _ = load_vae(
-                metadata["vae_id"], revision=metadata.get("vae_revision"), subfolder=metadata.get("vae_subfolder")
-            )
-            # The exported VAE config carries the training normalisation, so the pipeline decodes what was learned.
-            vae.register_to_config(**self.data.dataset.normalization.vae_config())
-            vae = vae.to(self.accelerator.device).eval()
         denoiser = {"unet": model} if getattr(model, "input_is_sigma", False) else {"transformer": model}
         id2label = {i: name for i, name in enumerate(self.data.class_names)}
         return ClassConditionalPipeline(
             scheduler=build_sampling_scheduler(self.config, self.noise_scheduler),
-            vae=vae,
+            vae=self.vae,
             id2label=id2label,
             **denoiser,
         )
@@ -882,26 +496,32 @@ class Trainer:
         """The final sample grid and export, and the final push when asked for (its outcome in ``push_result``)."""
         self.sample_grid()
         export_dir = self.export(self.output_dir / "pipeline")
-        if self.pusher is not None:
-            if export_dir is not None:
-                self.pusher.submit(export_dir, commit_message=f"Final model after {self.step} steps")
-            self.push_result = self.pusher.close()
-            if self.push_result is not None and not self.push_result.ok:
-                logger.error(
-                    "The final push to %s failed after %d attempts: %s. The exported folder %s is intact; "
-                    "push it later with `diffusers-speedup export %s --output_dir %s-hub --push_to_hub "
-                    "--hub_model_id %s`.",
-                    self.config.hub.hub_model_id,
-                    self.push_result.attempts,
-                    self.push_result.error,
-                    export_dir,
-                    export_dir,
-                    export_dir,
-                    self.config.hub.hub_model_id,
-                )
-            elif self.push_result is not None:
-                logger.info("Pushed %s to %s", export_dir, self.push_result.commit_url)
+        if self.pusher is None:
+            return export_dir
+        if export_dir is not None:
+            self.pusher.submit(export_dir, commit_message=f"Final model after {self.step} steps")
+        result, repo_id = self.pusher.close(), self.config.hub.hub_model_id
+        self.push_result = result
+        if result is not None and not result.ok:
+            again = f"diffusers-speedup export {export_dir} --output_dir {export_dir}-hub --push_to_hub"
+            logger.error(
+                "The final push to %s failed after %d attempts: %s. The exported folder %s is intact; push it later "
+                "with `%s --hub_model_id %s`.",
+                repo_id,
+                result.attempts,
+                result.error,
+                export_dir,
+                again,
+                repo_id,
+            )
+        elif result is not None:
+            logger.info("Pushed %s to %s", export_dir, result.commit_url)
         return export_dir
+
+
+def train(config: Config) -> Path | None:
+    """Train a recipe end to end and return the exported pipeline folder (on the main process)."""
+    return Trainer(config).train()
 
 
 def export_checkpoint(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
@@ -942,17 +562,447 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, output_dir: str | os.Pa
     return trainer.export(Path(output_dir))
 
 
-def resume_checkpoint(config: Config) -> Path | None:
+def resume_checkpoint(config: Config, clean: bool = False) -> Path | None:
     """The checkpoint ``train.resume`` names (``latest``: the newest complete one in ``train.output_dir``), or None
-    for a fresh run. Reads only; leftovers of interrupted saves are cleaned when the run resumes."""
+    for a fresh run. ``clean``: also remove the leftovers of interrupted saves (the main process does so when the
+    run resumes; the start-up check only reads)."""
     resume = config.train.resume
     if resume is None:
         return None
     if resume == "latest":
-        return find_latest_checkpoint(config.train.output_dir, clean=False)
+        return find_latest_checkpoint(config.train.output_dir, clean=clean)
     return Path(resume)
 
 
-def train(config: Config) -> Path | None:
-    """Train a recipe end to end and return the exported pipeline folder (on the main process)."""
-    return Trainer(config).train()
+# --- data --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingData:
+    """Pixels held in memory (PixelDataset) or cached latents (LatentDataset) behind one interface."""
+
+    dataset: object
+    is_latent: bool
+    class_names: list[str]
+    sample_shape: tuple[int, int, int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def batch(self, indices: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dataset.batch(indices, device)
+
+
+def load_training_data(config: Config, device) -> TrainingData:
+    from ..data import LatentDataset, load_pixel_dataset
+
+    data = config.data
+    if data.kind == "latents":
+        dataset = LatentDataset(data.path, random_flip=data.random_flip, in_memory=data.in_memory, device=device)
+        if data.latent_norm == "per_channel":
+            dataset.normalization = per_channel_normalization(dataset, data)
+        names = dataset.class_names or [str(i) for i in range(dataset.num_classes)]
+        return TrainingData(dataset, True, list(names), dataset.latent_shape)
+    source = data.name if data.kind == "builtin" else data.path
+    try:
+        dataset = load_pixel_dataset(
+            source,
+            resolution=data.resolution,
+            channels=data.channels,
+            random_flip=data.random_flip,
+            image_column=data.image_column,
+            label_column=data.label_column,
+        )
+    except (OSError, ValueError) as error:  # datasets' own errors name neither the key nor, often, the path
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"data.path: cannot read {source!r} as {data.kind}: {first_line}") from None
+    if data.in_memory:
+        dataset = dataset.to(device)
+    if dataset.rejected:
+        logger.warning("%d images were rejected, e.g. %s", len(dataset.rejected), dataset.rejected[:3])
+    names = dataset.class_names or [str(i) for i in range(int(dataset.labels.max()) + 1)]
+    return TrainingData(dataset, False, list(names), dataset.sample_shape)
+
+
+def per_channel_normalization(dataset, data) -> LatentNormalization:
+    """EDM2-style normalisation: the configured raw statistics, or the cache's own, mapped to latent_target_std."""
+    channels = dataset.latent_shape[0]
+    if data.latents_mean is not None:
+        if len(data.latents_mean) != channels:
+            raise ConfigError(
+                f"data.latents_mean: {len(data.latents_mean)} values, but the latents in {data.path} have "
+                f"{channels} channels."
+            )
+        mean, std = list(data.latents_mean), list(data.latents_std)
+    else:
+        mean, std = dataset.latent_statistics()
+        if min(std) <= 0:
+            raise ConfigError(f"data.latent_norm: a channel of the latents in {data.path} is constant (std {std}).")
+    normalization = LatentNormalization.per_channel(mean, std, data.latent_target_std)
+    logger.info(
+        "latents normalised per channel to std %g: mean %s, std %s",
+        data.latent_target_std,
+        [round(v, 4) for v in mean],
+        [round(v, 4) for v in std],
+    )
+    return normalization
+
+
+# --- model, objective, EMA, optimizer, schedules -----------------------------------------------------------------
+
+
+def build_model(config: Config, data: TrainingData) -> nn.Module:
+    """The recipe's model, with sample size, channels and classes filled in from the data unless given."""
+    kind, cls = config.model.kind, model_class(config.model.kind)
+    if config.model.pretrained:
+        return cls.from_pretrained(config.model.pretrained)
+    channels, size = data.sample_shape[0], data.sample_shape[1]
+    fitted = {"sample_size": size, "in_channels": channels}
+    if kind == "dit":
+        out_channels = 2 * channels if config.objective.learned_variance else channels  # mean, then variance
+        fitted["out_channels"] = out_channels
+    fitted["num_classes"] = data.num_classes
+    params = {**fitted, **config.model.params}
+    if config.model.preset is None:
+        return cls(**params)
+    return cls.from_preset(config.model.preset, **params)
+
+
+def build_objective(config: Config, noise_scheduler, num_classes: int, model: nn.Module) -> DiffusionObjective:
+    objective = config_to_dict(config)["objective"]
+    objective.pop("schedule")
+    # EDM2's UNet has its own log-variance output, so the objective builds no head of its own.
+    from_model = getattr(model, "input_is_sigma", False)
+    return DiffusionObjective.from_config(
+        objective, noise_scheduler, num_classes=num_classes, uncertainty_from_model=from_model
+    )
+
+
+def build_ema(config: Config, model: nn.Module, snapshot_dir: str | None) -> ConstantEMA | PowerFunctionEMA | None:
+    """The recipe's EMA of ``model``, or None. ``snapshot_dir``: where the power-function EMA writes its snapshots
+    (None on all but the main process, which keep the same averages without writing)."""
+    ema = config.ema
+    if ema.kind == "constant":
+        return ConstantEMA(model, decay=ema.decay, start_step=ema.start_step)
+    if ema.kind == "power":
+        return PowerFunctionEMA(
+            model, sigma_rels=ema.sigma_rels, snapshot_dir=snapshot_dir, snapshot_every=ema.snapshot_every or None
+        )
+    return None
+
+
+def build_optimizer(config: Config, parameters, device: torch.device) -> torch.optim.Optimizer:
+    optim = config.optim
+    cls = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
+    kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
+    if device.type in ("cuda", "cpu"):
+        # One kernel for the whole update instead of several per tensor, and it can skip a non-finite step on the
+        # device (see _step_unless).
+        kwargs["fused"] = True
+    return cls(parameters, **kwargs)
+
+
+def build_lr_scheduler(config: Config, optimizer: torch.optim.Optimizer):
+    """The recipe's learning-rate schedule, stepped once per optimizer step."""
+    optim = config.optim
+    batch_dependent = {}
+    if optim.lr_schedule == "inverse_sqrt":  # EDM2's: its warm-up is counted in images, so it needs the batch
+        batch_dependent = {
+            "ref_batches": optim.ref_batches,
+            "rampup_images": optim.rampup_images,
+            "batch_size": config.train.batch_size,
+        }
+    return get_lr_scheduler(
+        optim.lr_schedule,
+        optimizer,
+        warmup_steps=optim.warmup_steps,
+        total_steps=config.train.max_steps,
+        **batch_dependent,
+    )
+
+
+def build_sampling_scheduler(config: Config, noise_scheduler):
+    """The scheduler that sample grids and the exported pipeline use."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EDMEulerScheduler
+
+    from ..schedulers.scheduling_edm_heun import EDMHeunScheduler
+
+    schedule, prediction_type = config.objective.schedule, config.objective.prediction_type
+    name = config.sampling.scheduler or ("edm_heun" if schedule.kind == "edm" else "ddim")
+    if schedule.kind == "edm":
+        cls = {"edm_heun": EDMHeunScheduler, "edm_euler": EDMEulerScheduler}[name]
+        kwargs = {
+            "sigma_min": schedule.sigma_min,
+            "sigma_max": schedule.sigma_max,
+            "sigma_data": schedule.sigma_data,
+            "prediction_type": prediction_type,
+        }
+        return cls(**kwargs)
+    cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm_solver": DPMSolverMultistepScheduler}[name]
+    extra = {"timestep_spacing": "trailing"} if schedule.rescale_betas_zero_snr else {}
+    if name == "ddpm":  # DDPM samples with a learned variance (DiT's sampler); the others use the mean alone
+        extra["variance_type"] = "learned_range" if config.objective.learned_variance else "fixed_small"
+        if config.objective.learned_variance:  # DiT's sample_ddp.py: x0 unclipped, steps evenly spread over 0..T-1
+            extra["clip_sample"] = False
+            extra.setdefault("timestep_spacing", "linspace")
+    return cls.from_config(noise_scheduler.config, prediction_type=prediction_type, **extra)
+
+
+# --- one optimizer step ------------------------------------------------------------------------------------------
+
+
+class TrainingModule(nn.Module):
+    """The model and the objective as one module, so that DDP also averages the objective's own parameters
+    (EDM2's uncertainty head) and a single forward returns the per-sample losses."""
+
+    def __init__(self, model: nn.Module, objective: DiffusionObjective, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.model, self.objective = model, objective
+        self.shard = (rank, world_size)
+
+    def forward(self, x0: torch.Tensor, class_labels: torch.Tensor):
+        # Every process draws the noise of the whole global batch and keeps its slice: N processes train on exactly
+        # what one process would, and no two processes reuse the same noise.
+        return self.objective(self.model, x0, class_labels, shard=self.shard)
+
+
+class LossTracker:
+    """Running sums of the loss, overall and per log-SNR bucket, kept on the device: reading them (one host sync)
+    happens only when they are logged."""
+
+    def __init__(self, device):
+        self.edges = torch.tensor(LOG_SNR_EDGES, device=device)
+        self.loss = torch.zeros((), device=device)
+        self.bucket_sum = torch.zeros(len(LOG_SNR_EDGES) + 1, device=device)
+        self.bucket_count = torch.zeros(len(LOG_SNR_EDGES) + 1, device=device)
+        self.vb = None  # the variational-bound part of the loss, for learned-variance models
+
+    def add(self, output, weight: float = 1.0) -> None:
+        per_sample = output.loss.detach()
+        self.loss += per_sample.mean() * weight
+        if output.vb is not None:
+            self.vb = (0 if self.vb is None else self.vb) + output.vb.detach().mean() * weight
+        buckets = torch.bucketize(output.snr.clamp_min(1e-20).log(), self.edges)
+        self.bucket_sum.index_add_(0, buckets, per_sample)
+        self.bucket_count.index_add_(0, buckets, torch.ones_like(per_sample))
+
+    def reset(self) -> None:
+        for total in (self.loss, self.bucket_sum, self.bucket_count):
+            total.zero_()
+        self.vb = None
+
+
+class NonFiniteSteps:
+    """The optimizer steps skipped for a non-finite gradient, counted on the device (no host read per step) and
+    read only when the loss is logged (`check`) and at checkpoints (`allow_checkpoint`).
+
+    Args:
+        max_in_a_row: ``train.max_consecutive_nonfinite``: the run stops once this many steps in a row were skipped.
+        device: where the counts live.
+    """
+
+    def __init__(self, max_in_a_row: int, device):
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = torch.zeros((), dtype=torch.long, device=device)  # the latest steps, all skipped
+        self.longest_run = self.in_a_row.clone()  # the longest run of skipped steps since the last log
+        self.since_log = self.in_a_row.clone()  # steps skipped since the last log
+
+    def restore(self, in_a_row: int) -> None:
+        """Continue from a checkpoint whose latest ``in_a_row`` steps were skipped."""
+        self.in_a_row.fill_(in_a_row)
+        self.longest_run.fill_(in_a_row)
+
+    def record(self, skipped: torch.Tensor) -> None:
+        """Count one optimizer step; ``skipped`` is the 0-dim bool tensor that `optimizer_step` returns."""
+        self.in_a_row = (self.in_a_row + 1) * skipped
+        self.longest_run = torch.maximum(self.longest_run, self.in_a_row)
+        self.since_log += skipped
+
+    def current_run(self) -> int:
+        return int(self.in_a_row)
+
+    def allow_checkpoint(self, step: int) -> bool:
+        """False, with a warning, while the latest steps were skipped: a checkpoint written then would be named as
+        the last good one although the run had already gone wrong."""
+        in_a_row = self.current_run()
+        if in_a_row:
+            logger.warning(
+                "No checkpoint at step %d: the last %d optimizer steps were non-finite and skipped.", step, in_a_row
+            )
+        return not in_a_row
+
+    def check(self, steps: int, step: int, output_dir: Path) -> None:
+        """At a log: warn about the steps skipped among the last ``steps``, raise `NonFiniteLossError` once too many
+        came in a row, and start counting for the next log."""
+        skipped, longest_run = int(self.since_log), int(self.longest_run)
+        self.since_log.zero_()
+        self.longest_run.copy_(self.in_a_row)
+        if not skipped:
+            return
+        logger.warning(
+            "%d of the last %d optimizer steps (up to step %d) had a non-finite gradient norm and were skipped.",
+            skipped,
+            steps,
+            step,
+        )
+        if longest_run >= self.max_in_a_row:
+            last = find_latest_checkpoint(output_dir, clean=False)
+            raise NonFiniteLossError(
+                f"{longest_run} optimizer steps in a row had a non-finite loss or gradient (seen at step {step}; "
+                f"train.max_consecutive_nonfinite is {self.max_in_a_row}); stopping. "
+                f"The last good checkpoint is {last or 'none (none saved)'}."
+            )
+
+
+def optimizer_step(
+    accelerator, module, optimizer, micro_batches, max_grad_norm: float | None, tracker: LossTracker | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over ``micro_batches`` (an iterable of ``(x0, class_labels)``, one per accumulation step,
+    read lazily): forward and backward each, clip, and step unless the gradient is not finite.
+
+    Returns the gradient norm and a 0-dim bool tensor telling whether the step was skipped, both left on the device:
+    with a fused optimizer (the default) nothing here waits for the GPU.
+    """
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    grad_norm, skipped = torch.zeros(()), torch.zeros((), dtype=torch.bool)
+    for x0, class_labels in micro_batches:
+        with accelerator.accumulate(module):
+            output = module(x0, class_labels)
+            accelerator.backward(output.loss.mean())
+            if accelerator.sync_gradients:
+                # With no clipping asked for, an infinite bound still returns the norm (for logging and the check).
+                grad_norm = accelerator.clip_grad_norm_(
+                    parameters, math.inf if max_grad_norm is None else max_grad_norm
+                )
+                grad_norm = torch.as_tensor(grad_norm)
+                skipped = ~torch.isfinite(grad_norm)
+                if accelerator.scaler is not None:
+                    optimizer.step()  # fp16's loss scaler skips non-finite steps itself
+                else:
+                    _step_unless(optimizer, skipped)
+                optimizer.zero_grad(set_to_none=True)
+        if tracker is not None:
+            tracker.add(output, weight=1.0 / accelerator.gradient_accumulation_steps)
+    return grad_norm, skipped
+
+
+def _step_unless(optimizer, skip: torch.Tensor) -> None:
+    """Step unless ``skip`` (a 0-dim bool tensor) is set, deciding on the device when the optimizer is fused.
+
+    Fused Adam/AdamW read a ``found_inf`` flag inside their kernel (the hook GradScaler uses) and then leave the
+    parameters, moments and step count untouched, so the skip costs no host read. Other optimizers need the
+    decision on the host: one scalar read per step.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
+    if all(group.get("fused") for group in inner.param_groups):
+        inner.found_inf = skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    elif not bool(skip):
+        optimizer.step()
+
+
+# --- launcher, hardware, trackers --------------------------------------------------------------------------------
+
+# accelerate's spelling of a precision -> the recipe's.
+_LAUNCHER_PRECISION = {"no": "fp32", "fp16": "fp16", "bf16": "bf16", "fp8": "fp8"}
+
+
+def apply_launcher_settings(config: Config) -> Config:
+    """The recipe with ``train.mixed_precision`` and ``train.cpu`` taken from the launcher where it leaves them unset.
+
+    ``accelerate launch`` hands its flags, or the ``accelerate config`` defaults, to the processes it starts as
+    ACCELERATE_MIXED_PRECISION and ACCELERATE_USE_CPU. A value in the recipe wins over the launcher's, as the
+    ``--mixed_precision`` argument of diffusers' example scripts does, with a warning naming both when they differ.
+    Without a launcher and a recipe value: fp32, and the GPU when there is one.
+    """
+    train = config.train
+    launcher_env = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    launcher_precision = None if launcher_env is None else _LAUNCHER_PRECISION.get(launcher_env.lower(), launcher_env)
+    mixed_precision = train.mixed_precision
+    if mixed_precision is None:
+        mixed_precision = launcher_precision or "fp32"
+        if mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(
+                f"train.mixed_precision: the launcher asks for {launcher_env!r} (ACCELERATE_MIXED_PRECISION), which "
+                f"this trainer does not support; launch with one of no, bf16, fp16, or set it in the recipe."
+            )
+    elif launcher_precision is not None and launcher_precision != mixed_precision:
+        logger.warning(
+            "train.mixed_precision is %r in the recipe but the launcher (accelerate launch --mixed_precision, or "
+            "accelerate config) asks for %r; training in %r as the recipe says. Leave train.mixed_precision unset "
+            "to follow the launcher.",
+            mixed_precision,
+            launcher_precision,
+            mixed_precision,
+        )
+
+    # accelerate always sets ACCELERATE_USE_CPU ("False" unless --cpu), so only an asked-for CPU can contradict.
+    launcher_cpu = str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")) == 1
+    cpu = train.cpu
+    if cpu is None:
+        cpu = launcher_cpu
+    elif launcher_cpu and not cpu:
+        logger.warning(
+            "train.cpu is false in the recipe but the launcher (accelerate launch --cpu, or accelerate config) asks "
+            "for the CPU; training on the accelerator as the recipe says. Leave train.cpu unset to follow the "
+            "launcher."
+        )
+        # accelerate reads the variable again and would force the CPU; the recipe's choice is final here.
+        os.environ["ACCELERATE_USE_CPU"] = "false"
+    return dataclasses.replace(config, train=dataclasses.replace(train, mixed_precision=mixed_precision, cpu=cpu))
+
+
+def _check_fsdp(config: Config) -> None:
+    """FSDP leaves each process a shard of every parameter; these features need each weight whole."""
+    if config.ema.kind != "none":
+        raise ConfigError(
+            "ema.kind: the EMA averages whole parameters, which FSDP shards; train with DDP or set ema.kind=none."
+        )
+    if config.model.kind == "edm2_unet":
+        raise ConfigError(
+            "model.kind: EDM2UNetModel renormalises each whole weight in place as it trains (forced weight "
+            "normalisation), which FSDP's shards would not keep; train it with DDP."
+        )
+
+
+def _hardware(accelerator: Accelerator) -> str:
+    count = accelerator.num_processes
+    if accelerator.device.type == "cuda":
+        return f"{count}× {torch.cuda.get_device_name(accelerator.device)}"
+    return f"{count}× CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _tracker_config(config: Config) -> dict:
+    """Flat scalar hyper-parameters, which TensorBoard's hparams view accepts."""
+    flat = {}
+
+    def visit(prefix, value):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                visit(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    visit("", config_to_dict(config))
+    return flat
+
+
+def log_image_to_trackers(accelerator: Accelerator, name: str, image, step: int) -> None:
+    """Log one PIL image to every tracker of `accelerator` that takes images, in the form each one's
+    ``log_images`` expects (trackers without it, such as MLflow's in accelerate, are skipped)."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB"))
+    for tracker in accelerator.trackers:
+        if not callable(getattr(tracker, "log_images", None)):
+            continue
+        if tracker.name == "tensorboard":
+            tracker.log_images({name: pixels[None]}, step=step, dataformats="NHWC")
+        elif tracker.name in ("aim", "clearml"):
+            tracker.log_images({name: pixels}, step=step)
+        else:  # W&B, SwanLab and trackers of one's own: a list of images per key
+            tracker.log_images({name: [pixels]}, step=step)
