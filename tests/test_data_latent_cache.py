@@ -303,11 +303,13 @@ def test_pixel_dataset_from_an_image_folder(workspace):
 
 
 @pytest.mark.slow
-def test_benchmark_tiny_mode_runs():
+def test_benchmark_tiny_mode_runs(tmp_path):
     script = os.path.join(REPO, "benchmarks", "bench_cache_latents.py")
-    result = subprocess.run([sys.executable, script, "--tiny"], capture_output=True, text=True, timeout=240, cwd=REPO)
+    command = [sys.executable, script, "--tiny", "--output_dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "img/s" in result.stdout
+    assert json.loads((tmp_path / "caching.json").read_text())
 
 
 def test_a_mistyped_local_vae_path_says_that_the_path_does_not_exist(workspace, tmp_path, monkeypatch):
