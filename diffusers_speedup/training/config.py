@@ -417,20 +417,24 @@ def _check_ranges(config: Config) -> None:
             _choice("train.report_to", tracker.strip(), (*TRACKERS, "all", "none"))
     if not train.tracker_project_name.strip():
         raise ConfigError("train.tracker_project_name: must not be empty.")
-    if train.resume not in (None, "latest"):
-        resume = Path(train.resume)
-        if not resume.is_dir():
-            raise ConfigError(f"train.resume: {train.resume!r} is neither 'latest' nor an existing checkpoint folder.")
-        if not (resume / TRAINER_STATE_NAME).is_file():
-            found = list_checkpoints(resume)
-            hint = (
-                f"it is a run folder; give one of its checkpoints (newest: {found[-1]}) or train.resume=latest"
-                if found
-                else "it holds no complete checkpoint"
-            )
-            raise ConfigError(
-                f"train.resume: {train.resume!r} is not a checkpoint folder (no {TRAINER_STATE_NAME}); {hint}."
-            )
+    _check_resume(train.resume)
+
+
+def _check_resume(resume: str | None) -> None:
+    """train.resume is "latest", None, or a checkpoint folder (a run folder gets a hint naming its newest one)."""
+    if resume in (None, "latest"):
+        return
+    folder = Path(resume)
+    if not folder.is_dir():
+        raise ConfigError(f"train.resume: {resume!r} is neither 'latest' nor an existing checkpoint folder.")
+    if not (folder / TRAINER_STATE_NAME).is_file():
+        found = list_checkpoints(folder)
+        hint = (
+            f"it is a run folder; give one of its checkpoints (newest: {found[-1]}) or train.resume=latest"
+            if found
+            else "it holds no complete checkpoint"
+        )
+        raise ConfigError(f"train.resume: {resume!r} is not a checkpoint folder (no {TRAINER_STATE_NAME}); {hint}.")
 
 
 def _check_combinations(config: Config) -> None:
