@@ -850,11 +850,11 @@ def markdown_report(summary: dict, setting: Setting, reference: dict, selection:
     lines.append(
         f"| *real digits (train subset vs held-out)* | | {reference['fd']:.1f} | {reference['class_accuracy']:.3f} | | |"
     )
-    lines += ["", "### Reading", ""] + reading(summary, selection)
+    lines += ["", "### Reading", ""] + reading(summary, setting, selection)
     return "\n".join(lines) + "\n"
 
 
-def reading(summary: dict, selection: dict | None) -> list[str]:
+def reading(summary: dict, setting: Setting, selection: dict | None) -> list[str]:
     """The honest reading, generated from the numbers: claims, what hurts, what this scale cannot test."""
     by_pair = {(row["recipe"], row["reference"]): row for row in summary["comparisons"]}
     lines = []
@@ -923,9 +923,11 @@ def reading(summary: dict, selection: dict | None) -> list[str]:
         lines.append(text + ".")
     lines.append(
         "- **What this scale cannot test**: the published numbers are FID-50k speed-ups of 33–675 M-parameter "
-        "models trained for 10⁵–10⁶ steps on ImageNet (pixels or latents); here a ~1.5 M-parameter model sees "
-        "16×16 digits for a few thousand steps, quality is measured in a small classifier's feature space with "
-        "200 samples, and three seeds resolve only large differences. A gain that needs long training (SpeeD's "
+        "models trained for 10⁵–10⁶ steps on ImageNet (pixels or latents); here a "
+        f"{baseline['num_parameters'] / 1e6 if baseline else float('nan'):.2f} M-parameter model sees "
+        f"{setting.resolution}×{setting.resolution} digits for {setting.steps} steps, quality is measured in a small "
+        f"classifier's feature space with {10 * setting.samples_per_class} samples, and "
+        f"{len(setting.seeds)} seeds resolve only large differences. A gain that needs long training (SpeeD's "
         "skipped near-zero-noise steps, Min-SNR's conflict between timesteps at scale) may not show, and a "
         "loss here does not refute a claim there."
     )
