@@ -275,13 +275,7 @@ def generate_samples(
         The path of the merged `samples_{N}x{H}x{W}x{C}.npz` (on every process; it exists once the main process has
         merged, which happens before this function returns on any process when an accelerator synchronises them).
     """
-    if int(num_samples) < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for reserved in ("class_labels", "generator"):
-        if reserved in sampling_kwargs:
-            raise ValueError(f"{reserved!r} is set by generate_samples per shard; do not pass it in sampling_kwargs")
+    _check_arguments(num_samples, batch_size, sampling_kwargs)
     sampling_kwargs.setdefault("output_type", "np")
     rank = 0 if accelerator is None else int(accelerator.process_index)
     world_size = 1 if accelerator is None else int(accelerator.num_processes)
@@ -300,14 +294,8 @@ def generate_samples(
     num_shards = math.ceil(num_samples / batch_size)
     own_shards = range(rank, num_shards, world_size)
     todo = [s for s in own_shards if not shard_path(output_dir, s).exists()]
-    pending = set(todo)
     if save_png:
-        # Shards finished by an earlier run that did not ask for PNGs get them now.
-        for s in own_shards:
-            last_index = min((s + 1) * batch_size, num_samples) - 1
-            if s not in pending and not (output_dir / PNG_DIR / f"{last_index:06d}.png").exists():
-                with np.load(shard_path(output_dir, s)) as shard:
-                    _save_pngs(output_dir / PNG_DIR, shard["images"], s * batch_size)
+        _save_missing_pngs(output_dir, [s for s in own_shards if s not in todo], batch_size, num_samples)
     autocast = getattr(accelerator, "autocast", None)
     local_main = accelerator is None or getattr(accelerator, "is_local_main_process", is_main)
     for s in tqdm(todo, desc=f"sampling (rank {rank})", disable=not (show_progress and local_main)):
@@ -315,19 +303,34 @@ def generate_samples(
         shard_labels = labels[start:stop]
         generator = torch.Generator(device=generator_device).manual_seed(shard_seed(seed, s))
         with torch.no_grad(), autocast() if autocast is not None else nullcontext():
-            if class_labels == "none":
-                output = pipeline(num_images_per_prompt=stop - start, generator=generator, **sampling_kwargs)
-            else:
-                output = pipeline(class_labels=shard_labels.tolist(), generator=generator, **sampling_kwargs)
-        images = _pipeline_images_to_uint8(output, stop - start)
+            images = _sample_shard(
+                pipeline, None if class_labels == "none" else shard_labels, stop - start, generator, sampling_kwargs
+            )
         if save_png:
             _save_pngs(output_dir / PNG_DIR, images, start)
         # The shard file is written last: its existence means the shard (and its PNGs) is complete.
         write_npz_atomically(shard_path(output_dir, s), images=images, labels=shard_labels)
 
+    return _merge_when_all_done(output_dir, num_samples, batch_size, min(rank, num_shards - 1), is_main, accelerator)
+
+
+def _check_arguments(num_samples, batch_size, sampling_kwargs: dict) -> None:
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for reserved in ("class_labels", "generator"):
+        if reserved in sampling_kwargs:
+            raise ValueError(f"{reserved!r} is set by generate_samples per shard; do not pass it in sampling_kwargs")
+
+
+def _merge_when_all_done(
+    output_dir: Path, num_samples: int, batch_size: int, own_shard: int, is_main: bool, accelerator
+) -> Path:
+    """Once every process has written its shards, the main process merges them; every process gets the path."""
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    with np.load(shard_path(output_dir, min(rank, num_shards - 1))) as any_shard:
+    with np.load(shard_path(output_dir, own_shard)) as any_shard:
         image_shape = tuple(any_shard["images"].shape[1:])
     path = merged_npz_path(output_dir, num_samples, image_shape)
     if is_main and not path.exists():
@@ -335,6 +338,24 @@ def generate_samples(
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return path
+
+
+def _sample_shard(pipeline, labels: np.ndarray | None, count: int, generator, sampling_kwargs: dict) -> np.ndarray:
+    """One shard's images as uint8 NHWC: ``count`` unconditional samples, or one per label."""
+    if labels is None:
+        output = pipeline(num_images_per_prompt=count, generator=generator, **sampling_kwargs)
+    else:
+        output = pipeline(class_labels=labels.tolist(), generator=generator, **sampling_kwargs)
+    return _pipeline_images_to_uint8(output, count)
+
+
+def _save_missing_pngs(output_dir: Path, finished_shards, batch_size: int, num_samples: int) -> None:
+    """PNGs of shards that an earlier run finished without asking for them."""
+    for s in finished_shards:
+        last_index = min((s + 1) * batch_size, num_samples) - 1
+        if not (output_dir / PNG_DIR / f"{last_index:06d}.png").exists():
+            with np.load(shard_path(output_dir, s)) as shard:
+                _save_pngs(output_dir / PNG_DIR, shard["images"], s * batch_size)
 
 
 def _save_pngs(png_dir: Path, images: np.ndarray, first_index: int) -> None:
