@@ -425,7 +425,6 @@ def cache_latents(
         ``resolution``, ``latent_shape``, ``crop_method``, counts, rejected files with reasons, class names.
     """
     from accelerate import PartialState
-    from tqdm.auto import tqdm
 
     from ..training.distributed import check_world_size
 
@@ -481,6 +480,81 @@ def cache_latents(
         _maybe_push(metadata, output_dir, push_to_hub, private, state.is_main_process)
         return metadata
 
+    num_chunks = math.ceil(len(source) / chunk_size)
+    features = _features(source.class_names, latent_shape, flip)
+    encoded_here, encode_seconds = _encode_own_chunks(
+        source,
+        LatentEncoder(model, device, encode_dtype, flip, compile),
+        state,
+        chunk_dir,
+        features,
+        latent_shape=latent_shape,
+        resolution=resolution,
+        flip=flip,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        num_workers=num_workers,
+        progress=progress,
+        on_chunk_written=on_chunk_written,
+    )
+
+    state.wait_for_everyone()
+    _check_something_accepted(chunk_dir, num_chunks, source.listing_rejected, output_dir)
+    metadata_path = os.path.join(output_dir, METADATA_NAME)
+    if state.is_main_process:
+        metadata = _cache_metadata(identity, vae_info, model, latent_shape, features, source)
+        _finalize(output_dir, num_chunks, source.listing_rejected, metadata, keep_chunks)
+        if progress:
+            print(
+                f"latent cache: {metadata['num_accepted']} images encoded, {metadata['num_rejected']} rejected; "
+                f"rank 0 encoded at {encoded_here / max(encode_seconds, 1e-9):.1f} img/s; saved to {output_dir}"
+            )
+    state.wait_for_everyone()
+    metadata = read_cache_metadata(output_dir) if os.path.exists(metadata_path) else {}
+    _maybe_push(metadata, output_dir, push_to_hub, private, state.is_main_process)
+    return metadata
+
+
+def _cache_metadata(identity: dict, vae_info: dict, model, latent_shape, features, source) -> dict:
+    """What ``latents_metadata.json`` records besides the counts: the identity, the VAE and its normalisation, the
+    layout and the classes."""
+    return {
+        **identity,
+        **vae_info,
+        "scaling_factor": float(model.config.scaling_factor),
+        "shift_factor": None if model.config.get("shift_factor") is None else float(model.config.shift_factor),
+        "latents_mean": _optional_floats(model.config.get("latents_mean")),
+        "latents_std": _optional_floats(model.config.get("latents_std")),
+        "latent_shape": list(latent_shape),
+        "storage_dtype": "float16",
+        "columns": list(features),
+        "class_names": source.class_names,
+        "num_classes": len(source.class_names or []) or (max(source.labels) + 1),
+        "num_inputs": len(source) + len(source.listing_rejected),
+        "source": source.description,
+    }
+
+
+def _encode_own_chunks(
+    source,
+    encoder,
+    state,
+    chunk_dir: str,
+    features,
+    *,
+    latent_shape: tuple[int, ...],
+    resolution: int,
+    flip: bool,
+    batch_size: int,
+    chunk_size: int,
+    num_workers: int,
+    progress: bool,
+    on_chunk_written: Callable[[int], None] | None,
+) -> tuple[int, float]:
+    """Encode this process's unfinished chunks (chunk ``c`` belongs to rank ``c % num_processes``) and write each
+    one as soon as its last batch is encoded. Returns the images this process encoded and the seconds it took."""
+    from tqdm.auto import tqdm
+
     num_items = len(source)
     num_chunks = math.ceil(num_items / chunk_size)
     my_chunks = [
@@ -492,15 +566,13 @@ def cache_latents(
     for chunk in my_chunks:
         indices = list(_chunk_range(chunk, chunk_size, num_items))
         batches += [(chunk, indices[start : start + batch_size]) for start in range(0, len(indices), batch_size)]
-    features = _features(source.class_names, latent_shape, flip)
-    encoder = LatentEncoder(model, device, encode_dtype, flip, compile)
 
     loader = DataLoader(
         _PreprocessedImages(source, resolution),
         batch_sampler=[indices for _, indices in batches],
         num_workers=num_workers,
         collate_fn=_collate,
-        pin_memory=device.type == "cuda",
+        pin_memory=encoder.device.type == "cuda",
         prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,
     )
@@ -541,37 +613,7 @@ def cache_latents(
                 on_chunk_written(chunk)
             rows, rejected = _empty_rows(flip), []
     bar.close()
-    encode_seconds = time.perf_counter() - started
-
-    state.wait_for_everyone()
-    _check_something_accepted(chunk_dir, num_chunks, source.listing_rejected, output_dir)
-    metadata_path = os.path.join(output_dir, METADATA_NAME)
-    if state.is_main_process:
-        metadata = {
-            **identity,
-            **vae_info,
-            "scaling_factor": float(model.config.scaling_factor),
-            "shift_factor": None if model.config.get("shift_factor") is None else float(model.config.shift_factor),
-            "latents_mean": _optional_floats(model.config.get("latents_mean")),
-            "latents_std": _optional_floats(model.config.get("latents_std")),
-            "latent_shape": list(latent_shape),
-            "storage_dtype": "float16",
-            "columns": list(features),
-            "class_names": source.class_names,
-            "num_classes": len(source.class_names or []) or (max(source.labels) + 1),
-            "num_inputs": num_items + len(source.listing_rejected),
-            "source": source.description,
-        }
-        _finalize(output_dir, num_chunks, source.listing_rejected, metadata, keep_chunks)
-        if progress:
-            print(
-                f"latent cache: {metadata['num_accepted']} images encoded, {metadata['num_rejected']} rejected; "
-                f"rank 0 encoded at {bar.n / max(encode_seconds, 1e-9):.1f} img/s; saved to {output_dir}"
-            )
-    state.wait_for_everyone()
-    metadata = read_cache_metadata(output_dir) if os.path.exists(metadata_path) else {}
-    _maybe_push(metadata, output_dir, push_to_hub, private, state.is_main_process)
-    return metadata
+    return bar.n, time.perf_counter() - started
 
 
 def _empty_rows(flip: bool) -> dict:
