@@ -490,7 +490,6 @@ def cache_latents(
         features,
         latent_shape=latent_shape,
         resolution=resolution,
-        flip=flip,
         batch_size=batch_size,
         chunk_size=chunk_size,
         num_workers=num_workers,
@@ -544,7 +543,6 @@ def _encode_own_chunks(
     *,
     latent_shape: tuple[int, ...],
     resolution: int,
-    flip: bool,
     batch_size: int,
     chunk_size: int,
     num_workers: int,
@@ -583,7 +581,7 @@ def _encode_own_chunks(
         disable=not (progress and state.is_main_process),
         smoothing=0.05,
     )
-    rows, rejected, started = _empty_rows(flip), [], time.perf_counter()
+    rows, rejected, started = _empty_rows(encoder.flip), [], time.perf_counter()
     for (chunk, indices), batch in zip(batches, loader):
         if batch["indices"]:
             encoded = encoder(batch["pixels"])
@@ -611,7 +609,7 @@ def _encode_own_chunks(
             )
             if on_chunk_written is not None:
                 on_chunk_written(chunk)
-            rows, rejected = _empty_rows(flip), []
+            rows, rejected = _empty_rows(encoder.flip), []
     bar.close()
     return bar.n, time.perf_counter() - started
 
