@@ -6,6 +6,7 @@ diffusers dependency, only to download a Hub repo), because it is copied unchang
 loaded there with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
 """
 
+import functools
 import inspect
 import math
 import os
@@ -93,6 +94,31 @@ def _model_sample_shape(model) -> tuple[int, int, int]:
         raise ValueError(f"{type(model).__name__}'s config needs in_channels and sample_size to size the samples.")
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     return (channels, height, width)
+
+
+def _networks_in_eval_mode(call):
+    """
+    Runs a pipeline call with every network in eval mode, and restores each submodule's own mode afterwards.
+
+    Sampling must never change a model, and a network left in training mode does: EDM2's forced weight normalisation
+    rewrites its weights in place on every training-mode forward (NVlabs/edm2 keeps it in the forward, so that the EMA
+    averages the raw weights), and DiT's and U-ViT's label dropout swap requested classes for the null class. A
+    pipeline built right after a training loop holds such networks.
+    """
+
+    @functools.wraps(call)
+    def call_in_eval_mode(pipeline, *args, **kwargs):
+        networks = [c for c in pipeline.components.values() if isinstance(c, torch.nn.Module)]
+        modes = [(module, module.training) for network in networks for module in network.modules()]
+        for network in networks:
+            network.eval()
+        try:
+            return call(pipeline, *args, **kwargs)
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    return call_in_eval_mode
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
@@ -581,6 +607,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return self.numpy_to_pil(images) if output_type == "pil" else images
 
     @torch.no_grad()
+    @_networks_in_eval_mode
     def __call__(
         self,
         class_labels: int | str | Sequence[int | str] | torch.Tensor | None = None,

@@ -584,7 +584,8 @@ def test_shipped_files_import_only_stdlib_torch_and_diffusers():
     imports = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
     allowed = ("import ", "from diffusers", "from collections", "from dataclasses")
     roots = {line.split()[1].split(".")[0] for line in imports}
-    assert roots <= {"diffusers", "torch", "math", "os", "sys", "inspect", "collections", "dataclasses"}, roots
+    stdlib = {"math", "os", "sys", "inspect", "functools", "collections", "dataclasses"}
+    assert roots <= {"diffusers", "torch"} | stdlib, roots
     assert all(line.startswith(allowed) for line in imports)
 
 
@@ -951,3 +952,61 @@ def test_class_conditional_model_needs_class_labels():
     pipe = ClassConditionalPipeline(unet=GaussianClassDenoiser(), scheduler=EDMHeunScheduler(prediction_type="sample"))
     with pytest.raises(ValueError, match="class_labels is required"):
         pipe(num_inference_steps=2)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Sampling never changes a network
+
+
+def networks_left_in_training_mode(kind):
+    """A pipeline as a user builds it right after a training loop: every network still in training mode."""
+    from tiny_models import perturb, tiny_dit, tiny_edm2, tiny_uvit
+
+    if kind == "uvit":
+        model = perturb(tiny_uvit(class_dropout_prob=0.5))
+        parts = {"transformer": model, "scheduler": DPMSolverMultistepScheduler()}
+    elif kind == "dit":
+        model = perturb(tiny_dit(class_dropout_prob=0.5))
+        parts = {"transformer": model, "scheduler": DDIMScheduler()}
+    else:
+        parts = {"unet": perturb(tiny_edm2()), "scheduler": EDMHeunScheduler(prediction_type="sample")}
+        if kind == "edm2+guide":
+            parts["guide"] = perturb(tiny_edm2(num_classes=0), seed=2)
+    pipe = ClassConditionalPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.train()
+            next(component.children()).eval()  # one submodule in its own mode, which must survive too
+    return pipe
+
+
+@pytest.mark.parametrize("kind", ["uvit", "dit", "edm2", "edm2+guide"])
+def test_sampling_leaves_weights_and_modes_unchanged_and_repeats_exactly(kind):
+    pipe = networks_left_in_training_mode(kind)
+    networks = {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+    weights = {name: {k: v.clone() for k, v in net.state_dict().items()} for name, net in networks.items()}
+    modes = {name: [m.training for m in net.modules()] for name, net in networks.items()}
+
+    def sample():
+        generator = torch.Generator().manual_seed(0)
+        return pipe([1, 2, 3, 4], num_inference_steps=3, guidance_scale=2.0, generator=generator, output_type="latent")
+
+    first, second = sample().images, sample().images
+    assert torch.equal(first, second), "two calls on the same inputs gave different samples"
+    for name, net in networks.items():
+        for key, value in net.state_dict().items():
+            assert torch.equal(value, weights[name][key]), f"sampling changed {name}.{key}"
+        assert [m.training for m in net.modules()] == modes[name], f"sampling changed the modes of {name}"
+
+
+def test_modes_are_restored_when_a_call_fails():
+    pipe = networks_left_in_training_mode("edm2")
+
+    def fail(pipeline, i, t, callback_kwargs):
+        assert not pipeline.unet.training  # the networks run in eval mode during the call
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        pipe([1], num_inference_steps=2, guidance_scale=1.0, callback_on_step_end=fail)
+    assert pipe.unet.training and not next(pipe.unet.children()).training

@@ -1,0 +1,38 @@
+"""Tiny networks of each model family, built from configs, shared by the tests that need one of each."""
+
+import torch
+
+from diffusers_speedup.models.dit_transformer import DiTModel
+from diffusers_speedup.models.edm2_unet import EDM2UNetModel
+from diffusers_speedup.models.uvit import UViTModel
+
+TINY_UVIT = dict(sample_size=8, patch_size=2, in_channels=3, hidden_size=32, num_attention_heads=4, num_layers=3)
+TINY_DIT = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, hidden_size=32,
+                num_attention_heads=2)  # fmt: skip
+TINY_EDM2 = dict(sample_size=8, in_channels=3, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+                 attn_resolutions=(4,), channels_per_head=16, logvar_channels=16)  # fmt: skip
+
+
+def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> torch.nn.Module:
+    """Adds seeded noise to every weight, so that zero-initialised heads and gains (DiT's adaLN, EDM2's config G)
+    do not hide most of the network from an output comparison."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def tiny_uvit(**overrides) -> UViTModel:
+    torch.manual_seed(0)
+    return UViTModel(**{**TINY_UVIT, "num_classes": 10, **overrides})
+
+
+def tiny_dit(**overrides) -> DiTModel:
+    torch.manual_seed(0)
+    return DiTModel(**{**TINY_DIT, "num_classes": 10, **overrides})
+
+
+def tiny_edm2(**overrides) -> EDM2UNetModel:
+    torch.manual_seed(0)
+    return EDM2UNetModel(**{**TINY_EDM2, "num_classes": 5, **overrides})
