@@ -125,11 +125,12 @@ def test_initialisation_is_dits_adaln_zero():
         assert linear.weight.abs().max() <= bound and linear.weight.abs().max() > 0.95 * bound
         assert linear.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.03)
         assert not linear.bias.any()
-    # The patch embedding is initialised as a Linear(C·p², D); its bias keeps Conv2d's default U(±1/sqrt(fan_in)).
+    # The patch embedding is initialised as a Linear(C·p², D): xavier-uniform weight and, since the official
+    # commit "Fix patchify bias init", `nn.init.constant_(self.x_embedder.proj.bias, 0)`.
     proj = model.x_embedder.proj
     bound = math.sqrt(6 / (4 * 2 * 2 + hidden))
     assert proj.weight.abs().max() <= bound and proj.weight.abs().max() > 0.9 * bound
-    assert proj.bias.abs().max() <= 1 / math.sqrt(4 * 2 * 2) and proj.bias.any()
+    assert proj.bias.shape == (hidden,) and not proj.bias.any()
     # N(0, 0.02²) for the label table and the timestep MLP weights; the MLP biases are zero.
     for weight in (model.y_embedder.embedding_table.weight, model.t_embedder.mlp[0].weight,
                    model.t_embedder.mlp[2].weight):  # fmt: skip

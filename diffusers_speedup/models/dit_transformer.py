@@ -230,7 +230,7 @@ class DiTModel(ModelMixin, ConfigMixin):
     prediction and the second the variance interpolation, as DiT's ``learn_sigma``.
 
     Initialisation is the official ``initialize_weights``: xavier-uniform linears with zero bias, the patch
-    embedding's weight xavier-uniform as if it were a linear (its bias keeps PyTorch's default), N(0, 0.02²) for
+    embedding initialised as if it were a linear (xavier-uniform weight, zero bias), N(0, 0.02²) for
     the label table and both timestep-MLP weights, and zeros for every adaLN modulation and for the final linear
     (adaLN-Zero: each block starts as the identity and the model outputs zeros).
 
@@ -329,6 +329,7 @@ class DiTModel(ModelMixin, ConfigMixin):
             self.pos_embed.copy_(sincos_position_embedding(self.config.hidden_size, grid_size)[None])
         patch_weight = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(patch_weight.view(patch_weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
