@@ -334,3 +334,48 @@ def test_usage_snippets_in_the_card_run_against_the_exported_folder(tmp_path, mo
         assert len(namespace["images"]) == 4  # class_labels=[0, 1, 2, 3]: the tiny model's four classes
     assert (tmp_path / "sample.png").is_file()
     assert type(namespace["pipe"]).__module__ != ClassConditionalPipeline.__module__  # the shipped file's class
+
+
+@pytest.mark.slow
+def test_each_exported_network_loads_through_automodel_without_the_package(tmp_path):
+    """diffusers' documented route for custom models: `auto_map` in config.json names the shipped code file."""
+    import subprocess
+    import textwrap
+
+    from tiny_models import perturb, tiny_dit, tiny_edm2, tiny_uvit
+
+    networks = {
+        "uvit": ("transformer", perturb(tiny_uvit()), EDMHeunScheduler()),
+        "dit": ("transformer", perturb(tiny_dit()), DDIMScheduler()),
+        "edm2": ("unet", perturb(tiny_edm2()), EDMHeunScheduler(prediction_type="sample")),
+    }
+    expected = {}
+    for kind, (slot, network, scheduler) in networks.items():
+        out = export_pipeline(ClassConditionalPipeline(**{slot: network}, scheduler=scheduler), tmp_path / kind)
+        config = json.loads((out / slot / "config.json").read_text())
+        stem = Path(sys.modules[type(network).__module__].__file__).stem
+        assert config["auto_map"] == {"AutoModel": f"{stem}.{type(network).__name__}"}
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(2, network.config.in_channels, 8, 8, generator=generator)
+        with torch.no_grad():
+            expected[kind] = network.eval()(x, torch.tensor([0.5, 2.0]), torch.tensor([1, 3])).sample
+        torch.save(x, tmp_path / f"{kind}_input.pt")
+
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.modules["diffusers_speedup"] = None  # the package is not importable here
+        from diffusers import AutoModel
+        for kind, slot in {[(kind, slot) for kind, (slot, _, _) in networks.items()]!r}:
+            model = AutoModel.from_pretrained({str(tmp_path)!r} + f"/{{kind}}/{{slot}}", trust_remote_code=True)
+            assert type(model).__module__.startswith("diffusers_modules"), type(model).__module__
+            x = torch.load({str(tmp_path)!r} + f"/{{kind}}_input.pt")
+            with torch.no_grad():
+                out = model.eval()(x, torch.tensor([0.5, 2.0]), torch.tensor([1, 3])).sample
+            torch.save(out, {str(tmp_path)!r} + f"/{{kind}}_output.pt")
+    """)
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for kind, value in expected.items():
+        torch.testing.assert_close(torch.load(tmp_path / f"{kind}_output.pt"), value, rtol=0, atol=0)

@@ -7,6 +7,7 @@ Folder layout written by `export_pipeline` (a U-ViT pipeline as the example):
                                       "scheduler": ["diffusers", "DDIMScheduler"], "vae": ["diffusers", ...]}
     pipeline_class_conditional.py    the pipeline's source file, copied unchanged
     transformer/config.json, transformer/diffusion_pytorch_model.safetensors
+                                     (config.json has "auto_map": {"AutoModel": "uvit.UViTModel"})
     transformer/uvit.py              the model's source file, copied unchanged
     scheduler/scheduler_config.json  (+ scheduler/<file>.py when the scheduler is not a diffusers class)
     vae/...                          (latent models only)
@@ -27,7 +28,10 @@ Why this model_index.json. diffusers 0.42 resolves a component entry `[library, 
   `["diffusers_speedup", "UViTModel"]`, and the `_class_name` list back to its own name); this needs the package
   root to export those class names.
 
-Both routes read the same folder; neither needs the other's entries.
+- `AutoModel.from_pretrained(folder/transformer, trust_remote_code=True)` loads the network alone, without this
+  package, through the `auto_map` of its config.json (diffusers' convention for custom models).
+
+The routes read the same folder; none needs another's entries.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from diffusers import ModelMixin
 
 from ..utils import atomic_folder
 from .model_card import ModelCardInfo, build_model_card
@@ -81,10 +87,18 @@ def _copy_code(cls: type, destination_dir: Path) -> str:
     return source.stem
 
 
+def _write_auto_map(config_file: Path, class_reference: str) -> None:
+    """Names the model's code file in its config.json, as diffusers documents for custom models, so that
+    `AutoModel.from_pretrained(folder/name, trust_remote_code=True)` loads the network without this package."""
+    config = json.loads(config_file.read_text())
+    config["auto_map"] = {"AutoModel": class_reference}
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def ship_pipeline_code(pipeline, folder: str | os.PathLike) -> dict[str, Any]:
     """Copies the source file of the pipeline class and of each non-diffusers component into `folder` (a folder
-    just written by `pipeline.save_pretrained`) and rewrites model_index.json to name those files. Returns the new
-    model_index dict.
+    just written by `pipeline.save_pretrained`), rewrites model_index.json to name those files, and writes each
+    custom network's `auto_map`. Returns the new model_index dict.
     """
     folder = Path(folder)
     index = json.loads((folder / MODEL_INDEX).read_text())
@@ -98,6 +112,8 @@ def ship_pipeline_code(pipeline, folder: str | os.PathLike) -> dict[str, Any]:
         component = getattr(component, "_orig_mod", component)  # torch.compile wrapper
         stem = _copy_code(type(component), folder / name)
         index[name] = [stem, class_name]
+        if isinstance(component, ModelMixin):
+            _write_auto_map(folder / name / "config.json", f"{stem}.{class_name}")
 
     pipeline_cls = type(pipeline)
     if pipeline_cls.__module__.split(".")[0] != "diffusers":
