@@ -11,6 +11,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from ..models import MODEL_KINDS
+
 # One entry per technique the card can name: Hub tag, display name, citation, and the paper's arXiv id.
 TECHNIQUES: dict[str, dict[str, str]] = {
     "min-snr": {
@@ -130,7 +132,7 @@ def detect_techniques(training_config: Mapping[str, Any] | None, pipeline_class_
 
     `training_config` is the trainer's resolved config as a dict (sections ``model``, ``objective``,
     ``sampling``, ...; see `diffusers_speedup.training.config.Config`); missing sections count as defaults. The
-    tags come in the config's order (model, objective, sampling), then those of the classes.
+    tags come in the config's order (model parameters, objective, sampling), then the model family's tag.
     """
     model = _recipe_section(training_config, "model")
     objective = _recipe_section(training_config, "objective")
@@ -142,13 +144,16 @@ def detect_techniques(training_config: Mapping[str, Any] | None, pipeline_class_
         return value.get("kind") if isinstance(value, Mapping) else None
 
     used = [
-        ("edm2", model.get("kind") == "edm2_unet"),
         ("scalelong", not _is_off(params.get("skip_scaling"))),
         ("speed", kind(objective, "sampler") == "speed"),
         ("min-snr", kind(objective, "weighting") in ("min_snr", "soft_min_snr")),
         ("limited-interval-guidance", not _is_off(sampling.get("guidance_interval"))),
-        ("u-vit", "UViTModel" in pipeline_class_names),
-        ("edm2", "EDM2UNetModel" in pipeline_class_names),
+    ]
+    # The model family's own tag (the registry's), from the recipe's model.kind or the exported classes.
+    used += [
+        (entry.card_tag, entry.card_tag is not None)
+        for entry in MODEL_KINDS.values()
+        if entry.name == model.get("kind") or entry.model_class.__name__ in pipeline_class_names
     ]
     return list(dict.fromkeys(tag for tag, present in used if present))
 
