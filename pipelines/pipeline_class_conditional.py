@@ -142,7 +142,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             the latent channels (learned σ, as DiT), the second half is the variance: `DDPMScheduler` with
             `variance_type="learned_range"` samples with it (DiT's own sampler), every other scheduler uses the first
             half alone.
-        unet (*optional*): a σ-conditioned denoiser with `input_is_sigma = True`, called as
+        unet (*optional*): a σ-conditioned denoiser (its class says so with `input_is_sigma = True`), called as
             `unet(sample, sigma, class_labels).sample` and returning the denoised sample (EDM2UNetModel); needs
             `EDMHeunScheduler` or `EDMEulerScheduler` with `prediction_type="sample"`. Exactly one of `transformer`
             and `unet` is given.
@@ -517,7 +517,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         """One network call; returns the prediction (float32, latent channels) and the learned variance or None."""
         batch, channels = model_input.shape[:2]
         dtype = model.dtype
-        if getattr(model, "input_is_sigma", False):
+        if self.unet is not None:  # the unet slot holds a σ-conditioned denoiser, and the guide is called like it
             sigmas = torch.full((batch,), sigma, device=model_input.device, dtype=torch.float32)
             output = model(model_input.to(dtype), sigmas, class_labels=labels).sample
         else:

@@ -133,8 +133,6 @@ def test_edm_preconditioning_matches_diffusers_edm_scheduler():
 class SigmaDenoiser(nn.Module):
     """A model that takes σ and returns the denoised sample (the EDM2UNetModel contract)."""
 
-    input_is_sigma = True
-
     def __init__(self):
         super().__init__()
         self.scale = nn.Parameter(torch.tensor(0.5))
@@ -152,6 +150,7 @@ def test_sigma_input_model_with_edm_weighting_and_learned_uncertainty():
         sampler=LogNormalSigmaSampler(-0.4, 1.0),
         weighting="edm",
         prediction_type="sample",
+        conditioning="sigma",
         learned_uncertainty=True,
         uncertainty_from_model=True,
     )
@@ -225,9 +224,9 @@ def test_from_config_and_mismatches_raise_clear_errors():
     with pytest.raises(ValueError, match="must be a discrete diffusers scheduler"):
         DiffusionObjective(object())
     with pytest.raises(ValueError, match="train it with an EDM schedule"):
-        DiffusionObjective(LINEAR).loss(SigmaDenoiser(), torch.randn(2, 3, 4, 4))
+        DiffusionObjective(LINEAR, conditioning="sigma")
     with pytest.raises(ValueError, match="use prediction_type 'sample'"):
-        DiffusionObjective(EDMEulerScheduler()).loss(SigmaDenoiser(), torch.randn(2, 3, 4, 4))
+        DiffusionObjective(EDMEulerScheduler(), conditioning="sigma")
 
 
 def test_bad_weighting_or_prediction_type_stop_the_construction():
@@ -374,8 +373,6 @@ def test_learned_variance_rejects_what_it_cannot_train():
 class _RecordingDenoiser(nn.Module):
     """Passes through to an EDM2UNetModel and keeps what the objective fed it (noisy input, σ)."""
 
-    input_is_sigma = True
-
     def __init__(self, net):
         super().__init__()
         self.net, self.calls = net, []
@@ -411,7 +408,7 @@ def _one_step_against_edm2(loss_reduction: str, lr: float = 0.01):
     start = {name: param.detach().clone() for name, param in net.named_parameters()}
 
     recorder = _RecordingDenoiser(net)
-    objective = build_objective(config, build_noise_scheduler(config.objective.schedule), 10, net)
+    objective = build_objective(config, build_noise_scheduler(config.objective.schedule), 10)
     optimizer = build_optimizer(config, list(net.parameters()), torch.device("cpu"))
     for group in optimizer.param_groups:
         group["lr"] = lr  # the schedule's value at step 0 is 0 (ramp-up); any fixed lr serves the comparison
@@ -471,6 +468,7 @@ def test_sum_reduction_is_the_mean_times_the_element_count():
             EDMEulerScheduler(),
             weighting="edm",
             prediction_type="sample",
+            conditioning="sigma",
             learned_uncertainty=True,
             uncertainty_from_model=True,
             loss_reduction=reduction,

@@ -1,5 +1,6 @@
-"""What training minimises: noise-level samplers, loss weights and the loss itself."""
+"""What training minimises: noise-level samplers, loss weights, the loss itself and auxiliary losses."""
 
+from .auxiliary import AuxiliaryLoss
 from .objective import DiffusionObjective, ObjectiveOutput, UncertaintyHead
 from .samplers import (
     SAMPLER_KINDS,
@@ -8,11 +9,13 @@ from .samplers import (
     SpeeDTimestepSampler,
     UniformTimestepSampler,
     build_sampler,
+    check_sampler_fits,
     speed_pivot,
 )
 from .weighting import PREDICTION_TYPES, WEIGHTING_KINDS, LossWeighting, compute_loss_weights
 
 __all__ = [
+    "AuxiliaryLoss",
     "DiffusionObjective",
     "LogNormalSigmaSampler",
     "LossWeighting",
@@ -25,6 +28,7 @@ __all__ = [
     "UniformTimestepSampler",
     "WEIGHTING_KINDS",
     "build_sampler",
+    "check_sampler_fits",
     "compute_loss_weights",
     "speed_pivot",
 ]

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ..schedulers.scheduling_edm_heun import edm_scalings
-
-# The forward reads the user model's attributes (e.g. `input_is_sigma`) behind DDP and torch.compile wrappers.
-from ..utils import unwrap_model as _unwrap
-from .samplers import LogNormalSigmaSampler, build_sampler
+from .samplers import build_sampler, check_sampler_fits
 from .weighting import MAX_SNR, MIN_SNR, LossWeighting
 
 LOSS_REDUCTIONS = ("mean", "sum")
+# How a model is called (see `DiffusionObjective`'s `conditioning`; the model registry's entries say which).
+CONDITIONINGS = ("timestep", "sigma")
 
 
 class UncertaintyHead(nn.Module):
@@ -58,6 +57,7 @@ class ObjectiveOutput:
         logvar: the learned uncertainty u, when learned_uncertainty is on.
         vb: the variational-bound term of a learned variance in bits per dimension, when learned_variance is on
             (already part of ``loss``).
+        terms: the auxiliary losses' terms by name (already part of ``loss``; see `objectives.auxiliary`).
     """
 
     loss: torch.Tensor
@@ -65,6 +65,7 @@ class ObjectiveOutput:
     snr: torch.Tensor
     logvar: torch.Tensor | None = None
     vb: torch.Tensor | None = None
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class _Terms(NamedTuple):
@@ -85,16 +86,21 @@ def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class DiffusionObjective(nn.Module):
     """Ties a noise schedule, a noise-level sampler, a loss weighting and a prediction type into one loss.
 
-    Two families of noise schedules meet in the SNR (ᾱ/(1−ᾱ) = 1/σ²):
+    Each family of noise schedules decides how x_t, the regressed target and the SNR come from (x0, noise, noise
+    level); the families meet in the SNR (ᾱ/(1−ᾱ) = 1/σ²), of which the samplers and weightings are functions:
 
     * **discrete** — any diffusers scheduler with ``alphas_cumprod`` (DDPMScheduler with linear, scaled_linear or
       squaredcos_cap_v2 betas, with or without ``rescale_betas_zero_snr``): x_t = √ᾱ·x0 + √(1−ᾱ)·ε, the model is
       called as ``model(hidden_states=x_t, timestep=t, class_labels=y)`` (DiT, U-ViT) and regresses ε, v or x0.
     * **EDM** — a scheduler with ``config.sigma_data`` (diffusers' EDMEulerScheduler, EDMHeunScheduler):
-      x = x0 + σ·n. A model with ``input_is_sigma = True`` (EDM2UNetModel) is called as ``model(x, σ, y)`` and
-      returns the denoised sample (prediction_type "sample"). Any other model is wrapped in EDM's preconditioning
-      exactly as diffusers' EDM schedulers expect at sampling time: input c_in·x, timestep c_noise = ln(σ)/4, and
-      it regresses F = (x0 − c_skip·x)/c_out (prediction_type "epsilon"; "v_prediction" negates c_out).
+      x = x0 + σ·n. A σ-conditioned model (``conditioning="sigma"``: EDM2UNetModel) is called as
+      ``model(x, σ, y)`` and returns the denoised sample (prediction_type "sample"). A timestep-conditioned one is
+      wrapped in EDM's preconditioning exactly as diffusers' EDM schedulers expect at sampling time: input c_in·x,
+      timestep c_noise = ln(σ)/4, and it regresses F = (x0 − c_skip·x)/c_out (prediction_type "epsilon";
+      "v_prediction" negates c_out).
+
+    A family is its noise-level kind (``_read_schedule``), an SNR method and a terms method (``_FAMILIES``); a new
+    family is one more entry of each.
 
     Every weighting is applied in x0-space and converted to the regressed target (see ``weighting.py``), so ε-, v-
     and x0-prediction minimise the same objective for the same denoiser.
@@ -106,6 +112,9 @@ class DiffusionObjective(nn.Module):
         weighting: a kind of :func:`compute_loss_weights` ("constant", "min_snr", "soft_min_snr", "p2", "edm").
         weighting_params: its parameters, e.g. ``{"gamma": 5.0}``. "edm" takes the schedule's σ_data by default.
         prediction_type: "epsilon", "v_prediction" or "sample"; defaults to the scheduler's own.
+        conditioning: how the model is called: "timestep" (``model(hidden_states, timestep, class_labels)``, the
+            default) or "sigma" (``model(x, σ, class_labels)`` returning the denoised sample; EDM schedules and
+            prediction_type "sample" only). The registry in `diffusers_speedup.models` says which for each model kind.
         learned_uncertainty: EDM2's learned uncertainty weighting, from an :class:`UncertaintyHead` owned by this
             objective, or from the model's own log-variance output (``return_logvar``) when
             ``uncertainty_from_model`` is set.
@@ -132,6 +141,7 @@ class DiffusionObjective(nn.Module):
         weighting: str = "constant",
         weighting_params: dict | None = None,
         prediction_type: str | None = None,
+        conditioning: str = "timestep",
         learned_uncertainty: bool = False,
         uncertainty_from_model: bool = False,
         label_dropout: float = 0.0,
@@ -155,9 +165,15 @@ class DiffusionObjective(nn.Module):
         # The prediction type, the weighting kind and its parameters are checked here, once, not on every step.
         self.loss_weighting = LossWeighting(weighting, self.prediction_type, **self.weighting_params)
 
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}.")
+        self.conditioning = conditioning
+        self._check_conditioning()
+        self._snr_of, self._terms_of = (getattr(self, name) for name in _FAMILIES[self.schedule])
+
         if sampler is None:
             sampler = build_sampler({"kind": "default"}, noise_scheduler)
-        _check_sampler_fits(sampler, self.schedule)
+        check_sampler_fits(type(sampler), noise_scheduler)
         self.sampler = sampler
 
         if not 0.0 <= label_dropout < 1.0:
@@ -172,6 +188,23 @@ class DiffusionObjective(nn.Module):
         if learned_variance:
             self._check_learned_variance()
 
+    def _check_conditioning(self) -> None:
+        if self.conditioning == "sigma" and self.schedule != "edm":
+            raise ValueError(
+                "A σ-conditioned model takes σ and returns the denoised sample; train it with an EDM schedule, "
+                "not a discrete one."
+            )
+        if self.conditioning == "sigma" and self.prediction_type != "sample":
+            raise ValueError(
+                f"A σ-conditioned model returns the denoised sample: use prediction_type 'sample', not "
+                f"{self.prediction_type!r}."
+            )
+        if self.schedule == "edm" and self.conditioning == "timestep" and self.prediction_type == "sample":
+            raise ValueError(
+                "With an EDM schedule, prediction_type 'sample' is for σ-conditioned models that return the "
+                "denoised sample (conditioning='sigma')."
+            )
+
     def _check_learned_variance(self) -> None:
         if self.schedule != "discrete":
             raise ValueError("learned_variance needs a discrete (DDPM-style) schedule; EDM schedules have none.")
@@ -185,7 +218,12 @@ class DiffusionObjective(nn.Module):
 
     @classmethod
     def from_config(
-        cls, config: dict, noise_scheduler, num_classes: int | None = None, uncertainty_from_model: bool = False
+        cls,
+        config: dict,
+        noise_scheduler,
+        num_classes: int | None = None,
+        conditioning: str = "timestep",
+        uncertainty_from_model: bool = False,
     ) -> DiffusionObjective:
         """Build from the recipe form, e.g. ``{"sampler": {"kind": "speed", "k": 5}, "weighting": {"kind": "min_snr",
         "gamma": 5}, "prediction_type": "epsilon", "learned_uncertainty": False, "label_dropout": 0.1}``."""
@@ -199,6 +237,7 @@ class DiffusionObjective(nn.Module):
             weighting=kind,
             weighting_params=weighting,
             num_classes=num_classes,
+            conditioning=conditioning,
             uncertainty_from_model=uncertainty_from_model,
             **config,
         )
@@ -206,11 +245,15 @@ class DiffusionObjective(nn.Module):
     # --- noise levels ---------------------------------------------------------------------------------------
 
     def snr(self, noise_levels: torch.Tensor) -> torch.Tensor:
-        """SNR of timesteps (discrete) or σ (EDM), float32."""
-        if self.schedule == "discrete":
-            alphas_cumprod = self.alphas_cumprod[noise_levels.to(self.alphas_cumprod.device)]
-            return (alphas_cumprod / (1.0 - alphas_cumprod)).float().to(noise_levels.device)
-        return noise_levels.float().pow(-2)
+        """SNR of the family's noise levels (timesteps, σ), float32."""
+        return self._snr_of(noise_levels)
+
+    def _discrete_snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        alphas_cumprod = self.alphas_cumprod[timesteps.to(self.alphas_cumprod.device)]
+        return (alphas_cumprod / (1.0 - alphas_cumprod)).float().to(timesteps.device)
+
+    def _edm_snr(self, sigmas: torch.Tensor) -> torch.Tensor:
+        return sigmas.float().pow(-2)
 
     def _uncertainty(self, model_logvar, snr):
         if not self.learned_uncertainty:
@@ -247,8 +290,9 @@ class DiffusionObjective(nn.Module):
         """
         noise_levels, sampler_weights, noise, class_labels = self._draw(x0, class_labels, generator, shard)
         snr = self.snr(noise_levels)
-        terms_of = self._discrete_terms if self.schedule == "discrete" else self._edm_terms
-        prediction, target, weights, model_logvar, vb = terms_of(model, x0, noise, noise_levels, snr, class_labels)
+        prediction, target, weights, model_logvar, vb = self._terms_of(
+            model, x0, noise, noise_levels, snr, class_labels
+        )
 
         mse = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
         loss = weights * sampler_weights * mse
@@ -281,11 +325,6 @@ class DiffusionObjective(nn.Module):
 
     def _discrete_terms(self, model, x0, noise, timesteps, snr, class_labels) -> _Terms:
         """x_t = √ᾱ·x0 + √(1−ᾱ)·ε; the model regresses ε, v or x0 (and a learned variance, through L_vb)."""
-        if getattr(_unwrap(model), "input_is_sigma", False):
-            raise ValueError(
-                f"{type(_unwrap(model)).__name__} takes σ and returns the denoised sample; train it "
-                "with an EDM schedule, not a discrete one."
-            )
         alphas_cumprod = self.alphas_cumprod[timesteps.to(self.alphas_cumprod.device)].to(x0.device)
         alpha, sigma = _expand(alphas_cumprod.sqrt(), x0), _expand((1.0 - alphas_cumprod).sqrt(), x0)
         noisy = alpha * x0 + sigma * noise
@@ -307,19 +346,9 @@ class DiffusionObjective(nn.Module):
     def _edm_terms(self, model, x0, noise, sigmas, snr, class_labels) -> _Terms:
         """x = x0 + σ·n; a σ-input model returns D itself, any other is preconditioned and regresses F."""
         noisy = x0 + _expand(sigmas, x0) * noise
-        if getattr(_unwrap(model), "input_is_sigma", False):
-            if self.prediction_type != "sample":
-                raise ValueError(
-                    f"{type(_unwrap(model)).__name__} returns the denoised sample: use "
-                    f"prediction_type 'sample', not {self.prediction_type!r}."
-                )
+        if self.conditioning == "sigma":
             output = model(noisy, sigmas, class_labels, return_logvar=self.learned_uncertainty)
             return _Terms(output.sample, x0, self._edm_weights(snr), model_logvar=output.logvar)
-        if self.prediction_type == "sample":
-            raise ValueError(
-                "With an EDM schedule, prediction_type 'sample' is for models that take σ and "
-                "return the denoised sample (input_is_sigma = True)."
-            )
         c_skip, c_out, c_in, c_noise = edm_scalings(sigmas, self.sigma_data, self.prediction_type)
         output = model(
             hidden_states=_expand(c_in, x0) * noisy, timestep=c_noise, class_labels=class_labels, return_dict=False
@@ -390,6 +419,10 @@ class DiffusionObjective(nn.Module):
         return self(model, x0, class_labels, generator=generator).loss
 
 
+# Per family: the names of the objective's SNR and terms methods.
+_FAMILIES = {"discrete": ("_discrete_snr", "_discrete_terms"), "edm": ("_edm_snr", "_edm_terms")}
+
+
 def _read_schedule(noise_scheduler) -> tuple[str, torch.Tensor | None, float | None]:
     """("discrete", ᾱ in float64, None) or ("edm", None, σ_data) for a diffusers scheduler."""
     config = getattr(noise_scheduler, "config", None)
@@ -401,16 +434,6 @@ def _read_schedule(noise_scheduler) -> tuple[str, torch.Tensor | None, float | N
         f"noise_scheduler must be a discrete diffusers scheduler (with alphas_cumprod) or an EDM scheduler "
         f"(with config.sigma_data); got {type(noise_scheduler).__name__}."
     )
-
-
-def _check_sampler_fits(sampler, schedule: str) -> None:
-    draws_sigma = isinstance(sampler, LogNormalSigmaSampler)
-    if schedule == "edm" and not draws_sigma:
-        raise ValueError(
-            f"{type(sampler).__name__} draws discrete timesteps; an EDM schedule needs σ (LogNormalSigmaSampler)."
-        )
-    if schedule == "discrete" and draws_sigma:
-        raise ValueError("LogNormalSigmaSampler draws continuous σ; a discrete schedule needs timesteps.")
 
 
 def _discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor):

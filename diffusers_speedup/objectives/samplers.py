@@ -41,6 +41,8 @@ class UniformTimestepSampler:
         noise_scheduler: a diffusers scheduler with ``config.num_train_timesteps`` (or pass an int T).
     """
 
+    kind, draws = "uniform", "timestep"
+
     def __init__(self, noise_scheduler):
         if isinstance(noise_scheduler, int):
             self.num_train_timesteps = noise_scheduler
@@ -85,6 +87,8 @@ class SpeeDTimestepSampler:
         dual: mirror half of the batch about τ_ms.
         weighting: return the change-aware weights (otherwise all ones).
     """
+
+    kind, draws = "speed", "timestep"
 
     def __init__(
         self,
@@ -143,6 +147,8 @@ class LogNormalSigmaSampler:
     and (−0.8, 1.6) for 64×64 pixels.
     """
 
+    kind, draws = "lognormal", "sigma"
+
     def __init__(self, p_mean: float = -1.2, p_std: float = 1.2):
         if not p_std > 0:
             raise ValueError(f"LogNormalSigmaSampler: p_std must be > 0, got {p_std}.")
@@ -160,6 +166,8 @@ class LogitNormalTimestepSampler:
     positive ``logit_mean`` shifts training towards noise (diffusers' SD3 scripts index a descending table, which
     flips that sign).
     """
+
+    kind, draws = "logit_normal", "timestep"
 
     def __init__(self, noise_scheduler, logit_mean: float = 0.0, logit_std: float = 1.0):
         if not logit_std > 0:
@@ -180,32 +188,41 @@ class LogitNormalTimestepSampler:
         return timesteps.to(device), torch.ones(batch_size, device=device)
 
 
-SAMPLER_KINDS = ("default", "uniform", "speed", "lognormal", "logit_normal")
+def check_sampler_fits(sampler_class: type, noise_scheduler) -> None:
+    """Raise unless the sampler draws the noise levels of the schedule: timesteps for a discrete (DDPM-style)
+    schedule, σ for an EDM one. A sampler class of one's own says what it draws with ``draws`` ("timestep" when
+    absent) and may name itself with ``kind``."""
+    draws = getattr(sampler_class, "draws", "timestep")
+    name = repr(getattr(sampler_class, "kind", sampler_class.__name__))
+    discrete = getattr(noise_scheduler, "alphas_cumprod", None) is not None
+    if draws == "timestep" and not discrete:
+        raise ValueError(
+            f"The {name} sampler draws discrete timesteps and needs a discrete (DDPM-style) schedule; "
+            f"{type(noise_scheduler).__name__} is continuous. Use the 'lognormal' sampler."
+        )
+    if draws == "sigma" and discrete:
+        raise ValueError(f"The {name} sampler draws continuous σ and needs an EDM schedule.")
+
+
+SAMPLERS = {
+    cls.kind: cls
+    for cls in (UniformTimestepSampler, SpeeDTimestepSampler, LogNormalSigmaSampler, LogitNormalTimestepSampler)
+}
+# "default" is the schedule's usual sampler: uniform timesteps (discrete), log-normal σ (EDM).
+SAMPLER_KINDS = ("default", *SAMPLERS)
 
 
 def build_sampler(config: dict, noise_scheduler):
     """A sampler from its recipe form ``{"kind": ..., **params}``; "default" picks the schedule's usual one."""
     config = dict(config)
     kind = config.pop("kind", "default")
-    discrete = getattr(noise_scheduler, "alphas_cumprod", None) is not None
     if kind == "default":
-        kind = "uniform" if discrete else "lognormal"
-    if kind not in SAMPLER_KINDS:
+        kind = "uniform" if getattr(noise_scheduler, "alphas_cumprod", None) is not None else "lognormal"
+    if kind not in SAMPLERS:
         raise ValueError(f"Unknown sampler kind {kind!r}; expected one of {', '.join(SAMPLER_KINDS)}.")
-    if kind in ("uniform", "speed", "logit_normal") and not discrete:
-        raise ValueError(
-            f"The {kind!r} sampler draws discrete timesteps and needs a discrete (DDPM-style) schedule; "
-            f"{type(noise_scheduler).__name__} is continuous. Use the 'lognormal' sampler."
-        )
-    if kind == "lognormal" and discrete:
-        raise ValueError("The 'lognormal' sampler draws continuous σ and needs an EDM schedule.")
+    cls = SAMPLERS[kind]
+    check_sampler_fits(cls, noise_scheduler)
     try:
-        if kind == "uniform":
-            return UniformTimestepSampler(noise_scheduler, **config)
-        if kind == "speed":
-            return SpeeDTimestepSampler(noise_scheduler, **config)
-        if kind == "logit_normal":
-            return LogitNormalTimestepSampler(noise_scheduler, **config)
-        return LogNormalSigmaSampler(**config)
+        return cls(**config) if cls.draws == "sigma" else cls(noise_scheduler, **config)
     except TypeError as error:
         raise ValueError(f"Sampler {kind!r}: {error}") from error
