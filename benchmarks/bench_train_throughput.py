@@ -80,7 +80,9 @@ def _recipe(spec: BenchmarkModel) -> dict:
             "weighting": {"kind": "min_snr", "gamma": 5.0},
             "label_dropout": 0.0 if spec.name.startswith("dit") else 0.1,
         }
-    return {"objective": objective, "optim": {"lr": 1e-4, "max_grad_norm": 1.0}}
+    # The model kind says how the objective calls the network (σ for EDM2, a timestep for the others).
+    model = {"kind": "edm2_unet" if spec.takes_sigma else "uvit"}
+    return {"model": model, "objective": objective, "optim": {"lr": 1e-4, "max_grad_norm": 1.0}}
 
 
 def _fresh_accelerator(mixed_precision: str, device: torch.device):
@@ -95,6 +97,7 @@ def _fresh_accelerator(mixed_precision: str, device: torch.device):
 
 def package_step(spec: BenchmarkModel, model, device, mixed_precision: str, compile: bool, ema: bool):
     """Build this package's training step around ``model``; returns ``step(x0, labels) -> loss tensor``."""
+    from diffusers_speedup.data import Batch
     from diffusers_speedup.training.config import build_noise_scheduler, config_from_mapping
     from diffusers_speedup.training.ema import ConstantEMA
     from diffusers_speedup.training.trainer import (
@@ -110,7 +113,7 @@ def package_step(spec: BenchmarkModel, model, device, mixed_precision: str, comp
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     accelerator = _fresh_accelerator(mixed_precision, device)
-    objective = build_objective(config, build_noise_scheduler(config.objective.schedule), spec.num_classes, model)
+    objective = build_objective(config, build_noise_scheduler(config.objective.schedule), spec.num_classes)
     if compile:
         model.compile()  # in place, as the trainer does
     module = TrainingModule(model, objective)
@@ -123,7 +126,7 @@ def package_step(spec: BenchmarkModel, model, device, mixed_precision: str, comp
 
     def step(x0, labels):
         # The trainer's own optimizer step (one accumulation step), with its loss tracking and EMA.
-        optimizer_step(accelerator, module, optimizer, [(x0, labels)], config.optim.max_grad_norm, tracker)
+        optimizer_step(accelerator, module, optimizer, [Batch(x0, labels, {})], config.optim.max_grad_norm, tracker)
         counter["step"] += 1
         if averaged is not None:
             averaged.update(model, counter["step"])

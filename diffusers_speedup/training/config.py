@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..models import MODEL_KINDS, model_kind
 from ..objectives import PREDICTION_TYPES
 from ..objectives.objective import LOSS_REDUCTIONS
 from .checkpoints import CONFIG_NAME as CONFIG_FILE_NAME
@@ -24,7 +25,7 @@ from .checkpoints import TRAINER_STATE_NAME, list_checkpoints
 
 # The choices of the recipe fields. OmegaConf checks a value against its field's Literal whenever a recipe or an
 # override is merged, and `validate_config` does so for a Config built in Python.
-ModelKind = Literal["uvit", "edm2_unet", "dit"]
+ModelKindName = Literal[tuple(MODEL_KINDS)]
 DataKind = Literal["builtin", "image_folder", "hf_dataset", "latents"]
 LatentNorm = Literal["vae", "per_channel"]
 ScheduleKind = Literal["ddpm", "edm"]
@@ -53,7 +54,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    kind: ModelKind = "uvit"
+    kind: ModelKindName = "uvit"
     preset: str | None = None  # e.g. uvit-s, edm2-xs, dit-xl-2; None builds from params alone
     params: dict[str, Any] = field(default_factory=dict)  # constructor arguments, overriding the preset
     pretrained: str | None = None  # a saved model folder to start from instead
@@ -320,22 +321,6 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
 
 
-def model_class(kind: str):
-    from ..models.dit_transformer import DiTModel
-    from ..models.edm2_unet import EDM2UNetModel
-    from ..models.uvit import UViTModel
-
-    return {"uvit": UViTModel, "edm2_unet": EDM2UNetModel, "dit": DiTModel}[kind]
-
-
-def model_presets(kind: str) -> dict:
-    from ..models.dit_transformer import DIT_PRESETS
-    from ..models.edm2_unet import EDM2_PRESETS
-    from ..models.uvit import UVIT_PRESETS
-
-    return {"uvit": UVIT_PRESETS, "edm2_unet": EDM2_PRESETS, "dit": DIT_PRESETS}[kind]
-
-
 def validate_config(config: Config) -> None:
     """Check what the types alone cannot: the values' ranges, then how the fields fit together.
 
@@ -352,9 +337,8 @@ def validate_config(config: Config) -> None:
 
 def _check_ranges(config: Config) -> None:
     """Each field on its own: ranges and lengths."""
-    data, objective, optim, ema, sampling, hub, train = (
+    data, optim, ema, sampling, hub, train = (
         config.data,
-        config.objective,
         config.optim,
         config.ema,
         config.sampling,
@@ -365,8 +349,6 @@ def _check_ranges(config: Config) -> None:
     if data.latents_std is not None and min(data.latents_std) <= 0:
         raise ConfigError(f"data.latents_std: must be positive, got {list(data.latents_std)}.")
     _positive("data.latent_target_std", data.latent_target_std)
-    if not 0 <= objective.label_dropout < 1:
-        raise ConfigError(f"objective.label_dropout: must lie in [0, 1), got {objective.label_dropout}.")
 
     _positive("optim.lr", optim.lr)
     if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
@@ -438,16 +420,17 @@ def _check_resume(resume: str | None) -> None:
 
 
 def _check_combinations(config: Config) -> None:
-    """The fields that depend on others: every cross-field rule of a recipe is here."""
+    """The fields that depend on others: every cross-field rule of a recipe is here, the objective's by building it."""
     model, data, objective, schedule = config.model, config.data, config.objective, config.objective.schedule
 
+    kind = model_kind(model.kind)
     if model.preset is not None:
-        _choice("model.preset", model.preset, sorted(model_presets(model.kind)))
-    accepted = set(inspect.signature(model_class(model.kind).__init__).parameters) - {"self"}
+        _choice("model.preset", model.preset, sorted(kind.presets))
+    accepted = set(inspect.signature(kind.model_class.__init__).parameters) - {"self"}
     for key in model.params:
         if key not in accepted:
             raise ConfigError(
-                f"model.params.{key}: not an argument of {model_class(model.kind).__name__} "
+                f"model.params.{key}: not an argument of {kind.model_class.__name__} "
                 f"(accepted: {', '.join(sorted(accepted))})."
             )
 
@@ -471,19 +454,16 @@ def _check_combinations(config: Config) -> None:
                 f"data.latents_std: {len(data.latents_std)} values for {len(data.latents_mean)} in data.latents_mean."
             )
 
-    if model.kind == "edm2_unet":
-        if schedule.kind != "edm":
-            raise ConfigError("objective.schedule.kind: EDM2UNetModel takes σ and needs the 'edm' schedule.")
-        if objective.prediction_type != "sample":
-            raise ConfigError("objective.prediction_type: EDM2UNetModel returns the denoised sample; use 'sample'.")
-    if objective.learned_variance and (model.kind != "dit" or schedule.kind != "ddpm"):
+    name = kind.model_class.__name__
+    if objective.learned_variance and not kind.learned_variance:
+        learners = " or ".join(repr(k) for k, entry in MODEL_KINDS.items() if entry.learned_variance)
         raise ConfigError(
-            f"objective.learned_variance: needs model.kind 'dit' with the 'ddpm' schedule (DiT's learned σ), "
-            f"got model.kind {model.kind!r} with schedule {schedule.kind!r}."
+            f"objective.learned_variance: needs model.kind {learners} (DiT's learned σ); {name} outputs no "
+            f"variance (model.kind {model.kind!r})."
         )
-    if model.kind == "dit" and objective.label_dropout > 0:
-        raise ConfigError("objective.label_dropout: DiTModel drops labels itself (class_dropout_prob); set it to 0.")
-    _check_sampler_and_weighting(objective)
+    if kind.drops_labels_itself and objective.label_dropout > 0:
+        raise ConfigError(f"objective.label_dropout: {name} drops labels itself (class_dropout_prob); set it to 0.")
+    _check_objective(config)
 
     scheduler = config.sampling.scheduler
     if scheduler is not None and scheduler.startswith("edm") != (schedule.kind == "edm"):
@@ -498,13 +478,16 @@ def _check_combinations(config: Config) -> None:
         )
 
 
-def _check_sampler_and_weighting(objective: ObjectiveConfig) -> None:
-    """The timestep sampler and the loss weighting, by building them (their options depend on their kind, the
-    sampler's on the schedule and the weighting's on the prediction type)."""
+def _check_objective(config: Config) -> None:
+    """The objective, by building it as the trainer will (its sampler, weighting and every rule between them, the
+    schedule, the prediction type and the model's calling convention are checked by the objects themselves)."""
     from ..objectives import LossWeighting, build_sampler
 
+    objective = config.objective
+    noise_scheduler = build_noise_scheduler(objective.schedule)
+    # The sampler and the weighting first, so that their errors name their keys.
     try:
-        build_sampler(dict(objective.sampler), build_noise_scheduler(objective.schedule))
+        build_sampler(dict(objective.sampler), noise_scheduler)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"objective.sampler: {error}") from None
     weighting = dict(objective.weighting)
@@ -513,6 +496,11 @@ def _check_sampler_and_weighting(objective: ObjectiveConfig) -> None:
         LossWeighting(kind, objective.prediction_type, **weighting)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"objective.weighting: {error}") from None
+    try:
+        # The class count comes from the data; any count serves the check.
+        build_objective(config, noise_scheduler, num_classes=1)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"objective: {error}") from None
 
 
 def report_to_trackers(report_to: str) -> list[str]:
@@ -531,8 +519,9 @@ def check_environment(config: Config) -> None:
     if train.attention == "xformers":
         if importlib.util.find_spec("xformers") is None:
             raise ConfigError("train.attention: 'xformers' is not installed (pip install diffusers-speedup[xformers]).")
-        if config.model.kind == "edm2_unet":
-            raise ConfigError("train.attention: EDM2UNetModel's cosine attention has no xformers path; use 'sdpa'.")
+        refused = model_kind(config.model.kind).xformers_refused
+        if refused:
+            raise ConfigError(f"train.attention: {refused}.")
     for tracker in report_to_trackers(train.report_to):
         if tracker not in ("all", "tensorboard") and importlib.util.find_spec(tracker) is None:
             raise ConfigError(f"train.report_to: {tracker!r} is not installed (pip install {tracker}).")
@@ -654,6 +643,22 @@ def build_noise_scheduler(schedule: ScheduleConfig):
             rescale_betas_zero_snr=schedule.rescale_betas_zero_snr,
         )
     return EDMEulerScheduler(sigma_min=schedule.sigma_min, sigma_max=schedule.sigma_max, sigma_data=schedule.sigma_data)
+
+
+def build_objective(config: Config, noise_scheduler, num_classes: int):
+    """The recipe's training objective for ``num_classes`` classes, calling the model as its kind is called."""
+    from ..objectives import DiffusionObjective
+
+    objective = config_to_dict(config)["objective"]
+    objective.pop("schedule")
+    kind = model_kind(config.model.kind)
+    return DiffusionObjective.from_config(
+        objective,
+        noise_scheduler,
+        num_classes=num_classes,
+        conditioning=kind.conditioning,
+        uncertainty_from_model=kind.logvar_output,
+    )
 
 
 def config_from_mapping(mapping: dict | DictConfig) -> Config:

@@ -30,19 +30,21 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ..data.batching import Batch
 from ..data.latent_dataset import LatentNormalization
-from ..objectives import DiffusionObjective
+from ..models import model_kind
+from ..objectives import AuxiliaryLoss, DiffusionObjective
 from .checkpoints import CONFIG_NAME, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import (
     MIXED_PRECISION,
     Config,
     ConfigError,
     build_noise_scheduler,
+    build_objective,
     check_environment,
     check_resume_config,
     config_to_dict,
     config_to_yaml,
-    model_class,
     report_to_trackers,
 )
 from .distributed import check_world_size
@@ -163,7 +165,7 @@ class Trainer:
         if train.attention == "xformers":
             self.model.enable_xformers_memory_efficient_attention()
         self.noise_scheduler = build_noise_scheduler(config.objective.schedule)
-        self.objective = build_objective(config, self.noise_scheduler, self.data.num_classes, self.model)
+        self.objective = build_objective(config, self.noise_scheduler, self.data.num_classes)
 
     def _prepare_for_training(self) -> None:
         """Compile, hand the model and the optimizer to accelerate, and register the LR schedule and the EMA, which
@@ -292,6 +294,8 @@ class Trainer:
         }
         if tracker.vb is not None:
             values["train/vb"] = accelerator.reduce(tracker.vb, reduction="mean").item() / steps
+        for name, total in tracker.terms.items():
+            values[f"train/{name}"] = accelerator.reduce(total, reduction="mean").item() / steps
         for label, total, count in zip(LOG_SNR_BUCKETS, bucket_sum.tolist(), bucket_count.tolist()):
             if count:
                 values[f"loss_by_log_snr/{label}"] = total / count
@@ -398,7 +402,7 @@ class Trainer:
         from ..pipelines.pipeline_class_conditional import ClassConditionalPipeline
 
         model = self.ema.model if self.ema is not None else self.model
-        denoiser = {"unet": model} if getattr(model, "input_is_sigma", False) else {"transformer": model}
+        denoiser = {model_kind(self.config.model.kind).pipeline_slot: model}
         id2label = {i: name for i, name in enumerate(self.data.class_names)}
         return ClassConditionalPipeline(
             scheduler=build_sampling_scheduler(self.config, self.noise_scheduler),
@@ -590,7 +594,7 @@ class TrainingData:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def batch(self, indices: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices: torch.Tensor, device) -> Batch:
         return self.dataset.batch(indices, device)
 
 
@@ -654,29 +658,14 @@ def per_channel_normalization(dataset, data) -> LatentNormalization:
 
 def build_model(config: Config, data: TrainingData) -> nn.Module:
     """The recipe's model, with sample size, channels and classes filled in from the data unless given."""
-    kind, cls = config.model.kind, model_class(config.model.kind)
+    kind = model_kind(config.model.kind)
     if config.model.pretrained:
-        return cls.from_pretrained(config.model.pretrained)
-    channels, size = data.sample_shape[0], data.sample_shape[1]
-    fitted = {"sample_size": size, "in_channels": channels}
-    if kind == "dit":
-        out_channels = 2 * channels if config.objective.learned_variance else channels  # mean, then variance
-        fitted["out_channels"] = out_channels
-    fitted["num_classes"] = data.num_classes
+        return kind.model_class.from_pretrained(config.model.pretrained)
+    fitted = kind.fitted_params(data.sample_shape, data.num_classes, config.objective.learned_variance)
     params = {**fitted, **config.model.params}
     if config.model.preset is None:
-        return cls(**params)
-    return cls.from_preset(config.model.preset, **params)
-
-
-def build_objective(config: Config, noise_scheduler, num_classes: int, model: nn.Module) -> DiffusionObjective:
-    objective = config_to_dict(config)["objective"]
-    objective.pop("schedule")
-    # EDM2's UNet has its own log-variance output, so the objective builds no head of its own.
-    from_model = getattr(model, "input_is_sigma", False)
-    return DiffusionObjective.from_config(
-        objective, noise_scheduler, num_classes=num_classes, uncertainty_from_model=from_model
-    )
+        return kind.model_class(**params)
+    return kind.model_class.from_preset(config.model.preset, **params)
 
 
 def build_ema(config: Config, model: nn.Module, snapshot_dir: str | None) -> ConstantEMA | PowerFunctionEMA | None:
@@ -753,18 +742,32 @@ def build_sampling_scheduler(config: Config, noise_scheduler):
 
 
 class TrainingModule(nn.Module):
-    """The model and the objective as one module, so that DDP also averages the objective's own parameters
-    (EDM2's uncertainty head) and a single forward returns the per-sample losses."""
+    """The model, the objective and the auxiliary losses as one module, so that DDP also averages the objective's
+    own parameters (EDM2's uncertainty head) and the auxiliary losses' (REPA's projector), checkpoints hold them
+    all, and a single forward returns the per-sample losses. The exported pipeline takes ``model`` alone."""
 
-    def __init__(self, model: nn.Module, objective: DiffusionObjective, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: DiffusionObjective,
+        rank: int = 0,
+        world_size: int = 1,
+        auxiliary_losses: list[AuxiliaryLoss] | tuple[AuxiliaryLoss, ...] = (),
+    ):
         super().__init__()
         self.model, self.objective = model, objective
         self.shard = (rank, world_size)
+        self.auxiliary_losses = nn.ModuleList(auxiliary_losses)
 
-    def forward(self, x0: torch.Tensor, class_labels: torch.Tensor):
+    def forward(self, x0: torch.Tensor, class_labels: torch.Tensor, **extras: torch.Tensor):
         # Every process draws the noise of the whole global batch and keeps its slice: N processes train on exactly
         # what one process would, and no two processes reuse the same noise.
-        return self.objective(self.model, x0, class_labels, shard=self.shard)
+        output = self.objective(self.model, x0, class_labels, shard=self.shard)
+        for auxiliary in self.auxiliary_losses:  # each reads the hidden state that the objective's forward made
+            term = auxiliary(**extras)
+            output.loss = output.loss + term
+            output.terms[auxiliary.name] = term.detach()
+        return output
 
 
 class LossTracker:
@@ -777,12 +780,15 @@ class LossTracker:
         self.bucket_sum = torch.zeros(len(LOG_SNR_EDGES) + 1, device=device)
         self.bucket_count = torch.zeros(len(LOG_SNR_EDGES) + 1, device=device)
         self.vb = None  # the variational-bound part of the loss, for learned-variance models
+        self.terms = {}  # the auxiliary losses' terms, by name
 
     def add(self, output, weight: float = 1.0) -> None:
         per_sample = output.loss.detach()
         self.loss += per_sample.mean() * weight
         if output.vb is not None:
             self.vb = (0 if self.vb is None else self.vb) + output.vb.detach().mean() * weight
+        for name, term in output.terms.items():
+            self.terms[name] = self.terms.get(name, 0) + term.mean() * weight
         buckets = torch.bucketize(output.snr.clamp_min(1e-20).log(), self.edges)
         self.bucket_sum.index_add_(0, buckets, per_sample)
         self.bucket_count.index_add_(0, buckets, torch.ones_like(per_sample))
@@ -791,6 +797,7 @@ class LossTracker:
         for total in (self.loss, self.bucket_sum, self.bucket_count):
             total.zero_()
         self.vb = None
+        self.terms = {}
 
 
 class NonFiniteSteps:
@@ -858,17 +865,17 @@ class NonFiniteSteps:
 def optimizer_step(
     accelerator, module, optimizer, micro_batches, max_grad_norm: float | None, tracker: LossTracker | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over ``micro_batches`` (an iterable of ``(x0, class_labels)``, one per accumulation step,
-    read lazily): forward and backward each, clip, and step unless the gradient is not finite.
+    """One optimizer step over ``micro_batches`` (an iterable of `Batch`, one per accumulation step, read lazily):
+    forward and backward each, clip, and step unless the gradient is not finite.
 
     Returns the gradient norm and a 0-dim bool tensor telling whether the step was skipped, both left on the device:
     with a fused optimizer (the default) nothing here waits for the GPU.
     """
     parameters = [p for p in module.parameters() if p.requires_grad]
     grad_norm, skipped = torch.zeros(()), torch.zeros((), dtype=torch.bool)
-    for x0, class_labels in micro_batches:
+    for x0, class_labels, extras in micro_batches:
         with accelerator.accumulate(module):
-            output = module(x0, class_labels)
+            output = module(x0, class_labels, **extras)
             accelerator.backward(output.loss.mean())
             if accelerator.sync_gradients:
                 # With no clipping asked for, an infinite bound still returns the norm (for logging and the check).
@@ -962,11 +969,9 @@ def _check_fsdp(config: Config) -> None:
         raise ConfigError(
             "ema.kind: the EMA averages whole parameters, which FSDP shards; train with DDP or set ema.kind=none."
         )
-    if config.model.kind == "edm2_unet":
-        raise ConfigError(
-            "model.kind: EDM2UNetModel renormalises each whole weight in place as it trains (forced weight "
-            "normalisation), which FSDP's shards would not keep; train it with DDP."
-        )
+    refused = model_kind(config.model.kind).fsdp_refused
+    if refused:
+        raise ConfigError(f"model.kind: {refused}.")
 
 
 def _hardware(accelerator: Accelerator) -> str:
