@@ -196,7 +196,7 @@ def test_reader_statistics_mirror_choice_and_rank_split(workspace):
 
     # Statistics without mirroring: z = (mean + std * eps) * s is Gaussian with mean s*mean and std s*std.
     many = latents.read_batch([3] * 4000)
-    z, labels = latents.sample(many, generator=torch.Generator().manual_seed(0), random_flip=False)
+    z, labels, _ = latents.sample(many, generator=torch.Generator().manual_seed(0), random_flip=False)
     scale, mean, std = latents.scaling_factor, many["mean"][0].float(), many["std"][0].float()
     assert z.shape == (4000, 4, 16, 16) and labels.eq(dataset[3]["label"]).all()
     standardized = (z / scale - mean) / std
@@ -259,7 +259,7 @@ def test_measured_statistics_normalize_each_channel(workspace):
     assert latents.latent_statistics(max_rows=3) != (mean, std)  # a strict subset of the rows
 
     latents.normalization = LatentNormalization.per_channel(mean, std, target_std=0.5)
-    z, _ = latents.sample(
+    z, _, _ = latents.sample(
         latents.read_batch(list(range(len(latents))) * 500),
         generator=torch.Generator().manual_seed(0),
         random_flip=False,

@@ -68,12 +68,12 @@ def test_pixel_dataset_digits_and_flip():
     data = load_pixel_dataset("digits", resolution=16, split="test")
     assert data.images.shape == (180, 1, 16, 16) and data.images.dtype == torch.uint8
     assert data.num_classes == 10 and not data.random_flip
-    x, y = data.batch(torch.arange(4))
+    x, y, extras = data.batch(torch.arange(4))
     assert x.shape == (4, 1, 16, 16) and x.min() >= -1 and x.max() <= 1
     torch.testing.assert_close(x, data.images[:4].float() / 127.5 - 1)
-    assert y.tolist() == data.labels[:4].tolist()
+    assert y.tolist() == data.labels[:4].tolist() and extras == {}
     generator = torch.Generator().manual_seed(3)
-    flipped, _ = data.batch(torch.arange(64), generator=generator, random_flip=True)
+    flipped, _, _ = data.batch(torch.arange(64), generator=generator, random_flip=True)
     plain = data.images[:64].float() / 127.5 - 1
     is_mirror = [
         torch.equal(flipped[i], plain[i].flip(-1)) and not torch.equal(plain[i], plain[i].flip(-1)) for i in range(64)

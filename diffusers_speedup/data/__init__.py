@@ -1,6 +1,6 @@
 """Data: the built-in dataset, image preprocessing, latent caching with AutoencoderKL, and the trainer-side readers."""
 
-from .batching import epoch_permutation, index_batches, steps_per_epoch
+from .batching import Batch, epoch_permutation, index_batches, steps_per_epoch
 from .builtin import DIGITS_CLASS_NAMES, load_builtin_arrays, load_builtin_dataset
 from .latent_cache import DEFAULT_VAE, LatentEncoder, cache_latents, load_vae, read_cache_metadata, vae_fingerprint
 from .latent_dataset import LatentDataset, LatentNormalization, sample_latents
@@ -9,6 +9,7 @@ from .preprocessing import ImageRejectedError, center_crop_arr, open_image, prep
 from .sources import HFDatasetSource, ImageFolderSource, ImageSource, make_source
 
 __all__ = [
+    "Batch",
     "DEFAULT_VAE",
     "DIGITS_CLASS_NAMES",
     "HFDatasetSource",

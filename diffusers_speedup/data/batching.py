@@ -9,10 +9,21 @@ permutation unless the sampler is seeded; huggingface/accelerate#1451).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
+
+
+class Batch(NamedTuple):
+    """One training batch, read in one gather: the model's data, the class labels, and the extra per-sample fields
+    that an auxiliary loss reads (for example the clean image an encoder looks at, or precomputed encoder features),
+    keyed by name."""
+
+    x0: torch.Tensor
+    class_labels: torch.Tensor
+    extras: Mapping[str, torch.Tensor]
 
 
 def epoch_permutation(num_rows: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:

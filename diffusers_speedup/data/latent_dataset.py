@@ -4,7 +4,7 @@ Typical use in a training loop (every rank)::
 
     latents = LatentDataset("cache/imagenet256")
     for indices in latents.index_batches(batch_size, epoch=epoch, seed=seed, rank=rank, world_size=world, start_step=k):
-        z, labels = latents.batch(indices, device)
+        z, labels, extras = latents.batch(indices, device)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .batching import index_batches
+from .batching import Batch, index_batches
 from .latent_cache import read_cache_metadata
 
 _LATENT_COLUMNS = ("mean", "std", "mean_flip", "std_flip")
@@ -151,6 +151,8 @@ class LatentDataset:
         normalization: how :meth:`sample` maps raw latents to the model's data; default: the VAE's own config as
             the cache recorded it (``z * 0.18215`` for SD VAEs). See :meth:`latent_statistics` for EDM2-style
             per-channel normalisation.
+        extra_columns: further columns of the cache (an image crop, encoder features) that every batch also
+            carries, as they are stored (not mirrored), in the batch's ``extras``; read in the same gather.
 
     Attributes:
         metadata: the cache's ``latents_metadata.json``.
@@ -165,12 +167,14 @@ class LatentDataset:
         in_memory: bool = False,
         device: str | torch.device = "cpu",
         normalization: LatentNormalization | None = None,
+        extra_columns: tuple[str, ...] | list[str] = (),
     ):
         from datasets import load_from_disk
 
         # The metadata is written last, so reading it first names an unfinished or missing cache as such.
         self.metadata = read_cache_metadata(path)
         self.dataset = load_from_disk(path)
+        self.features = self.dataset.features
         self.latent_shape = tuple(self.metadata["latent_shape"])
         self.scaling_factor = float(self.metadata["scaling_factor"])
         self.normalization = normalization or LatentNormalization.from_vae_config(self.metadata)
@@ -178,7 +182,15 @@ class LatentDataset:
         self.num_classes = int(self.metadata["num_classes"])
         self.has_flip = "mean_flip" in self.dataset.column_names
         self.random_flip = random_flip and self.has_flip
+        missing = [name for name in extra_columns if name not in self.dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"The latent cache {path} has no column {', '.join(map(repr, missing))} (it has "
+                f"{', '.join(self.dataset.column_names)}); cache it with the column to train with it."
+            )
+        self.extra_columns = tuple(extra_columns)
         self.columns = [name for name in _LATENT_COLUMNS if name in self.dataset.column_names]
+        self.columns += [name for name in self.extra_columns if name not in self.columns]
         self.labels = torch.from_numpy(np.array(self.dataset.data.table.column("label").to_numpy(), dtype=np.int64))
         self._memory = None
         if in_memory:
@@ -195,10 +207,11 @@ class LatentDataset:
         for name in self.columns:
             column = taken.column(name).combine_chunks()
             values = column.storage if hasattr(column, "storage") else column
-            for _ in self.latent_shape:
+            shape = self.latent_shape if name in _LATENT_COLUMNS else tuple(getattr(self.features[name], "shape", ()))
+            for _ in shape:
                 values = values.flatten()
             # np.array copies: Arrow buffers are read-only and torch warns about (and must not write to) them.
-            array = np.array(values.to_numpy(zero_copy_only=False)).reshape(len(indices), *self.latent_shape)
+            array = np.array(values.to_numpy(zero_copy_only=False)).reshape(len(indices), *shape)
             batch[name] = torch.from_numpy(array)
         return batch
 
@@ -222,7 +235,7 @@ class LatentDataset:
         device: str | torch.device | None = None,
         generator: torch.Generator | None = None,
         random_flip: bool | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> Batch:
         """Rows ``indices`` as the model's data, on ``device``: :meth:`read_batch`, then :meth:`sample`."""
         return self.sample(self.read_batch(indices), generator=generator, device=device, random_flip=random_flip)
 
@@ -232,14 +245,14 @@ class LatentDataset:
         generator: torch.Generator | None = None,
         device: str | torch.device | None = None,
         random_flip: bool | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Move a batch to ``device`` and draw ``(z float32 (B, C, h, w), labels int64 (B,))``; see
+    ) -> Batch:
+        """Move a batch to ``device`` and draw ``Batch(z float32 (B, C, h, w), labels int64 (B,), extras)``; see
         :func:`sample_latents`. ``generator`` must live on ``device``."""
         if device is not None:
             batch = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
         flip = self.random_flip if random_flip is None else random_flip and self.has_flip
         z = sample_latents(batch, self.normalization, flip, generator)
-        return z, batch["label"]
+        return Batch(z, batch["label"], {name: batch[name] for name in self.extra_columns})
 
     def latent_statistics(self, max_rows: int = 16384) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of raw latents ``z = mean + std * eps`` (no normalisation), in float64.

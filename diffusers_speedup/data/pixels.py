@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..utils import is_saved_dataset
-from .batching import index_batches
+from .batching import Batch, index_batches
 from .builtin import BUILTIN_DATASETS, DIGITS_CLASS_NAMES, load_builtin_arrays
 from .preprocessing import ImageRejectedError, apply_exif_orientation, center_crop_arr, open_image, to_rgb
 from .sources import ImageSource, make_source
@@ -62,8 +62,8 @@ class PixelDataset:
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
         random_flip: bool | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather a batch as ``(pixels float32 in [-1, 1] (B, C, H, W), labels int64 (B,))``.
+    ) -> Batch:
+        """Gather a batch as ``Batch(pixels float32 in [-1, 1] (B, C, H, W), labels int64 (B,), extras={})``.
 
         Args:
             indices: row indices (``LongTensor``), e.g. from :meth:`index_batches`.
@@ -81,7 +81,7 @@ class PixelDataset:
             mirrored = torch.rand(pixels.shape[0], generator=generator, device=generator.device if generator else None)
             mirrored = mirrored.to(pixels.device) < 0.5
             pixels = torch.where(mirrored[:, None, None, None], pixels.flip(-1), pixels)
-        return pixels, self.labels[indices].to(pixels.device)
+        return Batch(pixels, self.labels[indices].to(pixels.device), {})
 
     def index_batches(
         self, batch_size: int, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, **kwargs
