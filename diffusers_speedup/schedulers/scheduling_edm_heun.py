@@ -16,6 +16,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 # What a network can return: the noise ε, the velocity v, or the denoised sample x0 (diffusers' names).
+# Copied from diffusers_speedup.objectives.weighting.PREDICTION_TYPES
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
