@@ -2,7 +2,9 @@
 """DiT (Peebles & Xie, ICCV 2023) as the DiT and SpeeD papers train it, and its conversion to and from diffusers.
 
 A single self-contained file: it imports only the standard library, torch and diffusers (xformers optionally, at the
-moment it is asked for), because it is copied unchanged into exported model folders.
+moment it is asked for), because it is copied unchanged into exported model folders. The pieces it shares with U-ViT
+(the attention, `_broadcast_timestep`, `_unpatchify` and the shared config checks) are copies of uvit.py's, marked
+``# Copied from`` and kept equal by tests/test_copies.py: edit them in uvit.py.
 
 Why a class of our own. diffusers' ``DiTTransformer2DModel`` was written to run converted weights, and three of its
 choices make it a different network to train: every block owns its own timestep MLP and label table (DiT-XL/2 has

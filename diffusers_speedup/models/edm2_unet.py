@@ -3,7 +3,8 @@
 Models", arXiv 2312.02696), written from the paper's formulas.
 
 Self-contained: imports only the standard library, torch and diffusers, because this file is copied into exported
-model folders and loaded there with `trust_remote_code=True`.
+model folders and loaded there with `trust_remote_code=True`. For that reason `edm_scalings`, EDM's preconditioning,
+is a marked copy (``# Copied from``) of the scheduler's in scheduling_edm_heun.py; edit it there.
 
 The model is the full EDM denoiser D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise): it takes the raw noisy sample
 x = x0 + σ·n and σ, and returns the denoised estimate of x0 (plus, on request, the learned log-variance u(σ) used by

@@ -2,7 +2,10 @@
 """U-ViT (Bao et al., CVPR 2023) with ScaleLong long-skip scaling (Huang et al., NeurIPS 2023).
 
 A single self-contained file: it imports only the standard library, torch and diffusers (xformers optionally, at the
-moment it is asked for), because it is copied unchanged into exported model folders.
+moment it is asked for), because it is copied unchanged into exported model folders. dit_transformer.py repeats its
+attention, `_broadcast_timestep`, `_unpatchify` and shared config checks for the same reason; the copies there are
+marked ``# Copied from diffusers_speedup.models.uvit...``, so after editing one of these pieces here, run
+``python tests/check_copies.py --fix`` to bring them along.
 
 Every input is a token: ``[time, class?, patch_1 ... patch_n] + learned position embedding``. The transformer has
 ``num_layers = 2N + 1`` pre-LayerNorm blocks: N in-blocks, one mid-block and N out-blocks. The output of in-block

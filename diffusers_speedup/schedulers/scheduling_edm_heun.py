@@ -2,7 +2,9 @@
 """EDM's second-order Heun sampler (Karras et al. 2022, Algorithm 2) as a diffusers scheduler.
 
 Self-contained on purpose: this file imports only the standard library, torch and diffusers, because it is copied
-unchanged into exported model folders and loaded there with `trust_remote_code=True`.
+unchanged into exported model folders and loaded there with `trust_remote_code=True`. So `PREDICTION_TYPES` is a
+marked copy (``# Copied from``) of the objectives' own, and `edm_scalings` here is the source of the copy in
+models/edm2_unet.py.
 """
 
 import math
