@@ -2,7 +2,9 @@
 """DiT (Peebles & Xie, ICCV 2023) as the DiT and SpeeD papers train it, and its conversion to and from diffusers.
 
 A single self-contained file: it imports only the standard library, torch and diffusers (xformers optionally, at the
-moment it is asked for), because it is copied unchanged into exported model folders.
+moment it is asked for), because it is copied unchanged into exported model folders. The pieces it shares with U-ViT
+(the attention, `_broadcast_timestep`, `_unpatchify` and the shared config checks) are copies of uvit.py's, marked
+``# Copied from`` and kept equal by tests/test_copies.py: edit them in uvit.py.
 
 Why a class of our own. diffusers' ``DiTTransformer2DModel`` was written to run converted weights, and three of its
 choices make it a different network to train: every block owns its own timestep MLP and label table (DiT-XL/2 has
@@ -24,6 +26,7 @@ and the LayerNorm before each MLP uses diffusers' ``norm_eps`` (1e-5 by default)
 
 import math
 import os
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -133,15 +136,26 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+# Copied from diffusers_speedup.models.uvit.UViTAttention with UViT->DiT
 class DiTAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (timm's Attention, qkv_bias=True) through PyTorch SDPA,
-    or xformers' memory-efficient kernel after `model.enable_xformers_memory_efficient_attention()`. (diffusers'
-    `set_attention_backend` does not reach this module: it only retargets diffusers' own `Attention` processors.)"""
+    """Multi-head self-attention with a fused qkv projection (timm's Attention) through PyTorch SDPA, or xformers'
+    memory-efficient kernel after `model.enable_xformers_memory_efficient_attention()`. (diffusers'
+    `set_attention_backend` does not reach this module: it only retargets diffusers' own `Attention` processors.)
 
-    def __init__(self, dim: int, num_heads: int):
+    `qkv_bias`: False (no bias), True (one bias for query, key and value, in ``qkv.bias``; DiT's) or "qv" (BEiT's
+    layout: learned ``q_bias`` and ``v_bias``, the key's bias fixed at zero; softmax ignores a key bias anyway, since
+    it adds the same ``q·b_k`` to every logit of a query).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool | str = False):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias is True)
+        if qkv_bias == "qv":
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
         self.proj = nn.Linear(dim, dim)
         self.use_xformers = False
         self.xformers_op = None
@@ -160,9 +174,15 @@ class DiTAttention(nn.Module):
         self.use_xformers = valid
         self.xformers_op = attention_op if valid else None
 
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_bias is None:
+            return self.qkv(x)
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        return F.linear(x, self.qkv.weight, bias.to(x.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+        qkv = self._qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
         if self.use_xformers:
             import xformers.ops
 
@@ -196,7 +216,7 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, norm_eps: float, mlp_norm_eps: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
-        self.attn = DiTAttention(hidden_size, num_heads)
+        self.attn = DiTAttention(hidden_size, num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = DiTMlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -412,9 +432,11 @@ class DiTModel(ModelMixin, ConfigMixin):
             raise ValueError(f"class_labels has {class_labels.shape[0]} entries for a batch of {batch}")
         return class_labels
 
+    # Copied from diffusers_speedup.models.uvit.UViTModel._unpatchify
     def _unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        # (batch, h·w, p·p·C) with the channel fastest, as DiT's 'nhwpqc -> nchpwq'.
-        p, side = self.config.patch_size, self.config.sample_size // self.config.patch_size
+        # (batch, h·w, p·p·C) with the channel fastest: U-ViT's '(p1 p2 C)' layout, DiT's 'nhwpqc -> nchpwq'.
+        p = self.config.patch_size
+        side = self.config.sample_size // p
         x = x.reshape(x.shape[0], side, side, p, p, self.out_channels)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], self.out_channels, side * p, side * p)
 
@@ -649,6 +671,7 @@ def dit_to_diffusers_state_dict(state: dict, num_layers: int) -> dict:
     return out
 
 
+# Copied from diffusers_speedup.models.uvit._broadcast_timestep
 def _broadcast_timestep(timestep, batch: int, device: torch.device) -> torch.Tensor:
     timestep = torch.as_tensor(timestep, device=device)
     if timestep.ndim == 0 or timestep.numel() == 1:
@@ -659,25 +682,33 @@ def _broadcast_timestep(timestep, batch: int, device: torch.device) -> torch.Ten
 
 
 def _check_config(**c) -> None:
-    def fail(name, why):
-        raise ValueError(f"Invalid DiTModel config: {name}={c[name]!r} {why}")
+    _check_transformer_config(c)
+    if c["hidden_size"] % 4:
+        _reject_config(c, "hidden_size", "must be divisible by 4 (the 2-D sin-cos position embedding)")
+    if not isinstance(c["frequency_embedding_size"], int) or c["frequency_embedding_size"] < 2:
+        _reject_config(c, "frequency_embedding_size", "must be an integer >= 2")
 
+
+# Copied from diffusers_speedup.models.uvit._check_transformer_config
+def _check_transformer_config(c: dict) -> None:
+    """The checks every transformer of this package makes: sizes, heads, patches, MLP ratio, classes, label drop."""
     for name in ("sample_size", "patch_size", "in_channels", "out_channels", "num_layers", "hidden_size"):
         if not isinstance(c[name], int) or isinstance(c[name], bool) or c[name] < 1:
-            fail(name, "must be a positive integer")
+            _reject_config(c, name, "must be a positive integer")
     if not isinstance(c["num_attention_heads"], int) or c["num_attention_heads"] < 1:
-        fail("num_attention_heads", "must be a positive integer")
+        _reject_config(c, "num_attention_heads", "must be a positive integer")
     if c["sample_size"] % c["patch_size"]:
-        fail("patch_size", f"does not divide sample_size={c['sample_size']}")
+        _reject_config(c, "patch_size", f"does not divide sample_size={c['sample_size']}")
     if c["hidden_size"] % c["num_attention_heads"]:
-        fail("num_attention_heads", f"does not divide hidden_size={c['hidden_size']}")
-    if c["hidden_size"] % 4:
-        fail("hidden_size", "must be divisible by 4 (the 2-D sin-cos position embedding)")
+        _reject_config(c, "num_attention_heads", f"does not divide hidden_size={c['hidden_size']}")
     if not c["mlp_ratio"] > 0:
-        fail("mlp_ratio", "must be > 0")
+        _reject_config(c, "mlp_ratio", "must be > 0")
     if not isinstance(c["num_classes"], int) or c["num_classes"] < 0:
-        fail("num_classes", "must be an integer >= 0 (0 builds an unconditional model)")
+        _reject_config(c, "num_classes", "must be an integer >= 0 (0 builds an unconditional model)")
     if not 0 <= c["class_dropout_prob"] < 1:
-        fail("class_dropout_prob", "must be in [0, 1)")
-    if not isinstance(c["frequency_embedding_size"], int) or c["frequency_embedding_size"] < 2:
-        fail("frequency_embedding_size", "must be an integer >= 2")
+        _reject_config(c, "class_dropout_prob", "must be in [0, 1)")
+
+
+# Copied from diffusers_speedup.models.uvit._reject_config with UViT->DiT
+def _reject_config(c: dict, name: str, why: str) -> NoReturn:
+    raise ValueError(f"Invalid DiTModel config: {name}={c[name]!r} {why}")

@@ -3,7 +3,8 @@
 Models", arXiv 2312.02696), written from the paper's formulas.
 
 Self-contained: imports only the standard library, torch and diffusers, because this file is copied into exported
-model folders and loaded there with `trust_remote_code=True`.
+model folders and loaded there with `trust_remote_code=True`. For that reason `edm_scalings`, EDM's preconditioning,
+is a marked copy (``# Copied from``) of the scheduler's in scheduling_edm_heun.py; edit it there.
 
 The model is the full EDM denoiser D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise): it takes the raw noisy sample
 x = x0 + σ·n and σ, and returns the denoised estimate of x0 (plus, on request, the learned log-variance u(σ) used by
@@ -31,6 +32,7 @@ C and E are our reading of the paper's ladder (its code ships only G); the balan
 import inspect
 import math
 import re
+from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
@@ -298,6 +300,35 @@ class EDM2Block(nn.Module):
         if self.num_heads:
             x = x + self.attn_proj(attention(self.attn_qkv(group_rms_norm(x, self.num_groups_out)), self.num_heads))
         return x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# EDM preconditioning (Karras et al. 2022, Table 1): the definition of scheduling_edm_heun.py, repeated because this
+# file ships on its own.
+
+# Copied from diffusers_speedup.schedulers.scheduling_edm_heun.EDMScalings
+EDMScalings = namedtuple("EDMScalings", ["c_skip", "c_out", "c_in", "c_noise"])
+
+
+# Copied from diffusers_speedup.schedulers.scheduling_edm_heun.edm_scalings
+def edm_scalings(sigma: float | torch.Tensor, sigma_data: float, prediction_type: str = "epsilon") -> EDMScalings:
+    """
+    EDM's preconditioning at noise level σ, elementwise for a tensor σ and in float64 for a Python float.
+
+    Args:
+        sigma (`float` or `torch.Tensor`): the noise level σ > 0.
+        sigma_data (`float`): standard deviation of the data.
+        prediction_type (`str`, defaults to `"epsilon"`): `"v_prediction"` negates c_out, as diffusers' EDM
+            schedulers do, so that F is a v-style target; any other value leaves EDM's c_out.
+    """
+    sqrt, log = (torch.sqrt, torch.log) if isinstance(sigma, torch.Tensor) else (math.sqrt, math.log)
+    c_out = sigma * sigma_data / sqrt(sigma**2 + sigma_data**2)
+    return EDMScalings(
+        c_skip=sigma_data**2 / (sigma**2 + sigma_data**2),
+        c_out=-c_out if prediction_type == "v_prediction" else c_out,
+        c_in=1 / sqrt(sigma**2 + sigma_data**2),
+        c_noise=log(sigma) / 4,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -672,14 +703,9 @@ class EDM2UNetModel(ModelMixin, ConfigMixin):
             raise ValueError(f"sigma must be a scalar or have {batch_size} elements; got shape {tuple(sigma.shape)}.")
         labels = self._label_vectors(class_labels, batch_size, x.device)
 
-        # EDM preconditioning (Karras et al. 2022, Table 1): `edm_scalings` of scheduling_edm_heun.py, written out
-        # here because this file ships on its own.
-        sigma_data = self.config.sigma_data
-        s = sigma[:, None, None, None]
-        c_skip = sigma_data**2 / (s**2 + sigma_data**2)
-        c_out = s * sigma_data / (s**2 + sigma_data**2).sqrt()
-        c_in = 1 / (sigma_data**2 + s**2).sqrt()
-        c_noise = sigma.log() / 4
+        # D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise); the noise embeddings take c_noise as one number per sample.
+        c_skip, c_out, c_in, c_noise = edm_scalings(sigma[:, None, None, None], self.config.sigma_data)
+        c_noise = c_noise.flatten()
 
         dtype = self._layerwise_compute_dtype or self.conv_in.weight.dtype
         f_x = self.unet((c_in * x).to(dtype), c_noise, labels)  # the embedding stays in float32, as in EDM2

@@ -2,7 +2,10 @@
 """U-ViT (Bao et al., CVPR 2023) with ScaleLong long-skip scaling (Huang et al., NeurIPS 2023).
 
 A single self-contained file: it imports only the standard library, torch and diffusers (xformers optionally, at the
-moment it is asked for), because it is copied unchanged into exported model folders.
+moment it is asked for), because it is copied unchanged into exported model folders. dit_transformer.py repeats its
+attention, `_broadcast_timestep`, `_unpatchify` and shared config checks for the same reason; the copies there are
+marked ``# Copied from diffusers_speedup.models.uvit...``, so after editing one of these pieces here, run
+``python tests/check_copies.py --fix`` to bring them along.
 
 Every input is a token: ``[time, class?, patch_1 ... patch_n] + learned position embedding``. The transformer has
 ``num_layers = 2N + 1`` pre-LayerNorm blocks: N in-blocks, one mid-block and N out-blocks. The output of in-block
@@ -12,6 +15,7 @@ that concatenation.
 """
 
 import math
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -73,13 +77,13 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 
 class UViTAttention(nn.Module):
-    """Multi-head self-attention through PyTorch SDPA, or xformers' memory-efficient kernel after
-    `model.enable_xformers_memory_efficient_attention()`. (diffusers' `set_attention_backend` does not reach this
-    module: it only retargets diffusers' own `Attention` processors.)
+    """Multi-head self-attention with a fused qkv projection (timm's Attention) through PyTorch SDPA, or xformers'
+    memory-efficient kernel after `model.enable_xformers_memory_efficient_attention()`. (diffusers'
+    `set_attention_backend` does not reach this module: it only retargets diffusers' own `Attention` processors.)
 
-    `qkv_bias`: False (no bias), True (one bias for query, key and value, in ``qkv.bias``) or "qv" (BEiT's layout:
-    learned ``q_bias`` and ``v_bias``, the key's bias fixed at zero; softmax ignores a key bias anyway, since it adds
-    the same ``q·b_k`` to every logit of a query).
+    `qkv_bias`: False (no bias), True (one bias for query, key and value, in ``qkv.bias``; DiT's) or "qv" (BEiT's
+    layout: learned ``q_bias`` and ``v_bias``, the key's bias fixed at zero; softmax ignores a key bias anyway, since
+    it adds the same ``q·b_k`` to every logit of a query).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool | str = False):
@@ -504,7 +508,7 @@ class UViTModel(ModelMixin, ConfigMixin):
         return class_labels
 
     def _unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        # (batch, h·w, p·p·C) with the channel fastest, matching U-ViT's '(p1 p2 C)' layout.
+        # (batch, h·w, p·p·C) with the channel fastest: U-ViT's '(p1 p2 C)' layout, DiT's 'nhwpqc -> nchpwq'.
         p = self.config.patch_size
         side = self.config.sample_size // p
         x = x.reshape(x.shape[0], side, side, p, p, self.out_channels)
@@ -531,39 +535,45 @@ def _broadcast_timestep(timestep, batch: int, device: torch.device) -> torch.Ten
 
 
 def _check_config(**c) -> None:
-    def fail(name, why):
-        raise ValueError(f"Invalid UViTModel config: {name}={c[name]!r} {why}")
+    _check_transformer_config(c)
+    if c["skip_scaling"] not in SKIP_SCALING_MODES:
+        _reject_config(c, "skip_scaling", f"is not one of {SKIP_SCALING_MODES}")
+    if c["use_long_skips"] and c["num_layers"] % 2 == 0:
+        _reject_config(c, "num_layers", "must be odd with use_long_skips=True (in-blocks + 1 mid-block + out-blocks)")
+    if not c["use_long_skips"] and c["skip_scaling"] != "none":
+        _reject_config(c, "skip_scaling", "needs use_long_skips=True (there are no long skips to scale)")
+    if c["skip_scaling"] == "constant" and not c["skip_kappa"] > 0:
+        _reject_config(c, "skip_kappa", "must be > 0 for skip_scaling='constant'")
+    if not isinstance(c["skip_gate_reduction"], int) or c["skip_gate_reduction"] < 1:
+        _reject_config(c, "skip_gate_reduction", "must be a positive integer")
+    if not (isinstance(c["qkv_bias"], bool) or c["qkv_bias"] == "qv"):
+        _reject_config(c, "qkv_bias", "must be False, True or 'qv' (query and value biases only)")
+    if c["time_embedding_type"] not in TIME_EMBEDDING_TYPES:
+        _reject_config(c, "time_embedding_type", f"is not one of {TIME_EMBEDDING_TYPES}")
+    if not isinstance(c["num_time_embeddings"], int) or c["num_time_embeddings"] < 1:
+        _reject_config(c, "num_time_embeddings", "must be a positive integer (rows of the learned time table)")
+    if c["init_scheme"] not in INIT_SCHEMES:
+        _reject_config(c, "init_scheme", f"is not one of {INIT_SCHEMES}")
 
+
+def _check_transformer_config(c: dict) -> None:
+    """The checks every transformer of this package makes: sizes, heads, patches, MLP ratio, classes, label drop."""
     for name in ("sample_size", "patch_size", "in_channels", "out_channels", "num_layers", "hidden_size"):
         if not isinstance(c[name], int) or isinstance(c[name], bool) or c[name] < 1:
-            fail(name, "must be a positive integer")
+            _reject_config(c, name, "must be a positive integer")
     if not isinstance(c["num_attention_heads"], int) or c["num_attention_heads"] < 1:
-        fail("num_attention_heads", "must be a positive integer")
+        _reject_config(c, "num_attention_heads", "must be a positive integer")
     if c["sample_size"] % c["patch_size"]:
-        fail("patch_size", f"does not divide sample_size={c['sample_size']}")
+        _reject_config(c, "patch_size", f"does not divide sample_size={c['sample_size']}")
     if c["hidden_size"] % c["num_attention_heads"]:
-        fail("num_attention_heads", f"does not divide hidden_size={c['hidden_size']}")
+        _reject_config(c, "num_attention_heads", f"does not divide hidden_size={c['hidden_size']}")
     if not c["mlp_ratio"] > 0:
-        fail("mlp_ratio", "must be > 0")
+        _reject_config(c, "mlp_ratio", "must be > 0")
     if not isinstance(c["num_classes"], int) or c["num_classes"] < 0:
-        fail("num_classes", "must be an integer >= 0 (0 builds an unconditional model)")
+        _reject_config(c, "num_classes", "must be an integer >= 0 (0 builds an unconditional model)")
     if not 0 <= c["class_dropout_prob"] < 1:
-        fail("class_dropout_prob", "must be in [0, 1)")
-    if c["skip_scaling"] not in SKIP_SCALING_MODES:
-        fail("skip_scaling", f"is not one of {SKIP_SCALING_MODES}")
-    if c["use_long_skips"] and c["num_layers"] % 2 == 0:
-        fail("num_layers", "must be odd with use_long_skips=True (in-blocks + 1 mid-block + out-blocks)")
-    if not c["use_long_skips"] and c["skip_scaling"] != "none":
-        fail("skip_scaling", "needs use_long_skips=True (there are no long skips to scale)")
-    if c["skip_scaling"] == "constant" and not c["skip_kappa"] > 0:
-        fail("skip_kappa", "must be > 0 for skip_scaling='constant'")
-    if not isinstance(c["skip_gate_reduction"], int) or c["skip_gate_reduction"] < 1:
-        fail("skip_gate_reduction", "must be a positive integer")
-    if not (isinstance(c["qkv_bias"], bool) or c["qkv_bias"] == "qv"):
-        fail("qkv_bias", "must be False, True or 'qv' (query and value biases only)")
-    if c["time_embedding_type"] not in TIME_EMBEDDING_TYPES:
-        fail("time_embedding_type", f"is not one of {TIME_EMBEDDING_TYPES}")
-    if not isinstance(c["num_time_embeddings"], int) or c["num_time_embeddings"] < 1:
-        fail("num_time_embeddings", "must be a positive integer (rows of the learned time table)")
-    if c["init_scheme"] not in INIT_SCHEMES:
-        fail("init_scheme", f"is not one of {INIT_SCHEMES}")
+        _reject_config(c, "class_dropout_prob", "must be in [0, 1)")
+
+
+def _reject_config(c: dict, name: str, why: str) -> NoReturn:
+    raise ValueError(f"Invalid UViTModel config: {name}={c[name]!r} {why}")

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from ..schedulers.scheduling_edm_heun import PREDICTION_TYPES
+# What a network can return: the noise ε, the velocity v, or the denoised sample x0 (diffusers' names).
+# schedulers/scheduling_edm_heun.py keeps a marked copy, since it ships on its own.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 WEIGHTING_KINDS = ("constant", "min_snr", "soft_min_snr", "p2", "edm")
 

@@ -2,7 +2,9 @@
 """EDM's second-order Heun sampler (Karras et al. 2022, Algorithm 2) as a diffusers scheduler.
 
 Self-contained on purpose: this file imports only the standard library, torch and diffusers, because it is copied
-unchanged into exported model folders and loaded there with `trust_remote_code=True`.
+unchanged into exported model folders and loaded there with `trust_remote_code=True`. So `PREDICTION_TYPES` is a
+marked copy (``# Copied from``) of the objectives' own, and `edm_scalings` here is the source of the copy in
+models/edm2_unet.py.
 """
 
 import math
@@ -16,6 +18,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 # What a network can return: the noise ε, the velocity v, or the denoised sample x0 (diffusers' names).
+# Copied from diffusers_speedup.objectives.weighting.PREDICTION_TYPES
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
