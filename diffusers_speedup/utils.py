@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -100,3 +101,15 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             break
         model = inner
     return model
+
+
+# A Hub repository id as a path-or-id argument can be: ``name`` or ``namespace/name``.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def meant_as_local_path(name: str) -> bool:
+    """True when ``name`` (an argument that takes a local folder or a Hub id) can only mean a local path: it cannot
+    be a Hub repository id, or its first component is a folder here (``vaes/mine`` next to a ``vaes/`` folder). A
+    missing folder is then named as such instead of failing as a Hub lookup."""
+    first = name.split("/")[0]
+    return _HUB_ID.fullmatch(name) is None or (bool(first) and os.path.isdir(first))

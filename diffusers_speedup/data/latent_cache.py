@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from ..utils import atomic_write
+from ..utils import atomic_write, meant_as_local_path
 from .preprocessing import CROP_METHOD, EXIF_ORIENTATION, ImageRejectedError, preprocess_image
 from .sources import ImageSource, make_source
 
@@ -102,19 +101,9 @@ def load_vae(vae: str = DEFAULT_VAE, revision: str | None = None, subfolder: str
     return model, info
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
 def _check_local_path(vae: str) -> None:
-    """A ``vae`` that is meant as a local folder but does not exist fails here, not as a Hub lookup.
-
-    It is taken as a path when it cannot be a Hub id (``name`` or ``org/name``), or when its first component exists
-    on disk (``vaes/mine`` next to a ``vaes/`` folder).
-    """
-    if os.path.isdir(vae):
-        return
-    first = vae.split("/")[0]
-    if not _HUB_ID.match(vae) or (first and os.path.isdir(first)):
+    """A ``vae`` that is meant as a local folder but does not exist fails here, not as a Hub lookup."""
+    if not os.path.isdir(vae) and meant_as_local_path(vae):
         raise FileNotFoundError(f"vae={vae!r}: the local folder {os.path.abspath(vae)} does not exist")
 
 

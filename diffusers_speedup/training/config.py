@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -20,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ..models import MODEL_KINDS, model_kind
 from ..objectives import PREDICTION_TYPES
 from ..objectives.objective import LOSS_REDUCTIONS
+from ..utils import meant_as_local_path
 from .checkpoints import CONFIG_NAME as CONFIG_FILE_NAME
 from .checkpoints import TRAINER_STATE_NAME, list_checkpoints
 
@@ -536,10 +536,6 @@ def check_environment(config: Config) -> None:
             )
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
-
-
 def _check_data_path(data: DataConfig) -> None:
     """The data folder exists (a 🤗 dataset may also be a Hub id, unless the Hub is switched off)."""
     if data.kind == "builtin":
@@ -557,7 +553,7 @@ def _check_data_path(data: DataConfig) -> None:
         return
     if path.exists():
         return
-    if not _looks_like_hub_id(data.path) or (Path(data.path.split("/")[0]).is_dir()):
+    if meant_as_local_path(data.path):
         raise ConfigError(f"data.path: {data.path!r} does not exist (and is not a Hub dataset id).")
     from huggingface_hub import constants
 
