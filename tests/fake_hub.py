@@ -13,6 +13,7 @@ Usage (see the `fake_hub` fixture in tests/test_hub_push.py):
     ...push...
     hub.repos["user/name"]["model_index.json"]   # bytes of the pushed file
     hub.commits                                  # [(repo_id, commit message, [paths]), ...]
+    hub.private["user/name"]                     # whether the repository was created private
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class FakeHub:
         self.upload_mode = upload_mode
         self.repos: dict[str, dict[str, bytes]] = {}
         self.commits: list[tuple[str, str, list[str]]] = []
+        self.private: dict[str, bool] = {}
         self.requests: list[str] = []
         self.seen_headers: list[dict[str, str]] = []
         self._lfs: dict[str, bytes] = {}
@@ -101,6 +103,9 @@ class FakeHub:
             if repo_id.removeprefix("datasets/") in self.repos:
                 return respond(409, json={"error": "You already created this repo", "url": url})
             self.repos[repo_id.removeprefix("datasets/")] = {}
+            # huggingface_hub >= 2 sends "visibility"; earlier releases sent "private".
+            private = body.get("visibility") == "private" or bool(body.get("private"))
+            self.private[repo_id.removeprefix("datasets/")] = private
             return respond(200, json={"url": url})
 
         if method == "POST" and path == "/api/validate-yaml":

@@ -379,3 +379,85 @@ def test_a_failed_cache_push_is_one_line_without_the_token(workspace, tmp_path, 
     message = str(caught.value)
     assert message.startswith("pushing dataset ") and "simulated outage" in message and "\n" not in message
     assert token not in message and "***" in message
+
+
+# ------------------------------------------------------------------ the command's options, spelled as the recipes
+
+
+def _cache_arguments(monkeypatch, argv):
+    """The keyword arguments the cache-latents command hands to `cache_latents` for `argv` (nothing is cached)."""
+    from diffusers_speedup.commands import cache_latents as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "cache_latents", lambda output_dir, **kwargs: seen.update(kwargs))
+    cli.main(["--output_dir", "unused", "--builtin", "digits", *argv])
+    return seen
+
+
+def _last_error_line(capsys, argv, monkeypatch):
+    with pytest.raises(SystemExit) as caught:
+        _cache_arguments(monkeypatch, argv)
+    assert caught.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_cache_cli_precision_is_mixed_precision_and_the_old_dtype_still_works(monkeypatch, capsys):
+    assert _cache_arguments(monkeypatch, [])["dtype"] == "auto"  # fp16 on a GPU, fp32 on the CPU
+    assert _cache_arguments(monkeypatch, ["--mixed_precision", "bf16"])["dtype"] == "bf16"
+    with pytest.warns(FutureWarning, match="--dtype fp16 is deprecated.*use --mixed_precision fp16"):
+        assert _cache_arguments(monkeypatch, ["--dtype", "fp16"])["dtype"] == "fp16"
+    last_line = _last_error_line(capsys, ["--mixed_precision", "float16"], monkeypatch)
+    assert "error: argument --mixed_precision: invalid choice: 'float16'" in last_line
+    last_line = _last_error_line(capsys, ["--mixed_precision", "bf16", "--dtype", "fp16"], monkeypatch)
+    assert "error: argument --dtype: not allowed with argument --mixed_precision" in last_line
+
+
+def test_cache_cli_pushes_with_push_to_hub_and_hub_dataset_id_public_unless_private(monkeypatch, capsys):
+    assert _cache_arguments(monkeypatch, [])["push_to_hub"] is None
+    pushed = _cache_arguments(monkeypatch, ["--push_to_hub", "--hub_dataset_id", "me/latents"])
+    assert (pushed["push_to_hub"], pushed["private"]) == ("me/latents", False)
+    pushed = _cache_arguments(monkeypatch, ["--push_to_hub", "--hub_dataset_id", "me/latents", "--private"])
+    assert (pushed["push_to_hub"], pushed["private"]) == ("me/latents", True)
+    last_line = _last_error_line(capsys, ["--push_to_hub"], monkeypatch)
+    assert "error: --push_to_hub needs --hub_dataset_id user/name" in last_line
+    last_line = _last_error_line(capsys, ["--private", "--public"], monkeypatch)
+    assert "error: argument --public: not allowed with argument --private" in last_line
+
+
+def test_cache_cli_old_push_form_keeps_its_private_default_and_names_the_new_form(monkeypatch):
+    # Written before the new form, `--push_to_hub REPO_ID` made a private repository unless --public; it still does.
+    with pytest.warns(FutureWarning, match="use --push_to_hub --hub_dataset_id me/latents --private"):
+        pushed = _cache_arguments(monkeypatch, ["--push_to_hub", "me/latents"])
+    assert (pushed["push_to_hub"], pushed["private"]) == ("me/latents", True)
+    with pytest.warns(FutureWarning) as warned:
+        pushed = _cache_arguments(monkeypatch, ["--push_to_hub", "me/latents", "--public"])
+    assert (pushed["push_to_hub"], pushed["private"]) == ("me/latents", False)
+    messages = [str(warning.message) for warning in warned]
+    assert any("use --push_to_hub --hub_dataset_id me/latents " in message for message in messages)
+    assert any(message.startswith("--public is deprecated") for message in messages)
+
+
+def test_cache_cli_pushes_the_cache_as_a_private_dataset(workspace, tmp_path, monkeypatch):
+    import datasets
+    from huggingface_hub import constants
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from fake_hub import FakeHub
+
+    from diffusers_speedup.commands import cache_latents as cli
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the fake Hub takes plain LFS uploads
+    monkeypatch.setenv("HF_TOKEN", "hf_CacheCommandToken0123456789")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    argv = ["--output_dir", str(workspace["reference"]), "--image_folder", str(workspace["images"])]  # complete
+    argv += ["--vae", str(workspace["vae"]), "--resolution", str(RESOLUTION), "--batch_size", "3", "--chunk_size", "4"]
+    argv += ["--num_workers", "0", "--no_progress", "--push_to_hub", "--hub_dataset_id", "me/latents", "--private"]
+    hub = FakeHub(upload_mode="lfs").install()
+    try:
+        cli.main(argv)
+    finally:
+        hub.uninstall()
+    assert hub.private == {"me/latents": True}
+    assert "latents_metadata.json" in hub.repos["me/latents"]

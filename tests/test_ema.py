@@ -370,6 +370,28 @@ def test_posthoc_cli_writes_state_dicts_and_pipeline_copy(tmp_path):
         cli.main(["--run_dir", str(tmp_path / "out"), "--sigma_rel", "0.1", "--output_dir", str(tmp_path / "x")])
 
 
+def test_posthoc_cli_dtype_is_spelled_as_the_recipes_and_still_takes_the_torch_names(tmp_path, capsys):
+    snapshots = tmp_path / "snapshots"
+    model = torch.nn.Linear(3, 2)
+    ema = PowerFunctionEMA(model, sigma_rels=(0.05, 0.15), snapshot_dir=snapshots, snapshot_every=2)
+    for step in range(1, 5):
+        with torch.no_grad():
+            model.weight.add_(0.1)
+        ema.update(model, step)
+    cli = load_cli()
+    argv = ["--snapshot_dir", str(snapshots), "--sigma_rel", "0.1"]
+    cli.main([*argv, "--output_dir", str(tmp_path / "new"), "--dtype", "bf16"])
+    with pytest.warns(FutureWarning, match="--dtype bfloat16 is deprecated.*use --dtype bf16"):
+        cli.main([*argv, "--output_dir", str(tmp_path / "old"), "--dtype", "bfloat16"])
+    new, old = (load_file(tmp_path / name / "phema-0.100.safetensors") for name in ("new", "old"))
+    assert new["weight"].dtype == old["weight"].dtype == torch.bfloat16
+    torch.testing.assert_close(new["weight"], old["weight"], rtol=0, atol=0)
+    with pytest.raises(SystemExit) as caught:
+        cli.parse_args([*argv, "--output_dir", str(tmp_path / "bad"), "--dtype", "float64"])
+    assert caught.value.code == 2
+    assert "error: argument --dtype: invalid choice: 'float64'" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("kind", ["constant", "power"])
 def test_parameter_names_are_matched_on_the_first_update_only(kind, monkeypatch):
     model = Tiny(2)

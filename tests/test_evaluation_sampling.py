@@ -402,3 +402,42 @@ def test_sample_cli_draws_an_unconditional_model_without_labels(tmp_path):
     assert config["class_labels"] == "none"
     with np.load(next((tmp_path / "out").glob("samples_3x8x8x3.npz"))) as merged:
         assert merged["arr_0"].shape == (3, 8, 8, 3) and "arr_1" not in merged  # no labels, as ADM's unconditional
+
+
+def test_sample_cli_spells_precision_as_the_recipes_and_still_takes_no(tmp_path, capsys):
+    tiny_dit_pipeline().save_pretrained(tmp_path / "pipe")
+    cli = load_script("sample")
+    argv = ["--pipeline", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "out"), "--num_samples", "2"]
+    argv += ["--batch_size", "2", "--steps", "2", "--num_classes", "10"]
+    cli.main([*argv, "--mixed_precision", "fp32"])
+    config = json.loads((tmp_path / "out" / "sampling_config.json").read_text())
+    assert config["mixed_precision"] == "no"  # the run records accelerate's word for fp32
+    # The old value is the same setting: the finished run is taken as complete, not refused as another run.
+    with pytest.warns(FutureWarning, match="--mixed_precision no is deprecated.*use --mixed_precision fp32"):
+        cli.main([*argv, "--mixed_precision", "no"])
+    assert cli.parse_args([*argv, "--mixed_precision", "bf16"]).mixed_precision == "bf16"
+    with pytest.raises(SystemExit) as caught:
+        cli.parse_args([*argv, "--mixed_precision", "fp8"])
+    assert caught.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: argument --mixed_precision: invalid choice: 'fp8'" in last_line
+
+
+def test_sample_and_export_load_pipelines_with_one_function(tmp_path):
+    from diffusers import DiTPipeline
+
+    from diffusers_speedup import ClassConditionalPipeline
+    from diffusers_speedup.commands import common, export, sample
+
+    assert sample.load_pipeline is export.load_pipeline is common.load_pipeline
+    tiny_dit_pipeline().save_pretrained(tmp_path / "dit")
+    # export keeps the class a folder was saved with; sample drives it with the guidance options.
+    assert type(common.load_pipeline(tmp_path / "dit")) is DiTPipeline
+    pipeline = common.load_pipeline(tmp_path / "dit", class_conditional=True)
+    assert type(pipeline) is ClassConditionalPipeline
+    # A folder naming its pipeline as a shipped code file loads with the installed classes, without that file.
+    pipeline.save_pretrained(tmp_path / "exported")
+    index = json.loads((tmp_path / "exported" / "model_index.json").read_text())
+    index["_class_name"] = ["pipeline_class_conditional", "ClassConditionalPipeline"]
+    (tmp_path / "exported" / "model_index.json").write_text(json.dumps(index))
+    assert type(common.load_pipeline(tmp_path / "exported")) is ClassConditionalPipeline

@@ -106,11 +106,12 @@ def test_export_the_run_pipeline_folder_keeps_the_card(run, tmp_path):
 def test_push_a_dataset_folder_as_in_the_readme(hub, tmp_path):
     from datasets import Dataset
 
-    # diffusers-speedup export --dataset_folder data/imagenet256_latents --hub_dataset_id user/latents
+    # diffusers-speedup export --push_to_hub --dataset_folder data/imagenet256_latents --hub_dataset_id user/latents
     folder = tmp_path / "data" / "imagenet256_latents"
     Dataset.from_dict({"index": [0, 1], "label": [0, 1]}).save_to_disk(str(folder))
     (folder / "latents_metadata.json").write_text(json.dumps({"vae_id": "tiny"}))
-    assert export_script().main(["--dataset_folder", str(folder), "--hub_dataset_id", "user/latents"]) == 0
+    argv = ["--push_to_hub", "--dataset_folder", str(folder), "--hub_dataset_id", "user/latents"]
+    assert export_script().main(argv) == 0
     assert "latents_metadata.json" in hub.repos["user/latents"]
 
 
@@ -124,7 +125,7 @@ def test_a_failed_foreground_push_is_one_line_without_the_token(what, run, hub, 
         from datasets import Dataset
 
         Dataset.from_dict({"index": [0, 1]}).save_to_disk(str(tmp_path / "latents"))
-        argv = ["--dataset_folder", str(tmp_path / "latents"), "--hub_dataset_id", "user/latents"]
+        argv = ["--push_to_hub", "--dataset_folder", str(tmp_path / "latents"), "--hub_dataset_id", "user/latents"]
     with pytest.raises(SystemExit) as caught:
         export_script().main(argv)
     message = str(caught.value)
@@ -132,3 +133,51 @@ def test_a_failed_foreground_push_is_one_line_without_the_token(what, run, hub, 
     assert any(TOKEN in str(headers) for headers in hub.seen_headers)  # the server did see, and echo, the token
     assert TOKEN not in message and TOKEN not in capsys.readouterr().err
     assert "authorization" in message.lower() and "***" in message
+
+
+# ------------------------------------------------------------------------- one spelling: --private, --push_to_hub
+
+
+def saved_dataset(folder: Path) -> Path:
+    from datasets import Dataset
+
+    Dataset.from_dict({"index": [0, 1]}).save_to_disk(str(folder))
+    return folder
+
+
+def test_repositories_are_public_unless_private_as_in_the_recipes(run, hub, tmp_path):
+    folder = saved_dataset(tmp_path / "latents")
+    push_dataset = ["--push_to_hub", "--dataset_folder", str(folder), "--hub_dataset_id"]
+    assert export_script().main([*push_dataset, "user/public-latents"]) == 0
+    assert export_script().main([*push_dataset, "user/private-latents", "--private"]) == 0
+    push_model = [str(run / "pipeline"), "--output_dir", str(tmp_path / "export"), "--push_to_hub", "--hub_model_id"]
+    assert export_script().main([*push_model, "user/private-model", "--private"]) == 0
+    assert hub.private == {"user/public-latents": False, "user/private-latents": True, "user/private-model": True}
+
+
+def test_nothing_is_pushed_without_push_to_hub(run, hub, tmp_path):
+    argv = [str(run / "pipeline"), "--output_dir", str(tmp_path / "export"), "--hub_model_id", "user/name"]
+    assert export_script().main(argv) == 0
+    assert hub.repos == {} and (tmp_path / "export" / "model_index.json").is_file()
+
+
+def test_the_old_dataset_push_without_push_to_hub_still_pushes_and_names_the_new_form(hub, tmp_path):
+    folder = saved_dataset(tmp_path / "latents")
+    with pytest.warns(FutureWarning, match="use --push_to_hub --dataset_folder .* --hub_dataset_id user/latents"):
+        assert export_script().main(["--dataset_folder", str(folder), "--hub_dataset_id", "user/latents"]) == 0
+    assert any(path.endswith(".parquet") for path in hub.repos["user/latents"])
+
+
+@pytest.mark.parametrize(
+    "argv, missing",
+    [
+        (["pipeline", "--output_dir", "export", "--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (["--push_to_hub", "--dataset_folder", "latents"], "--dataset_folder needs --hub_dataset_id"),
+    ],
+)
+def test_a_push_without_its_repository_is_a_one_line_error_naming_the_option(argv, missing, capsys):
+    with pytest.raises(SystemExit) as caught:
+        export_script().parse_args(argv)
+    assert caught.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("diffusers-speedup export: error: ") and missing in last_line

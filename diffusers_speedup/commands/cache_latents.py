@@ -4,12 +4,18 @@ One process:            diffusers-speedup cache-latents --image_folder /data/ima
 Every GPU of a machine: accelerate launch -m diffusers_speedup cache-latents --image_folder ... --output_dir ...
                         (or torchrun --nproc_per_node 8 -m diffusers_speedup cache-latents ...)
 Run the same command again to resume an interrupted run; a folder made with other settings is refused.
+Push the finished cache with --push_to_hub --hub_dataset_id user/name [--private].
+
+Old spellings still work for one release, with a warning: --dtype (now --mixed_precision), --push_to_hub REPO_ID
+(now --push_to_hub --hub_dataset_id REPO_ID; this form still creates a private repository unless --public is given)
+and --public (repositories are public unless --private is given).
 """
 
 import argparse
 import json
 import os
 
+from diffusers_speedup.commands.common import PRECISIONS, warn_deprecated
 from diffusers_speedup.data.latent_cache import DEFAULT_VAE, cache_latents
 from diffusers_speedup.errors import one_line_errors
 
@@ -36,16 +42,56 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=64, help="images per VAE call and process")
     parser.add_argument("--chunk_size", type=int, default=1024, help="images per resumable chunk")
     parser.add_argument("--num_workers", type=int, default=8, help="image-decoding workers per process")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--mixed_precision",
+        choices=["auto", *PRECISIONS],
+        default="auto",
+        help="precision the VAE encodes in: fp32, or bf16/fp16 autocast; auto: fp16 on a GPU, fp32 on the CPU",
+    )
+    precision.add_argument("--dtype", choices=["auto", *PRECISIONS], default=None, help=argparse.SUPPRESS)  # old name
     parser.add_argument("--compile", action="store_true", help="torch.compile the VAE encoder")
     parser.add_argument("--max_images", type=int, default=None, help="only the first N inputs")
     parser.add_argument("--keep_chunks", action="store_true")
     parser.add_argument(
-        "--push_to_hub", default=None, metavar="REPO_ID", help="push the finished cache to this dataset repo"
+        "--push_to_hub",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="REPO_ID",
+        help="push the finished cache to the dataset repository --hub_dataset_id (a REPO_ID here is the old form)",
     )
-    parser.add_argument("--public", action="store_true", help="create the Hub repo as public")
+    parser.add_argument("--hub_dataset_id", default=None, help="'user/name' of the dataset repository")
+    privacy = parser.add_mutually_exclusive_group()
+    privacy.add_argument(
+        "--private", action="store_true", help="create the Hub repository as private (default: public)"
+    )
+    privacy.add_argument("--public", action="store_true", help=argparse.SUPPRESS)  # the old default was private
     parser.add_argument("--no_progress", action="store_true")
-    return parser.parse_args(argv)
+    return _accept_old_spellings(parser, parser.parse_args(argv))
+
+
+def _accept_old_spellings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """`args` in the new spelling, warning about each old one used."""
+    if args.dtype is not None:
+        warn_deprecated(f"--dtype {args.dtype}", f"use --mixed_precision {args.dtype}")
+        args.mixed_precision = args.dtype
+    if isinstance(args.push_to_hub, str):
+        repo_id, args.push_to_hub = args.push_to_hub, True
+        if args.hub_dataset_id is not None and args.hub_dataset_id != repo_id:
+            parser.error(f"--push_to_hub {repo_id} and --hub_dataset_id {args.hub_dataset_id} name two repositories")
+        args.hub_dataset_id = repo_id
+        # The old form made a private repository unless --public; it still does, so no cache turns public unnoticed.
+        args.private = args.private or not args.public
+        new_form = f"--push_to_hub --hub_dataset_id {repo_id}" + (" --private" if args.private else "")
+        warn_deprecated(
+            f"--push_to_hub {repo_id}", f"use {new_form} (the new form's repository is public unless --private)"
+        )
+    if args.public:
+        warn_deprecated("--public", "repositories are now public unless --private is given, so leave it out")
+    if args.push_to_hub and not args.hub_dataset_id:
+        parser.error("--push_to_hub needs --hub_dataset_id user/name")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -71,13 +117,13 @@ def run(args) -> dict:
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,
         num_workers=args.num_workers,
-        dtype=args.dtype,
+        dtype=args.mixed_precision,
         compile=args.compile,
         max_images=args.max_images,
         keep_chunks=args.keep_chunks,
         progress=not args.no_progress,
-        push_to_hub=args.push_to_hub,
-        private=not args.public,
+        push_to_hub=args.hub_dataset_id if args.push_to_hub else None,
+        private=args.private,
     )
     if metadata and int(os.environ.get("RANK", "0")) == 0:
         summary = {key: metadata[key] for key in ("num_inputs", "num_accepted", "num_rejected", "latent_shape")}

@@ -2,11 +2,14 @@
 
     diffusers-speedup export runs/uvit/checkpoint-40000 --output_dir exports/uvit-s2 --model_name uvit-s2-digits \\
         --fid 12.4 --fid_num_samples 10000 [--push_to_hub --hub_model_id me/uvit-s2-digits [--private]]
-    diffusers-speedup export --dataset_folder cache/imagenet256 --hub_dataset_id me/imagenet256-latents
+    diffusers-speedup export --push_to_hub --dataset_folder cache/imagenet256 --hub_dataset_id me/imagenet256-latents
 
 The input is a pipeline folder (with model_index.json), a checkpoint folder that holds one in a subfolder (an EMA
-pipeline is preferred), or a run folder whose `latest` file names the checkpoint. The token comes from HF_TOKEN or
-`hf auth login`; it is never accepted on the command line, so it cannot end up in shell history or logs.
+pipeline is preferred), or a run folder whose `latest` file names the checkpoint. Nothing is uploaded without
+--push_to_hub, and repositories are created public unless --private is given (a recipe's hub.private). A
+--dataset_folder without --push_to_hub, the old form, is still pushed for one release, with a warning. The token
+comes from HF_TOKEN or `hf auth login`; it is never accepted on the command line, so it cannot end up in shell
+history or logs.
 """
 
 import argparse
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from diffusers_speedup.commands.common import load_pipeline, warn_deprecated
 from diffusers_speedup.errors import one_line_errors
 from diffusers_speedup.hub import export_pipeline, push_dataset_folder, push_folder_to_hub
 from diffusers_speedup.hub.export import card_info_for_reexport, resolve_export_input
@@ -34,19 +38,6 @@ def find_first(folders, names):
             if (folder / name).is_file():
                 return folder / name
     return None
-
-
-def load_pipeline(folder: Path):
-    index = json.loads((folder / "model_index.json").read_text())
-    class_name = index.get("_class_name")
-    class_name = class_name[1] if isinstance(class_name, list) else class_name
-    if class_name == "ClassConditionalPipeline":
-        from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
-
-        return ClassConditionalPipeline.from_pretrained(folder)
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(folder)
 
 
 def parse_args(argv=None):
@@ -71,9 +62,13 @@ def parse_args(argv=None):
     parser.add_argument("--hardware", default=None, help="e.g. '8x H100'")
     parser.add_argument("--training_time", default=None, help="e.g. '14 h'")
     parser.add_argument("--batch_size", type=int, default=None, help="global batch size (for the card)")
-    parser.add_argument("--push_to_hub", action="store_true", help="push the exported folder")
+    parser.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="push the exported folder to --hub_model_id and the --dataset_folder to --hub_dataset_id",
+    )
     parser.add_argument("--hub_model_id", default=None, help="'user/name' of the model repository")
-    parser.add_argument("--private", action="store_true", help="create the repositories as private")
+    parser.add_argument("--private", action="store_true", help="create the repositories as private (default: public)")
     parser.add_argument("--commit_message", default="Upload pipeline")
     parser.add_argument("--dataset_folder", default=None, help="cached-latent dataset folder to push")
     parser.add_argument("--hub_dataset_id", default=None, help="'user/name' of the dataset repository")
@@ -82,10 +77,16 @@ def parse_args(argv=None):
         parser.error("give a pipeline/checkpoint folder to export, or --dataset_folder to push")
     if args.input is not None and args.output_dir is None:
         parser.error("--output_dir is required to export a pipeline")
-    if args.push_to_hub and not args.hub_model_id:
-        parser.error("--push_to_hub needs --hub_model_id user/name")
+    if args.push_to_hub and args.input is not None and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id user/name for the exported pipeline")
     if args.dataset_folder and not args.hub_dataset_id:
         parser.error("--dataset_folder needs --hub_dataset_id user/name")
+    if args.dataset_folder and not args.push_to_hub:
+        # The old form pushed a --dataset_folder without the flag; it still does, for one release.
+        warn_deprecated(
+            "--dataset_folder without --push_to_hub",
+            f"use --push_to_hub --dataset_folder {args.dataset_folder} --hub_dataset_id {args.hub_dataset_id}",
+        )
     return args
 
 

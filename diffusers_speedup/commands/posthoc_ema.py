@@ -5,6 +5,10 @@
 For each sigma_rel it writes `phema-<sigma_rel>.safetensors` (a state dict for `model.load_state_dict`). When the run
 has an exported pipeline folder (given with --pipeline_dir, or the only folder with a model_index.json in --run_dir),
 it also writes `phema-<sigma_rel>/`, a copy of that pipeline whose model weights are the reconstructed ones.
+
+The reconstruction is computed in float32; --dtype is the dtype the state dicts are stored in, spelled as a recipe's
+precisions (fp32, bf16, fp16). The old values float32, bfloat16 and float16 still work for one release, with a
+warning.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from diffusers_speedup.commands.common import PRECISIONS, renamed_values
 from diffusers_speedup.training.distributed import require_single_process
 from diffusers_speedup.training.ema import SNAPSHOT_DIR_NAME, SNAPSHOT_PATTERN, reconstruct_posthoc_ema
 from diffusers_speedup.utils import atomic_folder, atomic_write
@@ -25,7 +30,8 @@ from diffusers_speedup.utils import atomic_folder, atomic_write
 logger = logging.getLogger("posthoc_ema")
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # spelled as PRECISIONS
+OLD_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,7 +47,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--pipeline_dir", type=Path, default=None, help="exported pipeline folder to copy the weights into"
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written state dicts")
+    parser.add_argument(
+        "--dtype",
+        type=renamed_values("--dtype", OLD_DTYPE_NAMES),
+        choices=PRECISIONS,
+        default="fp32",
+        help="dtype the state dicts are stored in (pipeline copies keep the exported weights' dtypes)",
+    )
     return parser.parse_args(argv)
 
 

@@ -6,6 +6,9 @@
 Rerunning the same command after a crash finishes the missing shards only; the result is the same as an
 uninterrupted run, whatever the number of processes. The merged `samples_{N}x{H}x{W}x{C}.npz` (ADM layout: `arr_0`
 uint8 NHWC images, `arr_1` labels) goes to `diffusers-speedup evaluate` or to ADM's evaluator.
+
+--mixed_precision takes a recipe's values, fp32, bf16 or fp16; accelerate's `no`, its old value, still means fp32 for
+one release, with a warning.
 """
 
 import argparse
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from diffusers_speedup.commands.common import PRECISIONS, load_pipeline, renamed_values
 from diffusers_speedup.errors import one_line_errors
 from diffusers_speedup.evaluation import generate_samples
 from diffusers_speedup.pipelines.pipeline_class_conditional import _model_num_classes
@@ -61,28 +65,20 @@ def parse_args(argv=None):
     parser.add_argument("--png", action="store_true", help="also write every sample as a PNG")
     parser.add_argument(
         "--mixed_precision",
-        choices=["no", "fp16", "bf16"],
+        type=renamed_values("--mixed_precision", {"no": "fp32"}),
+        choices=PRECISIONS,
         default=None,
-        help="autocast precision (default: accelerate's config / launch flag)",
+        help="fp32, or bf16/fp16 autocast (default: the launcher's, from accelerate launch --mixed_precision or "
+        "accelerate config; fp32 without either)",
     )
     return parser.parse_args(argv)
-
-
-def load_pipeline(path: str):
-    try:
-        from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
-    except ImportError:
-        from diffusers import DiffusionPipeline
-
-        return DiffusionPipeline.from_pretrained(path)
-    return ClassConditionalPipeline.from_pretrained(path)
 
 
 def load_guide(path: str):
     """The network of a pipeline folder (its transformer or unet), or a model folder of this package or diffusers."""
     folder = Path(path)
     if (folder / "model_index.json").is_file():
-        guide_pipeline = load_pipeline(path)
+        guide_pipeline = load_pipeline(path, class_conditional=True)
         return guide_pipeline.transformer if guide_pipeline.transformer is not None else guide_pipeline.unet
     config = folder / "config.json"
     if not config.is_file():
@@ -116,12 +112,14 @@ def main(argv=None):
 
 def sample(args):
     # Several processes on a machine without a GPU form one process group only with cpu=True.
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=wants_cpu_process_group())
+    # accelerate spells fp32 "no"; unset, it takes the launcher's setting.
+    mixed_precision = "no" if args.mixed_precision == "fp32" else args.mixed_precision
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=wants_cpu_process_group())
     check_world_size(accelerator.num_processes, "diffusers-speedup sample")
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    pipeline = load_pipeline(args.pipeline)
+    pipeline = load_pipeline(args.pipeline, class_conditional=True)
     if args.guide is not None:
         if "guide" not in getattr(pipeline, "_optional_components", ()):
             raise ValueError(f"--guide: {type(pipeline).__name__} takes no guide network")
