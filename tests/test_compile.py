@@ -14,7 +14,7 @@ import torch
 from diffusers_speedup.models import DiTModel, EDM2UNetModel, UViTModel
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_edm2_unet import wake_gains  # noqa: E402
+from tiny_models import wake_gains  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not hasattr(torch.compiler, "set_stance"), reason="torch.compiler.set_stance: torch>=2.6"

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from tiny_models import TINY_EDM2, wake_gains
 
 from diffusers_speedup.models import edm2_unet
 from diffusers_speedup.models.edm2_unet import (
@@ -25,17 +26,7 @@ from diffusers_speedup.models.edm2_unet import (
     pixel_norm,
 )
 
-TINY = dict(
-    sample_size=16,
-    in_channels=3,
-    num_classes=5,
-    model_channels=16,
-    channel_mult=(1, 2),
-    num_blocks=1,
-    attn_resolutions=(8,),
-    channels_per_head=16,
-    logvar_channels=16,
-)
+TINY = TINY_EDM2
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,14 +41,6 @@ def _one_thread():
 
 def tiny_model(**overrides) -> EDM2UNetModel:
     return EDM2UNetModel(**{**TINY, **overrides})
-
-
-def wake_gains(model: EDM2UNetModel, value: float = 0.7) -> None:
-    """Config G starts with zero gains (F = 0, no conditioning); give them a value so every weight gets gradients."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("emb_gain") or name == "out_gain":
-                param.fill_(value)
 
 
 def rms(t: torch.Tensor) -> float:

@@ -356,7 +356,8 @@ def test_each_exported_network_loads_through_automodel_without_the_package(tmp_p
         stem = Path(sys.modules[type(network).__module__].__file__).stem
         assert config["auto_map"] == {"AutoModel": f"{stem}.{type(network).__name__}"}
         generator = torch.Generator().manual_seed(0)
-        x = torch.randn(2, network.config.in_channels, 8, 8, generator=generator)
+        size = network.config.sample_size
+        x = torch.randn(2, network.config.in_channels, size, size, generator=generator)
         with torch.no_grad():
             expected[kind] = network.eval()(x, torch.tensor([0.5, 2.0]), torch.tensor([1, 3])).sample
         torch.save(x, tmp_path / f"{kind}_input.pt")

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import DDPMScheduler, EDMEulerScheduler
+from tiny_models import TINY_EDM2, wake_gains
 from torch import nn
 
 from diffusers_speedup import DiffusionObjective, LogNormalSigmaSampler, SpeeDTimestepSampler
@@ -396,14 +397,9 @@ def _one_step_against_edm2(loss_reduction: str, lr: float = 0.01):
     recipe = Path(__file__).resolve().parents[1] / "configs" / "imagenet512" / "edm2_xs.yaml"
     config = load_config(recipe, [f"objective.loss_reduction={loss_reduction}"])
     torch.manual_seed(0)
-    net = EDM2UNetModel(
-        sample_size=32, in_channels=4, num_classes=10, model_channels=16, channel_mult=(1, 2), num_blocks=1,
-        attn_resolutions=(16,), channels_per_head=16, logvar_channels=16,
-    ).train()  # fmt: skip
-    with torch.no_grad():  # non-zero gains, so that every weight gets a gradient
-        for name, param in net.named_parameters():
-            if name.endswith("emb_gain") or name == "out_gain":
-                param.fill_(0.7)
+    overrides = {"sample_size": 32, "in_channels": 4, "num_classes": 10, "attn_resolutions": (16,)}
+    net = EDM2UNetModel(**{**TINY_EDM2, **overrides}).train()
+    wake_gains(net, 0.7)  # non-zero gains, so that every weight gets a gradient
     reference = copy.deepcopy(net)
     start = {name: param.detach().clone() for name, param in net.named_parameters()}
 

@@ -33,23 +33,13 @@ import math
 import pytest
 import torch
 from diffusers.training_utils import EMAModel
+from tiny_models import TINY_EDM2, wake_gains
 
 from diffusers_speedup.models.edm2_unet import EDM2UNetModel
 from diffusers_speedup.models.uvit import UViTModel
 
 UVIT_TINY = dict(
     sample_size=8, patch_size=2, in_channels=3, hidden_size=32, num_attention_heads=4, num_classes=10, num_layers=5
-)
-EDM2_TINY = dict(
-    sample_size=16,
-    in_channels=3,
-    num_classes=5,
-    model_channels=16,
-    channel_mult=(1, 2),
-    num_blocks=1,
-    attn_resolutions=(8,),
-    channels_per_head=16,
-    logvar_channels=16,
 )
 
 
@@ -75,7 +65,7 @@ class UViTCase:
 
 class EDM2Case(UViTCase):
     model_class = EDM2UNetModel
-    init = EDM2_TINY
+    init = TINY_EDM2
 
     def inputs(self, batch=3):
         generator = torch.Generator().manual_seed(1)
@@ -84,11 +74,7 @@ class EDM2Case(UViTCase):
                 "class_labels": torch.tensor([0, 4, 5])[:batch]}  # fmt: skip
 
     def prepare_for_gradients(self, model):
-        # Architecture G starts with zero gains (F = 0), which leaves most weights without gradient.
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("emb_gain") or name == "out_gain":
-                    param.fill_(0.7)
+        wake_gains(model)
 
 
 CASES = [UViTCase(), EDM2Case()]

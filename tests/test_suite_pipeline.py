@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, DPMSolverMultistepScheduler
+from tiny_models import TINY_EDM2, wake_gains
 
 from diffusers_speedup.models.edm2_unet import EDM2UNetModel
 from diffusers_speedup.models.uvit import UViTModel
@@ -284,17 +285,9 @@ class TestUViTPipeline(PipelineSuite):
 
 class TestEDM2PipelineWithGuide(PipelineSuite):
     def get_dummy_components(self):
-        config = dict(
-            sample_size=8, in_channels=3, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
-            channels_per_head=16, logvar_channels=16,
-        )  # fmt: skip
+        config = {**TINY_EDM2, "sample_size": 8, "attn_resolutions": (4,)}
         torch.manual_seed(0)
-        unet = EDM2UNetModel(num_classes=5, **config)
-        guide = EDM2UNetModel(num_classes=0, **config)  # EDM2's guided FIDs use an unconditional guide
-        for model in (unet, guide):  # architecture G starts with zero gains (F = 0): wake them
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if name.endswith("emb_gain") or name == "out_gain":
-                        param.fill_(0.7)
+        unet = wake_gains(EDM2UNetModel(**{**config, "num_classes": 5}))
+        guide = wake_gains(EDM2UNetModel(**{**config, "num_classes": 0}))  # EDM2's guided FIDs: unconditional guide
         scheduler = EDMHeunScheduler(prediction_type="sample")
         return {"transformer": None, "unet": unet, "vae": None, "guide": guide, "scheduler": scheduler}

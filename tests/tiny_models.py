@@ -9,8 +9,8 @@ from diffusers_speedup.models.uvit import UViTModel
 TINY_UVIT = dict(sample_size=8, patch_size=2, in_channels=3, hidden_size=32, num_attention_heads=4, num_layers=3)
 TINY_DIT = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, hidden_size=32,
                 num_attention_heads=2)  # fmt: skip
-TINY_EDM2 = dict(sample_size=8, in_channels=3, model_channels=16, channel_mult=(1, 2), num_blocks=1,
-                 attn_resolutions=(4,), channels_per_head=16, logvar_channels=16)  # fmt: skip
+TINY_EDM2 = dict(sample_size=16, in_channels=3, num_classes=5, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+                 attn_resolutions=(8,), channels_per_head=16, logvar_channels=16)  # fmt: skip
 
 
 def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> torch.nn.Module:
@@ -35,4 +35,14 @@ def tiny_dit(**overrides) -> DiTModel:
 
 def tiny_edm2(**overrides) -> EDM2UNetModel:
     torch.manual_seed(0)
-    return EDM2UNetModel(**{**TINY_EDM2, "num_classes": 5, **overrides})
+    return EDM2UNetModel(**{**TINY_EDM2, **overrides})
+
+
+def wake_gains(model: EDM2UNetModel, value: float = 0.7) -> EDM2UNetModel:
+    """EDM2's config G starts with zero gains (F = 0, no conditioning, most weights without gradient); give them a
+    value so that every weight takes part."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("emb_gain") or name == "out_gain":
+                param.fill_(value)
+    return model
