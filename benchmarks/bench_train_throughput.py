@@ -98,8 +98,9 @@ def _fresh_accelerator(mixed_precision: str, device: torch.device):
 def package_step(spec: BenchmarkModel, model, device, mixed_precision: str, compile: bool, ema: bool):
     """Build this package's training step around ``model``; returns ``step(x0, labels) -> loss tensor``."""
     from diffusers_speedup.data import Batch
-    from diffusers_speedup.training.config import build_noise_scheduler, config_from_mapping
     from diffusers_speedup.training.ema import ConstantEMA
+    from diffusers_speedup.training.parts import build_noise_scheduler
+    from diffusers_speedup.training.recipes import config_from_mapping
     from diffusers_speedup.training.trainer import (
         LossTracker,
         TrainingModule,

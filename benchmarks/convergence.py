@@ -338,7 +338,7 @@ GPU = dict(steps=10000, eval_every=500, warmup_steps=100, samples_per_class=100,
 def build_config(recipe: str | Recipe, setting: Setting, seed: int, run_dir: Path):
     """The typed training config of one recipe (a name of ``RECIPES`` or a Recipe) under the common setting."""
     from diffusers_speedup.training import load_config
-    from diffusers_speedup.training.config import validate_config
+    from diffusers_speedup.training.validation import validate_config
 
     if isinstance(recipe, str):
         if recipe not in RECIPES:

@@ -17,8 +17,8 @@ logger = logging.getLogger(__name__)
 def user_error_types() -> tuple[type[BaseException], ...]:
     """The exceptions whose message is the whole story: bad configs and arguments, missing or foreign files,
     refused launches and resumes, a stopped run, a failed push."""
+    from .distributed import LaunchError
     from .hub.push import PushError
-    from .training.distributed import LaunchError
     from .training.trainer import NonFiniteLossError
 
     return (ValueError, OSError, LaunchError, NonFiniteLossError, PushError)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusers_speedup.training.distributed import (
+from diffusers_speedup.distributed import (
     LaunchError,
     check_world_size,
     launched_world_size,

@@ -218,7 +218,8 @@ RECIPE_TAGS = {
 
 @pytest.mark.parametrize("recipe", sorted(RECIPE_TAGS))
 def test_detect_techniques_reads_the_typed_recipes(recipe):
-    from diffusers_speedup.training.config import config_to_dict, load_config, recipes_dir
+    from diffusers_speedup.training.config import config_to_dict
+    from diffusers_speedup.training.recipes import load_config, recipes_dir
 
     config = load_config(recipes_dir() / recipe)
     classes = {"uvit": "UViTModel", "edm2_unet": "EDM2UNetModel", "dit": "DiTModel"}[config.model.kind]

@@ -391,7 +391,8 @@ def _one_step_against_edm2(loss_reduction: str, lr: float = 0.01):
     from pathlib import Path
 
     from diffusers_speedup.models.edm2_unet import EDM2UNetModel
-    from diffusers_speedup.training.config import build_noise_scheduler, load_config
+    from diffusers_speedup.training.parts import build_noise_scheduler
+    from diffusers_speedup.training.recipes import load_config
     from diffusers_speedup.training.trainer import build_objective, build_optimizer
 
     recipe = Path(__file__).resolve().parents[1] / "configs" / "imagenet512" / "edm2_xs.yaml"
@@ -479,7 +480,7 @@ def test_sum_reduction_is_the_mean_times_the_element_count():
 def test_only_the_edm2_recipes_sum_the_loss():
     from pathlib import Path
 
-    from diffusers_speedup.training.config import load_config
+    from diffusers_speedup.training.recipes import load_config
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
     reductions = {path.name: load_config(path).objective.loss_reduction for path in recipes}

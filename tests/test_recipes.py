@@ -12,8 +12,9 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from diffusers_speedup.training import ConfigError, Trainer, load_config
-from diffusers_speedup.training.config import LRSchedule, validate_config
+from diffusers_speedup.training.config import LRSchedule
 from diffusers_speedup.training.lr_schedules import get_lr_scheduler
+from diffusers_speedup.training.validation import validate_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(CONFIGS.rglob("*.yaml"))
@@ -154,7 +155,7 @@ def test_base_chains_are_followed_and_checked(tmp_path):
 
 
 def test_recipes_resolve_by_name_or_path(tmp_path, monkeypatch):
-    from diffusers_speedup.training.config import list_recipes, resolve_recipe
+    from diffusers_speedup.training.recipes import list_recipes, resolve_recipe
 
     assert set(list_recipes()) == {str(path.relative_to(CONFIGS).with_suffix("")) for path in RECIPES}
     monkeypatch.chdir(tmp_path)  # names do not depend on the working folder

@@ -291,7 +291,7 @@ def test_resume_refuses_another_model_naming_each_key_and_allows_cadence_changes
 
 
 def test_resume_config_changes_lists_what_breaks_the_run_and_ignores_the_rest():
-    from diffusers_speedup.training.config import resume_config_changes
+    from diffusers_speedup.training.validation import resume_config_changes
 
     saved = {
         "model": {"params": {"hidden_size": 32}},

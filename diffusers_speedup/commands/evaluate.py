@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from diffusers_speedup.distributed import require_single_process
 from diffusers_speedup.errors import one_line_errors
 from diffusers_speedup.evaluation import InceptionFeatureExtractor, compute_fid_statistics, frechet_distance
-from diffusers_speedup.training.distributed import require_single_process
 
 
 def parse_args(argv=None):

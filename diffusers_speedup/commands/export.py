@@ -22,10 +22,10 @@ from pathlib import Path
 import yaml
 
 from diffusers_speedup.commands.common import load_pipeline, warn_deprecated
+from diffusers_speedup.distributed import require_single_process
 from diffusers_speedup.errors import one_line_errors
 from diffusers_speedup.hub import export_pipeline, push_dataset_folder, push_folder_to_hub
 from diffusers_speedup.hub.export import card_info_for_reexport, resolve_export_input
-from diffusers_speedup.training.distributed import require_single_process
 
 logger = logging.getLogger("export")
 CONFIG_NAMES = ("training_config.yaml", "config.yaml")

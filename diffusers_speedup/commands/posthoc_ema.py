@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffusers_speedup.commands.common import PRECISIONS, renamed_values
-from diffusers_speedup.training.distributed import require_single_process
+from diffusers_speedup.distributed import require_single_process
 from diffusers_speedup.training.ema import SNAPSHOT_DIR_NAME, SNAPSHOT_PATTERN, reconstruct_posthoc_ema
 from diffusers_speedup.utils import atomic_folder, atomic_write
 

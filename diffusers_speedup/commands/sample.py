@@ -20,10 +20,10 @@ import torch
 from accelerate import Accelerator
 
 from diffusers_speedup.commands.common import PRECISIONS, load_pipeline, renamed_values
+from diffusers_speedup.distributed import check_world_size, wants_cpu_process_group
 from diffusers_speedup.errors import one_line_errors
 from diffusers_speedup.evaluation import generate_samples
 from diffusers_speedup.pipelines.pipeline_class_conditional import _model_num_classes
-from diffusers_speedup.training.distributed import check_world_size, wants_cpu_process_group
 
 
 def parse_args(argv=None):

@@ -415,7 +415,7 @@ def cache_latents(
     """
     from accelerate import PartialState
 
-    from ..training.distributed import check_world_size
+    from ..distributed import check_world_size
 
     if not isinstance(resolution, int) or resolution < 8:
         raise ValueError(f"resolution must be an integer >= 8, got {resolution!r}")

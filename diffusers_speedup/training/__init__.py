@@ -1,6 +1,7 @@
 """Training: typed recipes, the accelerate trainer loop, EMA and post-hoc EMA, LR schedules, checkpoints."""
 
-from .config import Config, ConfigError, config_from_mapping, config_to_dict, config_to_yaml, load_config
+from .config import Config, ConfigError, config_to_dict, config_to_yaml
+from .recipes import config_from_mapping, load_config
 from .trainer import NonFiniteLossError, Trainer, train
 
 __all__ = [

@@ -32,24 +32,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data.batching import Batch
 from ..data.latent_dataset import LatentNormalization
+from ..distributed import check_world_size
 from ..models import model_kind
 from ..objectives import AuxiliaryLoss, DiffusionObjective
 from .checkpoints import CONFIG_NAME, find_latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import (
-    MIXED_PRECISION,
-    Config,
-    ConfigError,
-    build_noise_scheduler,
-    build_objective,
-    check_environment,
-    check_resume_config,
-    config_to_dict,
-    config_to_yaml,
-    report_to_trackers,
-)
-from .distributed import check_world_size
+from .config import MIXED_PRECISION, Config, ConfigError, config_to_dict, config_to_yaml, report_to_trackers
 from .ema import SNAPSHOT_DIR_NAME, ConstantEMA, PowerFunctionEMA
 from .lr_schedules import get_lr_scheduler
+from .parts import build_noise_scheduler, build_objective
+from .validation import check_environment, check_resume_config
 
 logger = logging.getLogger(__name__)
 
@@ -540,7 +531,7 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, output_dir: str | os.Pa
     from PIL import Image
 
     from .checkpoints import load_trainer_state
-    from .config import config_from_mapping
+    from .recipes import config_from_mapping
 
     checkpoint_dir = Path(checkpoint_dir)
     state = load_trainer_state(checkpoint_dir)

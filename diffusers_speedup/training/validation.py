@@ -1,0 +1,329 @@
+"""What the types alone cannot check in a recipe: the values' ranges, the rules between fields (the objective's by
+building it), the machine, and whether a checkpoint may be resumed with it. Every message names the key."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..models import MODEL_KINDS, model_kind
+from ..utils import meant_as_local_path
+from .checkpoints import CONFIG_NAME as CONFIG_FILE_NAME
+from .checkpoints import TRAINER_STATE_NAME, list_checkpoints
+from .config import TRACKERS, Config, ConfigError, DataConfig, _omegaconf_message, config_to_dict, report_to_trackers
+from .parts import build_noise_scheduler, build_objective
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}.")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
+
+
+def validate_config(config: Config) -> None:
+    """Check what the types alone cannot: the values' ranges, then how the fields fit together.
+
+    Raises:
+        ConfigError: naming the key, for the first problem found.
+    """
+    try:
+        OmegaConf.structured(config)  # the types and choices, for a Config built or changed in Python
+    except OmegaConfBaseException as error:
+        raise ConfigError(_omegaconf_message(error)) from None
+    _check_ranges(config)
+    _check_combinations(config)
+
+
+def _check_ranges(config: Config) -> None:
+    """Each field on its own: ranges and lengths."""
+    data, optim, ema, sampling, hub, train = (
+        config.data,
+        config.optim,
+        config.ema,
+        config.sampling,
+        config.hub,
+        config.train,
+    )
+    _positive("data.resolution", data.resolution)
+    if data.latents_std is not None and min(data.latents_std) <= 0:
+        raise ConfigError(f"data.latents_std: must be positive, got {list(data.latents_std)}.")
+    _positive("data.latent_target_std", data.latent_target_std)
+
+    _positive("optim.lr", optim.lr)
+    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+        raise ConfigError(f"optim.betas: needs two values in [0, 1), got {list(optim.betas)}.")
+    if optim.max_grad_norm is not None:
+        _positive("optim.max_grad_norm", optim.max_grad_norm)
+    _positive("optim.warmup_steps", optim.warmup_steps, allow_zero=True)
+    _positive("optim.eps", optim.eps)
+    _positive("optim.weight_decay", optim.weight_decay, allow_zero=True)
+
+    if not 0 < ema.decay < 1:
+        raise ConfigError(f"ema.decay: must lie in (0, 1), got {ema.decay}.")
+    _positive("ema.start_step", ema.start_step, allow_zero=True)
+    _positive("ema.snapshot_every", ema.snapshot_every, allow_zero=True)
+    for sigma_rel in ema.sigma_rels:
+        if not 0 < sigma_rel < 0.2887:
+            raise ConfigError(f"ema.sigma_rels: each must lie in (0, 0.2887), got {sigma_rel}.")
+
+    # Used only after training (sample grids, export): checked now rather than after hours of work.
+    _positive("sampling.num_inference_steps", sampling.num_inference_steps)
+    _positive("sampling.images_per_class", sampling.images_per_class)
+    _positive("sampling.max_classes", sampling.max_classes)
+    _positive("sampling.guidance_scale", sampling.guidance_scale, allow_zero=True)
+    if sampling.guidance_interval is not None:
+        lo_hi = list(sampling.guidance_interval)
+        if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1]:
+            raise ConfigError(
+                f"sampling.guidance_interval: needs [sigma_lo, sigma_hi] with 0 <= lo <= hi, got {lo_hi}."
+            )
+
+    _positive("hub.max_retries", hub.max_retries, allow_zero=True)
+    _positive("hub.retry_delay", hub.retry_delay, allow_zero=True)
+
+    _positive("train.batch_size", train.batch_size)
+    _positive("train.gradient_accumulation_steps", train.gradient_accumulation_steps)
+    _positive("train.max_steps", train.max_steps)
+    _positive("train.checkpoint_every", train.checkpoint_every, allow_zero=True)
+    _positive("train.log_every", train.log_every)
+    _positive("train.sample_every", train.sample_every, allow_zero=True)
+    _positive("train.max_consecutive_nonfinite", train.max_consecutive_nonfinite)
+    if train.checkpoints_total_limit is not None and train.checkpoints_total_limit < 1:
+        raise ConfigError(
+            f"train.checkpoints_total_limit: must be >= 1 (or null to keep every checkpoint), "
+            f"got {train.checkpoints_total_limit}."
+        )
+    if train.report_to not in ("all", "none"):
+        for tracker in train.report_to.split(","):
+            _choice("train.report_to", tracker.strip(), (*TRACKERS, "all", "none"))
+    if not train.tracker_project_name.strip():
+        raise ConfigError("train.tracker_project_name: must not be empty.")
+    _check_resume(train.resume)
+
+
+def _check_resume(resume: str | None) -> None:
+    """train.resume is "latest", None, or a checkpoint folder (a run folder gets a hint naming its newest one)."""
+    if resume in (None, "latest"):
+        return
+    folder = Path(resume)
+    if not folder.is_dir():
+        raise ConfigError(f"train.resume: {resume!r} is neither 'latest' nor an existing checkpoint folder.")
+    if not (folder / TRAINER_STATE_NAME).is_file():
+        found = list_checkpoints(folder)
+        hint = (
+            f"it is a run folder; give one of its checkpoints (newest: {found[-1]}) or train.resume=latest"
+            if found
+            else "it holds no complete checkpoint"
+        )
+        raise ConfigError(f"train.resume: {resume!r} is not a checkpoint folder (no {TRAINER_STATE_NAME}); {hint}.")
+
+
+def _check_combinations(config: Config) -> None:
+    """The fields that depend on others: every cross-field rule of a recipe is here, the objective's by building it."""
+    model, data, objective, schedule = config.model, config.data, config.objective, config.objective.schedule
+
+    kind = model_kind(model.kind)
+    if model.preset is not None:
+        _choice("model.preset", model.preset, sorted(kind.presets))
+    accepted = set(inspect.signature(kind.model_class.__init__).parameters) - {"self"}
+    for key in model.params:
+        if key not in accepted:
+            raise ConfigError(
+                f"model.params.{key}: not an argument of {kind.model_class.__name__} "
+                f"(accepted: {', '.join(sorted(accepted))})."
+            )
+
+    if data.kind == "builtin":
+        from ..data.builtin import BUILTIN_DATASETS
+
+        _choice("data.name", data.name, BUILTIN_DATASETS)
+    elif not data.path:
+        raise ConfigError(f"data.path: required for data.kind {data.kind!r}.")
+    if data.latent_norm != "vae" and data.kind != "latents":
+        raise ConfigError(
+            f"data.latent_norm: {data.latent_norm!r} applies to cached latents, not data.kind {data.kind!r}."
+        )
+    if (data.latents_mean is None) != (data.latents_std is None):
+        raise ConfigError("data.latents_mean, data.latents_std: give both (per-channel raw statistics) or neither.")
+    if data.latents_mean is not None:
+        if data.latent_norm != "per_channel":
+            raise ConfigError("data.latents_mean: only used with data.latent_norm: per_channel.")
+        if len(data.latents_mean) != len(data.latents_std):
+            raise ConfigError(
+                f"data.latents_std: {len(data.latents_std)} values for {len(data.latents_mean)} in data.latents_mean."
+            )
+
+    name = kind.model_class.__name__
+    if objective.learned_variance and not kind.learned_variance:
+        learners = " or ".join(repr(k) for k, entry in MODEL_KINDS.items() if entry.learned_variance)
+        raise ConfigError(
+            f"objective.learned_variance: needs model.kind {learners} (DiT's learned σ); {name} outputs no "
+            f"variance (model.kind {model.kind!r})."
+        )
+    if kind.drops_labels_itself and objective.label_dropout > 0:
+        raise ConfigError(f"objective.label_dropout: {name} drops labels itself (class_dropout_prob); set it to 0.")
+    _check_objective(config)
+
+    scheduler = config.sampling.scheduler
+    if scheduler is not None and scheduler.startswith("edm") != (schedule.kind == "edm"):
+        raise ConfigError(f"sampling.scheduler: {scheduler!r} does not fit the {schedule.kind!r} training schedule.")
+    if config.hub.push_to_hub and not config.hub.hub_model_id:
+        raise ConfigError("hub.hub_model_id: required when hub.push_to_hub is true.")
+    train = config.train
+    if train.batch_size % train.gradient_accumulation_steps:
+        raise ConfigError(
+            f"train.batch_size: {train.batch_size} is not divisible by "
+            f"train.gradient_accumulation_steps={train.gradient_accumulation_steps}."
+        )
+
+
+def _check_objective(config: Config) -> None:
+    """The objective, by building it as the trainer will (its sampler, weighting and every rule between them, the
+    schedule, the prediction type and the model's calling convention are checked by the objects themselves)."""
+    from ..objectives import LossWeighting, build_sampler
+
+    objective = config.objective
+    noise_scheduler = build_noise_scheduler(objective.schedule)
+    # The sampler and the weighting first, so that their errors name their keys.
+    try:
+        build_sampler(dict(objective.sampler), noise_scheduler)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"objective.sampler: {error}") from None
+    weighting = dict(objective.weighting)
+    kind = weighting.pop("kind", "constant")
+    try:
+        LossWeighting(kind, objective.prediction_type, **weighting)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"objective.weighting: {error}") from None
+    try:
+        # The class count comes from the data; any count serves the check.
+        build_objective(config, noise_scheduler, num_classes=1)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"objective: {error}") from None
+
+
+def check_environment(config: Config) -> None:
+    """Checks that depend on the machine rather than the recipe (run when training starts, before any work), so
+    that a GPU recipe still loads and validates on a CPU-only machine."""
+    import torch
+
+    train = config.train
+    if train.mixed_precision == "fp16" and (train.cpu or not torch.cuda.is_available()):
+        raise ConfigError("train.mixed_precision: fp16 needs a GPU; use 'bf16' or 'fp32' on CPU.")
+    if train.attention == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            raise ConfigError("train.attention: 'xformers' is not installed (pip install diffusers-speedup[xformers]).")
+        refused = model_kind(config.model.kind).xformers_refused
+        if refused:
+            raise ConfigError(f"train.attention: {refused}.")
+    for tracker in report_to_trackers(train.report_to):
+        if tracker not in ("all", "tensorboard") and importlib.util.find_spec(tracker) is None:
+            raise ConfigError(f"train.report_to: {tracker!r} is not installed (pip install {tracker}).")
+    _check_data_path(config.data)
+    if train.resume is None:
+        # A fresh run would write its own checkpoint-<step> folders over these.
+        existing = list_checkpoints(train.output_dir)
+        if existing:
+            raise ConfigError(
+                f"train.output_dir: {train.output_dir} already holds a run's checkpoints (up to {existing[-1].name}); "
+                "set train.resume=latest to continue it, or choose another train.output_dir."
+            )
+
+
+def _check_data_path(data: DataConfig) -> None:
+    """The data folder exists (a 🤗 dataset may also be a Hub id, unless the Hub is switched off)."""
+    if data.kind == "builtin":
+        return
+    path = Path(data.path).expanduser()
+    if data.kind in ("image_folder", "latents"):
+        if not path.is_dir():
+            what = "an image folder (one sub-folder per class)" if data.kind == "image_folder" else "a latent cache"
+            raise ConfigError(f"data.path: {data.path!r} does not exist or is not a folder; expected {what}.")
+        if data.kind == "latents" and not (path / "latents_metadata.json").is_file():
+            raise ConfigError(
+                f"data.path: {data.path!r} is not a complete latent cache (no latents_metadata.json); "
+                "make one with train/cache_latents.py, or finish it by running that command again."
+            )
+        return
+    if path.exists():
+        return
+    if meant_as_local_path(data.path):
+        raise ConfigError(f"data.path: {data.path!r} does not exist (and is not a Hub dataset id).")
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ConfigError(
+            f"data.path: {data.path!r} is not a local folder, and the Hub is switched off (HF_HUB_OFFLINE / "
+            "HF_DATASETS_OFFLINE), so it cannot be downloaded."
+        )
+
+
+def resume_config_changes(saved: dict, current: dict) -> list[str]:
+    """The changes between a checkpoint's saved config and the config resuming it that would break the model or
+    the exactness of the resumed run, as ``key: saved -> current`` lines (empty when the resume is sound).
+
+    Refused: anything under ``model``, ``objective`` and ``data`` (but ``data.in_memory``), the global batch and its
+    split into accumulation steps, the seed (which fixes the data order), the optimizer, and the EMA kind and
+    profiles (whose state the checkpoint holds). Allowed: everything else — ``train.max_steps``, the log, sample
+    and checkpoint cadences, the output and hub settings, the learning-rate values, mixed precision, compilation.
+    """
+    fixed_sections = ("model", "objective", "data")
+    # Where the data is read from changes nothing of what is read.
+    free_keys = ("data.in_memory",)
+    fixed_keys = (
+        "train.batch_size",
+        "train.gradient_accumulation_steps",
+        "train.seed",
+        "optim.optimizer",
+        "ema.kind",
+        "ema.sigma_rels",
+    )
+    changes = []
+
+    def flatten(mapping, prefix=""):
+        flat = {}
+        for key, value in (mapping or {}).items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and value:
+                flat.update(flatten(value, name + "."))
+            else:
+                flat[name] = value
+        return flat
+
+    old, new = flatten(saved), flatten(current)
+    for key in sorted(set(old) | set(new)):
+        if key in free_keys or not (key.split(".")[0] in fixed_sections or key in fixed_keys):
+            continue
+        if old.get(key) != new.get(key):
+            changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changes
+
+
+def check_resume_config(config: Config, checkpoint_dir: str | Path) -> None:
+    """Refuse to resume ``checkpoint_dir`` with a config that changes what it trained (see `resume_config_changes`).
+
+    Raises:
+        ConfigError: naming every changed key with the checkpoint's value and the new one.
+    """
+    import yaml
+
+    saved_path = Path(checkpoint_dir) / CONFIG_FILE_NAME
+    if not saved_path.is_file():
+        return  # a checkpoint written without the config cannot be compared
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    changes = resume_config_changes(saved, config_to_dict(config))
+    if changes:
+        raise ConfigError(
+            f"train.resume: {checkpoint_dir} was trained with another model, objective, data or batch; resuming it "
+            f"would not continue that run ({'; '.join(changes)}). Use the checkpoint's settings (its "
+            f"{CONFIG_FILE_NAME}), or start a new run in another train.output_dir."
+        )
