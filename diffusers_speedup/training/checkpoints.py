@@ -1,16 +1,10 @@
 """Checkpoint folders that are never half-written, around accelerate's `save_state` / `load_state`.
 
-Layout of `output_dir`:
-
-    checkpoint-<step>/        accelerate state (model, optimizer, RNG, registered objects) + trainer_state.json
-                              (+ config.yaml and anything else the trainer writes through `save_fn`)
-    checkpoint-<step>.tmp/    a checkpoint being written; left behind only by a crash, ignored and cleaned up
-    latest                    text file naming the newest complete checkpoint folder
-
 A checkpoint is written to `checkpoint-<step>.tmp` and renamed into place, then `latest` is replaced atomically, so
 `latest` only ever names a complete checkpoint. We name folders ourselves instead of using accelerate's
 `automatic_checkpoint_naming`, whose counter is not restored by `load_state` (a resumed run would then write
-`checkpoint_0` and delete newer checkpoints).
+`checkpoint_0` and delete newer checkpoints). The layout of a run folder, `latest` and finding the newest complete
+checkpoint are in `diffusers_speedup.run_folder`, which the exporter reads too.
 """
 
 from __future__ import annotations
@@ -18,96 +12,47 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from ..run_folder import (
+    CHECKPOINT_PREFIX,
+    CONFIG_NAME,
+    LATEST_NAME,
+    TMP_SUFFIX,
+    TRAINER_STATE_NAME,
+    checkpoint_name,
+    clean_incomplete_checkpoints,
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_trainer_state,
+    read_latest_pointer,
+)
 from ..utils import atomic_write, replace_folder
 
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "CONFIG_NAME",
+    "LATEST_NAME",
+    "TMP_SUFFIX",
+    "TRAINER_STATE_NAME",
+    "checkpoint_name",
+    "clean_incomplete_checkpoints",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_trainer_state",
+    "rotate_checkpoints",
+    "save_checkpoint",
+]
+
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PREFIX = "checkpoint-"
-TMP_SUFFIX = ".tmp"
-LATEST_NAME = "latest"
-TRAINER_STATE_NAME = "trainer_state.json"
-# Where the trainer puts the resolved config inside a checkpoint (written through `save_fn`).
-CONFIG_NAME = "config.yaml"
-
-_CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
-
-
-def checkpoint_name(step: int) -> str:
-    """Folder name of the checkpoint at `step`."""
-    return f"{CHECKPOINT_PREFIX}{int(step)}"
-
-
-def _is_complete(path: Path) -> bool:
-    return path.is_dir() and _CHECKPOINT_RE.match(path.name) is not None and (path / TRAINER_STATE_NAME).is_file()
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint folders in `output_dir`, oldest first (by step)."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.iterdir() if _is_complete(p)]
-    return sorted(found, key=lambda p: int(_CHECKPOINT_RE.match(p.name).group(1)))
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
     with atomic_write(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
-
-
-def _read_latest_pointer(output_dir: Path) -> Path | None:
-    pointer = output_dir / LATEST_NAME
-    if not pointer.is_file():
-        return None
-    name = pointer.read_text(encoding="utf-8").strip()
-    target = output_dir / name
-    if name and _CHECKPOINT_RE.match(name) and _is_complete(target):
-        return target
-    logger.warning("%s names %r, which is not a complete checkpoint; using the newest complete one.", pointer, name)
-    return None
-
-
-def clean_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete `*.tmp` leftovers of interrupted saves in `output_dir`; returns what was removed."""
-    output_dir = Path(output_dir)
-    removed = []
-    if not output_dir.is_dir():
-        return removed
-    for path in output_dir.iterdir():
-        if path.name.startswith(CHECKPOINT_PREFIX) and path.name.endswith(TMP_SUFFIX):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
-def find_latest_checkpoint(output_dir: str | os.PathLike, clean: bool = True) -> Path | None:
-    """The checkpoint to resume from: the one `latest` names, else the complete `checkpoint-N` with the largest N.
-
-    Args:
-        output_dir: the run's output folder.
-        clean: also delete `checkpoint-*.tmp` leftovers of interrupted saves. In a multi-process run pass
-            `accelerator.is_main_process`.
-
-    Returns:
-        The folder, or None when there is no complete checkpoint.
-    """
-    output_dir = Path(output_dir)
-    if clean:
-        for path in clean_incomplete_checkpoints(output_dir):
-            logger.info("Removed incomplete checkpoint %s", path)
-    latest = _read_latest_pointer(output_dir) if output_dir.is_dir() else None
-    if latest is not None:
-        return latest
-    complete = list_checkpoints(output_dir)
-    return complete[-1] if complete else None
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
@@ -124,7 +69,7 @@ def rotate_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -
     output_dir = Path(output_dir)
     complete = list_checkpoints(output_dir)
     protected = set(complete[-1:])
-    latest = _read_latest_pointer(output_dir)
+    latest = read_latest_pointer(output_dir)
     if latest is not None:
         protected.add(latest)
     removable = [p for p in complete if p not in protected]
@@ -201,14 +146,6 @@ def save_checkpoint(
         rotate_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final_dir
-
-
-def load_trainer_state(checkpoint_dir: str | os.PathLike) -> dict:
-    """The `trainer_state.json` of a checkpoint folder."""
-    path = Path(checkpoint_dir) / TRAINER_STATE_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} not found: {str(checkpoint_dir)!r} is not a complete checkpoint.")
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def load_checkpoint(accelerator, checkpoint_dir: str | os.PathLike) -> dict:
