@@ -1,4 +1,7 @@
+import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +17,8 @@ from diffusers_speedup.training.trainer import NonFiniteLossError, NonFiniteStep
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
+# A checkpoint written before the trainer saved its parts by name, and what that code did with it.
+NUMBERED = Path(__file__).resolve().parent / "fixtures" / "numbered_checkpoint"
 
 
 def tiny(output_dir, *extra):
@@ -41,7 +46,7 @@ def tiny(output_dir, *extra):
 def checkpoint_tensors(folder):
     state = load_file(str(folder / "model.safetensors"))
     optimizer = torch.load(folder / "optimizer.bin", weights_only=False)
-    ema = torch.load(folder / "custom_checkpoint_1.pkl", weights_only=False)
+    ema = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=False)["ema"]
     return state, optimizer, ema
 
 
@@ -91,6 +96,54 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, monkey
     resumed.train()
     assert resumed.step == 6
     assert_same_checkpoint(tmp_path / "straight" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6")
+
+
+def digest(state: dict) -> str:
+    """One SHA-256 over every tensor of a state dict, by name, as fixtures/numbered_checkpoint/make_fixture.py."""
+    lines = ""
+    for name, tensor in sorted(state.items()):
+        tensor = tensor.detach().cpu().contiguous()
+        data = f"{tensor.dtype}{tuple(tensor.shape)}".encode() + tensor.view(-1).view(torch.uint8).numpy().tobytes()
+        lines += f"{name} {hashlib.sha256(data).hexdigest()}\n"
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def numbered_checkpoint_in(run: Path) -> Path:
+    """A copy of the fixture's checkpoint-3 as the newest checkpoint of the run folder `run`."""
+    shutil.copytree(NUMBERED / "checkpoint-3", run / "checkpoint-3")
+    (run / "latest").write_text("checkpoint-3\n")
+    return run / "checkpoint-3"
+
+
+def test_a_checkpoint_of_numbered_files_resumes_and_continues_as_the_code_that_wrote_it(tmp_path):
+    checkpoint = numbered_checkpoint_in(tmp_path / "run")
+    overrides = [f"train.output_dir={tmp_path / 'run'}", "train.resume=latest"]
+    trainer = Trainer(load_config(checkpoint / "config.yaml", overrides))
+    trainer.resume()  # train() resumes again, to the same state
+    # custom_checkpoint_0.pkl held the LR schedule and custom_checkpoint_1.pkl the EMA.
+    lr_schedule = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+    ema = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)
+    assert trainer.lr_scheduler.state_dict() == lr_schedule and trainer.lr_scheduler.get_last_lr()[0] > 0
+    assert trainer.ema.num_updates == ema["num_updates"] == 3
+    assert_same(trainer.ema.model.state_dict(), ema["model"])
+    trainer.train()
+
+    # Step 6 is bit for bit where the code that wrote the checkpoint took it when resuming it.
+    expected = json.loads((NUMBERED / "expected.json").read_text())
+    where = f"(recorded with torch {expected['torch']} on a {expected['cpu_capability']} CPU)"
+    step_6 = tmp_path / "run" / "checkpoint-6"
+    assert sorted(p.name for p in step_6.glob("custom_checkpoint_*")) == ["custom_checkpoint_0.pkl"]
+    named = torch.load(step_6 / "custom_checkpoint_0.pkl", weights_only=False)
+    optimizer = torch.load(step_6 / "optimizer.bin", weights_only=True)
+    moments = {f"{i}.{key}": value for i, state in optimizer["state"].items() for key, value in state.items()}
+    continued = {
+        "model": digest(load_file(str(step_6 / "model.safetensors"))),
+        "optimizer": digest(moments),
+        "ema": digest(named["ema"]["model"]),
+        "ema_num_updates": named["ema"]["num_updates"],
+        "last_lr": named["lr_scheduler"]["_last_lr"],
+    }
+    assert continued == expected["resumed_to_step_6"], where
 
 
 def test_a_compiled_run_resumes_uncompiled_and_ends_where_an_uncompiled_run_does(tmp_path, monkeypatch):

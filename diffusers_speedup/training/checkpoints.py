@@ -1,10 +1,26 @@
-"""Checkpoint folders that are never half-written, around accelerate's `save_state` / `load_state`.
+"""Checkpoint folders that are never half-written, around accelerate's `save_state` / `load_state`, and the
+trainer's own state saved in them by name.
+
+A checkpoint folder `output_dir/checkpoint-<step>` holds:
+
+    model.safetensors, optimizer.bin, random_states_<rank>.pkl, ...
+                              accelerate's state: the prepared model and optimizer, every RNG
+    custom_checkpoint_0.pkl   the trainer's other parts, by name (`NamedState`): {"lr_scheduler": ..., "ema": ...}
+    config.yaml               the resolved config, written by the trainer (`save_fn`)
+    trainer_state.json        step, data position, images seen, ...; written last: a folder holding it is complete
 
 A checkpoint is written to `checkpoint-<step>.tmp` and renamed into place, then `latest` is replaced atomically, so
-`latest` only ever names a complete checkpoint. We name folders ourselves instead of using accelerate's
+`latest` only ever names a complete one. We name folders ourselves instead of using accelerate's
 `automatic_checkpoint_naming`, whose counter is not restored by `load_state` (a resumed run would then write
-`checkpoint_0` and delete newer checkpoints). The layout of a run folder, `latest` and finding the newest complete
-checkpoint are in `diffusers_speedup.run_folder`, which the exporter reads too.
+`checkpoint_0` and delete newer checkpoints). Folder names, `latest` and finding the newest complete checkpoint are
+in `diffusers_speedup.run_folder`, which the exporter reads too.
+
+Why one named object: accelerate saves each object given to `register_for_checkpointing` as
+`custom_checkpoint_<i>.pkl`, numbered in the order of registration, and loads them back by position, so registering
+one more object before another would renumber the files. The trainer registers a single `NamedState` instead; a new
+part (an auxiliary loss's state) is one more name in it. Checkpoints written before held one numbered file per part
+(`custom_checkpoint_0.pkl` the LR schedule, `custom_checkpoint_1.pkl` the EMA: `NUMBERED_PARTS`); their
+trainer_state.json lists no named parts, and `load_checkpoint` loads them as they were written.
 """
 
 from __future__ import annotations
@@ -13,7 +29,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..run_folder import (
@@ -35,8 +51,11 @@ __all__ = [
     "CHECKPOINT_PREFIX",
     "CONFIG_NAME",
     "LATEST_NAME",
+    "NAMED_STATE_FILE",
+    "NUMBERED_PARTS",
     "TMP_SUFFIX",
     "TRAINER_STATE_NAME",
+    "NamedState",
     "checkpoint_name",
     "clean_incomplete_checkpoints",
     "find_latest_checkpoint",
@@ -48,6 +67,49 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# accelerate's name for the file of the first (here: the only) object registered for checkpointing.
+NAMED_STATE_FILE = "custom_checkpoint_0.pkl"
+# The trainer_state.json entry listing the parts saved in NAMED_STATE_FILE; checkpoints without it are numbered.
+NAMED_STATE_KEY = "named_state"
+# What the numbered files of a checkpoint written before NamedState hold, file 0 first: the trainer registered the
+# LR schedule, then the EMA when the run had one.
+NUMBERED_PARTS = ("lr_scheduler", "ema")
+
+
+class NamedState:
+    """Objects with ``state_dict`` / ``load_state_dict`` saved as one object, each under its name, so that no
+    registration order decides which file or entry holds what.
+
+    Register it with ``accelerator.register_for_checkpointing`` (and nothing else) and pass it to `save_checkpoint`
+    and `load_checkpoint`.
+
+    Args:
+        parts: name -> object; a None value (a part this run does not have, such as the EMA of a run without one)
+            is left out.
+    """
+
+    def __init__(self, **parts):
+        self.parts = {name: part for name, part in parts.items() if part is not None}
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore each part from its entry; nothing is restored when an entry is missing or unknown."""
+        self.check_saved_parts(state_dict.keys())
+        for name, part in self.parts.items():
+            part.load_state_dict(state_dict[name])
+
+    def check_saved_parts(self, saved: Iterable[str], where: str = "the checkpoint") -> None:
+        """Raise a ValueError naming each part that `where` lacks but this run needs, or holds but this run lacks."""
+        saved = list(saved)
+        problems = [f"it has no {name!r} state, which this run needs" for name in self.parts if name not in saved]
+        problems += [
+            f"it has a {name!r} state, which this run does not know" for name in saved if name not in self.parts
+        ]
+        if problems:
+            raise ValueError(f"{where}: {'; '.join(problems)} (this run's parts: {', '.join(self.parts) or 'none'}).")
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -89,6 +151,7 @@ def save_checkpoint(
     extra_state: dict | None = None,
     save_fn: Callable[[Path], None] | None = None,
     total_limit: int | None = None,
+    named_state: NamedState | None = None,
 ) -> Path:
     """Save the training state atomically as `output_dir/checkpoint-<step>` and point `latest` at it.
 
@@ -97,8 +160,8 @@ def save_checkpoint(
 
     Args:
         accelerator (`accelerate.Accelerator`): its prepared models, optimizers, schedulers, dataloaders and objects
-            registered with `register_for_checkpointing` (EMA, LR schedule, ...) are saved by `save_state`. It must not
-            use `automatic_checkpoint_naming`.
+            registered with `register_for_checkpointing` (the trainer's `NamedState`) are saved by `save_state`. It
+            must not use `automatic_checkpoint_naming`.
         output_dir: the run's output folder.
         step: optimizer steps done; names the folder and is stored as `trainer_state["step"]`.
         extra_state: JSON-serialisable trainer state to store in `trainer_state.json` (epoch, position in the epoch,
@@ -106,6 +169,8 @@ def save_checkpoint(
         save_fn: called on the main process with the temporary folder before it is renamed into place; write
             `CONFIG_NAME` (the resolved config) and any other files there.
         total_limit: if given, keep at most this many checkpoints afterwards (`rotate_checkpoints`).
+        named_state: the `NamedState` registered with `accelerator`; its part names are listed in
+            `trainer_state.json`, which tells `load_checkpoint` the layout.
 
     Returns:
         The final checkpoint folder.
@@ -116,6 +181,8 @@ def save_checkpoint(
             "ProjectConfiguration(automatic_checkpoint_naming=False)."
         )
     trainer_state = {**(extra_state or {}), "step": int(step)}
+    if named_state is not None:
+        trainer_state[NAMED_STATE_KEY] = list(named_state.parts)
     try:
         trainer_state_text = json.dumps(trainer_state, indent=2, sort_keys=True)
     except TypeError as err:
@@ -148,20 +215,58 @@ def save_checkpoint(
     return final_dir
 
 
-def load_checkpoint(accelerator, checkpoint_dir: str | os.PathLike) -> dict:
+def load_checkpoint(accelerator, checkpoint_dir: str | os.PathLike, named_state: NamedState | None = None) -> dict:
     """Restore the state saved by `save_checkpoint` and return its trainer state.
 
-    Register the same objects with `register_for_checkpointing` (in the same order) and prepare the same models,
-    optimizers and dataloaders before calling it.
+    Prepare the same models, optimizers and dataloaders, and register the same objects with
+    `register_for_checkpointing`, before calling it.
 
     Args:
         accelerator (`accelerate.Accelerator`): the accelerator to load into.
         checkpoint_dir: a checkpoint folder, e.g. from `find_latest_checkpoint`.
+        named_state: the `NamedState` registered with `accelerator`, when that is how the state is kept. Its parts
+            are restored by name, or, from a checkpoint written before named parts, from the numbered files.
 
     Returns:
         The dict stored in `trainer_state.json` (`step` and the trainer's `extra_state`).
+
+    Raises:
+        ValueError: naming the part, when the checkpoint lacks a part that `named_state` has or holds one it lacks;
+            nothing is loaded then.
     """
     checkpoint_dir = Path(checkpoint_dir)
     trainer_state = load_trainer_state(checkpoint_dir)
-    accelerator.load_state(str(checkpoint_dir))
+    if named_state is None:
+        accelerator.load_state(str(checkpoint_dir))
+    elif NAMED_STATE_KEY in trainer_state:
+        named_state.check_saved_parts(trainer_state[NAMED_STATE_KEY], where=str(checkpoint_dir))
+        accelerator.load_state(str(checkpoint_dir))
+    else:
+        _load_numbered(accelerator, checkpoint_dir, named_state)
     return trainer_state
+
+
+def _load_numbered(accelerator, checkpoint_dir: Path, named_state: NamedState) -> None:
+    """Load a checkpoint whose parts are numbered files (`NUMBERED_PARTS`), written before `NamedState`."""
+    count = len(list(checkpoint_dir.glob("custom_checkpoint_*.pkl")))
+    if count > len(NUMBERED_PARTS):
+        raise ValueError(
+            f"{checkpoint_dir}: {count} numbered state files (custom_checkpoint_*.pkl), but checkpoints written "
+            f"before named parts held at most {len(NUMBERED_PARTS)} ({', '.join(NUMBERED_PARTS)})."
+        )
+    names = NUMBERED_PARTS[:count]
+    named_state.check_saved_parts(names, where=f"{checkpoint_dir} (numbered files: {', '.join(names) or 'none'})")
+    # accelerate loads registered objects by position and refuses a folder with another number of files, so the
+    # parts stand in for the named state while it loads, in the order in which they were numbered. accelerate has
+    # no public way to change what is registered.
+    registered = accelerator._custom_objects
+    if registered != [named_state]:
+        raise ValueError(
+            "load_checkpoint: a checkpoint with numbered files loads only when named_state is the one object "
+            "registered for checkpointing."
+        )
+    registered[:] = [named_state.parts[name] for name in names]
+    try:
+        accelerator.load_state(str(checkpoint_dir))
+    finally:
+        registered[:] = [named_state]

@@ -32,7 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data.latent_dataset import LatentNormalization
 from ..objectives import DiffusionObjective
-from .checkpoints import CONFIG_NAME, find_latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import CONFIG_NAME, NamedState, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import (
     MIXED_PRECISION,
     Config,
@@ -166,8 +166,8 @@ class Trainer:
         self.objective = build_objective(config, self.noise_scheduler, self.data.num_classes, self.model)
 
     def _prepare_for_training(self) -> None:
-        """Compile, hand the model and the optimizer to accelerate, and register the LR schedule and the EMA, which
-        checkpoints also hold (in this order: their files are numbered by it)."""
+        """Compile, hand the model and the optimizer to accelerate, and register what else checkpoints hold: the LR
+        schedule and the EMA, each under its name (`NamedState`)."""
         config, accelerator = self.config, self.accelerator
         if config.train.compile:
             # In place rather than torch.compile(model): the parameter names, and so checkpoints, stay the same
@@ -178,10 +178,12 @@ class Trainer:
         self.module, self.optimizer = accelerator.prepare(trainable, optimizer)
         # Not passed through prepare: accelerate would step it once per process per step.
         self.lr_scheduler = build_lr_scheduler(config, optimizer)
-        accelerator.register_for_checkpointing(self.lr_scheduler)
         if self.ema is not None:
             self.ema.to(accelerator.device)
-            accelerator.register_for_checkpointing(self.ema)
+        # One registered object: accelerate numbers registered objects' files, and a part added later (an auxiliary
+        # loss's state) is one more name here rather than a file that renumbers the others.
+        self.named_state = NamedState(lr_scheduler=self.lr_scheduler, ema=self.ema)
+        accelerator.register_for_checkpointing(self.named_state)
 
     # --- training ------------------------------------------------------------------------------------------------
 
@@ -335,6 +337,7 @@ class Trainer:
             self._trainer_state(),
             save_fn=write_config,
             total_limit=self.config.train.checkpoints_total_limit,
+            named_state=self.named_state,
         )
         # Without periodic snapshots, each checkpoint is a point that post-hoc EMA can reconstruct from.
         ema = self.ema
@@ -354,7 +357,7 @@ class Trainer:
             return
         if self.resume_from is not None and path.resolve() != self.resume_from.resolve():
             check_resume_config(self.config, path)  # a newer checkpoint appeared since the start-up check
-        state = load_checkpoint(self.accelerator, path)
+        state = load_checkpoint(self.accelerator, path, self.named_state)
         self.step = int(state["step"])
         for key in ("epoch", "batches_into_epoch", "images_seen"):
             setattr(self, key, int(state[key]))
