@@ -1,6 +1,8 @@
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -144,6 +146,38 @@ def test_a_checkpoint_of_numbered_files_resumes_and_continues_as_the_code_that_w
         "last_lr": named["lr_scheduler"]["_last_lr"],
     }
     assert continued == expected["resumed_to_step_6"], where
+
+
+def test_a_checkpoint_without_a_pipeline_record_is_refused_with_a_command_that_exports_it(tmp_path):
+    from diffusers_speedup.commands import main as command_line
+    from diffusers_speedup.hub.export import resolve_export_input
+    from diffusers_speedup.hub.pipeline_record import export_checkpoint
+
+    checkpoint = numbered_checkpoint_in(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(checkpoint))} has no pipeline_record.json") as no:
+        resolve_export_input(checkpoint, tmp_path / "staging")
+    assert not (tmp_path / "staging").exists()
+
+    # What the message says to run: resume it for no further steps into a new folder.
+    command = re.search(r"`(diffusers-speedup train [^`]+)`", str(no.value)).group(1)
+    assert command_line(shlex.split(command.replace("NEW_FOLDER", str(tmp_path / "again")))[1:]) == 0
+    for name in os.listdir(NUMBERED / "checkpoint-3"):  # the old checkpoint is as it was
+        assert (checkpoint / name).read_bytes() == (NUMBERED / "checkpoint-3" / name).read_bytes()
+
+    # Both exports, the run's and the new checkpoint's, are what the old code exported from the old checkpoint.
+    expected = json.loads((NUMBERED / "expected.json").read_text())["export_of_checkpoint_3"]
+    for folder in (
+        tmp_path / "again" / "pipeline",
+        export_checkpoint(tmp_path / "again" / "checkpoint-3", tmp_path / "out"),
+    ):
+        assert (
+            digest(load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors")))
+            == expected["weights"]
+        )
+        for name in ("model_index.json", "transformer/config.json", "scheduler/scheduler_config.json"):
+            written = json.loads((folder / name).read_text())
+            written.pop("_diffusers_version", None)
+            assert written == expected[name], name
 
 
 def test_a_compiled_run_resumes_uncompiled_and_ends_where_an_uncompiled_run_does(tmp_path, monkeypatch):

@@ -313,11 +313,12 @@ def find_export_source(path: str | os.PathLike) -> tuple[str, Path]:
 
 def resolve_export_input(path: str | os.PathLike, staging_dir: str | os.PathLike) -> Path:
     """The pipeline folder to export for `path` (see `find_export_source`). A checkpoint without a saved pipeline
-    is exported first, by the trainer, into `staging_dir` (card facts included), and that folder is returned."""
+    is exported first, from its pipeline record and weights (`export_checkpoint`), into `staging_dir` (card facts
+    included), and that folder is returned."""
     kind, folder = find_export_source(path)
     if kind == "pipeline":
         return folder
-    from ..training.trainer import export_checkpoint
+    from .pipeline_record import export_checkpoint  # which imports this module
 
     logger.info("%s holds no pipeline; exporting its weights as the trainer does", folder)
     return export_checkpoint(folder, staging_dir)

@@ -6,7 +6,8 @@ A checkpoint folder `output_dir/checkpoint-<step>` holds:
     model.safetensors, optimizer.bin, random_states_<rank>.pkl, ...
                               accelerate's state: the prepared model and optimizer, every RNG
     custom_checkpoint_0.pkl   the trainer's other parts, by name (`NamedState`): {"lr_scheduler": ..., "ema": ...}
-    config.yaml               the resolved config, written by the trainer (`save_fn`)
+    config.yaml, pipeline_record.json
+                              the resolved config and what an export needs, written by the trainer (`save_fn`)
     trainer_state.json        step, data position, images seen, ...; written last: a folder holding it is complete
 
 A checkpoint is written to `checkpoint-<step>.tmp` and renamed into place, then `latest` is replaced atomically, so
