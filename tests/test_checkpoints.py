@@ -10,6 +10,7 @@ from diffusers_speedup.training.checkpoints import (
     CONFIG_NAME,
     LATEST_NAME,
     TRAINER_STATE_NAME,
+    NamedState,
     find_latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -17,6 +18,7 @@ from diffusers_speedup.training.checkpoints import (
     save_checkpoint,
 )
 from diffusers_speedup.training.ema import ConstantEMA
+from diffusers_speedup.training.lr_schedules import get_lr_scheduler
 
 
 @pytest.fixture
@@ -177,3 +179,124 @@ def test_bad_inputs(tmp_path, fresh_accelerator_state):
     )
     with pytest.raises(ValueError, match="automatic_checkpoint_naming"):
         save_checkpoint(automatic, tmp_path, 1)
+
+
+class Counter:
+    """A part with state of its own (as an auxiliary loss would have)."""
+
+    def __init__(self, value=0):
+        self.value = value
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+def build_parts(seed, with_ema=True):
+    """Accelerator(cpu=True), a tiny model and Adam, and the parts a trainer keeps besides them, unregistered."""
+    torch.manual_seed(seed)
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    lr_scheduler = get_lr_scheduler("cosine", optimizer, warmup_steps=2, total_steps=10)
+    ema = ConstantEMA(model, decay=0.9) if with_ema else None
+    return accelerator, model, optimizer, lr_scheduler, ema
+
+
+def advance(model, optimizer, lr_scheduler, ema, steps):
+    for step in steps:
+        model(torch.randn(4, 3, generator=torch.Generator().manual_seed(step))).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        lr_scheduler.step()
+        if ema is not None:
+            ema.update(model, step)
+
+
+def test_named_parts_keep_their_entry_whatever_the_registration_order(tmp_path, fresh_accelerator_state):
+    orders = {
+        "scheduler_first": lambda lr_scheduler, ema: NamedState(lr_scheduler=lr_scheduler, ema=ema),
+        "ema_first": lambda lr_scheduler, ema: NamedState(ema=ema, lr_scheduler=lr_scheduler),
+        "another_part_first": lambda lr_scheduler, ema: NamedState(aux=Counter(7), lr_scheduler=lr_scheduler, ema=ema),
+    }
+    for name, arrange in orders.items():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        accelerator, model, optimizer, lr_scheduler, ema = build_parts(seed=0)
+        advance(model, optimizer, lr_scheduler, ema, range(1, 4))
+        named_state = arrange(lr_scheduler, ema)
+        accelerator.register_for_checkpointing(named_state)
+        save_checkpoint(accelerator, tmp_path / name, 3, named_state=named_state)
+
+        folder = tmp_path / name / "checkpoint-3"
+        assert sorted(p.name for p in folder.glob("custom_checkpoint_*")) == ["custom_checkpoint_0.pkl"]
+        saved = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=False)
+        assert sorted(saved) == sorted(named_state.parts)
+        expected = ema.model.state_dict()
+        assert saved["ema"]["model"].keys() == expected.keys()
+        assert all(torch.equal(saved["ema"]["model"][key], value) for key, value in expected.items())
+        assert saved["lr_scheduler"] == lr_scheduler.state_dict()
+        assert json.loads((folder / TRAINER_STATE_NAME).read_text())["named_state"] == list(named_state.parts)
+
+    # Loaded back into parts arranged in yet another order, each part gets its own state.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator, model, optimizer, lr_scheduler, ema = build_parts(seed=1)
+    aux = Counter()
+    named_state = NamedState(ema=ema, aux=aux, lr_scheduler=lr_scheduler)
+    accelerator.register_for_checkpointing(named_state)
+    load_checkpoint(accelerator, tmp_path / "another_part_first" / "checkpoint-3", named_state)
+    assert aux.value == 7 and lr_scheduler.last_epoch == 3 and ema.step == 3
+    assert all(torch.equal(ema.model.state_dict()[key], value) for key, value in expected.items())
+
+
+def test_a_missing_or_unknown_part_is_named_and_nothing_is_loaded(tmp_path, fresh_accelerator_state):
+    accelerator, model, optimizer, lr_scheduler, _ = build_parts(seed=0, with_ema=False)
+    named_state = NamedState(lr_scheduler=lr_scheduler)
+    accelerator.register_for_checkpointing(named_state)
+    save_checkpoint(accelerator, tmp_path, 1, named_state=named_state)
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator, model, optimizer, lr_scheduler, ema = build_parts(seed=1)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    named_state = NamedState(lr_scheduler=lr_scheduler, ema=ema)
+    accelerator.register_for_checkpointing(named_state)
+    with pytest.raises(ValueError, match=r"checkpoint-1: it has no 'ema' state, which this run needs"):
+        load_checkpoint(accelerator, tmp_path / "checkpoint-1", named_state)
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+    with pytest.raises(ValueError, match=r"it has a 'aux' state, which this run does not know.*lr_scheduler, ema"):
+        named_state.load_state_dict({"lr_scheduler": lr_scheduler.state_dict(), "ema": ema.state_dict(), "aux": {}})
+    assert lr_scheduler.last_epoch == 0  # nothing was restored
+
+
+@pytest.mark.parametrize("with_ema", [True, False], ids=["with_ema", "without_ema"])
+def test_a_checkpoint_of_numbered_files_loads_each_into_its_part(with_ema, tmp_path, fresh_accelerator_state):
+    # Written as before named parts: the LR schedule, then the EMA, each registered on its own.
+    accelerator, model, optimizer, lr_scheduler, ema = build_parts(seed=0, with_ema=with_ema)
+    accelerator.register_for_checkpointing(*[part for part in (lr_scheduler, ema) if part is not None])
+    advance(model, optimizer, lr_scheduler, ema, range(1, 4))
+    save_checkpoint(accelerator, tmp_path, 3)
+    assert len(list((tmp_path / "checkpoint-3").glob("custom_checkpoint_*.pkl"))) == (2 if with_ema else 1)
+    advance(model, optimizer, lr_scheduler, ema, range(4, 6))
+    expected_model = {key: value.clone() for key, value in model.state_dict().items()}
+    expected_ema = ema.state_dict() if with_ema else None
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator, model, optimizer, lr_scheduler, ema = build_parts(seed=1, with_ema=with_ema)
+    named_state = NamedState(lr_scheduler=lr_scheduler, ema=ema)
+    accelerator.register_for_checkpointing(named_state)
+    load_checkpoint(accelerator, tmp_path / "checkpoint-3", named_state)
+    assert accelerator._custom_objects == [named_state]  # registered as it was before the load
+    assert lr_scheduler.last_epoch == 3
+    advance(model, optimizer, lr_scheduler, ema, range(4, 6))
+    assert all(torch.equal(value, expected_model[key]) for key, value in model.state_dict().items())
+    if with_ema:
+        assert all(torch.equal(value, expected_ema["model"][key]) for key, value in ema.model.state_dict().items())
+
+    # Saved again, it is written by name.
+    save_checkpoint(accelerator, tmp_path, 5, named_state=named_state)
+    assert sorted(p.name for p in (tmp_path / "checkpoint-5").glob("custom_checkpoint_*")) == [
+        "custom_checkpoint_0.pkl"
+    ]

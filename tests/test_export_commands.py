@@ -89,7 +89,7 @@ def test_export_a_checkpoint_without_a_pipeline(run, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    ema = torch.load(run / "checkpoint-2" / "custom_checkpoint_1.pkl", weights_only=False)
+    ema = torch.load(run / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=False)["ema"]
     exported = load_file(str(tmp_path / "export" / "transformer" / "diffusion_pytorch_model.safetensors"))
     shadow = ema["model"] if "model" in ema else ema
     name = next(iter(exported))

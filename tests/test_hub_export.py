@@ -381,3 +381,22 @@ def test_each_exported_network_loads_through_automodel_without_the_package(tmp_p
     assert result.returncode == 0, result.stderr[-4000:]
     for kind, value in expected.items():
         torch.testing.assert_close(torch.load(tmp_path / f"{kind}_output.pt"), value, rtol=0, atol=0)
+
+
+def test_hub_imports_nothing_from_training():
+    """training imports hub (to export, record and push); hub importing training back would close a cycle."""
+    hub = Path(diffusers_speedup.__file__).parent / "hub"
+    found = []
+    for path in sorted(hub.glob("*.py")):
+        package = ["diffusers_speedup", "hub"]
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):  # imports inside functions too
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1] if node.level else [])
+                module = ".".join(part for part in (base, node.module) if part)
+                modules = [module] + [f"{module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            found += [f"{path.name}:{node.lineno} {m}" for m in modules if m.startswith("diffusers_speedup.training")]
+    assert not found

@@ -1,4 +1,9 @@
+import hashlib
+import json
 import os
+import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +20,8 @@ from diffusers_speedup.training.trainer import NonFiniteLossError, NonFiniteStep
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
+# A checkpoint written before the trainer saved its parts by name, and what that code did with it.
+NUMBERED = Path(__file__).resolve().parent / "fixtures" / "numbered_checkpoint"
 
 
 def tiny(output_dir, *extra):
@@ -42,7 +49,7 @@ def tiny(output_dir, *extra):
 def checkpoint_tensors(folder):
     state = load_file(str(folder / "model.safetensors"))
     optimizer = torch.load(folder / "optimizer.bin", weights_only=False)
-    ema = torch.load(folder / "custom_checkpoint_1.pkl", weights_only=False)
+    ema = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=False)["ema"]
     return state, optimizer, ema
 
 
@@ -92,6 +99,85 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, monkey
     resumed.train()
     assert resumed.step == 6
     assert_same_checkpoint(tmp_path / "straight" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6")
+
+
+def digest(state: dict) -> str:
+    """One SHA-256 over every tensor of a state dict, by name, as fixtures/numbered_checkpoint/make_fixture.py."""
+    lines = ""
+    for name, tensor in sorted(state.items()):
+        tensor = tensor.detach().cpu().contiguous()
+        data = f"{tensor.dtype}{tuple(tensor.shape)}".encode() + tensor.view(-1).view(torch.uint8).numpy().tobytes()
+        lines += f"{name} {hashlib.sha256(data).hexdigest()}\n"
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def numbered_checkpoint_in(run: Path) -> Path:
+    """A copy of the fixture's checkpoint-3 as the newest checkpoint of the run folder `run`."""
+    shutil.copytree(NUMBERED / "checkpoint-3", run / "checkpoint-3")
+    (run / "latest").write_text("checkpoint-3\n")
+    return run / "checkpoint-3"
+
+
+def test_a_checkpoint_of_numbered_files_resumes_and_continues_as_the_code_that_wrote_it(tmp_path):
+    checkpoint = numbered_checkpoint_in(tmp_path / "run")
+    overrides = [f"train.output_dir={tmp_path / 'run'}", "train.resume=latest"]
+    trainer = Trainer(load_config(checkpoint / "config.yaml", overrides))
+    trainer.resume()  # train() resumes again, to the same state
+    # custom_checkpoint_0.pkl held the LR schedule and custom_checkpoint_1.pkl the EMA.
+    lr_schedule = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+    ema = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)
+    assert trainer.lr_scheduler.state_dict() == lr_schedule and trainer.lr_scheduler.get_last_lr()[0] > 0
+    assert trainer.ema.num_updates == ema["num_updates"] == 3
+    assert_same(trainer.ema.model.state_dict(), ema["model"])
+    trainer.train()
+
+    # Step 6 is bit for bit where the code that wrote the checkpoint took it when resuming it.
+    expected = json.loads((NUMBERED / "expected.json").read_text())
+    where = f"(recorded with torch {expected['torch']} on a {expected['cpu_capability']} CPU)"
+    step_6 = tmp_path / "run" / "checkpoint-6"
+    assert sorted(p.name for p in step_6.glob("custom_checkpoint_*")) == ["custom_checkpoint_0.pkl"]
+    named = torch.load(step_6 / "custom_checkpoint_0.pkl", weights_only=False)
+    optimizer = torch.load(step_6 / "optimizer.bin", weights_only=True)
+    moments = {f"{i}.{key}": value for i, state in optimizer["state"].items() for key, value in state.items()}
+    continued = {
+        "model": digest(load_file(str(step_6 / "model.safetensors"))),
+        "optimizer": digest(moments),
+        "ema": digest(named["ema"]["model"]),
+        "ema_num_updates": named["ema"]["num_updates"],
+        "last_lr": named["lr_scheduler"]["_last_lr"],
+    }
+    assert continued == expected["resumed_to_step_6"], where
+
+
+def test_a_checkpoint_without_a_pipeline_record_is_refused_with_a_command_that_exports_it(tmp_path):
+    from diffusers_speedup.commands import main as command_line
+    from diffusers_speedup.hub.pipeline_record import export_checkpoint, resolve_export_input
+
+    checkpoint = numbered_checkpoint_in(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(checkpoint))} has no pipeline_record.json") as no:
+        resolve_export_input(checkpoint, tmp_path / "staging")
+    assert not (tmp_path / "staging").exists()
+
+    # What the message says to run: resume it for no further steps into a new folder.
+    command = re.search(r"`(diffusers-speedup train [^`]+)`", str(no.value)).group(1)
+    assert command_line(shlex.split(command.replace("NEW_FOLDER", str(tmp_path / "again")))[1:]) == 0
+    for name in os.listdir(NUMBERED / "checkpoint-3"):  # the old checkpoint is as it was
+        assert (checkpoint / name).read_bytes() == (NUMBERED / "checkpoint-3" / name).read_bytes()
+
+    # Both exports, the run's and the new checkpoint's, are what the old code exported from the old checkpoint.
+    expected = json.loads((NUMBERED / "expected.json").read_text())["export_of_checkpoint_3"]
+    for folder in (
+        tmp_path / "again" / "pipeline",
+        export_checkpoint(tmp_path / "again" / "checkpoint-3", tmp_path / "out"),
+    ):
+        assert (
+            digest(load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors")))
+            == expected["weights"]
+        )
+        for name in ("model_index.json", "transformer/config.json", "scheduler/scheduler_config.json"):
+            written = json.loads((folder / name).read_text())
+            written.pop("_diffusers_version", None)
+            assert written == expected[name], name
 
 
 def test_a_compiled_run_resumes_uncompiled_and_ends_where_an_uncompiled_run_does(tmp_path, monkeypatch):

@@ -4,12 +4,12 @@
         --fid 12.4 --fid_num_samples 10000 [--push_to_hub --hub_model_id me/uvit-s2-digits [--private]]
     diffusers-speedup export --push_to_hub --dataset_folder cache/imagenet256 --hub_dataset_id me/imagenet256-latents
 
-The input is a pipeline folder (with model_index.json), a checkpoint folder that holds one in a subfolder (an EMA
-pipeline is preferred), or a run folder whose `latest` file names the checkpoint. Nothing is uploaded without
---push_to_hub, and repositories are created public unless --private is given (a recipe's hub.private). A
---dataset_folder without --push_to_hub, the old form, is still pushed for one release, with a warning. The token
-comes from HF_TOKEN or `hf auth login`; it is never accepted on the command line, so it cannot end up in shell
-history or logs.
+The input is a pipeline folder (with model_index.json), a checkpoint folder (the pipeline in a subfolder when it holds
+one, an EMA pipeline preferred, else exported from its pipeline_record.json and weights, without the training data),
+or a run folder whose `latest` file names the checkpoint. Nothing is uploaded without --push_to_hub, and repositories
+are created public unless --private is given (a recipe's hub.private). A --dataset_folder without --push_to_hub, the
+old form, is still pushed for one release, with a warning. The token comes from HF_TOKEN or `hf auth login`; it is
+never accepted on the command line, so it cannot end up in shell history or logs.
 """
 
 import argparse
@@ -25,7 +25,8 @@ from diffusers_speedup.commands.common import load_pipeline, warn_deprecated
 from diffusers_speedup.distributed import require_single_process
 from diffusers_speedup.errors import one_line_errors
 from diffusers_speedup.hub import export_pipeline, push_dataset_folder, push_folder_to_hub
-from diffusers_speedup.hub.export import card_info_for_reexport, resolve_export_input
+from diffusers_speedup.hub.export import card_info_for_reexport
+from diffusers_speedup.hub.pipeline_record import resolve_export_input
 
 logger = logging.getLogger("export")
 CONFIG_NAMES = ("training_config.yaml", "config.yaml")
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     with one_line_errors():
         require_single_process("diffusers-speedup export")
-        # A checkpoint without a saved pipeline is exported by the trainer into a staging folder first.
+        # A checkpoint without a saved pipeline is exported from its pipeline record into a staging folder first.
         parent = Path(args.output_dir).parent if args.output_dir else Path(".")
         parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".export-", dir=parent) as staging:

@@ -48,6 +48,7 @@ from typing import Any
 
 from diffusers import ModelMixin
 
+from ..run_folder import TRAINER_STATE_NAME, find_latest_checkpoint
 from ..utils import atomic_folder
 from .model_card import ModelCardInfo, build_model_card
 
@@ -290,8 +291,6 @@ def find_export_source(path: str | os.PathLike) -> tuple[str, Path]:
     Raises:
         FileNotFoundError: when `path` does not exist or holds none of these.
     """
-    from ..training.checkpoints import TRAINER_STATE_NAME, find_latest_checkpoint
-
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"input folder does not exist: {path}")
@@ -312,22 +311,8 @@ def find_export_source(path: str | os.PathLike) -> tuple[str, Path]:
     )
 
 
-def resolve_export_input(path: str | os.PathLike, staging_dir: str | os.PathLike) -> Path:
-    """The pipeline folder to export for `path` (see `find_export_source`). A checkpoint without a saved pipeline
-    is exported first, by the trainer, into `staging_dir` (card facts included), and that folder is returned."""
-    kind, folder = find_export_source(path)
-    if kind == "pipeline":
-        return folder
-    from ..training.trainer import export_checkpoint
-
-    logger.info("%s holds no pipeline; exporting its weights as the trainer does", folder)
-    return export_checkpoint(folder, staging_dir)
-
-
 def _facts_from_checkpoint(folder: Path) -> dict[str, Any]:
     """Training facts from the trainer_state.json of the checkpoint that holds the pipeline `folder`, if any."""
-    from ..training.checkpoints import TRAINER_STATE_NAME
-
     path = folder.parent / TRAINER_STATE_NAME
     if not path.is_file():
         return {}

@@ -1,16 +1,27 @@
-"""Checkpoint folders that are never half-written, around accelerate's `save_state` / `load_state`.
+"""Checkpoint folders that are never half-written, around accelerate's `save_state` / `load_state`, and the
+trainer's own state saved in them by name.
 
-Layout of `output_dir`:
+A checkpoint folder `output_dir/checkpoint-<step>` holds:
 
-    checkpoint-<step>/        accelerate state (model, optimizer, RNG, registered objects) + trainer_state.json
-                              (+ config.yaml and anything else the trainer writes through `save_fn`)
-    checkpoint-<step>.tmp/    a checkpoint being written; left behind only by a crash, ignored and cleaned up
-    latest                    text file naming the newest complete checkpoint folder
+    model.safetensors, optimizer.bin, random_states_<rank>.pkl, ...
+                              accelerate's state: the prepared model and optimizer, every RNG
+    custom_checkpoint_0.pkl   the trainer's other parts, by name (`NamedState`): {"lr_scheduler": ..., "ema": ...}
+    config.yaml, pipeline_record.json
+                              the resolved config and what an export needs, written by the trainer (`save_fn`)
+    trainer_state.json        step, data position, images seen, ...; written last: a folder holding it is complete
 
 A checkpoint is written to `checkpoint-<step>.tmp` and renamed into place, then `latest` is replaced atomically, so
-`latest` only ever names a complete checkpoint. We name folders ourselves instead of using accelerate's
+`latest` only ever names a complete one. We name folders ourselves instead of using accelerate's
 `automatic_checkpoint_naming`, whose counter is not restored by `load_state` (a resumed run would then write
-`checkpoint_0` and delete newer checkpoints).
+`checkpoint_0` and delete newer checkpoints). Folder names, `latest` and finding the newest complete checkpoint are
+in `diffusers_speedup.run_folder`, which the exporter reads too.
+
+Why one named object: accelerate saves each object given to `register_for_checkpointing` as
+`custom_checkpoint_<i>.pkl`, numbered in the order of registration, and loads them back by position, so registering
+one more object before another would renumber the files. The trainer registers a single `NamedState` instead; a new
+part (an auxiliary loss's state) is one more name in it. Checkpoints written before held one numbered file per part
+(`custom_checkpoint_0.pkl` the LR schedule, `custom_checkpoint_1.pkl` the EMA: `NUMBERED_PARTS`); their
+trainer_state.json lists no named parts, and `load_checkpoint` loads them as they were written.
 """
 
 from __future__ import annotations
@@ -18,96 +29,93 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ..run_folder import (
+    CHECKPOINT_PREFIX,
+    CONFIG_NAME,
+    LATEST_NAME,
+    TMP_SUFFIX,
+    TRAINER_STATE_NAME,
+    checkpoint_name,
+    clean_incomplete_checkpoints,
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_trainer_state,
+    read_latest_pointer,
+)
 from ..utils import atomic_write, replace_folder
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "CONFIG_NAME",
+    "LATEST_NAME",
+    "NAMED_STATE_FILE",
+    "NUMBERED_PARTS",
+    "TMP_SUFFIX",
+    "TRAINER_STATE_NAME",
+    "NamedState",
+    "checkpoint_name",
+    "clean_incomplete_checkpoints",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_trainer_state",
+    "rotate_checkpoints",
+    "save_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-TMP_SUFFIX = ".tmp"
-LATEST_NAME = "latest"
-TRAINER_STATE_NAME = "trainer_state.json"
-# Where the trainer puts the resolved config inside a checkpoint (written through `save_fn`).
-CONFIG_NAME = "config.yaml"
-
-_CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
-
-
-def checkpoint_name(step: int) -> str:
-    """Folder name of the checkpoint at `step`."""
-    return f"{CHECKPOINT_PREFIX}{int(step)}"
+# accelerate's name for the file of the first (here: the only) object registered for checkpointing.
+NAMED_STATE_FILE = "custom_checkpoint_0.pkl"
+# The trainer_state.json entry listing the parts saved in NAMED_STATE_FILE; checkpoints without it are numbered.
+NAMED_STATE_KEY = "named_state"
+# What the numbered files of a checkpoint written before NamedState hold, file 0 first: the trainer registered the
+# LR schedule, then the EMA when the run had one.
+NUMBERED_PARTS = ("lr_scheduler", "ema")
 
 
-def _is_complete(path: Path) -> bool:
-    return path.is_dir() and _CHECKPOINT_RE.match(path.name) is not None and (path / TRAINER_STATE_NAME).is_file()
+class NamedState:
+    """Objects with ``state_dict`` / ``load_state_dict`` saved as one object, each under its name, so that no
+    registration order decides which file or entry holds what.
 
+    Register it with ``accelerator.register_for_checkpointing`` (and nothing else) and pass it to `save_checkpoint`
+    and `load_checkpoint`.
 
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint folders in `output_dir`, oldest first (by step)."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.iterdir() if _is_complete(p)]
-    return sorted(found, key=lambda p: int(_CHECKPOINT_RE.match(p.name).group(1)))
+    Args:
+        parts: name -> object; a None value (a part this run does not have, such as the EMA of a run without one)
+            is left out.
+    """
+
+    def __init__(self, **parts):
+        self.parts = {name: part for name, part in parts.items() if part is not None}
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore each part from its entry; nothing is restored when an entry is missing or unknown."""
+        self.check_saved_parts(state_dict.keys())
+        for name, part in self.parts.items():
+            part.load_state_dict(state_dict[name])
+
+    def check_saved_parts(self, saved: Iterable[str], where: str = "the checkpoint") -> None:
+        """Raise a ValueError naming each part that `where` lacks but this run needs, or holds but this run lacks."""
+        saved = list(saved)
+        problems = [f"it has no {name!r} state, which this run needs" for name in self.parts if name not in saved]
+        problems += [
+            f"it has a {name!r} state, which this run does not know" for name in saved if name not in self.parts
+        ]
+        if problems:
+            raise ValueError(f"{where}: {'; '.join(problems)} (this run's parts: {', '.join(self.parts) or 'none'}).")
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
     with atomic_write(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
-
-
-def _read_latest_pointer(output_dir: Path) -> Path | None:
-    pointer = output_dir / LATEST_NAME
-    if not pointer.is_file():
-        return None
-    name = pointer.read_text(encoding="utf-8").strip()
-    target = output_dir / name
-    if name and _CHECKPOINT_RE.match(name) and _is_complete(target):
-        return target
-    logger.warning("%s names %r, which is not a complete checkpoint; using the newest complete one.", pointer, name)
-    return None
-
-
-def clean_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete `*.tmp` leftovers of interrupted saves in `output_dir`; returns what was removed."""
-    output_dir = Path(output_dir)
-    removed = []
-    if not output_dir.is_dir():
-        return removed
-    for path in output_dir.iterdir():
-        if path.name.startswith(CHECKPOINT_PREFIX) and path.name.endswith(TMP_SUFFIX):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
-def find_latest_checkpoint(output_dir: str | os.PathLike, clean: bool = True) -> Path | None:
-    """The checkpoint to resume from: the one `latest` names, else the complete `checkpoint-N` with the largest N.
-
-    Args:
-        output_dir: the run's output folder.
-        clean: also delete `checkpoint-*.tmp` leftovers of interrupted saves. In a multi-process run pass
-            `accelerator.is_main_process`.
-
-    Returns:
-        The folder, or None when there is no complete checkpoint.
-    """
-    output_dir = Path(output_dir)
-    if clean:
-        for path in clean_incomplete_checkpoints(output_dir):
-            logger.info("Removed incomplete checkpoint %s", path)
-    latest = _read_latest_pointer(output_dir) if output_dir.is_dir() else None
-    if latest is not None:
-        return latest
-    complete = list_checkpoints(output_dir)
-    return complete[-1] if complete else None
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
@@ -124,7 +132,7 @@ def rotate_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -
     output_dir = Path(output_dir)
     complete = list_checkpoints(output_dir)
     protected = set(complete[-1:])
-    latest = _read_latest_pointer(output_dir)
+    latest = read_latest_pointer(output_dir)
     if latest is not None:
         protected.add(latest)
     removable = [p for p in complete if p not in protected]
@@ -144,6 +152,7 @@ def save_checkpoint(
     extra_state: dict | None = None,
     save_fn: Callable[[Path], None] | None = None,
     total_limit: int | None = None,
+    named_state: NamedState | None = None,
 ) -> Path:
     """Save the training state atomically as `output_dir/checkpoint-<step>` and point `latest` at it.
 
@@ -152,8 +161,8 @@ def save_checkpoint(
 
     Args:
         accelerator (`accelerate.Accelerator`): its prepared models, optimizers, schedulers, dataloaders and objects
-            registered with `register_for_checkpointing` (EMA, LR schedule, ...) are saved by `save_state`. It must not
-            use `automatic_checkpoint_naming`.
+            registered with `register_for_checkpointing` (the trainer's `NamedState`) are saved by `save_state`. It
+            must not use `automatic_checkpoint_naming`.
         output_dir: the run's output folder.
         step: optimizer steps done; names the folder and is stored as `trainer_state["step"]`.
         extra_state: JSON-serialisable trainer state to store in `trainer_state.json` (epoch, position in the epoch,
@@ -161,6 +170,8 @@ def save_checkpoint(
         save_fn: called on the main process with the temporary folder before it is renamed into place; write
             `CONFIG_NAME` (the resolved config) and any other files there.
         total_limit: if given, keep at most this many checkpoints afterwards (`rotate_checkpoints`).
+        named_state: the `NamedState` registered with `accelerator`; its part names are listed in
+            `trainer_state.json`, which tells `load_checkpoint` the layout.
 
     Returns:
         The final checkpoint folder.
@@ -171,6 +182,8 @@ def save_checkpoint(
             "ProjectConfiguration(automatic_checkpoint_naming=False)."
         )
     trainer_state = {**(extra_state or {}), "step": int(step)}
+    if named_state is not None:
+        trainer_state[NAMED_STATE_KEY] = list(named_state.parts)
     try:
         trainer_state_text = json.dumps(trainer_state, indent=2, sort_keys=True)
     except TypeError as err:
@@ -203,28 +216,58 @@ def save_checkpoint(
     return final_dir
 
 
-def load_trainer_state(checkpoint_dir: str | os.PathLike) -> dict:
-    """The `trainer_state.json` of a checkpoint folder."""
-    path = Path(checkpoint_dir) / TRAINER_STATE_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} not found: {str(checkpoint_dir)!r} is not a complete checkpoint.")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def load_checkpoint(accelerator, checkpoint_dir: str | os.PathLike) -> dict:
+def load_checkpoint(accelerator, checkpoint_dir: str | os.PathLike, named_state: NamedState | None = None) -> dict:
     """Restore the state saved by `save_checkpoint` and return its trainer state.
 
-    Register the same objects with `register_for_checkpointing` (in the same order) and prepare the same models,
-    optimizers and dataloaders before calling it.
+    Prepare the same models, optimizers and dataloaders, and register the same objects with
+    `register_for_checkpointing`, before calling it.
 
     Args:
         accelerator (`accelerate.Accelerator`): the accelerator to load into.
         checkpoint_dir: a checkpoint folder, e.g. from `find_latest_checkpoint`.
+        named_state: the `NamedState` registered with `accelerator`, when that is how the state is kept. Its parts
+            are restored by name, or, from a checkpoint written before named parts, from the numbered files.
 
     Returns:
         The dict stored in `trainer_state.json` (`step` and the trainer's `extra_state`).
+
+    Raises:
+        ValueError: naming the part, when the checkpoint lacks a part that `named_state` has or holds one it lacks;
+            nothing is loaded then.
     """
     checkpoint_dir = Path(checkpoint_dir)
     trainer_state = load_trainer_state(checkpoint_dir)
-    accelerator.load_state(str(checkpoint_dir))
+    if named_state is None:
+        accelerator.load_state(str(checkpoint_dir))
+    elif NAMED_STATE_KEY in trainer_state:
+        named_state.check_saved_parts(trainer_state[NAMED_STATE_KEY], where=str(checkpoint_dir))
+        accelerator.load_state(str(checkpoint_dir))
+    else:
+        _load_numbered(accelerator, checkpoint_dir, named_state)
     return trainer_state
+
+
+def _load_numbered(accelerator, checkpoint_dir: Path, named_state: NamedState) -> None:
+    """Load a checkpoint whose parts are numbered files (`NUMBERED_PARTS`), written before `NamedState`."""
+    count = len(list(checkpoint_dir.glob("custom_checkpoint_*.pkl")))
+    if count > len(NUMBERED_PARTS):
+        raise ValueError(
+            f"{checkpoint_dir}: {count} numbered state files (custom_checkpoint_*.pkl), but checkpoints written "
+            f"before named parts held at most {len(NUMBERED_PARTS)} ({', '.join(NUMBERED_PARTS)})."
+        )
+    names = NUMBERED_PARTS[:count]
+    named_state.check_saved_parts(names, where=f"{checkpoint_dir} (numbered files: {', '.join(names) or 'none'})")
+    # accelerate loads registered objects by position and refuses a folder with another number of files, so the
+    # parts stand in for the named state while it loads, in the order in which they were numbered. accelerate has
+    # no public way to change what is registered.
+    registered = accelerator._custom_objects
+    if registered != [named_state]:
+        raise ValueError(
+            "load_checkpoint: a checkpoint with numbered files loads only when named_state is the one object "
+            "registered for checkpointing."
+        )
+    registered[:] = [named_state.parts[name] for name in names]
+    try:
+        accelerator.load_state(str(checkpoint_dir))
+    finally:
+        registered[:] = [named_state]

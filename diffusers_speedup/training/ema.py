@@ -14,7 +14,8 @@ Both keep the averaged weights in fp32 in a deep copy of the live model (`.model
 sampling and `save_pretrained`).
 
 Why not `EMAModel`: diffusers has no EDM2 power-function EMA, and the trainer treats both kinds alike, through one
-interface (`update(model, step, nimg)`, `.model`, `state_dict`). `EMAModel` keeps a list of shadow tensors that are
+interface (`update(model, step, nimg)`, `.model`, `state_dict`, and `MODEL_STATE_KEYS`, where the state dict keeps
+the weights of `.model`, which the exporter reads from a checkpoint). `EMAModel` keeps a list of shadow tensors that are
 swapped into the live model (`store` / `copy_to` / `restore`) to sample or save, matched to its parameters by position
 and counted by its own number of calls; here the average is a module of its own (buffers included) that the sampling
 pipeline and the export use as it is, matched by parameter name (once, behind DDP and torch.compile wrappers), and
@@ -120,6 +121,9 @@ class ConstantEMA(_ShadowModule):
         start_step (`int`, defaults to 0): up to and including this step the average simply copies the model;
             averaging starts at the first update after it.
     """
+
+    # Where `state_dict()` keeps the weights of `.model`: a checkpoint's reader finds them without building an EMA.
+    MODEL_STATE_KEYS = ("model",)
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.9999, start_step: int = 0):
         if not 0.0 <= decay < 1.0:
@@ -259,6 +263,9 @@ class PowerFunctionEMA(_ShadowModule):
         snapshot_dtype (`torch.dtype`, defaults to `torch.float16`): dtype of the stored parameters (buffers keep
             their own dtype). fp16 halves the disk use, as in EDM2.
     """
+
+    # Where `state_dict()` keeps the weights of `.model` (the first profile); see ConstantEMA.
+    MODEL_STATE_KEYS = ("models", 0)
 
     def __init__(
         self,

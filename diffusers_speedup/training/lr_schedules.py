@@ -3,7 +3,7 @@
 All schedules are `torch.optim.lr_scheduler.LambdaLR` multipliers of the optimizer's base learning rate, stepped once
 per optimizer step. Don't pass them through `accelerator.prepare`: accelerate's wrapper steps a scheduler once per
 process per call, which would make `t` count `num_processes` times too fast. Step them yourself and save them with
-`accelerator.register_for_checkpointing(lr_scheduler)`.
+the checkpoint (the trainer registers its schedule, by name, in `checkpoints.NamedState`).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ it is built from follow it: the data, the model and its optimizer, one optimizer
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import SAFE_WEIGHTS_NAME, DistributedType, ProjectConfiguration, set_seed
 from accelerate.utils.environment import str_to_bool
 from diffusers.utils import make_image_grid
 from torch import nn
@@ -33,9 +34,17 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..data.batching import Batch
 from ..data.latent_dataset import LatentNormalization
 from ..distributed import check_world_size
+from ..hub.pipeline_record import PipelineRecord, build_pipeline, export_recorded_pipeline, load_recorded_vae
 from ..models import model_kind
 from ..objectives import AuxiliaryLoss, DiffusionObjective
-from .checkpoints import CONFIG_NAME, find_latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import (
+    CONFIG_NAME,
+    NAMED_STATE_FILE,
+    NamedState,
+    find_latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import MIXED_PRECISION, Config, ConfigError, config_to_dict, config_to_yaml, report_to_trackers
 from .ema import SNAPSHOT_DIR_NAME, ConstantEMA, PowerFunctionEMA
 from .lr_schedules import get_lr_scheduler
@@ -159,8 +168,8 @@ class Trainer:
         self.objective = build_objective(config, self.noise_scheduler, self.data.num_classes)
 
     def _prepare_for_training(self) -> None:
-        """Compile, hand the model and the optimizer to accelerate, and register the LR schedule and the EMA, which
-        checkpoints also hold (in this order: their files are numbered by it)."""
+        """Compile, hand the model and the optimizer to accelerate, and register what else checkpoints hold: the LR
+        schedule and the EMA, each under its name (`NamedState`)."""
         config, accelerator = self.config, self.accelerator
         if config.train.compile:
             # In place rather than torch.compile(model): the parameter names, and so checkpoints, stay the same
@@ -171,10 +180,12 @@ class Trainer:
         self.module, self.optimizer = accelerator.prepare(trainable, optimizer)
         # Not passed through prepare: accelerate would step it once per process per step.
         self.lr_scheduler = build_lr_scheduler(config, optimizer)
-        accelerator.register_for_checkpointing(self.lr_scheduler)
         if self.ema is not None:
             self.ema.to(accelerator.device)
-            accelerator.register_for_checkpointing(self.ema)
+        # One registered object: accelerate numbers registered objects' files, and a part added later (an auxiliary
+        # loss's state) is one more name here rather than a file that renumbers the others.
+        self.named_state = NamedState(lr_scheduler=self.lr_scheduler, ema=self.ema)
+        accelerator.register_for_checkpointing(self.named_state)
 
     # --- training ------------------------------------------------------------------------------------------------
 
@@ -320,16 +331,18 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
-        def write_config(folder: Path) -> None:
+        def write_config_and_record(folder: Path) -> None:
             (folder / CONFIG_NAME).write_text(config_to_yaml(self.config))
+            self.pipeline_record().save(folder)  # what exporting this checkpoint needs, data and trainer aside
 
         path = save_checkpoint(
             self.accelerator,
             self.output_dir,
             self.step,
             self._trainer_state(),
-            save_fn=write_config,
+            save_fn=write_config_and_record,
             total_limit=self.config.train.checkpoints_total_limit,
+            named_state=self.named_state,
         )
         # Without periodic snapshots, each checkpoint is a point that post-hoc EMA can reconstruct from.
         ema = self.ema
@@ -349,7 +362,7 @@ class Trainer:
             return
         if self.resume_from is not None and path.resolve() != self.resume_from.resolve():
             check_resume_config(self.config, path)  # a newer checkpoint appeared since the start-up check
-        state = load_checkpoint(self.accelerator, path)
+        state = load_checkpoint(self.accelerator, path, self.named_state)
         self.step = int(state["step"])
         for key in ("epoch", "batches_into_epoch", "images_seen"):
             setattr(self, key, int(state[key]))
@@ -376,31 +389,70 @@ class Trainer:
 
         Its config carries the training normalisation, so a pipeline around it decodes what the model learned.
         """
+        record = self._vae_record()
+        return None if record is None else load_recorded_vae(record).to(self.accelerator.device)
+
+    def _vae_record(self) -> dict | None:
+        """Where the VAE comes from and the latent normalisation trained with (None for pixel data)."""
         if not self.data.is_latent:
             return None
-        from ..data import load_vae
-
         metadata = self.data.dataset.metadata
-        vae, _ = load_vae(
-            metadata["vae_id"], revision=metadata.get("vae_revision"), subfolder=metadata.get("vae_subfolder")
+        return {
+            "id": metadata["vae_id"],
+            "revision": metadata.get("vae_revision"),
+            "subfolder": metadata.get("vae_subfolder"),
+            "config": self.data.dataset.normalization.vae_config(),
+        }
+
+    def _inference_model(self) -> nn.Module:
+        """The weights that sample and are exported: the EMA's when there is one, else the live model's."""
+        return self.ema.model if self.ema is not None else self.model
+
+    def pipeline_record(self) -> PipelineRecord:
+        """What a pipeline of this run needs besides its weights, as of this step. Each checkpoint saves it, and
+        `hub.export_checkpoint` exports the checkpoint from it without the data or a trainer."""
+        model = self._inference_model()
+        if self.ema is not None:  # its entry in the named state
+            weights = {"file": NAMED_STATE_FILE, "keys": ["ema", *self.ema.MODEL_STATE_KEYS]}
+        else:  # the live model, saved by accelerate as the TrainingModule's `model`
+            weights = {"file": SAFE_WEIGHTS_NAME, "prefix": "model."}
+        return PipelineRecord(
+            model=json.loads(model.to_json_string()),
+            slot=model_kind(self.config.model.kind).pipeline_slot,
+            weights=weights,
+            class_names=list(self.data.class_names),
+            sample_shape=list(self.data.sample_shape),
+            scheduler=json.loads(build_sampling_scheduler(self.config, self.noise_scheduler).to_json_string()),
+            vae=self._vae_record(),
+            card=self._card_facts(),
+            sample_grid=self._grid_path(self.step).relative_to(self.output_dir).as_posix(),
         )
-        vae.register_to_config(**self.data.dataset.normalization.vae_config())
-        return vae.to(self.accelerator.device).eval()
+
+    def _card_facts(self) -> dict:
+        """The model card's facts about this run as of this step (`hub.ModelCardInfo` fields)."""
+        config, sampling = self.config, self.config.sampling
+        return {
+            "model_name": config.hub.hub_model_id.split("/")[-1] if config.hub.hub_model_id else self.output_dir.name,
+            "repo_id": config.hub.hub_model_id,
+            "dataset_name": self._dataset_name(),
+            "datasets": self._hub_datasets(),
+            "training_steps": self.step,
+            "images_seen": self.images_seen,
+            "batch_size": config.train.batch_size,
+            "hardware": self.hardware,
+            "training_time": f"{self.train_seconds / 60:.1f} minutes",
+            "num_inference_steps": sampling.num_inference_steps,
+            "guidance_scale": sampling.guidance_scale,
+            "guidance_interval": list(sampling.guidance_interval) if sampling.guidance_interval else None,
+        }
 
     def pipeline(self):
-        """A pipeline around the EMA weights (the live weights when there is no EMA; put them in eval mode first
-        and back in train mode after)."""
-        from ..pipelines.pipeline_class_conditional import ClassConditionalPipeline
+        """A pipeline around the inference weights (`_inference_model`; put them in eval mode first and back in
+        train mode after), built from this step's record as an export of the checkpoint builds it."""
+        return build_pipeline(self.pipeline_record(), self._inference_model(), self.vae)
 
-        model = self.ema.model if self.ema is not None else self.model
-        denoiser = {model_kind(self.config.model.kind).pipeline_slot: model}
-        id2label = {i: name for i, name in enumerate(self.data.class_names)}
-        return ClassConditionalPipeline(
-            scheduler=build_sampling_scheduler(self.config, self.noise_scheduler),
-            vae=self.vae,
-            id2label=id2label,
-            **denoiser,
-        )
+    def _grid_path(self, step: int) -> Path:
+        return self.output_dir / "samples" / f"step_{step:07d}.png"
 
     def sample_grid(self):
         """Sample a grid (classes along columns) from the inference weights; save it as PNG and log it."""
@@ -422,7 +474,7 @@ class Trainer:
                 output_type="pil",
             ).images
             grid = make_image_grid(images, rows=sampling.images_per_class, cols=len(classes))
-            path = self.output_dir / "samples" / f"step_{self.step:07d}.png"
+            path = self._grid_path(self.step)
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)
             log_image_to_trackers(accelerator, "samples", grid, self.step)
@@ -432,36 +484,19 @@ class Trainer:
         return grid
 
     def export(self, folder: Path) -> Path | None:
-        """Export the inference weights as a pipeline folder with a model card (main process)."""
+        """Export the inference weights as a pipeline folder with a model card (main process), as
+        `hub.export_checkpoint` exports a checkpoint of this step."""
         accelerator = self.accelerator
         export_dir = None
         if accelerator.is_main_process:
-            from ..hub import ModelCardInfo, export_pipeline
-
-            config = self.config
-            info = ModelCardInfo(
-                model_name=config.hub.hub_model_id.split("/")[-1] if config.hub.hub_model_id else self.output_dir.name,
-                repo_id=config.hub.hub_model_id,
-                dataset_name=self._dataset_name(),
-                datasets=self._hub_datasets(),
-                training_steps=self.step,
-                images_seen=self.images_seen,
-                batch_size=config.train.batch_size,
-                hardware=self.hardware,
-                training_time=f"{self.train_seconds / 60:.1f} minutes",
-                num_inference_steps=config.sampling.num_inference_steps,
-                guidance_scale=config.sampling.guidance_scale,
-                guidance_interval=tuple(config.sampling.guidance_interval)
-                if config.sampling.guidance_interval
-                else None,
-            )
             self.module.eval()
-            export_dir = export_pipeline(
-                self.pipeline(),
+            export_dir = export_recorded_pipeline(
+                self.pipeline_record(),
+                self._inference_model(),
+                self.vae,
                 folder,
-                training_config=config_to_dict(config),
+                training_config=config_to_dict(self.config),
                 sample_grid=self.latest_grid,
-                card_info=info,
             )
             self.module.train()
         accelerator.wait_for_everyone()
@@ -517,44 +552,6 @@ class Trainer:
 def train(config: Config) -> Path | None:
     """Train a recipe end to end and return the exported pipeline folder (on the main process)."""
     return Trainer(config).train()
-
-
-def export_checkpoint(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
-    """Export the inference weights of a checkpoint as the trainer exports at the end of a run: a pipeline folder
-    with its card (steps, images, batch, hardware and time from the checkpoint; the run's sample grid of that step
-    when there is one).
-
-    Rebuilds the run from the checkpoint's config.yaml (data included, for the class names and the VAE) in one CPU
-    process, loads the checkpoint, and exports; nothing in the run folder changes.
-    """
-    import yaml
-    from PIL import Image
-
-    from .checkpoints import load_trainer_state
-    from .recipes import config_from_mapping
-
-    checkpoint_dir = Path(checkpoint_dir)
-    state = load_trainer_state(checkpoint_dir)
-    saved = checkpoint_dir / CONFIG_NAME
-    if not saved.is_file():
-        raise FileNotFoundError(f"{checkpoint_dir} has no {CONFIG_NAME}, so the run it belongs to cannot be rebuilt")
-    mapping = yaml.safe_load(saved.read_text(encoding="utf-8"))
-    mapping["train"].update(
-        resume=str(checkpoint_dir),
-        output_dir=str(checkpoint_dir.parent),
-        report_to="none",
-        compile=False,
-        cpu=True,
-        mixed_precision="fp32",
-    )
-    mapping["hub"]["push_to_hub"] = False
-    trainer = Trainer(config_from_mapping(mapping))
-    trainer.resume()
-    trainer.hardware = state.get("hardware") or trainer.hardware
-    grid = checkpoint_dir.parent / "samples" / f"step_{trainer.step:07d}.png"
-    if grid.is_file():
-        trainer.latest_grid = Image.open(grid)
-    return trainer.export(Path(output_dir))
 
 
 def resume_checkpoint(config: Config, clean: bool = False) -> Path | None:
