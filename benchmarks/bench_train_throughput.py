@@ -99,15 +99,9 @@ def package_step(spec: BenchmarkModel, model, device, mixed_precision: str, comp
     """Build this package's training step around ``model``; returns ``step(x0, labels) -> loss tensor``."""
     from diffusers_speedup.data import Batch
     from diffusers_speedup.training.ema import ConstantEMA
-    from diffusers_speedup.training.parts import build_noise_scheduler
+    from diffusers_speedup.training.parts import build_noise_scheduler, build_objective, build_optimizer
     from diffusers_speedup.training.recipes import config_from_mapping
-    from diffusers_speedup.training.trainer import (
-        LossTracker,
-        TrainingModule,
-        build_objective,
-        build_optimizer,
-        optimizer_step,
-    )
+    from diffusers_speedup.training.step import LossTracker, TrainingModule, optimizer_step
 
     config = config_from_mapping(_recipe(spec))
     if device.type == "cuda":

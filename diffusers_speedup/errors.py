@@ -19,7 +19,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     refused launches and resumes, a stopped run, a failed push."""
     from .distributed import LaunchError
     from .hub.push import PushError
-    from .training.trainer import NonFiniteLossError
+    from .training.step import NonFiniteLossError
 
     return (ValueError, OSError, LaunchError, NonFiniteLossError, PushError)
 

@@ -13,7 +13,7 @@ from tiny_models import tiny_uvit
 
 from diffusers_speedup.data import Batch, LatentDataset, cache_latents
 from diffusers_speedup.objectives import AuxiliaryLoss, DiffusionObjective
-from diffusers_speedup.training.trainer import LossTracker, TrainingModule, optimizer_step
+from diffusers_speedup.training.step import LossTracker, TrainingModule, optimizer_step
 
 
 class AlignMeanToken(AuxiliaryLoss):

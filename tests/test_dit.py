@@ -339,8 +339,8 @@ def test_folders_from_before_dit_transformer_2d_load_too(dit_pipeline_folder, tm
 
 
 def test_training_can_start_from_a_dit_pipeline_folder(dit_pipeline_folder):
+    from diffusers_speedup.training.parts import build_model
     from diffusers_speedup.training.recipes import load_config
-    from diffusers_speedup.training.trainer import build_model
 
     config = load_config(None, ["model.kind=dit", f"model.pretrained={dit_pipeline_folder}", "objective.label_dropout=0",
                                 "objective.learned_variance=true"])  # fmt: skip

@@ -12,8 +12,9 @@ from diffusers_speedup.models import MODEL_KINDS, model_kind, model_kind_of
 from diffusers_speedup.objectives.objective import CONDITIONINGS
 from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 from diffusers_speedup.training.config import ConfigError, ModelConfig
+from diffusers_speedup.training.parts import build_model
 from diffusers_speedup.training.recipes import load_config
-from diffusers_speedup.training.trainer import TrainingData, build_model
+from diffusers_speedup.training.training_data import TrainingData
 
 
 @pytest.fixture(params=sorted(MODEL_KINDS))

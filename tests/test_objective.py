@@ -391,9 +391,8 @@ def _one_step_against_edm2(loss_reduction: str, lr: float = 0.01):
     from pathlib import Path
 
     from diffusers_speedup.models.edm2_unet import EDM2UNetModel
-    from diffusers_speedup.training.parts import build_noise_scheduler
+    from diffusers_speedup.training.parts import build_noise_scheduler, build_objective, build_optimizer
     from diffusers_speedup.training.recipes import load_config
-    from diffusers_speedup.training.trainer import build_objective, build_optimizer
 
     recipe = Path(__file__).resolve().parents[1] / "configs" / "imagenet512" / "edm2_xs.yaml"
     config = load_config(recipe, [f"objective.loss_reduction={loss_reduction}"])

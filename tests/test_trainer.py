@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from diffusers_speedup.data import Batch
 from diffusers_speedup.training import ConfigError, Trainer, load_config
 from diffusers_speedup.training.checkpoints import find_latest_checkpoint
-from diffusers_speedup.training.trainer import NonFiniteLossError, NonFiniteSteps, TrainingData, optimizer_step
+from diffusers_speedup.training.step import NonFiniteLossError, NonFiniteSteps, optimizer_step
+from diffusers_speedup.training.training_data import TrainingData
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"

@@ -10,7 +10,7 @@ from accelerate.state import AcceleratorState
 from accelerate.tracking import GeneralTracker
 
 from diffusers_speedup.training import ConfigError, Trainer, load_config
-from diffusers_speedup.training.trainer import apply_launcher_settings
+from diffusers_speedup.training.launch import apply_launcher_settings
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 

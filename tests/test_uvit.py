@@ -564,8 +564,8 @@ def test_xformers_path_matches_sdpa(monkeypatch):
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 def test_minsnr_recipes_build_the_official_vit_b(prediction):
+    from diffusers_speedup.training.parts import build_model
     from diffusers_speedup.training.recipes import load_config
-    from diffusers_speedup.training.trainer import build_model
 
     recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "imagenet256", f"vit_b_minsnr_{prediction}.yaml")
     config = load_config(recipe)

@@ -2,7 +2,8 @@
 
 from .config import Config, ConfigError, config_to_dict, config_to_yaml
 from .recipes import config_from_mapping, load_config
-from .trainer import NonFiniteLossError, Trainer, train
+from .step import NonFiniteLossError
+from .trainer import Trainer, train
 
 __all__ = [
     "Config",

@@ -4,66 +4,52 @@ Runs the same on one CPU and under ``accelerate launch`` on many GPUs. The data 
 (seed, epoch, rank), and every random draw of the step comes from torch's global RNG, which accelerate saves with
 each checkpoint: a resumed run continues exactly where the interrupted one stopped.
 
-`Trainer` comes first and reads as the run goes: set-up, the loop, checkpoints, sample grids and export. The pieces
-it is built from follow it: the data, the model and its optimizer, one optimizer step, and the launcher settings.
+`Trainer` reads as the run goes: set-up, the loop, checkpoints, sample grids and export. The pieces it is built from
+live beside it, one concept a file: the launch (`launch.py`), the data (`training_data.py`), the model, objective,
+EMA, optimizer and schedules (`parts.py`), one optimizer step (`step.py`), checkpoints (`checkpoints.py`) and the
+trackers (`trackers.py`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
-import os
-import platform
 import time
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import SAFE_WEIGHTS_NAME, DistributedType, ProjectConfiguration, set_seed
-from accelerate.utils.environment import str_to_bool
+from accelerate.utils import SAFE_WEIGHTS_NAME, ProjectConfiguration, set_seed
 from diffusers.utils import make_image_grid
 from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..data.batching import Batch
-from ..data.latent_dataset import LatentNormalization
 from ..distributed import check_world_size
 from ..hub.pipeline_record import PipelineRecord, build_pipeline, export_recorded_pipeline, load_recorded_vae
 from ..models import model_kind
-from ..objectives import AuxiliaryLoss, DiffusionObjective
-from .checkpoints import (
-    CONFIG_NAME,
-    NAMED_STATE_FILE,
-    NamedState,
-    find_latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
+from ..run_folder import find_latest_checkpoint
+from .checkpoints import CONFIG_NAME, NAMED_STATE_FILE, NamedState, load_checkpoint, save_checkpoint
+from .config import Config, config_to_dict, config_to_yaml, report_to_trackers
+from .ema import SNAPSHOT_DIR_NAME, PowerFunctionEMA
+from .launch import apply_launcher_settings, check_job, hardware_name
+from .parts import (
+    build_ema,
+    build_lr_scheduler,
+    build_model,
+    build_noise_scheduler,
+    build_objective,
+    build_optimizer,
+    build_sampling_scheduler,
 )
-from .config import MIXED_PRECISION, Config, ConfigError, config_to_dict, config_to_yaml, report_to_trackers
-from .ema import SNAPSHOT_DIR_NAME, ConstantEMA, PowerFunctionEMA
-from .lr_schedules import get_lr_scheduler
-from .parts import build_noise_scheduler, build_objective
+from .step import LOG_SNR_BUCKETS, LossTracker, NonFiniteSteps, TrainingModule, optimizer_step
+from .trackers import log_image_to_trackers, tracker_config
+from .training_data import load_training_data
 from .validation import check_environment, check_resume_config
 
 logger = logging.getLogger(__name__)
-
-# Edges of the log-SNR buckets in which the loss is also logged (ln SNR; 0 is SNR = 1).
-LOG_SNR_EDGES = (-6.0, -3.0, 0.0, 3.0, 6.0)
-LOG_SNR_BUCKETS = (
-    [f"<{LOG_SNR_EDGES[0]:g}"]
-    + [f"{lo:g}..{hi:g}" for lo, hi in zip(LOG_SNR_EDGES, LOG_SNR_EDGES[1:])]
-    + [f">{LOG_SNR_EDGES[-1]:g}"]
-)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 # --- the trainer -------------------------------------------------------------------------------------------------
@@ -88,14 +74,13 @@ class Trainer:
         self.resume_from = resume_checkpoint(config)
         if self.resume_from is not None:
             check_resume_config(config, self.resume_from)
-        self.micro_batch_size = self._micro_batch_size()
         if config.train.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         set_seed(config.train.seed)  # model initialisation, then the training stream (restored on resume)
 
         self.data = load_training_data(config, self.accelerator.device)
-        self._check_dataset_size()
+        self.micro_batch_size = check_job(config, self.accelerator, len(self.data.dataset), self._dataset_name())
         self._build_model()
         snapshot_dir = str(self.output_dir / SNAPSHOT_DIR_NAME) if self.accelerator.is_main_process else None
         self.ema = build_ema(config, self.model, snapshot_dir)
@@ -105,7 +90,7 @@ class Trainer:
         self.step, self.epoch, self.batches_into_epoch, self.images_seen = 0, 0, 0, 0
         self.nonfinite = NonFiniteSteps(config.train.max_consecutive_nonfinite, self.accelerator.device)
         self.train_seconds = 0.0
-        self.hardware = _hardware(self.accelerator)
+        self.hardware = hardware_name(self.accelerator)
         self.latest_grid = None
         self.pusher = None
         self.push_result = None
@@ -131,30 +116,7 @@ class Trainer:
             "process %d of %d (%s) on %s", accelerator.process_index, accelerator.num_processes,
             accelerator.distributed_type.value, accelerator.device,
         )  # fmt: skip
-        if accelerator.distributed_type == DistributedType.FSDP:
-            _check_fsdp(self.config)
         return accelerator
-
-    def _micro_batch_size(self) -> int:
-        """The batch of one process in one accumulation step: the global batch must split evenly into them."""
-        train, processes = self.config.train, self.accelerator.num_processes
-        world = processes * train.gradient_accumulation_steps
-        if train.batch_size % world:
-            raise ConfigError(
-                f"train.batch_size: {train.batch_size} is not divisible by processes × accumulation steps = "
-                f"{processes} × {train.gradient_accumulation_steps}."
-            )
-        return train.batch_size // world
-
-    def _check_dataset_size(self) -> None:
-        processes = self.accelerator.num_processes
-        needed = self.micro_batch_size * processes
-        if len(self.data.dataset) < needed:
-            raise ConfigError(
-                f"train.batch_size: {self.config.train.batch_size} (micro-batches of {self.micro_batch_size} on "
-                f"{processes} process(es)) needs at least {needed} samples, but the dataset "
-                f"({self._dataset_name()}) has {len(self.data.dataset)}."
-            )
 
     def _build_model(self) -> None:
         """The model (fitted to the data), the noise schedule it is trained on, and the objective."""
@@ -202,7 +164,7 @@ class Trainer:
             # written again are not there twice.
             init_kwargs = {"tensorboard": {"purge_step": self.step + 1}} if self.step else {}
             accelerator.init_trackers(
-                config.train.tracker_project_name, config=_tracker_config(config), init_kwargs=init_kwargs
+                config.train.tracker_project_name, config=tracker_config(config), init_kwargs=init_kwargs
             )
         if config.hub.push_to_hub:
             from ..hub import BackgroundHubPusher
@@ -564,438 +526,3 @@ def resume_checkpoint(config: Config, clean: bool = False) -> Path | None:
     if resume == "latest":
         return find_latest_checkpoint(config.train.output_dir, clean=clean)
     return Path(resume)
-
-
-# --- data --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingData:
-    """Pixels held in memory (PixelDataset) or cached latents (LatentDataset) behind one interface."""
-
-    dataset: object
-    is_latent: bool
-    class_names: list[str]
-    sample_shape: tuple[int, int, int]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def batch(self, indices: torch.Tensor, device) -> Batch:
-        return self.dataset.batch(indices, device)
-
-
-def load_training_data(config: Config, device) -> TrainingData:
-    from ..data import LatentDataset, load_pixel_dataset
-
-    data = config.data
-    if data.kind == "latents":
-        dataset = LatentDataset(data.path, random_flip=data.random_flip, in_memory=data.in_memory, device=device)
-        if data.latent_norm == "per_channel":
-            dataset.normalization = per_channel_normalization(dataset, data)
-        names = dataset.class_names or [str(i) for i in range(dataset.num_classes)]
-        return TrainingData(dataset, True, list(names), dataset.latent_shape)
-    source = data.name if data.kind == "builtin" else data.path
-    try:
-        dataset = load_pixel_dataset(
-            source,
-            resolution=data.resolution,
-            channels=data.channels,
-            random_flip=data.random_flip,
-            image_column=data.image_column,
-            label_column=data.label_column,
-        )
-    except (OSError, ValueError) as error:  # datasets' own errors name neither the key nor, often, the path
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ConfigError(f"data.path: cannot read {source!r} as {data.kind}: {first_line}") from None
-    if data.in_memory:
-        dataset = dataset.to(device)
-    if dataset.rejected:
-        logger.warning("%d images were rejected, e.g. %s", len(dataset.rejected), dataset.rejected[:3])
-    names = dataset.class_names or [str(i) for i in range(int(dataset.labels.max()) + 1)]
-    return TrainingData(dataset, False, list(names), dataset.sample_shape)
-
-
-def per_channel_normalization(dataset, data) -> LatentNormalization:
-    """EDM2-style normalisation: the configured raw statistics, or the cache's own, mapped to latent_target_std."""
-    channels = dataset.latent_shape[0]
-    if data.latents_mean is not None:
-        if len(data.latents_mean) != channels:
-            raise ConfigError(
-                f"data.latents_mean: {len(data.latents_mean)} values, but the latents in {data.path} have "
-                f"{channels} channels."
-            )
-        mean, std = list(data.latents_mean), list(data.latents_std)
-    else:
-        mean, std = dataset.latent_statistics()
-        if min(std) <= 0:
-            raise ConfigError(f"data.latent_norm: a channel of the latents in {data.path} is constant (std {std}).")
-    normalization = LatentNormalization.per_channel(mean, std, data.latent_target_std)
-    logger.info(
-        "latents normalised per channel to std %g: mean %s, std %s",
-        data.latent_target_std,
-        [round(v, 4) for v in mean],
-        [round(v, 4) for v in std],
-    )
-    return normalization
-
-
-# --- model, objective, EMA, optimizer, schedules -----------------------------------------------------------------
-
-
-def build_model(config: Config, data: TrainingData) -> nn.Module:
-    """The recipe's model, with sample size, channels and classes filled in from the data unless given."""
-    kind = model_kind(config.model.kind)
-    if config.model.pretrained:
-        return kind.model_class.from_pretrained(config.model.pretrained)
-    fitted = kind.fitted_params(data.sample_shape, data.num_classes, config.objective.learned_variance)
-    params = {**fitted, **config.model.params}
-    if config.model.preset is None:
-        return kind.model_class(**params)
-    return kind.model_class.from_preset(config.model.preset, **params)
-
-
-def build_ema(config: Config, model: nn.Module, snapshot_dir: str | None) -> ConstantEMA | PowerFunctionEMA | None:
-    """The recipe's EMA of ``model``, or None. ``snapshot_dir``: where the power-function EMA writes its snapshots
-    (None on all but the main process, which keep the same averages without writing)."""
-    ema = config.ema
-    if ema.kind == "constant":
-        return ConstantEMA(model, decay=ema.decay, start_step=ema.start_step)
-    if ema.kind == "power":
-        return PowerFunctionEMA(
-            model, sigma_rels=ema.sigma_rels, snapshot_dir=snapshot_dir, snapshot_every=ema.snapshot_every or None
-        )
-    return None
-
-
-def build_optimizer(config: Config, parameters, device: torch.device) -> torch.optim.Optimizer:
-    optim = config.optim
-    cls = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
-    kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
-    if device.type in ("cuda", "cpu"):
-        # One kernel for the whole update instead of several per tensor, and it can skip a non-finite step on the
-        # device (see _step_unless).
-        kwargs["fused"] = True
-    return cls(parameters, **kwargs)
-
-
-def build_lr_scheduler(config: Config, optimizer: torch.optim.Optimizer):
-    """The recipe's learning-rate schedule, stepped once per optimizer step."""
-    optim = config.optim
-    batch_dependent = {}
-    if optim.lr_schedule == "inverse_sqrt":  # EDM2's: its warm-up is counted in images, so it needs the batch
-        batch_dependent = {
-            "ref_batches": optim.ref_batches,
-            "rampup_images": optim.rampup_images,
-            "batch_size": config.train.batch_size,
-        }
-    return get_lr_scheduler(
-        optim.lr_schedule,
-        optimizer,
-        warmup_steps=optim.warmup_steps,
-        total_steps=config.train.max_steps,
-        **batch_dependent,
-    )
-
-
-def build_sampling_scheduler(config: Config, noise_scheduler):
-    """The scheduler that sample grids and the exported pipeline use."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EDMEulerScheduler
-
-    from ..schedulers.scheduling_edm_heun import EDMHeunScheduler
-
-    schedule, prediction_type = config.objective.schedule, config.objective.prediction_type
-    name = config.sampling.scheduler or ("edm_heun" if schedule.kind == "edm" else "ddim")
-    if schedule.kind == "edm":
-        cls = {"edm_heun": EDMHeunScheduler, "edm_euler": EDMEulerScheduler}[name]
-        kwargs = {
-            "sigma_min": schedule.sigma_min,
-            "sigma_max": schedule.sigma_max,
-            "sigma_data": schedule.sigma_data,
-            "prediction_type": prediction_type,
-        }
-        return cls(**kwargs)
-    cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm_solver": DPMSolverMultistepScheduler}[name]
-    extra = {"timestep_spacing": "trailing"} if schedule.rescale_betas_zero_snr else {}
-    if name == "ddpm":  # DDPM samples with a learned variance (DiT's sampler); the others use the mean alone
-        extra["variance_type"] = "learned_range" if config.objective.learned_variance else "fixed_small"
-        if config.objective.learned_variance:  # DiT's sample_ddp.py: x0 unclipped, steps evenly spread over 0..T-1
-            extra["clip_sample"] = False
-            extra.setdefault("timestep_spacing", "linspace")
-    return cls.from_config(noise_scheduler.config, prediction_type=prediction_type, **extra)
-
-
-# --- one optimizer step ------------------------------------------------------------------------------------------
-
-
-class TrainingModule(nn.Module):
-    """The model, the objective and the auxiliary losses as one module, so that DDP also averages the objective's
-    own parameters (EDM2's uncertainty head) and the auxiliary losses' (REPA's projector), checkpoints hold them
-    all, and a single forward returns the per-sample losses. The exported pipeline takes ``model`` alone."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        objective: DiffusionObjective,
-        rank: int = 0,
-        world_size: int = 1,
-        auxiliary_losses: list[AuxiliaryLoss] | tuple[AuxiliaryLoss, ...] = (),
-    ):
-        super().__init__()
-        self.model, self.objective = model, objective
-        self.shard = (rank, world_size)
-        self.auxiliary_losses = nn.ModuleList(auxiliary_losses)
-
-    def forward(self, x0: torch.Tensor, class_labels: torch.Tensor, **extras: torch.Tensor):
-        # Every process draws the noise of the whole global batch and keeps its slice: N processes train on exactly
-        # what one process would, and no two processes reuse the same noise.
-        output = self.objective(self.model, x0, class_labels, shard=self.shard)
-        for auxiliary in self.auxiliary_losses:  # each reads the hidden state that the objective's forward made
-            term = auxiliary(**extras)
-            output.loss = output.loss + term
-            output.terms[auxiliary.name] = term.detach()
-        return output
-
-
-class LossTracker:
-    """Running sums of the loss, overall and per log-SNR bucket, kept on the device: reading them (one host sync)
-    happens only when they are logged."""
-
-    def __init__(self, device):
-        self.edges = torch.tensor(LOG_SNR_EDGES, device=device)
-        self.loss = torch.zeros((), device=device)
-        self.bucket_sum = torch.zeros(len(LOG_SNR_EDGES) + 1, device=device)
-        self.bucket_count = torch.zeros(len(LOG_SNR_EDGES) + 1, device=device)
-        self.vb = None  # the variational-bound part of the loss, for learned-variance models
-        self.terms = {}  # the auxiliary losses' terms, by name
-
-    def add(self, output, weight: float = 1.0) -> None:
-        per_sample = output.loss.detach()
-        self.loss += per_sample.mean() * weight
-        if output.vb is not None:
-            self.vb = (0 if self.vb is None else self.vb) + output.vb.detach().mean() * weight
-        for name, term in output.terms.items():
-            self.terms[name] = self.terms.get(name, 0) + term.mean() * weight
-        buckets = torch.bucketize(output.snr.clamp_min(1e-20).log(), self.edges)
-        self.bucket_sum.index_add_(0, buckets, per_sample)
-        self.bucket_count.index_add_(0, buckets, torch.ones_like(per_sample))
-
-    def reset(self) -> None:
-        for total in (self.loss, self.bucket_sum, self.bucket_count):
-            total.zero_()
-        self.vb = None
-        self.terms = {}
-
-
-class NonFiniteSteps:
-    """The optimizer steps skipped for a non-finite gradient, counted on the device (no host read per step) and
-    read only when the loss is logged (`check`) and at checkpoints (`allow_checkpoint`).
-
-    Args:
-        max_in_a_row: ``train.max_consecutive_nonfinite``: the run stops once this many steps in a row were skipped.
-        device: where the counts live.
-    """
-
-    def __init__(self, max_in_a_row: int, device):
-        self.max_in_a_row = max_in_a_row
-        self.in_a_row = torch.zeros((), dtype=torch.long, device=device)  # the latest steps, all skipped
-        self.longest_run = self.in_a_row.clone()  # the longest run of skipped steps since the last log
-        self.since_log = self.in_a_row.clone()  # steps skipped since the last log
-
-    def restore(self, in_a_row: int) -> None:
-        """Continue from a checkpoint whose latest ``in_a_row`` steps were skipped."""
-        self.in_a_row.fill_(in_a_row)
-        self.longest_run.fill_(in_a_row)
-
-    def record(self, skipped: torch.Tensor) -> None:
-        """Count one optimizer step; ``skipped`` is the 0-dim bool tensor that `optimizer_step` returns."""
-        self.in_a_row = (self.in_a_row + 1) * skipped
-        self.longest_run = torch.maximum(self.longest_run, self.in_a_row)
-        self.since_log += skipped
-
-    def current_run(self) -> int:
-        return int(self.in_a_row)
-
-    def allow_checkpoint(self, step: int) -> bool:
-        """False, with a warning, while the latest steps were skipped: a checkpoint written then would be named as
-        the last good one although the run had already gone wrong."""
-        in_a_row = self.current_run()
-        if in_a_row:
-            logger.warning(
-                "No checkpoint at step %d: the last %d optimizer steps were non-finite and skipped.", step, in_a_row
-            )
-        return not in_a_row
-
-    def check(self, steps: int, step: int, output_dir: Path) -> None:
-        """At a log: warn about the steps skipped among the last ``steps``, raise `NonFiniteLossError` once too many
-        came in a row, and start counting for the next log."""
-        skipped, longest_run = int(self.since_log), int(self.longest_run)
-        self.since_log.zero_()
-        self.longest_run.copy_(self.in_a_row)
-        if not skipped:
-            return
-        logger.warning(
-            "%d of the last %d optimizer steps (up to step %d) had a non-finite gradient norm and were skipped.",
-            skipped,
-            steps,
-            step,
-        )
-        if longest_run >= self.max_in_a_row:
-            last = find_latest_checkpoint(output_dir, clean=False)
-            raise NonFiniteLossError(
-                f"{longest_run} optimizer steps in a row had a non-finite loss or gradient (seen at step {step}; "
-                f"train.max_consecutive_nonfinite is {self.max_in_a_row}); stopping. "
-                f"The last good checkpoint is {last or 'none (none saved)'}."
-            )
-
-
-def optimizer_step(
-    accelerator, module, optimizer, micro_batches, max_grad_norm: float | None, tracker: LossTracker | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over ``micro_batches`` (an iterable of `Batch`, one per accumulation step, read lazily):
-    forward and backward each, clip, and step unless the gradient is not finite.
-
-    Returns the gradient norm and a 0-dim bool tensor telling whether the step was skipped, both left on the device:
-    with a fused optimizer (the default) nothing here waits for the GPU.
-    """
-    parameters = [p for p in module.parameters() if p.requires_grad]
-    grad_norm, skipped = torch.zeros(()), torch.zeros((), dtype=torch.bool)
-    for x0, class_labels, extras in micro_batches:
-        with accelerator.accumulate(module):
-            output = module(x0, class_labels, **extras)
-            accelerator.backward(output.loss.mean())
-            if accelerator.sync_gradients:
-                # With no clipping asked for, an infinite bound still returns the norm (for logging and the check).
-                grad_norm = accelerator.clip_grad_norm_(
-                    parameters, math.inf if max_grad_norm is None else max_grad_norm
-                )
-                grad_norm = torch.as_tensor(grad_norm)
-                skipped = ~torch.isfinite(grad_norm)
-                if accelerator.scaler is not None:
-                    optimizer.step()  # fp16's loss scaler skips non-finite steps itself
-                else:
-                    _step_unless(optimizer, skipped)
-                optimizer.zero_grad(set_to_none=True)
-        if tracker is not None:
-            tracker.add(output, weight=1.0 / accelerator.gradient_accumulation_steps)
-    return grad_norm, skipped
-
-
-def _step_unless(optimizer, skip: torch.Tensor) -> None:
-    """Step unless ``skip`` (a 0-dim bool tensor) is set, deciding on the device when the optimizer is fused.
-
-    Fused Adam/AdamW read a ``found_inf`` flag inside their kernel (the hook GradScaler uses) and then leave the
-    parameters, moments and step count untouched, so the skip costs no host read. Other optimizers need the
-    decision on the host: one scalar read per step.
-    """
-    inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
-    if all(group.get("fused") for group in inner.param_groups):
-        inner.found_inf = skip.float()
-        try:
-            optimizer.step()
-        finally:
-            del inner.found_inf
-    elif not bool(skip):
-        optimizer.step()
-
-
-# --- launcher, hardware, trackers --------------------------------------------------------------------------------
-
-# accelerate's spelling of a precision -> the recipe's.
-_LAUNCHER_PRECISION = {"no": "fp32", "fp16": "fp16", "bf16": "bf16", "fp8": "fp8"}
-
-
-def apply_launcher_settings(config: Config) -> Config:
-    """The recipe with ``train.mixed_precision`` and ``train.cpu`` taken from the launcher where it leaves them unset.
-
-    ``accelerate launch`` hands its flags, or the ``accelerate config`` defaults, to the processes it starts as
-    ACCELERATE_MIXED_PRECISION and ACCELERATE_USE_CPU. A value in the recipe wins over the launcher's, as the
-    ``--mixed_precision`` argument of diffusers' example scripts does, with a warning naming both when they differ.
-    Without a launcher and a recipe value: fp32, and the GPU when there is one.
-    """
-    train = config.train
-    launcher_env = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    launcher_precision = None if launcher_env is None else _LAUNCHER_PRECISION.get(launcher_env.lower(), launcher_env)
-    mixed_precision = train.mixed_precision
-    if mixed_precision is None:
-        mixed_precision = launcher_precision or "fp32"
-        if mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(
-                f"train.mixed_precision: the launcher asks for {launcher_env!r} (ACCELERATE_MIXED_PRECISION), which "
-                f"this trainer does not support; launch with one of no, bf16, fp16, or set it in the recipe."
-            )
-    elif launcher_precision is not None and launcher_precision != mixed_precision:
-        logger.warning(
-            "train.mixed_precision is %r in the recipe but the launcher (accelerate launch --mixed_precision, or "
-            "accelerate config) asks for %r; training in %r as the recipe says. Leave train.mixed_precision unset "
-            "to follow the launcher.",
-            mixed_precision,
-            launcher_precision,
-            mixed_precision,
-        )
-
-    # accelerate always sets ACCELERATE_USE_CPU ("False" unless --cpu), so only an asked-for CPU can contradict.
-    launcher_cpu = str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")) == 1
-    cpu = train.cpu
-    if cpu is None:
-        cpu = launcher_cpu
-    elif launcher_cpu and not cpu:
-        logger.warning(
-            "train.cpu is false in the recipe but the launcher (accelerate launch --cpu, or accelerate config) asks "
-            "for the CPU; training on the accelerator as the recipe says. Leave train.cpu unset to follow the "
-            "launcher."
-        )
-        # accelerate reads the variable again and would force the CPU; the recipe's choice is final here.
-        os.environ["ACCELERATE_USE_CPU"] = "false"
-    return dataclasses.replace(config, train=dataclasses.replace(train, mixed_precision=mixed_precision, cpu=cpu))
-
-
-def _check_fsdp(config: Config) -> None:
-    """FSDP leaves each process a shard of every parameter; these features need each weight whole."""
-    if config.ema.kind != "none":
-        raise ConfigError(
-            "ema.kind: the EMA averages whole parameters, which FSDP shards; train with DDP or set ema.kind=none."
-        )
-    refused = model_kind(config.model.kind).fsdp_refused
-    if refused:
-        raise ConfigError(f"model.kind: {refused}.")
-
-
-def _hardware(accelerator: Accelerator) -> str:
-    count = accelerator.num_processes
-    if accelerator.device.type == "cuda":
-        return f"{count}× {torch.cuda.get_device_name(accelerator.device)}"
-    return f"{count}× CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def _tracker_config(config: Config) -> dict:
-    """Flat scalar hyper-parameters, which TensorBoard's hparams view accepts."""
-    flat = {}
-
-    def visit(prefix, value):
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                visit(f"{prefix}.{key}" if prefix else key, inner)
-        else:
-            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    visit("", config_to_dict(config))
-    return flat
-
-
-def log_image_to_trackers(accelerator: Accelerator, name: str, image, step: int) -> None:
-    """Log one PIL image to every tracker of `accelerator` that takes images, in the form each one's
-    ``log_images`` expects (trackers without it, such as MLflow's in accelerate, are skipped)."""
-    import numpy as np
-
-    pixels = np.asarray(image.convert("RGB"))
-    for tracker in accelerator.trackers:
-        if not callable(getattr(tracker, "log_images", None)):
-            continue
-        if tracker.name == "tensorboard":
-            tracker.log_images({name: pixels[None]}, step=step, dataformats="NHWC")
-        elif tracker.name in ("aim", "clearml"):
-            tracker.log_images({name: pixels}, step=step)
-        else:  # W&B, SwanLab and trackers of one's own: a list of images per key
-            tracker.log_images({name: [pixels]}, step=step)

@@ -1,0 +1,86 @@
+"""The training data of a recipe: pixels held in memory or a latent cache, behind one interface."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..data.batching import Batch
+from ..data.latent_dataset import LatentNormalization
+from .config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    """Pixels held in memory (PixelDataset) or cached latents (LatentDataset) behind one interface."""
+
+    dataset: object
+    is_latent: bool
+    class_names: list[str]
+    sample_shape: tuple[int, int, int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def batch(self, indices: torch.Tensor, device) -> Batch:
+        return self.dataset.batch(indices, device)
+
+
+def load_training_data(config: Config, device) -> TrainingData:
+    from ..data import LatentDataset, load_pixel_dataset
+
+    data = config.data
+    if data.kind == "latents":
+        dataset = LatentDataset(data.path, random_flip=data.random_flip, in_memory=data.in_memory, device=device)
+        if data.latent_norm == "per_channel":
+            dataset.normalization = per_channel_normalization(dataset, data)
+        names = dataset.class_names or [str(i) for i in range(dataset.num_classes)]
+        return TrainingData(dataset, True, list(names), dataset.latent_shape)
+    source = data.name if data.kind == "builtin" else data.path
+    try:
+        dataset = load_pixel_dataset(
+            source,
+            resolution=data.resolution,
+            channels=data.channels,
+            random_flip=data.random_flip,
+            image_column=data.image_column,
+            label_column=data.label_column,
+        )
+    except (OSError, ValueError) as error:  # datasets' own errors name neither the key nor, often, the path
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"data.path: cannot read {source!r} as {data.kind}: {first_line}") from None
+    if data.in_memory:
+        dataset = dataset.to(device)
+    if dataset.rejected:
+        logger.warning("%d images were rejected, e.g. %s", len(dataset.rejected), dataset.rejected[:3])
+    names = dataset.class_names or [str(i) for i in range(int(dataset.labels.max()) + 1)]
+    return TrainingData(dataset, False, list(names), dataset.sample_shape)
+
+
+def per_channel_normalization(dataset, data) -> LatentNormalization:
+    """EDM2-style normalisation: the configured raw statistics, or the cache's own, mapped to latent_target_std."""
+    channels = dataset.latent_shape[0]
+    if data.latents_mean is not None:
+        if len(data.latents_mean) != channels:
+            raise ConfigError(
+                f"data.latents_mean: {len(data.latents_mean)} values, but the latents in {data.path} have "
+                f"{channels} channels."
+            )
+        mean, std = list(data.latents_mean), list(data.latents_std)
+    else:
+        mean, std = dataset.latent_statistics()
+        if min(std) <= 0:
+            raise ConfigError(f"data.latent_norm: a channel of the latents in {data.path} is constant (std {std}).")
+    normalization = LatentNormalization.per_channel(mean, std, data.latent_target_std)
+    logger.info(
+        "latents normalised per channel to std %g: mean %s, std %s",
+        data.latent_target_std,
+        [round(v, 4) for v in mean],
+        [round(v, 4) for v in std],
+    )
+    return normalization
