@@ -400,3 +400,21 @@ def test_hub_imports_nothing_from_training():
                 continue
             found += [f"{path.name}:{node.lineno} {m}" for m in modules if m.startswith("diffusers_speedup.training")]
     assert not found
+
+
+def test_an_exported_network_loads_without_a_warning_about_its_auto_map(tmp_path):
+    import logging
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    config_logger = logging.getLogger("diffusers.configuration_utils")
+    config_logger.addHandler(handler)
+    try:
+        out = export_pipeline(tiny_pipeline(), tmp_path / "export")
+        loaded = UViTModel.from_pretrained(out / "transformer")
+    finally:
+        config_logger.removeHandler(handler)
+    assert json.loads((out / "transformer" / "config.json").read_text())["auto_map"]
+    assert not [message for message in messages if "auto_map" in message], messages
+    assert "auto_map" not in loaded.config

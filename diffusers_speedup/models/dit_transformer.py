@@ -361,6 +361,14 @@ class DiTModel(ModelMixin, ConfigMixin):
             nn.init.zeros_(modulation.weight)
             nn.init.zeros_(modulation.bias)
 
+    # Copied from diffusers_speedup.models.uvit.UViTModel.extract_init_dict
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # An exported config.json also names this file for diffusers' AutoModel (`auto_map`, for trust_remote_code);
+        # it is not a constructor argument, so it is left out rather than reported as an unexpected one.
+        config_dict = {key: value for key, value in config_dict.items() if key != "auto_map"}
+        return super().extract_init_dict(config_dict, **kwargs)
+
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DiTModel":
         """Build a published size by name (see `DIT_PRESETS`, "dit-s-2" … "dit-xl-8"); `overrides` replace or add

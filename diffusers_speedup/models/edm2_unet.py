@@ -557,6 +557,14 @@ class EDM2UNetModel(ModelMixin, ConfigMixin):
         if c.clip_act is not None and c.clip_act <= 0:
             raise ValueError(f"clip_act={c.clip_act} must be positive or None.")
 
+    # Copied from diffusers_speedup.models.uvit.UViTModel.extract_init_dict
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # An exported config.json also names this file for diffusers' AutoModel (`auto_map`, for trust_remote_code);
+        # it is not a constructor argument, so it is left out rather than reported as an unexpected one.
+        config_dict = {key: value for key, value in config_dict.items() if key != "auto_map"}
+        return super().extract_init_dict(config_dict, **kwargs)
+
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "EDM2UNetModel":
         """Build a freshly initialised model from a named preset in `EDM2_PRESETS`, e.g. "edm2-s" or

@@ -376,6 +376,13 @@ class UViTModel(ModelMixin, ConfigMixin):
             gate.reset_parameters()
 
     @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # An exported config.json also names this file for diffusers' AutoModel (`auto_map`, for trust_remote_code);
+        # it is not a constructor argument, so it is left out rather than reported as an unexpected one.
+        config_dict = {key: value for key, value in config_dict.items() if key != "auto_map"}
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> "UViTModel":
         """Build a published architecture by name (see `UVIT_PRESETS`); `overrides` replace or add config values.
 
