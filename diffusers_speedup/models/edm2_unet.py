@@ -418,7 +418,8 @@ class EDM2UNetModel(ModelMixin, ConfigMixin):
     # A block's skip connections and residual sums stay on one device under device_map="auto".
     _no_split_modules = ["EDM2Block"]
     _keep_in_fp32_modules = ["noise_fourier", "logvar_fourier"]
-    # Takes σ and returns the denoised sample (not ε or v); other components check this flag.
+    # Takes σ and returns the denoised sample (not ε or v). The registry says so for the package; this flag says so
+    # for the shipped pipeline, which checks a guide network against it.
     input_is_sigma = True
 
     @register_to_config
