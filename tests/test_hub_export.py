@@ -19,9 +19,16 @@ from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditio
 from diffusers_speedup.schedulers.scheduling_edm_heun import EDMHeunScheduler
 
 
-def tiny_pipeline(scheduler=None):
+def tiny_pipeline(scheduler=None, **model_config):
     model = UViTModel(
-        sample_size=8, patch_size=2, in_channels=3, num_layers=3, hidden_size=32, num_attention_heads=2, num_classes=4
+        sample_size=8,
+        patch_size=2,
+        in_channels=3,
+        num_layers=3,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_classes=4,
+        **model_config,
     )
     return ClassConditionalPipeline(transformer=model, scheduler=scheduler or EDMHeunScheduler())
 
@@ -241,7 +248,7 @@ def load_export_script():
 def make_run_folder(tmp_path):
     """A run folder as the trainer leaves it: `latest` -> checkpoint with an EMA pipeline, state and config."""
     checkpoint = tmp_path / "run" / "checkpoint-10"
-    tiny_pipeline().save_pretrained(checkpoint / "pipeline_ema")
+    tiny_pipeline(**CONFIG["model"]["params"]).save_pretrained(checkpoint / "pipeline_ema")
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 10}))
     (checkpoint / "config.yaml").write_text(yaml.safe_dump(CONFIG))
     Image.new("RGB", (8, 8)).save(checkpoint / "samples.png")
@@ -380,3 +387,25 @@ def test_each_exported_network_loads_through_automodel_without_the_package(tmp_p
     assert result.returncode == 0, result.stderr[-4000:]
     for kind, value in expected.items():
         torch.testing.assert_close(torch.load(tmp_path / f"{kind}_output.pt"), value, rtol=0, atol=0)
+
+
+def test_a_training_config_is_compared_with_the_network_as_the_trainer_builds_it(tmp_path):
+    from diffusers_speedup.hub.training_config import check_training_config
+
+    (tmp_path / "unet").mkdir()
+    network = {"_class_name": "EDM2UNetModel", "model_channels": 128, "sample_size": 16, "num_classes": 3}
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(network))
+    # The trainer takes the sample size and classes from the data over the preset's; the rest of the preset holds.
+    check_training_config({"model": {"kind": "edm2_unet", "preset": "edm2-cifar10"}}, tmp_path, "run.yaml")
+    with pytest.raises(
+        ValueError,
+        match=r"run.yaml does not describe the network in .*: model.preset 'edm2-xl' sets model_channels = 384, but "
+        r"the network's unet/config.json has model_channels = 128",
+    ):
+        check_training_config({"model": {"kind": "edm2_unet", "preset": "edm2-xl"}}, tmp_path, "run.yaml")
+    with pytest.raises(ValueError, match=r"model.kind 'uvit' is a UViTModel in the pipeline's 'transformer' slot"):
+        check_training_config({"model": {"kind": "uvit"}}, tmp_path, "run.yaml")
+    # A network started from model.pretrained brings its own architecture; only the kind is compared.
+    check_training_config(
+        {"model": {"kind": "edm2_unet", "pretrained": "x", "params": {"model_channels": 8}}}, tmp_path, "run.yaml"
+    )
