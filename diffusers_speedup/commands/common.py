@@ -15,6 +15,7 @@ An old spelling keeps working for one release and warns (`FutureWarning`) with t
 
 from __future__ import annotations
 
+import argparse
 import os
 import warnings
 from collections.abc import Callable
@@ -42,6 +43,14 @@ def renamed_values(option: str, renames: dict[str, str]) -> Callable[[str], str]
         return value
 
     return new_spelling
+
+
+def positive_int(value: str) -> int:
+    """An argparse `type` for counts (samples, steps, batch sizes): argparse names the option when it refuses one."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
 
 
 def load_pipeline(name_or_path: str | os.PathLike, *, class_conditional: bool = False):
