@@ -516,3 +516,11 @@ def test_sample_cli_refuses_labels_for_an_unconditional_model(tmp_path):
     with pytest.raises(SystemExit, match="needs a null label or a guide network"):
         cli.main([*argv, "--guidance_scale", "2"])
     assert not (tmp_path / "out").exists()
+
+
+def test_sample_cli_says_that_a_mistyped_pipeline_folder_does_not_exist(tmp_path):
+    ten_class_pipeline(tmp_path / "runs" / "pipeline")
+    cli = load_script("sample")
+    for mistyped in (tmp_path / "runs" / "pipelin", tmp_path / "run" / "pipeline"):
+        with pytest.raises(SystemExit, match=f"^error: pipeline folder {mistyped} does not exist$"):
+            cli.main(["--pipeline", str(mistyped), "--output_dir", str(tmp_path / "out")])

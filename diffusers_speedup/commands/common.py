@@ -20,6 +20,8 @@ import os
 import warnings
 from collections.abc import Callable
 
+from diffusers_speedup.utils import meant_as_local_path
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 """The values of every precision option, spelled as a recipe's `train.mixed_precision`."""
 
@@ -65,6 +67,9 @@ def load_pipeline(name_or_path: str | os.PathLike, *, class_conditional: bool = 
 
     from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 
+    # Without this, a mistyped folder is looked up on the Hub and answered as a malformed repository id.
+    if meant_as_local_path(str(name_or_path)) and not os.path.exists(name_or_path):
+        raise FileNotFoundError(f"pipeline folder {name_or_path} does not exist")
     if not class_conditional:
         class_name = DiffusionPipeline.load_config(name_or_path).get("_class_name")
         # An exported folder names its pipeline as a shipped file: ["pipeline_class_conditional", "ClassConditional..."].
