@@ -14,14 +14,19 @@ import logging
 logger = logging.getLogger(__name__)
 
 
+class MissingExtraError(ImportError):
+    """An optional dependency that the work needs is not installed; the message names the pip command that adds it.
+    An ImportError, so callers that catch those still do; the commands report it as a user error."""
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """The exceptions whose message is the whole story: bad configs and arguments, missing or foreign files,
-    refused launches and resumes, a stopped run, a failed push."""
+    """The exceptions whose message is the whole story: bad configs and arguments, missing or foreign files, a
+    missing optional dependency, refused launches and resumes, a stopped run, a failed push."""
     from .hub.push import PushError
     from .training.distributed import LaunchError
     from .training.trainer import NonFiniteLossError
 
-    return (ValueError, OSError, LaunchError, NonFiniteLossError, PushError)
+    return (ValueError, OSError, MissingExtraError, LaunchError, NonFiniteLossError, PushError)
 
 
 @contextlib.contextmanager
