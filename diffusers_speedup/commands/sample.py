@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 
 from diffusers_speedup.commands.common import PRECISIONS, load_pipeline, positive_int, renamed_values
-from diffusers_speedup.errors import one_line_errors
+from diffusers_speedup.errors import one_line_errors, one_line_interrupt
 from diffusers_speedup.evaluation import generate_samples
 from diffusers_speedup.pipelines.pipeline_class_conditional import _model_num_classes
 from diffusers_speedup.training.distributed import check_world_size, wants_cpu_process_group
@@ -180,18 +180,20 @@ def sample(args):
         sampling_kwargs["guidance_channels"] = args.guidance_channels
     check_call(pipeline, class_labels != "none", sampling_kwargs)
 
-    path = generate_samples(
-        pipeline,
-        args.output_dir,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        class_labels=class_labels,
-        num_classes=num_classes,
-        seed=args.seed,
-        save_png=args.png,
-        accelerator=accelerator,
-        **sampling_kwargs,
-    )
+    kept = f"the finished shards are kept in {args.output_dir}; the same command resumes"
+    with one_line_interrupt(lambda: kept):
+        path = generate_samples(
+            pipeline,
+            args.output_dir,
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            class_labels=class_labels,
+            num_classes=num_classes,
+            seed=args.seed,
+            save_png=args.png,
+            accelerator=accelerator,
+            **sampling_kwargs,
+        )
     if accelerator.is_main_process:
         print(f"wrote {path}")
 
