@@ -50,6 +50,7 @@ def interrupt(process: subprocess.Popen, folder: Path, ready, timeout: float = 1
     return process.returncode, (folder / "stderr.txt").read_text()
 
 
+@pytest.mark.slow
 def test_an_interrupted_training_run_names_its_last_complete_checkpoint(tmp_path):
     run = tmp_path / "run"
     process = start(
@@ -66,6 +67,7 @@ def test_an_interrupted_training_run_names_its_last_complete_checkpoint(tmp_path
     assert checkpoint.parent == run and (checkpoint / "trainer_state.json").is_file()
 
 
+@pytest.mark.slow
 def test_any_command_stops_on_ctrl_c_with_one_line(tmp_path):
     # A command that does not know what it keeps says only that it was interrupted.
     (tmp_path / "waiting_command.py").write_text(
