@@ -45,3 +45,15 @@ def test_the_command_reports_a_bad_file_in_one_line(tmp_path, capsys):
         main(["dit", str(path), "--output_dir", str(tmp_path / "out")])
     assert str(stop.value).startswith("error: ") and str(path) in str(stop.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_a_small_text_file_is_one_line_for_every_format(fmt, tmp_path):
+    # Read as a legacy torch pickle, these bytes made torch's unpickler fail with a bare KeyError: 101.
+    path = tmp_path / "notes.txt"
+    path.write_text("hello world\nthis is a text file\n")
+    with pytest.raises(SystemExit) as stop:
+        main([fmt, str(path), "--output_dir", str(tmp_path / "out")])
+    message = str(stop.value)
+    assert message.startswith(f"error: {path}: cannot be read as ") and "\n" not in message
+    assert not (tmp_path / "out").exists()

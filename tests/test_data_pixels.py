@@ -99,3 +99,34 @@ def test_index_batches_cover_every_row_once_and_resume():
         [torch.cat(list(index_batches(50, batch, rank=r, world_size=world, drop_last=False))) for r in range(world)]
     )
     assert set(padded.tolist()) == set(range(50)) and len(padded) == 60
+
+
+def image_folder(root, classes: dict) -> str:
+    """`classes`: class folder name -> list of (file name, content: an image size or raw bytes)."""
+    for name, files in classes.items():
+        (root / name).mkdir(parents=True)
+        for file_name, content in files:
+            if isinstance(content, bytes):
+                (root / name / file_name).write_bytes(content)
+            else:
+                Image.new("RGB", content, (90, 40, 200)).save(root / name / file_name)
+    return str(root)
+
+
+@pytest.mark.parametrize("empty", [[], [("notes.txt", b"no image here")]])
+def test_a_class_folder_without_images_is_refused_by_name(empty, tmp_path):
+    from diffusers_speedup.data.sources import make_source
+
+    root = image_folder(tmp_path / "images", {"cat": [("a.png", (8, 8))], "dog": empty, "zebra": [("a.png", (8, 8))]})
+    # Refused while listing, so latent caching stops before encoding anything, and the pixel reader too.
+    with pytest.raises(ValueError, match="the class folder 'dog' holds no image files .*would never train"):
+        make_source(image_folder=root)
+    with pytest.raises(ValueError, match="the class folder 'dog' holds no image files"):
+        load_pixel_dataset(root, resolution=8)
+
+
+def test_a_class_folder_whose_every_image_is_rejected_is_refused_by_name(tmp_path):
+    classes = {"cat": [("a.png", (8, 8))], "dog": [("a.jpg", b"\xff\xd8 not a jpeg"), ("b.png", (4, 4))]}
+    root = image_folder(tmp_path / "images", classes)
+    with pytest.raises(ValueError, match="every image in the class folder 'dog' was rejected \\(first: .*\\)"):
+        load_pixel_dataset(root, resolution=8)

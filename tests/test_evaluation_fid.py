@@ -216,7 +216,7 @@ def test_reference_statistics_from_a_datasets_dataset():
 def test_missing_torch_fidelity_gives_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
-    with pytest.raises(ImportError, match=r"pip install diffusers-speedup\[eval\]"):
+    with pytest.raises(ImportError, match=r'pip install "diffusers-speedup\[eval\]"'):
         InceptionFeatureExtractor()
     images = np.zeros((2, 4, 4, 3), np.uint8)
     with pytest.raises(ImportError, match=r"diffusers-speedup\[eval\]"):
@@ -253,3 +253,84 @@ def test_evaluate_cli_writes_json(tmp_path, monkeypatch):
     expected = compute_fid(samples, real, feature_extractor=two_channel_means)
     assert saved["fid"] == pytest.approx(expected, rel=1e-12) and result["num_samples"] == 9
     assert load_fid_statistics(tmp_path / "r.npz").num_images == 12
+
+
+# --------------------------------------------------------------------- evaluate checks everything before any work
+
+
+@pytest.fixture
+def evaluate_cli(monkeypatch):
+    """The evaluate command with torch-fidelity hidden and a stand-in feature extractor; `seen` records the size of
+    every batch that reaches it."""
+    from diffusers_speedup.commands import evaluate as cli
+
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
+    seen = []
+
+    def recording_extractor(device, weights_path):
+        return lambda batch: seen.append(len(batch)) or two_channel_means(batch)
+
+    monkeypatch.setattr(cli, "InceptionFeatureExtractor", recording_extractor)
+    return cli, seen
+
+
+def images_npz(path, count=4, dtype=np.uint8):
+    np.savez(path, arr_0=np.random.default_rng(0).integers(0, 256, (count, 6, 6, 3)).astype(dtype))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "reference, problem",
+    [
+        ("missing.npz", "reference {dir}/missing.npz does not exist"),
+        ("notes.txt", "reference {dir}/notes.txt is neither an .npz file nor a folder"),
+        ("broken.npz", "reference {dir}/broken.npz is not a readable .npz archive"),
+        ("floats.npz", "reference {dir}/floats.npz: arr_0 must hold uint8 NHWC images"),
+        ("labels.npz", "reference {dir}/labels.npz holds neither FID statistics \\(mu, sigma\\) nor images"),
+        ("empty_folder", "no image files .* found under {dir}/empty_folder"),
+    ],
+)
+def test_evaluate_names_a_bad_reference_before_any_work_even_without_torch_fidelity(
+    reference, problem, evaluate_cli, tmp_path
+):
+    cli, seen = evaluate_cli
+    (tmp_path / "notes.txt").write_text("not images")
+    (tmp_path / "broken.npz").write_bytes(b"PK not really")
+    images_npz(tmp_path / "floats.npz", dtype=np.float32)
+    np.savez(tmp_path / "labels.npz", arr_1=np.arange(4))
+    (tmp_path / "empty_folder").mkdir()
+    with pytest.raises(SystemExit, match="^error: " + problem.format(dir=tmp_path)):
+        cli.main([images_npz(tmp_path / "samples.npz"), str(tmp_path / reference)])
+    assert seen == [] and not (tmp_path / "samples.npz.fid.json").exists()
+
+
+@pytest.mark.parametrize(
+    "options, problem",
+    [
+        (["--output", "{dir}/no/such/folder/fid.json"], "--output .*: its folder .* does not exist"),
+        (["--save_reference_stats", "{dir}/no/ref.npz"], "--save_reference_stats .*: its folder .* does not exist"),
+        (["--inception_weights", "{dir}/weights.pth"], "--inception_weights .*weights.pth does not exist"),
+        (["--num_samples", "1"], "--num_samples 1: FID needs at least 2 samples"),
+    ],
+)
+def test_evaluate_checks_its_options_before_any_work(options, problem, evaluate_cli, tmp_path):
+    cli, seen = evaluate_cli
+    argv = [images_npz(tmp_path / "samples.npz"), images_npz(tmp_path / "real.npz")]
+    with pytest.raises(SystemExit, match="^error: " + problem):
+        cli.main(argv + [option.format(dir=tmp_path) for option in options])
+    assert seen == []
+
+
+def test_evaluate_without_torch_fidelity_is_one_line_naming_the_extra(evaluate_cli, tmp_path, monkeypatch):
+    cli, _ = evaluate_cli
+    monkeypatch.setattr(cli, "InceptionFeatureExtractor", InceptionFeatureExtractor)
+    with pytest.raises(SystemExit) as caught:
+        cli.main([images_npz(tmp_path / "samples.npz"), images_npz(tmp_path / "real.npz")])
+    message = str(caught.value)
+    assert message.startswith("error: FID features need the optional dependency torch-fidelity")
+    assert 'pip install "diffusers-speedup[eval]"' in message and "\n" not in message
+    # Two sets of statistics need no features, hence no torch-fidelity.
+    save_fid_statistics(tmp_path / "a.npz", FIDStatistics(np.zeros(2), np.eye(2), 10))
+    save_fid_statistics(tmp_path / "b.npz", FIDStatistics(np.ones(2), np.eye(2), 10))
+    assert cli.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")])["fid"] == pytest.approx(2.0)

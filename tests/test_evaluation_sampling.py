@@ -441,3 +441,86 @@ def test_sample_and_export_load_pipelines_with_one_function(tmp_path):
     index["_class_name"] = ["pipeline_class_conditional", "ClassConditionalPipeline"]
     (tmp_path / "exported" / "model_index.json").write_text(json.dumps(index))
     assert type(common.load_pipeline(tmp_path / "exported")) is ClassConditionalPipeline
+
+
+# ---------------------------------------------------------------------- a failed call leaves nothing in the way
+
+
+def test_a_folder_without_samples_is_taken_over_by_a_run_with_other_settings(tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        generate_samples(FakePipeline(fail_after=0), tmp_path, **RUN)
+    assert (tmp_path / "sampling_config.json").is_file() and not list((tmp_path / "shards").iterdir())
+    path = generate_samples(FakePipeline(), tmp_path, **{**RUN, "seed": 8})
+    assert json.loads((tmp_path / "sampling_config.json").read_text())["seed"] == 8
+    fresh = generate_samples(FakePipeline(), tmp_path / "fresh", **{**RUN, "seed": 8})
+    np.testing.assert_array_equal(read(path)["arr_0"], read(fresh)["arr_0"])
+    # Once it holds samples, it is that run's.
+    with pytest.raises(ValueError, match="holds shards of another sampling run: they were made with seed=8"):
+        generate_samples(FakePipeline(), tmp_path, **RUN)
+
+
+def ten_class_pipeline(folder: Path) -> Path:
+    from diffusers import DDIMScheduler
+
+    from diffusers_speedup import ClassConditionalPipeline, UViTModel
+
+    transformer = UViTModel(
+        sample_size=8, patch_size=2, in_channels=3, hidden_size=32, num_attention_heads=4, num_classes=10, num_layers=3
+    )
+    ClassConditionalPipeline(transformer=transformer, scheduler=DDIMScheduler()).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--num_classes", "50"], "--num_classes 50: the model of .* has 10 classes \\(labels 0..9\\)"),
+        (["--class_labels", "none"], "--class_labels none: the model of .* is class-conditional \\(10 classes\\)"),
+        (["--guidance_interval", "2", "1"], "guidance_interval needs 0 <= sigma_lo <= sigma_hi"),
+        (["--guidance_scale", "nan"], "--guidance_scale must be a finite number"),
+    ],
+)
+def test_sample_cli_checks_the_arguments_against_the_pipeline_before_writing(bad, message, tmp_path):
+    pipe = ten_class_pipeline(tmp_path / "pipe")
+    cli = load_script("sample")
+    argv = ["--pipeline", str(pipe), "--output_dir", str(tmp_path / "out"), "--num_samples", "16", "--batch_size", "4"]
+    with pytest.raises(SystemExit, match=f"^error: {message}"):
+        cli.main([*argv, "--steps", "2", *bad])
+    assert not (tmp_path / "out").exists()
+    cli.main([*argv, "--steps", "2"])  # the corrected rerun
+    assert (tmp_path / "out" / "samples_16x8x8x3.npz").is_file()
+
+
+def test_sample_cli_refuses_a_non_positive_count_before_loading_anything(tmp_path, capsys):
+    cli = load_script("sample")
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["--pipeline", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "out"), "--steps", "0"])
+    assert caught.value.code == 2
+    assert "argument --steps: must be a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_cli_refuses_labels_for_an_unconditional_model(tmp_path):
+    from diffusers import DDIMScheduler
+
+    from diffusers_speedup import ClassConditionalPipeline, UViTModel
+
+    transformer = UViTModel(
+        sample_size=8, patch_size=2, in_channels=3, hidden_size=32, num_attention_heads=4, num_classes=0, num_layers=3
+    )
+    ClassConditionalPipeline(transformer=transformer, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "pipe")
+    cli = load_script("sample")
+    argv = ["--pipeline", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "out"), "--steps", "2"]
+    with pytest.raises(SystemExit, match="--class_labels balanced: the model of .* is unconditional"):
+        cli.main([*argv, "--class_labels", "balanced"])
+    with pytest.raises(SystemExit, match="needs a null label or a guide network"):
+        cli.main([*argv, "--guidance_scale", "2"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_cli_says_that_a_mistyped_pipeline_folder_does_not_exist(tmp_path):
+    ten_class_pipeline(tmp_path / "runs" / "pipeline")
+    cli = load_script("sample")
+    for mistyped in (tmp_path / "runs" / "pipelin", tmp_path / "run" / "pipeline"):
+        with pytest.raises(SystemExit, match=f"^error: pipeline folder {mistyped} does not exist$"):
+            cli.main(["--pipeline", str(mistyped), "--output_dir", str(tmp_path / "out")])

@@ -181,3 +181,61 @@ def test_a_push_without_its_repository_is_a_one_line_error_naming_the_option(arg
     assert caught.value.code == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("diffusers-speedup export: error: ") and missing in last_line
+
+
+# ------------------------------------------------------------------------- the training config must be the network's
+
+
+def config_of_another_run(run: Path, tmp_path: Path, **model) -> Path:
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"].update(model)
+    path = tmp_path / "other" / "config.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("source", ["checkpoint-2", "pipeline"])
+def test_a_config_of_another_architecture_is_refused_naming_the_key_and_both_values(source, run, tmp_path):
+    other = config_of_another_run(run, tmp_path, params={**load_run_params(run), "patch_size": 2})
+    with pytest.raises(SystemExit) as caught:
+        export_script().main([str(run / source), "--output_dir", str(tmp_path / "export"), "--config", str(other)])
+    message = str(caught.value)
+    assert message.startswith(f"error: --config {other} does not describe the network in {run / source}: ")
+    assert "model.params.patch_size = 2, but the network's transformer/config.json has patch_size = 4" in message
+    assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export-*"))
+
+
+def test_a_config_of_another_model_kind_is_refused(run, tmp_path):
+    other = config_of_another_run(run, tmp_path, kind="dit", params={})
+    with pytest.raises(
+        SystemExit,
+        match=r"model.kind 'dit' builds a DiTModel, but the network's transformer/config.json holds a UViTModel",
+    ):
+        export_script().main([str(run / "pipeline"), "--output_dir", str(tmp_path / "export"), "--config", str(other)])
+    assert not (tmp_path / "export").exists()
+
+
+def test_the_runs_own_config_given_as_config_is_exported_with_the_weights(run, tmp_path):
+    argv = [str(run / "checkpoint-2"), "--output_dir", str(tmp_path / "export"), "--config", str(run / "config.yaml")]
+    assert export_script().main(argv) == 0
+    assert "patch_size: 4" in (tmp_path / "export" / "training_config.yaml").read_text()
+
+
+def load_run_params(run: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())["model"]["params"]
+
+
+@pytest.mark.parametrize(
+    "config, problem", [("folder", "is a directory, not a YAML file"), ("missing.yaml", "does not exist")]
+)
+def test_an_unreadable_config_is_one_line_naming_it(config, problem, run, tmp_path):
+    (tmp_path / "folder").mkdir()
+    argv = [str(run / "checkpoint-2"), "--output_dir", str(tmp_path / "export"), "--config", str(tmp_path / config)]
+    with pytest.raises(SystemExit, match=f"^error: training config {tmp_path / config} {problem}$"):
+        export_script().main(argv)
+    assert not (tmp_path / "export").exists()

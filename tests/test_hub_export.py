@@ -19,9 +19,16 @@ from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditio
 from diffusers_speedup.schedulers.scheduling_edm_heun import EDMHeunScheduler
 
 
-def tiny_pipeline(scheduler=None):
+def tiny_pipeline(scheduler=None, **model_config):
     model = UViTModel(
-        sample_size=8, patch_size=2, in_channels=3, num_layers=3, hidden_size=32, num_attention_heads=2, num_classes=4
+        sample_size=8,
+        patch_size=2,
+        in_channels=3,
+        num_layers=3,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_classes=4,
+        **model_config,
     )
     return ClassConditionalPipeline(transformer=model, scheduler=scheduler or EDMHeunScheduler())
 
@@ -242,7 +249,7 @@ def load_export_script():
 def make_run_folder(tmp_path):
     """A run folder as the trainer leaves it: `latest` -> checkpoint with an EMA pipeline, state and config."""
     checkpoint = tmp_path / "run" / "checkpoint-10"
-    tiny_pipeline().save_pretrained(checkpoint / "pipeline_ema")
+    tiny_pipeline(**CONFIG["model"]["params"]).save_pretrained(checkpoint / "pipeline_ema")
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 10}))
     (checkpoint / "config.yaml").write_text(yaml.safe_dump(CONFIG))
     Image.new("RGB", (8, 8)).save(checkpoint / "samples.png")
@@ -418,3 +425,25 @@ def test_an_exported_network_loads_without_a_warning_about_its_auto_map(tmp_path
     assert json.loads((out / "transformer" / "config.json").read_text())["auto_map"]
     assert not [message for message in messages if "auto_map" in message], messages
     assert "auto_map" not in loaded.config
+
+
+def test_a_training_config_is_compared_with_the_network_as_the_trainer_builds_it(tmp_path):
+    from diffusers_speedup.hub.training_config import check_training_config
+
+    (tmp_path / "unet").mkdir()
+    network = {"_class_name": "EDM2UNetModel", "model_channels": 128, "sample_size": 16, "num_classes": 3}
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(network))
+    # The trainer takes the sample size and classes from the data over the preset's; the rest of the preset holds.
+    check_training_config({"model": {"kind": "edm2_unet", "preset": "edm2-cifar10"}}, tmp_path, "run.yaml")
+    with pytest.raises(
+        ValueError,
+        match=r"run.yaml does not describe the network in .*: model.preset 'edm2-xl' sets model_channels = 384, but "
+        r"the network's unet/config.json has model_channels = 128",
+    ):
+        check_training_config({"model": {"kind": "edm2_unet", "preset": "edm2-xl"}}, tmp_path, "run.yaml")
+    with pytest.raises(ValueError, match=r"model.kind 'uvit' is a UViTModel in the pipeline's 'transformer' slot"):
+        check_training_config({"model": {"kind": "uvit"}}, tmp_path, "run.yaml")
+    # A network started from model.pretrained brings its own architecture; only the kind is compared.
+    check_training_config(
+        {"model": {"kind": "edm2_unet", "pretrained": "x", "params": {"model_channels": 8}}}, tmp_path, "run.yaml"
+    )

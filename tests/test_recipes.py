@@ -284,3 +284,12 @@ def test_every_schedule_a_recipe_can_name_builds():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     for name in get_args(LRSchedule):
         get_lr_scheduler(name, optimizer, warmup_steps=2, total_steps=10)
+
+
+def test_a_config_that_is_a_directory_is_named_as_one(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ConfigError, match=f"^Config file {tmp_path / 'run'} is a directory, not a recipe file"):
+        load_config(tmp_path / "run")
+    (tmp_path / "mine.yaml").write_text("base: run\n")
+    with pytest.raises(ConfigError, match=f"^Config file {tmp_path / 'run'} is a directory, not a recipe file"):
+        load_config(tmp_path / "mine.yaml")

@@ -45,11 +45,15 @@ def run(command: str, argv: list[str] | None = None) -> int:
     A command's `main` returns an exit status, or a result for in-process callers (a summary dict, the written
     paths), which counts as success.
     """
+    from diffusers_speedup.errors import one_line_interrupt
+
     name = command.replace("_", "-")
     if name not in COMMANDS:
         raise SystemExit(f"diffusers-speedup: unknown command {command!r}; the commands are: {', '.join(COMMANDS)}")
-    module = importlib.import_module(COMMANDS[name][0])
-    result = module.main(argv)
+    # Ctrl-C is one line for every command; those that know what was kept say so themselves.
+    with one_line_interrupt():
+        module = importlib.import_module(COMMANDS[name][0])
+        result = module.main(argv)
     return result if isinstance(result, int) else 0
 
 

@@ -17,7 +17,7 @@ import os
 
 from diffusers_speedup.commands.common import PRECISIONS, warn_deprecated
 from diffusers_speedup.data.latent_cache import DEFAULT_VAE, cache_latents
-from diffusers_speedup.errors import one_line_errors
+from diffusers_speedup.errors import one_line_errors, one_line_interrupt
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,30 +101,32 @@ def main(argv=None) -> dict:
 
 
 def run(args) -> dict:
-    metadata = cache_latents(
-        args.output_dir,
-        image_folder=args.image_folder,
-        dataset=args.dataset,
-        builtin=args.builtin,
-        split=args.split,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        vae=args.vae,
-        vae_revision=args.vae_revision,
-        vae_subfolder=args.vae_subfolder,
-        resolution=args.resolution,
-        flip=not args.no_flip,
-        batch_size=args.batch_size,
-        chunk_size=args.chunk_size,
-        num_workers=args.num_workers,
-        dtype=args.mixed_precision,
-        compile=args.compile,
-        max_images=args.max_images,
-        keep_chunks=args.keep_chunks,
-        progress=not args.no_progress,
-        push_to_hub=args.hub_dataset_id if args.push_to_hub else None,
-        private=args.private,
-    )
+    kept = f"the finished chunks are kept in {args.output_dir}; the same command resumes"
+    with one_line_interrupt(lambda: kept):
+        metadata = cache_latents(
+            args.output_dir,
+            image_folder=args.image_folder,
+            dataset=args.dataset,
+            builtin=args.builtin,
+            split=args.split,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            vae=args.vae,
+            vae_revision=args.vae_revision,
+            vae_subfolder=args.vae_subfolder,
+            resolution=args.resolution,
+            flip=not args.no_flip,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            num_workers=args.num_workers,
+            dtype=args.mixed_precision,
+            compile=args.compile,
+            max_images=args.max_images,
+            keep_chunks=args.keep_chunks,
+            progress=not args.no_progress,
+            push_to_hub=args.hub_dataset_id if args.push_to_hub else None,
+            private=args.private,
+        )
     if metadata and int(os.environ.get("RANK", "0")) == 0:
         summary = {key: metadata[key] for key in ("num_inputs", "num_accepted", "num_rejected", "latent_shape")}
         print(json.dumps(summary))

@@ -15,9 +15,12 @@ An old spelling keeps working for one release and warns (`FutureWarning`) with t
 
 from __future__ import annotations
 
+import argparse
 import os
 import warnings
 from collections.abc import Callable
+
+from diffusers_speedup.utils import meant_as_local_path
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 """The values of every precision option, spelled as a recipe's `train.mixed_precision`."""
@@ -44,6 +47,14 @@ def renamed_values(option: str, renames: dict[str, str]) -> Callable[[str], str]
     return new_spelling
 
 
+def positive_int(value: str) -> int:
+    """An argparse `type` for counts (samples, steps, batch sizes): argparse names the option when it refuses one."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
 def load_pipeline(name_or_path: str | os.PathLike, *, class_conditional: bool = False):
     """The pipeline of a folder or Hub id, loaded without running code shipped inside it.
 
@@ -56,6 +67,9 @@ def load_pipeline(name_or_path: str | os.PathLike, *, class_conditional: bool = 
 
     from diffusers_speedup.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 
+    # Without this, a mistyped folder is looked up on the Hub and answered as a malformed repository id.
+    if meant_as_local_path(str(name_or_path)) and not os.path.exists(name_or_path):
+        raise FileNotFoundError(f"pipeline folder {name_or_path} does not exist")
     if not class_conditional:
         class_name = DiffusionPipeline.load_config(name_or_path).get("_class_name")
         # An exported folder names its pipeline as a shipped file: ["pipeline_class_conditional", "ClassConditional..."].

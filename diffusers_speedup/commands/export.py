@@ -27,6 +27,7 @@ from diffusers_speedup.errors import one_line_errors
 from diffusers_speedup.hub import export_pipeline, push_dataset_folder, push_folder_to_hub
 from diffusers_speedup.hub.export import card_info_for_reexport
 from diffusers_speedup.hub.pipeline_record import resolve_export_input
+from diffusers_speedup.hub.training_config import check_training_config
 
 logger = logging.getLogger("export")
 CONFIG_NAMES = ("training_config.yaml", "config.yaml")
@@ -39,6 +40,27 @@ def find_first(folders, names):
             if (folder / name).is_file():
                 return folder / name
     return None
+
+
+def read_training_config(path: Path) -> dict:
+    """The training config at `path` as a plain mapping; a file that is not one is a one-line error naming it."""
+    if path.is_dir():
+        raise IsADirectoryError(f"training config {path} is a directory, not a YAML file")
+    if not path.is_file():
+        raise FileNotFoundError(f"training config {path} does not exist")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"training config {path} is not a YAML text file (it is not UTF-8 text)") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ValueError(
+            f"training config {path} is not valid YAML{line}: {getattr(error, 'problem', error)}"
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(f"training config {path} holds a {type(config).__name__}, not a mapping of sections")
+    return config
 
 
 def parse_args(argv=None):
@@ -105,10 +127,18 @@ def main(argv=None) -> int:
 
 def _export_and_push(args, staging: Path) -> int:
     if args.input is not None:
+        # A --config that cannot be read stops the export before a checkpoint's weights are exported.
+        config_path = Path(args.config) if args.config else None
+        config = read_training_config(config_path) if config_path else None
         pipeline_dir = resolve_export_input(Path(args.input), staging)
         search = [pipeline_dir, pipeline_dir.parent, pipeline_dir.parent.parent]
-        config_path = Path(args.config) if args.config else find_first(search, CONFIG_NAMES)
-        config = yaml.safe_load(config_path.read_text()) if config_path else None
+        if config_path is None:
+            config_path = find_first(search, CONFIG_NAMES)
+            config = read_training_config(config_path) if config_path else None
+        if config is not None:
+            # The config is written next to the weights and the card is built from it: it must be this network's.
+            config_name = f"--config {config_path}" if args.config else str(config_path)
+            check_training_config(config, pipeline_dir, config_name, pipeline_name=args.input)
         grid = Path(args.sample_grid) if args.sample_grid else find_first(search, GRID_NAMES)
         if args.fid_json:
             evaluation = json.loads(Path(args.fid_json).read_text())

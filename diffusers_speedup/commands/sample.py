@@ -14,14 +14,15 @@ one release, with a warning.
 import argparse
 import inspect
 import json
+import math
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from diffusers_speedup.commands.common import PRECISIONS, load_pipeline, renamed_values
+from diffusers_speedup.commands.common import PRECISIONS, load_pipeline, positive_int, renamed_values
 from diffusers_speedup.distributed import check_world_size, wants_cpu_process_group
-from diffusers_speedup.errors import one_line_errors
+from diffusers_speedup.errors import one_line_errors, one_line_interrupt
 from diffusers_speedup.evaluation import generate_samples
 from diffusers_speedup.pipelines.pipeline_class_conditional import _model_num_classes
 
@@ -30,9 +31,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="diffusers-speedup sample", description=__doc__.split("\n")[0])
     parser.add_argument("--pipeline", required=True, help="pipeline folder or Hub id (model_index.json layout)")
     parser.add_argument("--output_dir", required=True, help="folder for shards, the merged .npz and PNGs")
-    parser.add_argument("--num_samples", type=int, default=50_000)
-    parser.add_argument("--batch_size", type=int, default=64, help="samples per shard and per pipeline call")
-    parser.add_argument("--steps", type=int, default=50, help="num_inference_steps")
+    parser.add_argument("--num_samples", type=positive_int, default=50_000)
+    parser.add_argument("--batch_size", type=positive_int, default=64, help="samples per shard and per pipeline call")
+    parser.add_argument("--steps", type=positive_int, default=50, help="num_inference_steps")
     parser.add_argument("--guidance_scale", type=float, default=1.0)
     parser.add_argument(
         "--guidance_interval",
@@ -60,7 +61,7 @@ def parse_args(argv=None):
         default=None,
         help="label scheme (default: balanced; none, for an unconditional model)",
     )
-    parser.add_argument("--num_classes", type=int, default=None, help="default: read from the model's config")
+    parser.add_argument("--num_classes", type=positive_int, default=None, help="default: read from the model's config")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--png", action="store_true", help="also write every sample as a PNG")
     parser.add_argument(
@@ -104,6 +105,46 @@ def infer_num_classes(pipeline) -> int | None:
     return None
 
 
+def labels_for(pipeline, args) -> tuple[str, int | None]:
+    """The label scheme and number of classes to sample, checked against the model before anything is written: a
+    label it does not have would fail the run only at the shard that draws it, after the shards before it."""
+    model_classes = infer_num_classes(pipeline)
+    if model_classes is None:
+        if args.num_classes is not None or args.class_labels not in (None, "none"):
+            given = "--num_classes" if args.num_classes is not None else f"--class_labels {args.class_labels}"
+            raise ValueError(
+                f"{given}: the model of {args.pipeline} is unconditional (its config has no number of classes); "
+                "sample it with --class_labels none and without --num_classes"
+            )
+        return "none", None
+    if args.class_labels == "none":
+        raise ValueError(
+            f"--class_labels none: the model of {args.pipeline} is class-conditional ({model_classes} classes); use "
+            "--class_labels balanced or random"
+        )
+    if args.num_classes is not None and args.num_classes > model_classes:
+        raise ValueError(
+            f"--num_classes {args.num_classes}: the model of {args.pipeline} has {model_classes} classes "
+            f"(labels 0..{model_classes - 1})"
+        )
+    return args.class_labels or "balanced", args.num_classes or model_classes
+
+
+def check_call(pipeline, conditional: bool, sampling_kwargs: dict) -> None:
+    """The checks that ClassConditionalPipeline makes at each call before evaluating a network, made once before any
+    shard is written, so that a bad setting is named without leaving a half-made run behind."""
+    guidance_scale = sampling_kwargs["guidance_scale"]
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"--guidance_scale must be a finite number, got {guidance_scale}")
+    pipeline.check_inputs("np", None, [], sampling_kwargs["num_inference_steps"], 1)
+    pipeline._check_guidance_interval(sampling_kwargs.get("guidance_interval"))
+    pipeline._check_guidance_channels(sampling_kwargs.get("guidance_channels"))
+    pipeline._check_scheduler()
+    pipeline._check_guide()
+    # An unconditional model has no null label: it is guided only by a guide network.
+    pipeline._label_ids_per_image([0] if conditional else None, 1, guidance_scale)
+
+
 def main(argv=None):
     args = parse_args(argv)
     with one_line_errors():
@@ -127,13 +168,7 @@ def sample(args):
     pipeline = pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
 
-    num_classes = args.num_classes or infer_num_classes(pipeline)
-    class_labels = args.class_labels or ("balanced" if num_classes else "none")
-    if class_labels != "none" and num_classes is None:
-        raise ValueError(
-            f"could not read the number of classes from {args.pipeline}; pass --num_classes, or --class_labels none "
-            "for an unconditional model"
-        )
+    class_labels, num_classes = labels_for(pipeline, args)
     sampling_kwargs = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
     if args.guidance_interval is not None:
         if "guidance_interval" not in inspect.signature(pipeline.__call__).parameters:
@@ -143,19 +178,22 @@ def sample(args):
         if "guidance_channels" not in inspect.signature(pipeline.__call__).parameters:
             raise ValueError(f"--guidance_channels: {type(pipeline).__name__} has no guidance_channels argument")
         sampling_kwargs["guidance_channels"] = args.guidance_channels
+    check_call(pipeline, class_labels != "none", sampling_kwargs)
 
-    path = generate_samples(
-        pipeline,
-        args.output_dir,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        class_labels=class_labels,
-        num_classes=num_classes,
-        seed=args.seed,
-        save_png=args.png,
-        accelerator=accelerator,
-        **sampling_kwargs,
-    )
+    kept = f"the finished shards are kept in {args.output_dir}; the same command resumes"
+    with one_line_interrupt(lambda: kept):
+        path = generate_samples(
+            pipeline,
+            args.output_dir,
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            class_labels=class_labels,
+            num_classes=num_classes,
+            seed=args.seed,
+            save_png=args.png,
+            accelerator=accelerator,
+            **sampling_kwargs,
+        )
     if accelerator.is_main_process:
         print(f"wrote {path}")
 

@@ -7,8 +7,18 @@ import argparse
 import logging
 import sys
 
-from diffusers_speedup.errors import one_line_errors
+from diffusers_speedup.errors import one_line_errors, one_line_interrupt
 from diffusers_speedup.training import ConfigError, Trainer, load_config
+
+
+def resume_point(output_dir) -> str:
+    """What an interrupted run keeps: its newest complete checkpoint (checkpoints are written atomically)."""
+    from diffusers_speedup.training.checkpoints import find_latest_checkpoint
+
+    checkpoint = find_latest_checkpoint(output_dir, clean=False)
+    if checkpoint is None:
+        return "no checkpoint was written yet"
+    return f"the last complete checkpoint is {checkpoint}; train.resume=latest continues from it"
 
 
 def main(argv=None) -> int:
@@ -25,7 +35,8 @@ def main(argv=None) -> int:
         except ConfigError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        export_dir = trainer.train()
+        with one_line_interrupt(lambda: resume_point(trainer.output_dir)):
+            export_dir = trainer.train()
     if trainer.push_result is not None and not trainer.push_result.ok:
         return 3  # trained and exported, but the final push failed (logged with how to retry)
     if export_dir is not None:

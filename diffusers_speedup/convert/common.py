@@ -35,6 +35,12 @@ def load_torch_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch
         raise CheckpointFormatError(
             f"{path}: cannot be read as {what} (truncated or not a torch file): {_first_line(error)}"
         ) from None
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as error:
+        # A file that is not a zip archive is read as a legacy torch pickle, whose unpickler fails on other bytes
+        # (a text file) with whatever lookup went wrong, e.g. KeyError: 101.
+        raise CheckpointFormatError(
+            f"{path}: cannot be read as {what} (not a torch file): {type(error).__name__}: {_first_line(error)}"
+        ) from None
     if not isinstance(state, Mapping):
         raise CheckpointFormatError(f"{path}: expected {what} (a dict of tensors), found {type(state).__name__}")
     return dict(state)

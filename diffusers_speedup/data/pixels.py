@@ -17,7 +17,7 @@ from ..utils import is_saved_dataset
 from .batching import Batch, index_batches
 from .builtin import BUILTIN_DATASETS, DIGITS_CLASS_NAMES, load_builtin_arrays
 from .preprocessing import ImageRejectedError, apply_exif_orientation, center_crop_arr, open_image, to_rgb
-from .sources import ImageSource, make_source
+from .sources import ImageFolderSource, ImageSource, make_source
 
 
 @dataclass
@@ -120,11 +120,24 @@ def _images_from_source(
         labels.append(source.labels[index])
     if not arrays:
         raise ValueError(f"no usable images in {source.description}; rejected: {rejected[:5]}")
+    if isinstance(source, ImageFolderSource):
+        _refuse_classes_without_images(source, set(labels), rejected)
     images = np.stack(arrays)  # (N, H, W, 3)
     if channels == 1:
         # ITU-R 601 luma, the weights PIL's convert("L") uses.
         images = np.rint(images @ np.array([0.299, 0.587, 0.114])).clip(0, 255).astype(np.uint8)[..., None]
     return images, labels, rejected
+
+
+def _refuse_classes_without_images(source: ImageFolderSource, kept_labels: set[int], rejected: list[dict]) -> None:
+    """A class folder whose every image was rejected would be a label id that never trains (see ImageFolderSource)."""
+    for label, class_name in enumerate(source.class_names):
+        if label not in kept_labels:
+            reasons = [entry["reason"] for entry in rejected if entry["path"].startswith(f"{class_name}/")]
+            raise ValueError(
+                f"image_folder={source.root!r}: every image in the class folder {class_name!r} was rejected "
+                f"(first: {reasons[0] if reasons else 'unknown'}); a class without images would never train"
+            )
 
 
 def load_pixel_dataset(

@@ -45,7 +45,9 @@ class ImageFolderSource(ImageSource):
     """ImageNet train layout: ``root/<class>/**/<image>``; class id = index of ``<class>`` among sorted sub-folders.
 
     Files are sorted within each class folder (recursively); files whose extension is not an image extension
-    (``IMAGE_EXTENSIONS``) are ignored; unreadable sub-folders are recorded in ``listing_rejected``.
+    (``IMAGE_EXTENSIONS``) are ignored; unreadable sub-folders are recorded in ``listing_rejected``. A class folder
+    without image files is refused: it would still take a label id (shifting the ids of the classes after it from
+    what a folder without it gives) and leave that id untrained, yet sampled as a class.
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -71,6 +73,14 @@ class ImageFolderSource(ImageSource):
                 for name in files:
                     if name.lower().endswith(IMAGE_EXTENSIONS):
                         class_files.append(os.path.relpath(os.path.join(folder, name), root))
+            if not class_files:
+                unreadable = [entry for entry in rejected if entry["path"].split(os.sep)[0] == class_name]
+                why = f" ({unreadable[0]['reason']})" if unreadable else ""
+                raise ValueError(
+                    f"image_folder={root!r}: the class folder {class_name!r} holds no image files "
+                    f"({', '.join(IMAGE_EXTENSIONS)}){why}; a class without images would never train. Add its images "
+                    "or move the folder out"
+                )
             class_files.sort()
             keys.extend(path.replace(os.sep, "/") for path in class_files)
             labels.extend([label] * len(class_files))

@@ -5,7 +5,7 @@ FID = |mu_1 - mu_2|² + tr(Σ_1) + tr(Σ_2) - 2 tr((Σ_1 Σ_2)^½) over Inceptio
 - Features come from torch-fidelity's `inception-v3-compat` extractor: the TF 2015-12-05 Inception weights with a
   TF1-exact bilinear resize to 299², which reproduces ADM's TensorFlow evaluator to about 1e-6 relative FID, so
   ADM's reference statistics (`VIRTUAL_imagenet256_labeled.npz`: keys `mu`, `sigma`) can be used directly.
-  torch-fidelity is an optional dependency (`pip install diffusers-speedup[eval]`); any other callable mapping a
+  torch-fidelity is an optional dependency (`pip install "diffusers-speedup[eval]"`); any other callable mapping a
   uint8 NCHW batch to (N, D) features can be injected instead.
 - Statistics are accumulated in float64 in one pass over the images (only D×D memory, however many images), with
   the unbiased covariance (divisor N - 1) that ADM's `np.cov` uses.
@@ -17,6 +17,7 @@ FID = |mu_1 - mu_2|² + tr(Σ_1) + tr(Σ_2) - 2 tr((Σ_1 Σ_2)^½) over Inceptio
 
 import os
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,12 @@ import numpy as np
 import torch
 
 from ..data.preprocessing import IMAGE_EXTENSIONS, center_crop_arr
+from ..errors import MissingExtraError
 from ..utils import is_saved_dataset
-from .npz_io import IMAGES_KEY, iter_npz_array, npz_keys, write_npz_atomically
+from .npz_io import IMAGES_KEY, iter_npz_array, npz_array_header, npz_keys, write_npz_atomically
 
-EVAL_EXTRA_HINT = "pip install diffusers-speedup[eval]"
+# Quoted, so that shells which expand brackets (zsh) pass it to pip as written.
+EVAL_EXTRA_HINT = 'pip install "diffusers-speedup[eval]"'
 
 FeatureExtractor = Callable[[torch.Tensor], Any]
 """Maps a uint8 tensor of shape (N, 3, H, W) to features of shape (N, D) (tensor or array; a tuple's first item)."""
@@ -104,7 +107,7 @@ def frechet_distance(
         try:
             trace_sqrt = _trace_sqrt_product_sqrtm(sigma1, sigma2, eps)
         except ImportError as error:
-            raise ImportError(f"frechet_distance(method='sqrtm') needs scipy: {EVAL_EXTRA_HINT}") from error
+            raise MissingExtraError(f"frechet_distance(method='sqrtm') needs scipy: {EVAL_EXTRA_HINT}") from error
     else:
         raise ValueError(f"frechet_distance: method must be 'eigh' or 'sqrtm', got {method!r}")
     diff = mu1 - mu2
@@ -186,7 +189,7 @@ class InceptionFeatureExtractor:
         try:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except ImportError as error:
-            raise ImportError(
+            raise MissingExtraError(
                 f"FID features need the optional dependency torch-fidelity; install it with `{EVAL_EXTRA_HINT}` "
                 "(or pass your own feature_extractor)"
             ) from error
@@ -318,6 +321,67 @@ def _default_image_column(dataset) -> str:
         if isinstance(feature, datasets.Image):
             return name
     return "image"
+
+
+def open_fid_source(source: str | os.PathLike, what: str, split: str = "train", image_column: str | None = None) -> Any:
+    """Open `source` as `compute_fid_statistics` would and check it without computing any feature, so that a bad
+    input is named before a pass over the other one; `what` names it in errors ("reference").
+
+    Returns what to give `compute_fid_statistics`: the statistics of an `.npz` holding `mu`/`sigma`, the opened
+    `datasets.Dataset` of a saved dataset folder (its `split` if it holds several) or of `hf:<id>` (fetched here),
+    else the path.
+    """
+    if isinstance(source, str) and source.startswith("hf:"):
+        import datasets
+
+        return _checked_dataset(datasets.load_dataset(source[len("hf:") :], split=split), what, source, image_column)
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if path.is_dir():
+        if is_saved_dataset(path):
+            import datasets
+
+            dataset = datasets.load_from_disk(str(path))
+            if isinstance(dataset, datasets.DatasetDict):
+                if split not in dataset:
+                    raise ValueError(f"{what} {path} has the splits {list(dataset)}, not split {split!r}")
+                dataset = dataset[split]
+            return _checked_dataset(dataset, what, path, image_column)
+        if len(list_image_files(path)[:2]) < 2:
+            raise ValueError(f"{what} {path} holds a single image; FID needs at least 2")
+        return path
+    if path.suffix != ".npz":
+        raise ValueError(f"{what} {path} is neither an .npz file nor a folder of images or a saved dataset")
+    try:
+        keys = npz_keys(path)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{what} {path} is not a readable .npz archive (truncated, or another kind of file)") from None
+    if "mu" in keys or "sigma" in keys:
+        try:
+            return load_fid_statistics(path)
+        except KeyError as error:
+            raise ValueError(error.args[0]) from None
+    if IMAGES_KEY not in keys:
+        raise ValueError(f"{what} {path} holds neither FID statistics (mu, sigma) nor images ({IMAGES_KEY}): {keys}")
+    shape, dtype = npz_array_header(path, IMAGES_KEY)
+    if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3, 4)):
+        raise ValueError(
+            f"{what} {path}: {IMAGES_KEY} must hold uint8 NHWC images with 1, 3 or 4 channels (ADM layout), got "
+            f"{dtype} of shape {shape}"
+        )
+    if shape[0] < 2:
+        raise ValueError(f"{what} {path} holds {shape[0]} image(s); FID needs at least 2")
+    return path
+
+
+def _checked_dataset(dataset, what: str, name, image_column: str | None):
+    column = image_column or _default_image_column(dataset)
+    if column not in dataset.column_names:
+        raise ValueError(f"{what} {name} has no image column {column!r}; its columns are {dataset.column_names}")
+    if len(dataset) < 2:
+        raise ValueError(f"{what} {name} holds {len(dataset)} image(s); FID needs at least 2")
+    return dataset
 
 
 def compute_fid_statistics(

@@ -114,10 +114,16 @@ def iter_npz_array(path: str | os.PathLike, key: str = IMAGES_KEY, batch_size: i
                 yield np.frombuffer(bytearray(data), dtype=dtype).reshape((count, *item_shape))
 
 
-def npz_array_shape(path: str | os.PathLike, key: str = IMAGES_KEY) -> tuple[int, ...]:
-    """Shape of one array in an `.npz`, read from its header only."""
+def npz_array_header(path: str | os.PathLike, key: str = IMAGES_KEY) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one array in an `.npz`, read from its header only."""
     with zipfile.ZipFile(path) as archive:
         with archive.open(f"{key}.npy") as member:
             version = np.lib.format.read_magic(member)
             reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            return tuple(reader(member)[0])
+            shape, _, dtype = reader(member)
+            return tuple(shape), dtype
+
+
+def npz_array_shape(path: str | os.PathLike, key: str = IMAGES_KEY) -> tuple[int, ...]:
+    """Shape of one array in an `.npz`, read from its header only."""
+    return npz_array_header(path, key)[0]

@@ -16,11 +16,13 @@ the main process merges the shards into `samples_{N}x{H}x{W}x{C}.npz` in ADM's l
 `sampling_config.json` records what produces the shards: the pipeline (its class, a hash of its weights, its
 scheduler and the scheduler's config), the autocast precision, the sampling arguments (steps, guidance, interval),
 the seed and the label scheme. A rerun into the same folder that differs in any of them is refused, naming the field
-and both values, so one `.npz` never mixes two models or two settings.
+and both values, so one `.npz` never mixes two models or two settings. A folder that holds no samples yet (its run
+failed before finishing a shard) is no other run's: a rerun with other settings takes it over.
 """
 
 import hashlib
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -34,6 +36,8 @@ from tqdm.auto import tqdm
 
 from ..utils import atomic_write
 from .npz_io import IMAGES_KEY, LABELS_KEY, write_adm_npz, write_npz_atomically
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "sampling_config.json"
 SHARDS_DIR = "shards"
@@ -175,21 +179,33 @@ def _flatten(mapping: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _check_or_write_run_config(output_dir: Path, config: dict) -> None:
+def _check_run_config(output_dir: Path, config: dict) -> bool:
+    """Whether `config` is to be written into `output_dir` (False: its sampling_config.json already records this
+    run). Refuses a folder holding samples that were made with other settings, naming the first field that differs."""
     path = output_dir / CONFIG_NAME
-    if path.exists():
-        saved, current = _flatten(json.loads(path.read_text())), _flatten(config)
-        for key in sorted(set(saved) | set(current)):
-            if saved.get(key) != current.get(key):
-                raise ValueError(
-                    f"{output_dir} holds shards of another sampling run: they were made with {key}="
-                    f"{saved.get(key)!r}, this run has {key}={current.get(key)!r}; use a new output_dir, or the "
-                    "settings and pipeline that made them."
-                )
-        return
-    # Every process may write it: the content is identical and the rename is atomic.
-    with atomic_write(path) as temporary:
-        temporary.write_text(json.dumps(config, indent=2, sort_keys=True))
+    if not path.exists():
+        return True
+    saved, current = _flatten(json.loads(path.read_text())), _flatten(config)
+    differing = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    if not differing:
+        return False
+    key = differing[0]
+    if not _holds_samples(output_dir):
+        logger.info(
+            "%s holds no samples of the run that set %s=%r; this run takes it over", output_dir, key, saved.get(key)
+        )
+        return True
+    raise ValueError(
+        f"{output_dir} holds shards of another sampling run: they were made with {key}={saved.get(key)!r}, this run "
+        f"has {key}={current.get(key)!r}; use a new output_dir, or the settings and pipeline that made them."
+    )
+
+
+def _holds_samples(output_dir: Path) -> bool:
+    """Whether a run wrote any sample into `output_dir`: a shard, a merged archive, or a PNG (written before its
+    shard)."""
+    patterns = (f"{SHARDS_DIR}/shard_*.npz", "samples_*.npz", f"{PNG_DIR}/*.png")
+    return any(next(output_dir.glob(pattern), None) is not None for pattern in patterns)
 
 
 def shard_path(output_dir: str | os.PathLike, shard_index: int) -> Path:
@@ -282,14 +298,21 @@ def generate_samples(
     is_main = accelerator is None or bool(accelerator.is_main_process)
 
     output_dir = Path(output_dir)
-    (output_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-    if save_png:
-        (output_dir / PNG_DIR).mkdir(exist_ok=True)
     labels = make_class_labels(class_labels, num_samples, num_classes, seed)
     config = _run_config(
         num_samples, batch_size, seed, class_labels, labels, num_classes, sampling_kwargs, pipeline, accelerator
     )
-    _check_or_write_run_config(output_dir, config)
+    write_config = _check_run_config(output_dir, config)
+    if accelerator is not None:
+        # Every process has read the folder before any writes to it, so all reach the same verdict.
+        accelerator.wait_for_everyone()
+    (output_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    if save_png:
+        (output_dir / PNG_DIR).mkdir(exist_ok=True)
+    if write_config:
+        # Every process may write it: the content is identical and the rename is atomic.
+        with atomic_write(output_dir / CONFIG_NAME) as temporary:
+            temporary.write_text(json.dumps(config, indent=2, sort_keys=True))
 
     num_shards = math.ceil(num_samples / batch_size)
     own_shards = range(rank, num_shards, world_size)

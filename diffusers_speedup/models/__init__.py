@@ -88,6 +88,8 @@ MODEL_KINDS: dict[str, ModelKind] = {
         ModelKind("dit", DiTModel, DIT_PRESETS, learned_variance=True, drops_labels_itself=True),
     )
 }
+# The kind a recipe trains when it names none.
+DEFAULT_MODEL_KIND = "uvit"
 
 
 def model_kind(name: str) -> ModelKind:
@@ -105,6 +107,7 @@ def model_kind_of(model) -> ModelKind | None:
 
 
 __all__ = [
+    "DEFAULT_MODEL_KIND",
     "DIT_PRESETS",
     "DiTModel",
     "EDM2UNetModel",

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..models import MODEL_KINDS
+from ..models import DEFAULT_MODEL_KIND, MODEL_KINDS
 from ..objectives import PREDICTION_TYPES
 from ..objectives.objective import LOSS_REDUCTIONS
 
@@ -49,7 +49,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    kind: ModelKindName = "uvit"
+    kind: ModelKindName = DEFAULT_MODEL_KIND
     preset: str | None = None  # e.g. uvit-s, edm2-xs, dit-xl-2; None builds from params alone
     params: dict[str, Any] = field(default_factory=dict)  # constructor arguments, overriding the preset
     pretrained: str | None = None  # a saved model folder to start from instead

@@ -42,6 +42,8 @@ def resolve_recipe(name_or_path: str | Path, relative_to: Path | None = None) ->
     shipped = recipes_dir() / f"{name}.yaml"
     if not path.is_absolute() and shipped.is_file():
         return shipped
+    if candidate.is_dir():
+        raise IsADirectoryError(f"{candidate} is a directory, not a recipe file (.yaml)")
     raise FileNotFoundError(f"{candidate} does not exist and is not the name of a shipped recipe")
 
 
@@ -84,7 +86,7 @@ def _load_recipe(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
         return recipe
     try:
         base_path = resolve_recipe(str(base), relative_to=path.parent)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, IsADirectoryError) as error:
         raise ConfigError(f"Config file {error} (named as base by {path}).") from None
     return OmegaConf.merge(_load_recipe(base_path, chain + (path,)), recipe)
 
@@ -106,6 +108,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             source = str(path)
             try:
                 recipe_path = resolve_recipe(path)
+            except IsADirectoryError as error:
+                raise ConfigError(f"Config file {error}.") from None
             except FileNotFoundError as error:
                 raise ConfigError(f"Config file {error}; shipped recipes: {', '.join(list_recipes())}.") from None
             schema = OmegaConf.merge(schema, _load_recipe(recipe_path))
