@@ -15,7 +15,7 @@ from .objectives import (
     compute_loss_weights,
 )
 from .pipelines import ClassConditionalPipeline
-from .schedulers import EDMHeunScheduler
+from .schedulers import EDMHeunScheduler, FlowScheduler
 
 __version__ = "0.1.0"
 
@@ -25,6 +25,7 @@ __all__ = [
     "DiffusionObjective",
     "EDM2UNetModel",
     "EDMHeunScheduler",
+    "FlowScheduler",
     "LogNormalSigmaSampler",
     "LogitNormalTimestepSampler",
     "ModelMixin",

@@ -1,5 +1,6 @@
 # Copyright 2025 The diffusers-speedup authors. Licensed under the Apache License, Version 2.0.
-"""Class-conditional image generation with classifier-free guidance, limited to a σ interval or by a guide network.
+"""Class-conditional image generation with classifier-free guidance, limited to a noise-level interval or by a guide
+network, for discrete-time (DDPM), EDM and flow-matching models.
 
 Self-contained on purpose: this file imports only the standard library, torch and diffusers (huggingface_hub, a
 diffusers dependency, only to download a Hub repo), because it is copied unchanged into exported model folders and
@@ -15,7 +16,12 @@ from collections.abc import Callable, Sequence
 
 import diffusers
 import torch
-from diffusers import DiffusionPipeline, EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+from diffusers import (
+    DiffusionPipeline,
+    EDMDPMSolverMultistepScheduler,
+    EDMEulerScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
@@ -48,6 +54,13 @@ def _is_edm_heun(scheduler) -> bool:
 def _is_edm(scheduler) -> bool:
     """Schedulers on EDM's σ grid, whose `timesteps` are c_noise = ln(σ)/4 rather than indices of a DDPM schedule."""
     return _is_edm_heun(scheduler) or isinstance(scheduler, (EDMEulerScheduler, EDMDPMSolverMultistepScheduler))
+
+
+def _is_flow(scheduler) -> bool:
+    """Schedulers that sample a velocity model in flow time t ∈ [0, 1] (t = 1 noise): this package's FlowScheduler
+    and diffusers' FlowMatchEulerDiscreteScheduler (whose `timesteps` are t·num_train_timesteps and `sigmas` are t)."""
+    is_flow_scheduler = any(klass.__name__ == "FlowScheduler" for klass in type(scheduler).__mro__)
+    return is_flow_scheduler or isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
 
 
 def _above(sigma: float, bound: float) -> bool:
@@ -123,8 +136,8 @@ def _networks_in_eval_mode(call):
 
 class ClassConditionalPipeline(DiffusionPipeline):
     r"""
-    Class-conditional generation (DiT, U-ViT, EDM2) with classifier-free guidance that can be limited to a σ interval
-    and can use a separate guide network.
+    Class-conditional generation (DiT, U-ViT, EDM2, flow-matching DiTs) with classifier-free guidance that can be
+    limited to a noise-level interval and can use a separate guide network.
 
     Loads DiTPipeline-layout folders unchanged (`transformer/`, `vae/`, `scheduler/`, `model_index.json` with an
     optional `id2label`), as well as folders written by its own `save_pretrained` (with a `guide/` folder when a guide
@@ -135,8 +148,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
             those with an `alphas_cumprod` table (DDPM, DDIM, PNDM, LMS, Euler, Euler ancestral, Heun, KDPM2, KDPM2
             ancestral, DEIS, UniPC, DPM-Solver multistep / singlestep / SDE, SA-Solver, LCM, TCD, ...), and the EDM
             schedulers (`EDMEulerScheduler`, `EDMDPMSolverMultistepScheduler`, `EDMHeunScheduler`) for models trained
-            with EDM's preconditioning. Schedulers that cannot (inversion, inpainting, flow matching, ...) are refused
-            with the reason before any network evaluation.
+            with EDM's preconditioning; for a flow-matching model (a velocity model called with t ∈ [0, 1], t = 1
+            noise: SiT, REPA, LightningDiT), `FlowScheduler` (REPA's and SiT's Euler, Heun and Euler–Maruyama
+            samplers) or diffusers' `FlowMatchEulerDiscreteScheduler` (the model gets its `sigmas` entry, which is t,
+            not its `timesteps`, which are t·1000). Schedulers that cannot (inversion, inpainting, flow-matching
+            variants of the discrete schedulers, ...) are refused with the reason before any network evaluation.
         transformer (*optional*): a class-conditional model called as
             `transformer(hidden_states, timestep, class_labels).sample` (DiT, UViTModel). When its output has twice
             the latent channels (learned σ, as DiT), the second half is the variance: `DDPMScheduler` with
@@ -370,13 +386,32 @@ class ClassConditionalPipeline(DiffusionPipeline):
                     "is what the unet returns; use EDMHeunScheduler or EDMEulerScheduler."
                 )
             return
+        if _is_flow(scheduler):
+            if self.unet is not None:
+                raise ValueError(
+                    f"{name} samples a velocity model called with flow time t in the transformer slot; the unet slot "
+                    "holds a σ-conditioned denoiser, which needs an EDM scheduler."
+                )
+            if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+                if config.use_dynamic_shifting:
+                    raise ValueError(
+                        f"{name}(use_dynamic_shifting=True) needs `mu` from the image sequence length at every "
+                        "set_timesteps call, which this pipeline does not pass; set a fixed `shift` instead."
+                    )
+                if config.invert_sigmas:
+                    raise ValueError(
+                        f"{name}(invert_sigmas=True) counts time the other way (Mochi's convention, 0 = noise); "
+                        "these models take t = 1 as noise."
+                    )
+            return
         if name in _UNSUPPORTED_SCHEDULERS:
             raise ValueError(f"{name} cannot drive ClassConditionalPipeline: {_UNSUPPORTED_SCHEDULERS[name]}.")
         if not hasattr(scheduler, "alphas_cumprod"):
             raise ValueError(
                 f"Unsupported scheduler {name}: it has no alphas_cumprod table, so it does not sample a discrete-time "
                 "(DDPM-trained) model, and it is not one of the EDM schedulers (EDMHeunScheduler, EDMEulerScheduler, "
-                "EDMDPMSolverMultistepScheduler)."
+                "EDMDPMSolverMultistepScheduler) or the flow schedulers (FlowScheduler, "
+                "FlowMatchEulerDiscreteScheduler)."
             )
         if self.unet is not None:
             raise ValueError(
@@ -385,7 +420,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
             )
         if config.get("use_flow_sigmas", False) or config.get("prediction_type") == "flow_prediction":
             raise ValueError(
-                f"{name} configured for flow matching (use_flow_sigmas / flow_prediction) is not supported."
+                f"{name} configured for flow matching (use_flow_sigmas / flow_prediction) is not supported; sample "
+                "flow models with FlowScheduler or FlowMatchEulerDiscreteScheduler."
             )
         if config.get("timestep_type") == "continuous" and config.get("prediction_type") == "v_prediction":
             raise ValueError(
@@ -459,19 +495,24 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     def guidance_sigmas(self) -> torch.Tensor:
         """
-        σ (float64) that decides guidance for each entry of `scheduler.timesteps` (call after `set_timesteps`).
+        σ (float64) that decides guidance for each entry of `scheduler.timesteps` (call after `set_timesteps`); for
+        a flow scheduler, the flow time t instead (t = 1 noise; what diffusers' flow schedulers call sigma).
 
         It is the σ of the step an evaluation belongs to: both evaluations of a second-order step (EDMHeunScheduler,
         HeunDiscreteScheduler, KDPM2…) share the σ of the step's first evaluation, as the guidance-interval paper's
         sampler decides per step. For EDMHeunScheduler it is the float64 grid; for schedulers with a `sigmas` table
         (Euler, LMS, DPM-Solver, UniPC, DEIS, EDMEuler, …) it is the table's entry, i.e. the σ the scheduler assigns
         to the sample (fractional timesteps included); for the others (DDPM, DDIM, PNDM, LCM, …) it is
-        √((1−ᾱ_t)/ᾱ_t) of the evaluated timestep t, with ᾱ recomputed in float64 from the scheduler's betas.
+        √((1−ᾱ_t)/ᾱ_t) of the evaluated timestep t, with ᾱ recomputed in float64 from the scheduler's betas. For
+        FlowScheduler it is the t of the step (float64; a Heun correction shares its step's t, as REPA's sampler
+        decides guidance by t_cur); for FlowMatchEulerDiscreteScheduler the entry of its `sigmas` table, which is t.
         """
         scheduler = self.scheduler
         num_evaluations = len(scheduler.timesteps)
         if _is_edm_heun(scheduler):
             return scheduler.evaluation_step_sigmas.double()
+        if _is_flow(scheduler) and hasattr(scheduler, "evaluation_step_times"):
+            return scheduler.evaluation_step_times.double()
         table = getattr(scheduler, "sigmas", None)
         if isinstance(table, torch.Tensor) and len(table) > num_evaluations:
             sigmas = table[:num_evaluations].detach().cpu().double().clone()
@@ -632,7 +673,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 an unconditional one (no class count in its config: U-ViT on CIFAR-10 or CelebA, EDM2's
                 `uncond` networks) takes none and generates `num_images_per_prompt` images.
             num_inference_steps (`int`, defaults to 50): scheduler steps (second-order schedulers such as
-                EDMHeunScheduler and HeunDiscreteScheduler take 2N−1 evaluations).
+                EDMHeunScheduler, HeunDiscreteScheduler and FlowScheduler(sampler="heun") take 2N−1 evaluations).
             guidance_scale (`float`, defaults to 4.0): w in `reference + w·(cond − reference)`, where the reference
                 is the null label of the same model, or the `guide` network when the pipeline has one; 1 disables
                 guidance and its extra evaluation. An unconditional model has no null label: without a guide it
@@ -642,6 +683,13 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 evaluations of a second-order step follow the step's σ (see `guidance_sigmas`). The comparison is in
                 float64 with a relative tolerance of 1e-5, so ends taken from the σ grid select exactly the steps the
                 official samplers do. `None` guides every step.
+                With a flow scheduler (FlowScheduler, FlowMatchEulerDiscreteScheduler) the ends are flow times t
+                (t = 1 noise, the t fed to the model; diffusers' flow schedulers call it sigma), not an EDM σ: the
+                official flow samplers compare t itself, and no σ = t/(1−t) conversion is applied. REPA's
+                `--guidance-low lo --guidance-high hi` (guided where lo ≤ t ≤ hi; 1.42 FID with hi = 0.7) is
+                `(lo, hi)`, which selects the same steps since no evaluation happens at t = 0. LightningDiT's
+                `cfg_interval_start c` (SiT's time, 1 = data; guided where its time ≥ c) is `(0, 1 - c)`; its
+                `forward_with_cfg` also guides only the first 3 channels (`guidance_channels=3`).
             generator (`torch.Generator` or a list, *optional*): makes sampling deterministic; a list gives each
                 image its own generator (one per image).
             latents (`torch.Tensor`, *optional*): initial unit-variance noise (scaled by the scheduler's
@@ -709,7 +757,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
             null_labels = torch.full_like(labels, self.num_classes)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        latents = latents.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
+        # FlowMatchEulerDiscreteScheduler has no init_noise_sigma: a flow starts from unit noise.
+        latents = latents.to(device=device, dtype=torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
 
         edm_heun = _is_edm_heun(scheduler)
         step_kwargs = {}
@@ -718,11 +767,17 @@ class ClassConditionalPipeline(DiffusionPipeline):
         # EDMEulerScheduler cannot precondition a denoised output itself; it accepts it ready-made.
         denoised_output = isinstance(scheduler, EDMEulerScheduler) and scheduler.config.prediction_type == "sample"
 
+        # diffusers' flow scheduler counts time in training steps (t·num_train_timesteps); the model takes t itself.
+        flow_match_euler = isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+
         for i, t in enumerate(self.progress_bar(timesteps)):
             if self.interrupt:
                 continue
-            # Also sets the scheduler's step index, which the σ lookups below read.
-            model_input = scheduler.scale_model_input(latents, t)
+            if flow_match_euler:
+                model_input, model_timestep = latents, scheduler.sigmas[i]
+            else:
+                # Also sets the scheduler's step index, which the σ lookups below read.
+                model_input, model_timestep = scheduler.scale_model_input(latents, t), t
             if edm_heun:
                 sigma = scheduler.sigma_for_model_input
             elif isinstance(scheduler, EDMEulerScheduler):
@@ -732,7 +787,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
             if self.unet is not None:
                 model_input = latents  # the unet preconditions its raw input itself
             guided = in_interval[i] and self.do_classifier_free_guidance
-            output = self._guided_output(model_input, t, sigma, labels, null_labels, guided, guidance_channels)
+            output = self._guided_output(
+                model_input, model_timestep, sigma, labels, null_labels, guided, guidance_channels
+            )
             if denoised_output:
                 latents = scheduler.step(output, t, latents, pred_original_sample=output, **step_kwargs).prev_sample
             else:

@@ -24,7 +24,7 @@ from diffusers import (
     EDMDPMSolverMultistepScheduler,
     EDMEulerScheduler,
     EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     ModelMixin,
     UniPCMultistepScheduler,
 )
@@ -453,7 +453,7 @@ def test_bad_input_raises_before_any_network_call(pipe, kwargs, match):
 @pytest.mark.parametrize(
     "scheduler, match",
     [
-        (FlowMatchEulerDiscreteScheduler(), "Unsupported scheduler FlowMatchEulerDiscreteScheduler: it has no alphas"),
+        (FlowMatchHeunDiscreteScheduler(), "Unsupported scheduler FlowMatchHeunDiscreteScheduler: it has no alphas"),
         (DDIMInverseScheduler(), "DDIMInverseScheduler cannot drive .*inversion"),
         (EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction"), "timestep_type"),
         (DPMSolverMultistepScheduler(variance_type="learned_range"), "first 3 output channels"),

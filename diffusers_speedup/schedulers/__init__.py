@@ -1,5 +1,6 @@
 """Schedulers, one self-contained file each."""
 
 from .scheduling_edm_heun import EDMHeunScheduler
+from .scheduling_flow import FlowScheduler
 
-__all__ = ["EDMHeunScheduler"]
+__all__ = ["EDMHeunScheduler", "FlowScheduler"]
