@@ -15,6 +15,11 @@ blocks, one drop decision per sample, and the official ``initialize_weights``. I
 official checkpoints (``x_embedder``, ``t_embedder``, ``y_embedder``, ``blocks.{i}.adaLN_modulation.1``, ...), so a
 released ``.pt`` file loads without renaming.
 
+The same class builds SiT (whose network is DiT's) and LightningDiT (Yao et al., CVPR 2025): four options, each off
+by default, are LightningDiT's SwiGLU MLP, RMSNorm, 2-D rotary position embedding and QK-norm, written from
+hustvl/LightningDiT ``models/`` and named there as in its checkpoints (``mlp.w12``, ``norm1.weight``, ``feat_rope``).
+With every option off the network is the DiT above, operation for operation.
+
 Moving between the layouts: `DiTModel.from_diffusers` and `DiTModel.to_diffusers` convert the weights exactly (see
 `diffusers_to_dit_state_dict` for the key mapping). diffusers' port of DiT differs from the official network in two
 constants, which the config keeps so that a converted model gives the same outputs: its sinusoidal timestep
@@ -44,9 +49,35 @@ _DIT_SIZES = {
     "l": {"num_layers": 24, "hidden_size": 1024, "num_attention_heads": 16},
     "xl": {"num_layers": 28, "hidden_size": 1152, "num_attention_heads": 16},
 }
-DIT_PRESETS = {
+_DIT_PRESETS = {
     f"dit-{size}-{patch}": {**shape, "patch_size": patch} for size, shape in _DIT_SIZES.items() for patch in (2, 4, 8)
 }
+# SiT (willisma/SiT models.py `SiT_models`): DiT's network and sizes unchanged, with its default learn_sigma=True (the
+# released SiT-XL/2 has it; SiT's forward then drops the variance half). Override in_channels and out_channels
+# together for other latents.
+SIT_PRESETS = {
+    f"sit-{size}-{patch}": {**shape, "patch_size": patch, "in_channels": 4, "out_channels": 8}
+    for size, shape in _DIT_SIZES.items()
+    for patch in (2, 4, 8)
+}
+# LightningDiT (hustvl/LightningDiT models/lightningdit.py `LightningDiT_models`, B and XL at patch 1 and 2), with
+# the options its shipped configs turn on (use_swiglu, use_rmsnorm, use_rope; use_qknorm false) and its
+# learn_sigma=False, on VA-VAE f16d32 latents of 256 px images (16×16×32), as `configs/lightningdit_xl_vavae_f16d32`.
+LIGHTNINGDIT_PRESETS = {
+    f"lightningdit-{size}-{patch}": {
+        **_DIT_SIZES[size],
+        "patch_size": patch,
+        "sample_size": 16,
+        "in_channels": 32,
+        "mlp_type": "swiglu",
+        "norm_type": "rmsnorm",
+        "use_rope": True,
+        "use_qk_norm": False,
+    }
+    for size in ("b", "xl")
+    for patch in (1, 2)
+}
+DIT_PRESETS = {**_DIT_PRESETS, **SIT_PRESETS, **LIGHTNINGDIT_PRESETS}
 
 
 def timestep_embedding(
@@ -86,6 +117,73 @@ def sincos_position_embedding(dim: int, grid_size: int) -> torch.Tensor:
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
     return torch.cat([embed(cols), embed(rows)], dim=1).float()
+
+
+def rotary_position_tables(head_dim: int, grid_size: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """LightningDiT's 2-D rotary tables (EVA-02's ``VisionRotaryEmbeddingFast``): ``(cos, sin)``, each of shape
+    (grid_size², head_dim), tokens in row-major order.
+
+    The first half of a head's dimensions rotates by the token's row, the second half by its column. Within a half
+    of ``h = head_dim / 2`` dimensions, the pair (2k, 2k + 1) turns by the angle ``pos · θ^(-2k / h)``. Computed in
+    float32 with EVA's operations, including its positions ``arange(n) / n · n``, so the tables are bit-identical.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2-D rotary embedding needs a head dimension divisible by 4, got {head_dim}")
+    half = head_dim // 2
+    freqs = 1.0 / theta ** (torch.arange(0, half, 2).float() / half)
+    positions = torch.arange(grid_size) / grid_size * grid_size
+    angles = (positions[:, None] * freqs[None]).repeat_interleave(2, dim=-1)  # (grid, half): one angle per pair
+    rows = angles[:, None, :].expand(grid_size, grid_size, half)
+    cols = angles[None, :, :].expand(grid_size, grid_size, half)
+    table = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim)
+    return table.cos(), table.sin()
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """``(x0, x1, x2, x3, ...) → (-x1, x0, -x3, x2, ...)``: each consecutive pair turned by 90° (EVA's rotate_half)."""
+    first, second = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((-second, first), dim=-1).flatten(-2)
+
+
+class VisionRotaryEmbedding(nn.Module):
+    """Applies `rotary_position_tables` to (batch, tokens, heads, head_dim) queries or keys: ``x·cos + rot(x)·sin``.
+
+    The tables are saved buffers named as LightningDiT's ``feat_rope`` (``freqs_cos``, ``freqs_sin``), so its
+    checkpoints load without renaming. The result has the input's dtype (LightningDiT's is float32 under autocast,
+    which SDPA casts back, to the same values).
+    """
+
+    def __init__(self, head_dim: int, grid_size: int):
+        super().__init__()
+        cos, sin = rotary_position_tables(head_dim, grid_size)
+        self.register_buffer("freqs_cos", cos)
+        self.register_buffer("freqs_sin", sin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.freqs_cos[:, None], self.freqs_sin[:, None]  # broadcast over the heads
+        return (x * cos + rotate_pairs(x) * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """LightningDiT's RMSNorm (LLaMA's, `models/rmsnorm.py`): ``x / sqrt(mean(x²) + eps)`` computed in at least
+    float32, cast back to the input's dtype, times a learned per-channel weight that starts at ones."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # LLaMA's x.float(), without rounding a float64 input down.
+        y = x.to(torch.promote_types(x.dtype, torch.float32))
+        return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def _norm_layer(norm_type: str, dim: int, eps: float) -> nn.Module:
+    """The blocks' and final layer's norm: DiT's LayerNorm without affine parameters, or LightningDiT's RMSNorm."""
+    if norm_type == "rmsnorm":
+        return RMSNorm(dim, eps=eps)
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
 
 
 class PatchEmbedder(nn.Module):
@@ -145,9 +243,13 @@ class DiTAttention(nn.Module):
     `qkv_bias`: False (no bias), True (one bias for query, key and value, in ``qkv.bias``; DiT's) or "qv" (BEiT's
     layout: learned ``q_bias`` and ``v_bias``, the key's bias fixed at zero; softmax ignores a key bias anyway, since
     it adds the same ``q·b_k`` to every logit of a query).
+
+    `qk_norm`: None, or a norm class built as ``qk_norm(head_dim)`` for the queries and for the keys and applied to
+    each head's vectors before attention (QK-norm, as timm's ``Attention(qk_norm=True)``). ``forward(x, rope)``
+    applies `rope`, a callable on (batch, length, heads, head_dim) tensors, to the queries and keys after it.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool | str = False):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool | str = False, qk_norm: type | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias is True)
@@ -156,6 +258,8 @@ class DiTAttention(nn.Module):
             self.v_bias = nn.Parameter(torch.zeros(dim))
         else:
             self.q_bias = self.v_bias = None
+        self.q_norm = qk_norm(dim // num_heads) if qk_norm is not None else None
+        self.k_norm = qk_norm(dim // num_heads) if qk_norm is not None else None
         self.proj = nn.Linear(dim, dim)
         self.use_xformers = False
         self.xformers_op = None
@@ -180,17 +284,21 @@ class DiTAttention(nn.Module):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         return F.linear(x, self.qkv.weight, bias.to(x.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         batch, length, dim = x.shape
         qkv = self._qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.unbind(dim=2)  # (batch, length, heads, head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
         if self.use_xformers:
             import xformers.ops
 
-            q, k, v = qkv.unbind(dim=2)  # xformers wants (batch, length, heads, head_dim)
             x = xformers.ops.memory_efficient_attention(q, k, v, op=self.xformers_op)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)  # SDPA wants (batch, heads, length, head_dim)
-            x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+            # SDPA wants (batch, heads, length, head_dim); these views have the strides of permute(2, 0, 3, 1, 4).
+            x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
         return self.proj(x.reshape(batch, length, dim))
 
 
@@ -206,6 +314,20 @@ class DiTMlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+class SwiGLUMlp(nn.Module):
+    """``w3(SiLU(a) · b)`` with ``(a, b) = w12(x)`` split in halves: LightningDiT's ``SwiGLUFFN`` (fused first
+    projection, biases on both linears)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden_dim)
+        self.w3 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -213,26 +335,44 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class DiTBlock(nn.Module):
     """A DiT block with adaLN-Zero: shift, scale and gate of both branches regressed from the conditioning vector."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, norm_eps: float, mlp_norm_eps: float):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        norm_eps: float,
+        mlp_norm_eps: float,
+        mlp_type: str = "gelu",
+        norm_type: str = "layernorm",
+        use_qk_norm: bool = False,
+    ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
-        self.attn = DiTAttention(hidden_size, num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
-        self.mlp = DiTMlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.norm1 = _norm_layer(norm_type, hidden_size, norm_eps)
+        # LightningDiT's QK-norm is its RMSNorm (eps 1e-6) with RMSNorm blocks, else an affine nn.LayerNorm (eps 1e-5).
+        qk_norm = (RMSNorm if norm_type == "rmsnorm" else nn.LayerNorm) if use_qk_norm else None
+        self.attn = DiTAttention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
+        self.norm2 = _norm_layer(norm_type, hidden_size, mlp_norm_eps)
+        if mlp_type == "swiglu":
+            # LightningDiT's width, int(2/3 · int(d · mlp_ratio)), which keeps the parameter count of the GELU MLP.
+            self.mlp = SwiGLUMlp(hidden_size, int(2 / 3 * int(hidden_size * mlp_ratio)))
+        else:
+            self.mlp = DiTMlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class FinalLayer(nn.Module):
     """adaLN (shift, scale) then ``Linear(D, p² · out_channels)`` per token."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm_eps: float):
+    def __init__(
+        self, hidden_size: int, patch_size: int, out_channels: int, norm_eps: float, norm_type: str = "layernorm"
+    ):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
+        self.norm_final = _norm_layer(norm_type, hidden_size, norm_eps)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
@@ -275,6 +415,25 @@ class DiTModel(ModelMixin, ConfigMixin):
         norm_eps (`float`, defaults to 1e-6): epsilon of the LayerNorms (DiT's 1e-6).
         mlp_norm_eps (`float`, *optional*): epsilon of the LayerNorm before each MLP; defaults to `norm_eps`.
             diffusers' DiT uses its `norm_eps` there (1e-5 by default), which `from_diffusers` keeps.
+        mlp_type (`str`, defaults to `"gelu"`): `"gelu"` is DiT's ``Linear → GELU(tanh) → Linear``; `"swiglu"` is
+            LightningDiT's SwiGLU FFN (hustvl/LightningDiT `models/swiglu_ffn.py`, ``use_swiglu``): hidden width
+            ``int(2/3 · int(hidden_size · mlp_ratio))``, a fused first projection ``mlp.w12`` and ``mlp.w3``, both
+            with biases.
+        norm_type (`str`, defaults to `"layernorm"`): `"layernorm"` is DiT's LayerNorm without affine parameters;
+            `"rmsnorm"` is LightningDiT's RMSNorm (``use_rmsnorm``, LLaMA's, with a learned weight starting at ones)
+            in the blocks' two norms and the final layer's, with epsilons `norm_eps` and `mlp_norm_eps`.
+        use_rope (`bool`, defaults to `False`): LightningDiT's 2-D rotary position embedding (``use_rope``, EVA-02's
+            ``VisionRotaryEmbeddingFast``) on every block's queries and keys: half of each head's dimensions turn with
+            the token's row, half with its column (see `rotary_position_tables`). The fixed sin-cos embedding is
+            kept, as LightningDiT keeps it. Needs a head dimension divisible by 4.
+        use_qk_norm (`bool`, defaults to `False`): LightningDiT's QK-norm (``use_qknorm``): each head's queries and
+            keys are normalised before RoPE and attention, by RMSNorm (eps 1e-6) when `norm_type` is `"rmsnorm"`,
+            else by an affine ``nn.LayerNorm`` (eps 1e-5), as its ``Attention`` builds them. Its configs ship it off.
+
+    The presets (`DIT_PRESETS`) are DiT's ``dit-{s,b,l,xl}-{2,4,8}``, SiT's ``sit-{s,b,l,xl}-{2,4,8}`` (the same
+    network with SiT's learn_sigma, out_channels 8) and LightningDiT's ``lightningdit-{b,xl}-{1,2}`` (SwiGLU,
+    RMSNorm, RoPE, on 16×16×32 VA-VAE latents). Parameter names are the official ones in each case, so SiT and
+    LightningDiT checkpoints load without renaming too (LightningDiT's rotary tables included).
 
     ``forward(hidden_states, timestep, class_labels=None, return_dict=True)`` returns
     ``Transformer2DModelOutput(sample=...)`` of shape (batch, out_channels, sample_size, sample_size), the calling
@@ -303,6 +462,10 @@ class DiTModel(ModelMixin, ConfigMixin):
         downscale_freq_shift: float = 0.0,
         norm_eps: float = 1e-6,
         mlp_norm_eps: float | None = None,
+        mlp_type: str = "gelu",
+        norm_type: str = "layernorm",
+        use_rope: bool = False,
+        use_qk_norm: bool = False,
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -319,6 +482,10 @@ class DiTModel(ModelMixin, ConfigMixin):
             num_classes=num_classes,
             class_dropout_prob=class_dropout_prob,
             frequency_embedding_size=frequency_embedding_size,
+            mlp_type=mlp_type,
+            norm_type=norm_type,
+            use_rope=use_rope,
+            use_qk_norm=use_qk_norm,
         )
         # The resolved values go into the config, so pipelines that read out_channels (DiTPipeline,
         # ClassConditionalPipeline's learned-σ check) see the number.
@@ -332,10 +499,24 @@ class DiTModel(ModelMixin, ConfigMixin):
         grid_size = sample_size // patch_size
         # A parameter that is never trained, as in DiT (so it is counted and saved like the official model's).
         self.pos_embed = nn.Parameter(torch.zeros(1, grid_size**2, hidden_size), requires_grad=False)
+        # One rotary table for all blocks, as LightningDiT's `feat_rope`.
+        self.feat_rope = VisionRotaryEmbedding(hidden_size // num_attention_heads, grid_size) if use_rope else None
         self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_attention_heads, mlp_ratio, norm_eps, mlp_norm_eps) for _ in range(num_layers)]
+            [
+                DiTBlock(
+                    hidden_size,
+                    num_attention_heads,
+                    mlp_ratio,
+                    norm_eps,
+                    mlp_norm_eps,
+                    mlp_type=mlp_type,
+                    norm_type=norm_type,
+                    use_qk_norm=use_qk_norm,
+                )
+                for _ in range(num_layers)
+            ]
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, norm_eps)
+        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, norm_eps, norm_type=norm_type)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -371,10 +552,11 @@ class DiTModel(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DiTModel":
-        """Build a published size by name (see `DIT_PRESETS`, "dit-s-2" … "dit-xl-8"); `overrides` replace or add
-        config values.
+        """Build a published size by name (see `DIT_PRESETS`: "dit-s-2" … "dit-xl-8", "sit-s-2" … "sit-xl-8",
+        "lightningdit-b-1" … "lightningdit-xl-2"); `overrides` replace or add config values.
 
-        Example: ``DiTModel.from_preset("dit-xl-2", out_channels=8)`` is the released DiT-XL/2 at 256 px.
+        Example: ``DiTModel.from_preset("dit-xl-2", out_channels=8)`` is the released DiT-XL/2 at 256 px;
+        ``DiTModel.from_preset("lightningdit-xl-1")`` is the released LightningDiT-XL/1.
         """
         key = name.lower() if isinstance(name, str) else name
         if key not in DIT_PRESETS:
@@ -394,8 +576,9 @@ class DiTModel(ModelMixin, ConfigMixin):
 
         Args:
             hidden_states (`torch.Tensor`): (batch, in_channels, sample_size, sample_size) noisy input.
-            timestep (`torch.Tensor`, `float` or `int`): DDPM timestep per sample, shape (batch,), (1,) or 0-d, or a
-                Python number.
+            timestep (`torch.Tensor`, `float` or `int`): the noise level's input per sample, shape (batch,), (1,)
+                or 0-d, or a Python number: a DDPM timestep, or a continuous time t ∈ [0, 1] fed as is into the
+                same sinusoidal embedding (SiT, REPA, LightningDiT).
             class_labels (`torch.LongTensor`, *optional*): (batch,) labels in ``[0, num_classes]``, where
                 ``num_classes`` is the null label. `None` on a class-conditional model means all null labels. Must
                 be `None` when `num_classes == 0`.
@@ -420,9 +603,9 @@ class DiTModel(ModelMixin, ConfigMixin):
             raise ValueError("class_labels were given to an unconditional DiTModel (num_classes=0); pass None")
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, c)
+                x = self._gradient_checkpointing_func(block, x, c, self.feat_rope)
             else:
-                x = block(x, c)
+                x = block(x, c, self.feat_rope)
         sample = self._unpatchify(self.final_layer(x, c))
         if not return_dict:
             return (sample,)
@@ -516,6 +699,10 @@ class DiTModel(ModelMixin, ConfigMixin):
                 f"diffusers' DiT has mlp_ratio 4 and 256 timestep features, got mlp_ratio={config.mlp_ratio}, "
                 f"frequency_embedding_size={config.frequency_embedding_size}"
             )
+        options = {"mlp_type": "gelu", "norm_type": "layernorm", "use_rope": False, "use_qk_norm": False}
+        changed = {name: config[name] for name, default in options.items() if config[name] != default}
+        if changed:
+            problems.append(f"diffusers' DiT has none of LightningDiT's options, got {changed}")
         if problems:
             raise ValueError("cannot convert to DiTTransformer2DModel: " + "; ".join(problems))
         if exact and (config.downscale_freq_shift != 1 or config.norm_eps != 1e-6):
@@ -695,6 +882,15 @@ def _check_config(**c) -> None:
         _reject_config(c, "hidden_size", "must be divisible by 4 (the 2-D sin-cos position embedding)")
     if not isinstance(c["frequency_embedding_size"], int) or c["frequency_embedding_size"] < 2:
         _reject_config(c, "frequency_embedding_size", "must be an integer >= 2")
+    if c["mlp_type"] not in ("gelu", "swiglu"):
+        _reject_config(c, "mlp_type", "must be 'gelu' (DiT's MLP) or 'swiglu' (LightningDiT's)")
+    if c["norm_type"] not in ("layernorm", "rmsnorm"):
+        _reject_config(c, "norm_type", "must be 'layernorm' (DiT's) or 'rmsnorm' (LightningDiT's)")
+    for name in ("use_rope", "use_qk_norm"):
+        if not isinstance(c[name], bool):
+            _reject_config(c, name, "must be True or False")
+    if c["use_rope"] and (c["hidden_size"] // c["num_attention_heads"]) % 4:
+        _reject_config(c, "use_rope", "needs a head dimension (hidden_size / num_attention_heads) divisible by 4")
 
 
 # Copied from diffusers_speedup.models.uvit._check_transformer_config

@@ -84,9 +84,13 @@ class UViTAttention(nn.Module):
     `qkv_bias`: False (no bias), True (one bias for query, key and value, in ``qkv.bias``; DiT's) or "qv" (BEiT's
     layout: learned ``q_bias`` and ``v_bias``, the key's bias fixed at zero; softmax ignores a key bias anyway, since
     it adds the same ``q·b_k`` to every logit of a query).
+
+    `qk_norm`: None, or a norm class built as ``qk_norm(head_dim)`` for the queries and for the keys and applied to
+    each head's vectors before attention (QK-norm, as timm's ``Attention(qk_norm=True)``). ``forward(x, rope)``
+    applies `rope`, a callable on (batch, length, heads, head_dim) tensors, to the queries and keys after it.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool | str = False):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool | str = False, qk_norm: type | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias is True)
@@ -95,6 +99,8 @@ class UViTAttention(nn.Module):
             self.v_bias = nn.Parameter(torch.zeros(dim))
         else:
             self.q_bias = self.v_bias = None
+        self.q_norm = qk_norm(dim // num_heads) if qk_norm is not None else None
+        self.k_norm = qk_norm(dim // num_heads) if qk_norm is not None else None
         self.proj = nn.Linear(dim, dim)
         self.use_xformers = False
         self.xformers_op = None
@@ -119,17 +125,21 @@ class UViTAttention(nn.Module):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         return F.linear(x, self.qkv.weight, bias.to(x.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         batch, length, dim = x.shape
         qkv = self._qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.unbind(dim=2)  # (batch, length, heads, head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
         if self.use_xformers:
             import xformers.ops
 
-            q, k, v = qkv.unbind(dim=2)  # xformers wants (batch, length, heads, head_dim)
             x = xformers.ops.memory_efficient_attention(q, k, v, op=self.xformers_op)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)  # SDPA wants (batch, heads, length, head_dim)
-            x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+            # SDPA wants (batch, heads, length, head_dim); these views have the strides of permute(2, 0, 3, 1, 4).
+            x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
         return self.proj(x.reshape(batch, length, dim))
 
 
