@@ -174,8 +174,12 @@ def _check_combinations(config: Config) -> None:
     _check_objective(config)
 
     scheduler = config.sampling.scheduler
-    if scheduler is not None and scheduler.startswith("edm") != (schedule.kind == "edm"):
-        raise ConfigError(f"sampling.scheduler: {scheduler!r} does not fit the {schedule.kind!r} training schedule.")
+    if scheduler is not None:
+        family = "edm" if scheduler.startswith("edm") else "flow" if scheduler.startswith("flow") else "ddpm"
+        if family != schedule.kind:
+            raise ConfigError(
+                f"sampling.scheduler: {scheduler!r} does not fit the {schedule.kind!r} training schedule."
+            )
     if config.hub.push_to_hub and not config.hub.hub_model_id:
         raise ConfigError("hub.hub_model_id: required when hub.push_to_hub is true.")
     train = config.train
