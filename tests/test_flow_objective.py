@@ -373,3 +373,15 @@ def test_a_tiny_flow_run_trains_through_the_trainer(tmp_path, monkeypatch):
     assert trainer.step == 4 and len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert any(not torch.equal(p, start[name]) for name, p in trainer.model.named_parameters())
+
+
+def test_a_checkpoint_written_before_the_flow_keys_resumes_but_a_changed_one_is_named():
+    from diffusers_speedup.training.config import config_to_dict
+    from diffusers_speedup.training.validation import resume_config_changes
+
+    current = config_to_dict(load_config(QUICKSTART))
+    saved = copy.deepcopy(current)
+    del saved["objective"]["schedule"]["path"], saved["objective"]["cosine_loss_weight"]
+    assert resume_config_changes(saved, current) == []
+    current["objective"]["cosine_loss_weight"] = 1.0
+    assert resume_config_changes(saved, current) == ["objective.cosine_loss_weight: None -> 1.0"]

@@ -304,8 +304,12 @@ def resume_config_changes(saved: dict, current: dict) -> list[str]:
         return flat
 
     old, new = flatten(saved), flatten(current)
+    # A key added to the schema after the checkpoint was written, left at its default, keeps what that code did.
+    defaults = flatten(config_to_dict(Config()))
     for key in sorted(set(old) | set(new)):
         if key in free_keys or not (key.split(".")[0] in fixed_sections or key in fixed_keys):
+            continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
             continue
         if old.get(key) != new.get(key):
             changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
