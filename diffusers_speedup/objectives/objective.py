@@ -10,12 +10,18 @@ import torch
 from torch import nn
 
 from ..schedulers.scheduling_edm_heun import edm_scalings
+from .flow import FlowPath
 from .samplers import build_sampler, check_sampler_fits
 from .weighting import MAX_SNR, MIN_SNR, LossWeighting
 
 LOSS_REDUCTIONS = ("mean", "sum")
 # How a model is called (see `DiffusionObjective`'s `conditioning`; the model registry's entries say which).
 CONDITIONINGS = ("timestep", "sigma")
+# What a flow path's model may regress: its velocity α̇·x0 + σ̇·ε, or (as SiT offers) the noise ε, or x0.
+FLOW_PREDICTION_TYPES = ("velocity", "epsilon", "sample")
+# SiT keeps t in [ε, 1 − ε] for the targets that blow up at an end of a Linear or GVP path (`create_transport`'s
+# train_eps = 1e-3 for every prediction but the velocity, which is stable everywhere and uses [0, 1]).
+FLOW_TRAIN_EPS = 1e-3
 
 
 class UncertaintyHead(nn.Module):
@@ -98,6 +104,11 @@ class DiffusionObjective(nn.Module):
       wrapped in EDM's preconditioning exactly as diffusers' EDM schedulers expect at sampling time: input c_in·x,
       timestep c_noise = ln(σ)/4, and it regresses F = (x0 − c_skip·x)/c_out (prediction_type "epsilon";
       "v_prediction" negates c_out).
+    * **flow** — a :class:`~diffusers_speedup.objectives.flow.FlowPath` (SiT's Linear or GVP interpolant):
+      x_t = α(t)·x0 + σ(t)·ε on continuous t ∈ [0, 1], t = 1 noise. The model is called as
+      ``model(hidden_states=x_t, timestep=t, class_labels=y)`` with t itself (unscaled; see `objectives.flow` for
+      the convention a sampler follows) and regresses the velocity α̇·x0 + σ̇·ε (prediction_type "velocity", the
+      default), ε or x0; for the last two t is drawn in [10⁻³, 1 − 10⁻³] as SiT does. No quantisation of t anywhere.
 
     A family is its noise-level kind (``_read_schedule``), an SNR method and a terms method (``_FAMILIES``); a new
     family is one more entry of each.
@@ -128,6 +139,10 @@ class DiffusionObjective(nn.Module):
             It is trained with the variational bound as in Improved DDPM / DiT: the loss becomes the weighted MSE
             plus the unweighted KL term L_vb, computed with the mean prediction detached so that L_vb trains the
             variance alone. Discrete schedules only. Sample with ``DDPMScheduler(variance_type="learned_range")``.
+        cosine_loss_weight: LightningDiT's velocity-direction loss (flow family, "velocity" target): this weight times
+            1 − cos(v̂, v), the cosine taken over channels at each position and averaged over positions, is added to
+            each sample's loss, unweighted by the loss weighting or the sampler (LightningDiT adds its mean to the
+            MSE's with weight 1). It is reported as the term "cosine".
         loss_reduction: how each sample's per-element loss becomes one number. "mean" averages it over C·H·W (DDPM,
             DiT, U-ViT, Min-SNR); "sum" adds it up, as EDM2 does (its loss is summed over pixels and divided by the
             batch size only). The two differ by the factor C·H·W, which Adam ignores except through its ε: at
@@ -148,6 +163,7 @@ class DiffusionObjective(nn.Module):
         num_classes: int | None = None,
         learned_variance: bool = False,
         loss_reduction: str = "mean",
+        cosine_loss_weight: float = 0.0,
     ):
         super().__init__()
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -156,8 +172,27 @@ class DiffusionObjective(nn.Module):
         self.schedule, alphas_cumprod, self.sigma_data = _read_schedule(noise_scheduler)
         if alphas_cumprod is not None:
             self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
+        self.path = noise_scheduler if self.schedule == "flow" else None
         config = getattr(noise_scheduler, "config", None)
-        self.prediction_type = prediction_type or getattr(config, "prediction_type", None) or "epsilon"
+        default_target = "velocity" if self.schedule == "flow" else "epsilon"
+        self.prediction_type = prediction_type or getattr(config, "prediction_type", None) or default_target
+        self._check_target()
+        self.learned_uncertainty = learned_uncertainty
+        self.learned_variance = learned_variance
+        self._check_flow_rules()
+        if not cosine_loss_weight >= 0:
+            raise ValueError(f"cosine_loss_weight must be >= 0, got {cosine_loss_weight}.")
+        if cosine_loss_weight > 0 and self.prediction_type != "velocity":
+            raise ValueError(
+                "cosine_loss_weight (LightningDiT's velocity-direction loss) needs a flow schedule and "
+                f"prediction_type 'velocity', not {self.schedule!r} with {self.prediction_type!r}."
+            )
+        self.cosine_loss_weight = float(cosine_loss_weight)
+        self.time_interval = (
+            (FLOW_TRAIN_EPS, 1.0 - FLOW_TRAIN_EPS)
+            if self.schedule == "flow" and self.prediction_type != "velocity"
+            else None
+        )
         self.weighting = weighting
         self.weighting_params = dict(weighting_params or {})
         if weighting == "edm" and self.sigma_data is not None:
@@ -182,17 +217,39 @@ class DiffusionObjective(nn.Module):
             raise ValueError("label_dropout > 0 needs num_classes (the null label's id).")
         self.label_dropout, self.num_classes = label_dropout, num_classes
 
-        self.learned_uncertainty = learned_uncertainty
         self.uncertainty_head = UncertaintyHead() if learned_uncertainty and not uncertainty_from_model else None
-        self.learned_variance = learned_variance
         if learned_variance:
             self._check_learned_variance()
+
+    def _check_target(self) -> None:
+        if self.schedule == "flow" and self.prediction_type not in FLOW_PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type {self.prediction_type!r} does not fit a flow schedule; use one of "
+                f"{', '.join(FLOW_PREDICTION_TYPES)} ('velocity' is the flow path's α̇·x0 + σ̇·ε)."
+            )
+        if self.schedule != "flow" and self.prediction_type == "velocity":
+            raise ValueError(
+                f"prediction_type 'velocity' is a flow path's target; a {self.schedule!r} schedule regresses "
+                "epsilon, v_prediction or sample."
+            )
+
+    def _check_flow_rules(self) -> None:
+        """What a flow schedule does not combine with, one line each, naming the keys."""
+        if self.schedule != "flow":
+            return
+        if self.learned_variance:
+            raise ValueError(
+                "learned_variance (DiT's learned σ, trained with DDPM's variational bound) needs schedule kind "
+                "'ddpm', not 'flow'."
+            )
+        if self.learned_uncertainty:
+            raise ValueError("learned_uncertainty (EDM2's u(σ)) needs schedule kind 'edm', not 'flow'.")
 
     def _check_conditioning(self) -> None:
         if self.conditioning == "sigma" and self.schedule != "edm":
             raise ValueError(
                 "A σ-conditioned model takes σ and returns the denoised sample; train it with an EDM schedule, "
-                "not a discrete one."
+                f"not a {self.schedule} one."
             )
         if self.conditioning == "sigma" and self.prediction_type != "sample":
             raise ValueError(
@@ -255,6 +312,9 @@ class DiffusionObjective(nn.Module):
     def _edm_snr(self, sigmas: torch.Tensor) -> torch.Tensor:
         return sigmas.float().pow(-2)
 
+    def _flow_snr(self, t: torch.Tensor) -> torch.Tensor:
+        return self.path.snr(t)
+
     def _uncertainty(self, model_logvar, snr):
         if not self.learned_uncertainty:
             return None
@@ -296,6 +356,7 @@ class DiffusionObjective(nn.Module):
 
         mse = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
         loss = weights * sampler_weights * mse
+        terms = {}
         logvar = self._uncertainty(model_logvar, snr)
         if logvar is not None:
             loss = loss / logvar.exp() + logvar
@@ -304,7 +365,11 @@ class DiffusionObjective(nn.Module):
         if self.loss_reduction == "sum":
             # Σ over C·H·W of the per-element loss; EDM2's u(σ) is added once per element, so it scales too.
             loss = loss * x0[0].numel()
-        return ObjectiveOutput(loss=loss, mse=mse, snr=snr, logvar=logvar, vb=vb)
+        if self.cosine_loss_weight > 0:
+            cosine = velocity_direction_loss(prediction, target)
+            loss = loss + self.cosine_loss_weight * cosine
+            terms["cosine"] = cosine.detach()
+        return ObjectiveOutput(loss=loss, mse=mse, snr=snr, logvar=logvar, vb=vb, terms=terms)
 
     def _draw(self, x0, class_labels, generator, shard):
         """This process's slice of the global batch's draws: noise levels, sampler weights, noise, labels after
@@ -321,7 +386,11 @@ class DiffusionObjective(nn.Module):
             drop = torch.rand(total_size, generator=generator, device=draw_device)[mine] < self.label_dropout
             null_labels = torch.full_like(class_labels, self.num_classes)
             class_labels = torch.where(drop.to(class_labels.device), null_labels, class_labels)
-        return noise_levels[mine], sampler_weights[mine], noise, class_labels
+        noise_levels = noise_levels[mine]
+        if self.time_interval is not None:  # SiT's t0 + (t1 − t0)·t, applied to the drawn time
+            start, end = self.time_interval
+            noise_levels = start + (end - start) * noise_levels
+        return noise_levels, sampler_weights[mine], noise, class_labels
 
     def _discrete_terms(self, model, x0, noise, timesteps, snr, class_labels) -> _Terms:
         """x_t = √ᾱ·x0 + √(1−ᾱ)·ε; the model regresses ε, v or x0 (and a learned variance, through L_vb)."""
@@ -356,6 +425,23 @@ class DiffusionObjective(nn.Module):
         target = (x0 - _expand(c_skip, x0) * noisy) / _expand(c_out, x0)
         # F's error is the x0 error divided by c_out, so a weight w on the x0 error is the weight w·c_out² on F's.
         return _Terms(_first_channels(output, x0), target, self._edm_weights(snr, c_out.float() ** 2))
+
+    def _flow_terms(self, model, x0, noise, t, snr, class_labels) -> _Terms:
+        """x_t = α(t)·x0 + σ(t)·ε; the model, called with t itself, regresses α̇·x0 + σ̇·ε, ε or x0.
+
+        The path's coefficients are computed in float32 and cast to the data's dtype, as SiT and REPA compute them
+        in the data's dtype."""
+        path, t32 = self.path, t.float()
+        alpha, sigma = _expand(path.alpha(t32), x0), _expand(path.sigma(t32), x0)
+        noisy = alpha * x0 + sigma * noise
+        output = model(hidden_states=noisy, timestep=t, class_labels=class_labels, return_dict=False)[0]
+        if self.prediction_type == "velocity":
+            target = _expand(path.d_alpha(t32), x0) * x0 + _expand(path.d_sigma(t32), x0) * noise
+            weights = self.loss_weighting(snr, x0_per_velocity=path.x0_per_velocity(t32))
+        else:
+            target = noise if self.prediction_type == "epsilon" else x0
+            weights = self.loss_weighting(snr)
+        return _Terms(_first_channels(output, x0), target, weights)
 
     def _edm_weights(self, snr: torch.Tensor, target_scale_sq: torch.Tensor | None = None) -> torch.Tensor:
         """Weights on the EDM target (D, or F with ``target_scale_sq`` = c_out²); "constant" is 1 on either."""
@@ -420,19 +506,34 @@ class DiffusionObjective(nn.Module):
 
 
 # Per family: the names of the objective's SNR and terms methods.
-_FAMILIES = {"discrete": ("_discrete_snr", "_discrete_terms"), "edm": ("_edm_snr", "_edm_terms")}
+_FAMILIES = {
+    "discrete": ("_discrete_snr", "_discrete_terms"),
+    "edm": ("_edm_snr", "_edm_terms"),
+    "flow": ("_flow_snr", "_flow_terms"),
+}
+
+
+def velocity_direction_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """LightningDiT's velocity-direction loss per sample: 1 − cos(v̂, v) over the channel dimension at each position,
+    averaged over positions (``hustvl/LightningDiT`` `transport/transport.py`: ``mean_flat(1 - cosine_similarity(
+    model_output, ut, dim=1))``), in float32."""
+    cosine = torch.nn.functional.cosine_similarity(prediction.float(), target.float(), dim=1)
+    return (1 - cosine).flatten(1).mean(1)
 
 
 def _read_schedule(noise_scheduler) -> tuple[str, torch.Tensor | None, float | None]:
-    """("discrete", ᾱ in float64, None) or ("edm", None, σ_data) for a diffusers scheduler."""
+    """("discrete", ᾱ in float64, None) or ("edm", None, σ_data) for a diffusers scheduler, ("flow", None, None) for
+    a :class:`FlowPath`."""
+    if isinstance(noise_scheduler, FlowPath):
+        return "flow", None, None
     config = getattr(noise_scheduler, "config", None)
     if getattr(noise_scheduler, "alphas_cumprod", None) is not None:
         return "discrete", torch.as_tensor(noise_scheduler.alphas_cumprod, dtype=torch.float64), None
     if config is not None and "sigma_data" in config:
         return "edm", None, float(config.sigma_data)
     raise ValueError(
-        f"noise_scheduler must be a discrete diffusers scheduler (with alphas_cumprod) or an EDM scheduler "
-        f"(with config.sigma_data); got {type(noise_scheduler).__name__}."
+        f"noise_scheduler must be a discrete diffusers scheduler (with alphas_cumprod), an EDM scheduler "
+        f"(with config.sigma_data) or a FlowPath; got {type(noise_scheduler).__name__}."
     )
 
 

@@ -4,8 +4,13 @@ All samplers share one contract::
 
     noise_levels, weights = sampler.sample(batch_size, device=None, generator=None)
 
-``noise_levels`` are integer timesteps (LongTensor) for discrete schedules and σ (float32) for EDM; ``weights`` are
-per-sample float32 multipliers on the loss (all ones unless the sampler also reweights, as SpeeD does).
+``noise_levels`` are integer timesteps (LongTensor) for discrete schedules, σ (float32) for EDM and the time t ∈ [0, 1]
+(float32, t = 1 noise) for a flow path; ``weights`` are per-sample float32 multipliers on the loss (all ones unless the
+sampler also reweights, as SpeeD does). A sampler class says what it draws with ``draws``: "timestep", "sigma" or
+"time".
+
+A recipe names a sampler by ``kind``; "uniform" and "logit_normal" mean the discrete sampler on a DDPM schedule and
+the continuous one on a flow path (`build_sampler` dispatches on the schedule), and "mode" is for flow paths only.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import math
 import numpy as np
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling
+
+from .flow import FlowPath
 
 
 def _draw_device(generator: torch.Generator | None, device) -> torch.device | str:
@@ -188,13 +195,121 @@ class LogitNormalTimestepSampler:
         return timesteps.to(device), torch.ones(batch_size, device=device)
 
 
+class FlowTimeSampler:
+    """Continuous time t ∈ [0, 1] (t = 1 noise) for a flow path, drawn from one of SD3's densities (Esser et al.
+    2024, §3.1) through diffusers' ``compute_density_for_timestep_sampling`` and then shifted.
+
+    The draw u ∈ (0, 1) is used as t itself, not as an index into a descending table as diffusers' SD3 scripts do, so
+    t is never quantised and SD3's signs hold: logit_mean m > 0 puts more samples near noise. The shift s is the
+    resolution shift of SD3 §5.3.2 (diffusers' ``FlowMatchEulerDiscreteScheduler`` ``shift``):
+    t' = s·t / (1 + (s − 1)·t); s > 1 moves training towards noise, s = 1 leaves t as drawn.
+    Everything is drawn where the generator lives and moved to ``device``, with no host sync.
+
+    Args:
+        shift: s > 0, applied on top of the density.
+    """
+
+    kind, draws, density = "", "time", "uniform"
+
+    def __init__(self, shift: float = 1.0):
+        if not shift > 0:
+            raise ValueError(f"The {self.kind!r} time sampler: shift must be > 0, got {shift}.")
+        self.shift = float(shift)
+
+    def _density_params(self) -> dict:
+        return {}
+
+    def sample(self, batch_size: int, device=None, generator: torch.Generator | None = None):
+        params = {"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, **self._density_params()}
+        t = compute_density_for_timestep_sampling(
+            self.density, batch_size, device=_draw_device(generator, device), generator=generator, **params
+        )
+        t = shift_time(t.float(), self.shift)
+        return t.to(device), torch.ones(batch_size, device=device)
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's time shift t' = s·t / (1 + (s − 1)·t), which keeps 0 and 1 fixed."""
+    return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+
+
+class UniformTimeSampler(FlowTimeSampler):
+    """t ~ U(0, 1), then shifted: SiT's and REPA's default (SD3's "rf")."""
+
+    kind, density = "uniform", "uniform"
+
+
+class LogitNormalTimeSampler(FlowTimeSampler):
+    """SD3's logit-normal density: t = sigmoid(n), n ~ N(m, s²), then shifted. (0, 1) is SD3's best rf/lognorm and
+    LightningDiT's ``use_lognorm``; m > 0 means more noise.
+
+    Args:
+        logit_mean: m.
+        logit_std: s > 0.
+        shift: see :class:`FlowTimeSampler`.
+    """
+
+    kind, density = "logit_normal", "logit_normal"
+
+    def __init__(self, logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0):
+        super().__init__(shift)
+        if not logit_std > 0:
+            raise ValueError(f"The 'logit_normal' time sampler: logit_std must be > 0, got {logit_std}.")
+        self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)
+
+    def _density_params(self) -> dict:
+        return {"logit_mean": self.logit_mean, "logit_std": self.logit_std}
+
+
+# f_mode maps [0, 1] onto [0, 1] monotonically only for s in this range (SD3 §3.1).
+MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
+
+
+class ModeTimeSampler(FlowTimeSampler):
+    """SD3's mode sampling: t = f_mode(u; s) = 1 − u − s·(cos²(πu/2) − 1 + u), u ~ U(0, 1), then shifted.
+    s > 0 favours the middle of the path, s < 0 its ends; SD3's ranked choices are 1.29 and 1.75.
+
+    Args:
+        mode_scale: s in [−1, 2/(π − 2)].
+        shift: see :class:`FlowTimeSampler`.
+    """
+
+    kind, density = "mode", "mode"
+
+    def __init__(self, mode_scale: float = 1.29, shift: float = 1.0):
+        super().__init__(shift)
+        low, high = MODE_SCALE_RANGE
+        if not low <= mode_scale <= high:
+            raise ValueError(
+                f"The 'mode' time sampler: mode_scale must lie in [-1, 2/(π-2) = {high:.4f}], got {mode_scale}."
+            )
+        self.mode_scale = float(mode_scale)
+
+    def _density_params(self) -> dict:
+        return {"mode_scale": self.mode_scale}
+
+
+def _schedule_family(noise_scheduler) -> str:
+    if isinstance(noise_scheduler, FlowPath):
+        return "flow"
+    return "discrete" if getattr(noise_scheduler, "alphas_cumprod", None) is not None else "edm"
+
+
 def check_sampler_fits(sampler_class: type, noise_scheduler) -> None:
     """Raise unless the sampler draws the noise levels of the schedule: timesteps for a discrete (DDPM-style)
-    schedule, σ for an EDM one. A sampler class of one's own says what it draws with ``draws`` ("timestep" when
-    absent) and may name itself with ``kind``."""
+    schedule, σ for an EDM one, t for a flow path. A sampler class of one's own says what it draws with ``draws``
+    ("timestep" when absent) and may name itself with ``kind``."""
     draws = getattr(sampler_class, "draws", "timestep")
     name = repr(getattr(sampler_class, "kind", sampler_class.__name__))
-    discrete = getattr(noise_scheduler, "alphas_cumprod", None) is not None
+    family = _schedule_family(noise_scheduler)
+    discrete = family == "discrete"
+    if family == "flow" and draws != "time":
+        raise ValueError(
+            f"The {name} sampler draws {'discrete timesteps' if draws == 'timestep' else 'σ'} and does not fit a "
+            f"flow path (continuous t); use one of {', '.join(FLOW_SAMPLERS)}."
+        )
+    if draws == "time" and family != "flow":
+        raise ValueError(f"The {name} sampler draws flow time t ∈ [0, 1] and needs a flow path.")
     if draws == "timestep" and not discrete:
         raise ValueError(
             f"The {name} sampler draws discrete timesteps and needs a discrete (DDPM-style) schedule; "
@@ -208,21 +323,25 @@ SAMPLERS = {
     cls.kind: cls
     for cls in (UniformTimestepSampler, SpeeDTimestepSampler, LogNormalSigmaSampler, LogitNormalTimestepSampler)
 }
-# "default" is the schedule's usual sampler: uniform timesteps (discrete), log-normal σ (EDM).
-SAMPLER_KINDS = ("default", *SAMPLERS)
+# The same kinds on a flow path draw continuous t.
+FLOW_SAMPLERS = {cls.kind: cls for cls in (UniformTimeSampler, LogitNormalTimeSampler, ModeTimeSampler)}
+# "default" is the schedule's usual sampler: uniform timesteps (discrete), log-normal σ (EDM), uniform t (flow).
+SAMPLER_KINDS = ("default", *SAMPLERS, *(kind for kind in FLOW_SAMPLERS if kind not in SAMPLERS))
 
 
 def build_sampler(config: dict, noise_scheduler):
     """A sampler from its recipe form ``{"kind": ..., **params}``; "default" picks the schedule's usual one."""
     config = dict(config)
     kind = config.pop("kind", "default")
+    family = _schedule_family(noise_scheduler)
     if kind == "default":
-        kind = "uniform" if getattr(noise_scheduler, "alphas_cumprod", None) is not None else "lognormal"
-    if kind not in SAMPLERS:
+        kind = "lognormal" if family == "edm" else "uniform"
+    registry = {**SAMPLERS, **FLOW_SAMPLERS} if family == "flow" else {**FLOW_SAMPLERS, **SAMPLERS}
+    if kind not in registry:
         raise ValueError(f"Unknown sampler kind {kind!r}; expected one of {', '.join(SAMPLER_KINDS)}.")
-    cls = SAMPLERS[kind]
+    cls = registry[kind]
     check_sampler_fits(cls, noise_scheduler)
     try:
-        return cls(**config) if cls.draws == "sigma" else cls(noise_scheduler, **config)
+        return cls(**config) if cls.draws in ("sigma", "time") else cls(noise_scheduler, **config)
     except TypeError as error:
         raise ValueError(f"Sampler {kind!r}: {error}") from error

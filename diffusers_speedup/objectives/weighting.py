@@ -5,8 +5,10 @@ actually regresses. With SNR = ᾱ/(1−ᾱ) = 1/σ² the errors of the three ta
 
     ‖Δε‖² = SNR·‖Δx0‖²        ‖Δv‖² = (1 + SNR)·‖Δx0‖²
 
-so a weight w on the x0 error is the weight w/SNR on the ε error and w/(SNR + 1) on the v error. The three
-prediction types then minimise the same objective for the same denoiser, which is what Min-SNR-γ (Hang et al.,
+so a weight w on the x0 error is the weight w/SNR on the ε error and w/(SNR + 1) on the v error. A flow path's
+velocity v = α̇·x0 + σ̇·ε (``"velocity"``) is not a function of the SNR alone: its error is Δx0 = c·Δv with
+c = σ/(α̇σ − ασ̇) (see `objectives.flow.FlowPath.x0_per_velocity`), so w on the x0 error is w·c² on the velocity
+error (t²·w on the linear path). The prediction types then minimise the same objective for the same denoiser, which is what Min-SNR-γ (Hang et al.,
 ICCV 2023) prescribes and what several diffusers example scripts get wrong for v-prediction.
 
 Two end points need care:
@@ -26,6 +28,8 @@ import torch
 # What a network can return: the noise ε, the velocity v, or the denoised sample x0 (diffusers' names).
 # schedulers/scheduling_edm_heun.py keeps a marked copy, since it ships on its own.
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# And the velocity α̇·x0 + σ̇·ε of a flow path (SiT, REPA, SD3's rectified flow), whose weights need the path.
+TARGETS = (*PREDICTION_TYPES, "velocity")
 
 WEIGHTING_KINDS = ("constant", "min_snr", "soft_min_snr", "p2", "edm")
 
@@ -74,16 +78,15 @@ class LossWeighting:
 
     Args:
         kind: one of ``WEIGHTING_KINDS`` (see :func:`compute_loss_weights`).
-        prediction_type: "epsilon", "v_prediction" or "sample" (x0), the target the model regresses.
+        prediction_type: "epsilon", "v_prediction", "sample" (x0) or a flow path's "velocity", the target the model
+            regresses.
         **params: the kind's parameters (``gamma``; ``k`` and ``gamma`` for "p2"; ``sigma_data`` for "edm");
             missing ones take their defaults.
     """
 
     def __init__(self, kind: str, prediction_type: str = "epsilon", **params):
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"Unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}."
-            )
+        if prediction_type not in TARGETS:
+            raise ValueError(f"Unknown prediction_type {prediction_type!r}; expected one of {', '.join(TARGETS)}.")
         self.kind, self.prediction_type, self.params = kind, prediction_type, _resolve_params(kind, params)
 
     def x0_space(self, snr: torch.Tensor) -> torch.Tensor:
@@ -107,8 +110,13 @@ class LossWeighting:
         # EDM's λ(σ) = (σ² + σ_d²)/(σ σ_d)², with σ² = 1/SNR.
         return 1.0 / params["sigma_data"] ** 2 + snr
 
-    def __call__(self, snr: torch.Tensor) -> torch.Tensor:
-        """Per-sample float32 weights, with the shape of ``snr``, on the mean squared error of the regressed target."""
+    def __call__(self, snr: torch.Tensor, x0_per_velocity: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample float32 weights, with the shape of ``snr``, on the mean squared error of the regressed target.
+
+        ``x0_per_velocity``: for the "velocity" target only, the path's c = σ/(α̇σ − ασ̇) at each sample's t.
+        """
+        if (x0_per_velocity is None) != (self.prediction_type != "velocity"):
+            raise ValueError("x0_per_velocity is needed for the 'velocity' target, and only for it.")
         if self.kind == "constant":
             return torch.ones_like(snr, dtype=torch.float32)
         weights = self.x0_space(snr)
@@ -117,6 +125,8 @@ class LossWeighting:
             weights = weights / clamped
         elif self.prediction_type == "v_prediction":
             weights = weights / (clamped + 1.0)
+        elif self.prediction_type == "velocity":
+            weights = weights * x0_per_velocity.float().square()
         # At SNR = 0 the x0 error says nothing; the official Min-SNR code gives the target weight 1 there.
         return torch.where(snr == 0, torch.ones_like(weights), weights)
 

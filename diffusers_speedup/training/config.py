@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..models import DEFAULT_MODEL_KIND, MODEL_KINDS
 from ..objectives import PREDICTION_TYPES
+from ..objectives.flow import FLOW_PATHS
 from ..objectives.objective import LOSS_REDUCTIONS
 
 # The choices of the recipe fields. OmegaConf checks a value against its field's Literal whenever a recipe or an
@@ -23,9 +24,10 @@ from ..objectives.objective import LOSS_REDUCTIONS
 ModelKindName = Literal[tuple(MODEL_KINDS)]
 DataKind = Literal["builtin", "image_folder", "hf_dataset", "latents"]
 LatentNorm = Literal["vae", "per_channel"]
-ScheduleKind = Literal["ddpm", "edm"]
+ScheduleKind = Literal["ddpm", "edm", "flow"]
+FlowPathName = Literal[FLOW_PATHS]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
-PredictionType = Literal[PREDICTION_TYPES]
+PredictionType = Literal[(*PREDICTION_TYPES, "velocity")]  # velocity: a flow path's α̇·x0 + σ̇·ε
 LossReduction = Literal[LOSS_REDUCTIONS]
 SamplingScheduler = Literal["ddim", "ddpm", "dpm_solver", "edm_euler", "edm_heun"]
 EMAKind = Literal["none", "constant", "power"]
@@ -77,7 +79,8 @@ class DataConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: ScheduleKind = "ddpm"  # ddpm: discrete, DDPMScheduler; edm: continuous σ
+    kind: ScheduleKind = "ddpm"  # ddpm: discrete, DDPMScheduler; edm: continuous σ; flow: continuous t, t = 1 noise
+    path: FlowPathName = "linear"  # flow only: SiT's linear (α = 1 − t, σ = t) or gvp (α = cos(πt/2), σ = sin(πt/2))
     num_train_timesteps: int = 1000
     beta_schedule: BetaSchedule = "linear"
     beta_start: float = 0.0001
@@ -98,6 +101,7 @@ class ObjectiveConfig:
     learned_variance: bool = False  # DiT's learn_sigma: 2C outputs, variance trained with the VB term
     label_dropout: float = 0.1
     loss_reduction: LossReduction = "mean"  # each sample's loss averaged or summed (EDM2) over C·H·W
+    cosine_loss_weight: float = 0.0  # flow + velocity: LightningDiT's velocity-direction loss (1 in its recipe)
 
 
 @dataclass

@@ -17,9 +17,14 @@ from .training_data import TrainingData
 
 
 def build_noise_scheduler(schedule: ScheduleConfig):
-    """The training schedule as a diffusers scheduler: DDPMScheduler (discrete) or EDMEulerScheduler (σ)."""
+    """The training schedule: a diffusers DDPMScheduler (discrete) or EDMEulerScheduler (σ), or a flow path
+    (`objectives.flow.FlowPath`, continuous t)."""
     from diffusers import DDPMScheduler, EDMEulerScheduler
 
+    from ..objectives.flow import FlowPath
+
+    if schedule.kind == "flow":
+        return FlowPath(schedule.path)
     if schedule.kind == "ddpm":
         return DDPMScheduler(
             num_train_timesteps=schedule.num_train_timesteps,
@@ -109,6 +114,11 @@ def build_sampling_scheduler(config: Config, noise_scheduler):
     from ..schedulers.scheduling_edm_heun import EDMHeunScheduler
 
     schedule, prediction_type = config.objective.schedule, config.objective.prediction_type
+    if schedule.kind == "flow":
+        raise ValueError(
+            "flow sampling scheduler not available: sample grids and exports of a flow schedule need a scheduler "
+            "in diffusers_speedup.schedulers that integrates the velocity from t = 1 to t = 0 (see objectives.flow)."
+        )
     name = config.sampling.scheduler or ("edm_heun" if schedule.kind == "edm" else "ddim")
     if schedule.kind == "edm":
         cls = {"edm_heun": EDMHeunScheduler, "edm_euler": EDMEulerScheduler}[name]

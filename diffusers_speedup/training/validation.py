@@ -174,8 +174,12 @@ def _check_combinations(config: Config) -> None:
     _check_objective(config)
 
     scheduler = config.sampling.scheduler
-    if scheduler is not None and scheduler.startswith("edm") != (schedule.kind == "edm"):
-        raise ConfigError(f"sampling.scheduler: {scheduler!r} does not fit the {schedule.kind!r} training schedule.")
+    if scheduler is not None:
+        family = "edm" if scheduler.startswith("edm") else "flow" if scheduler.startswith("flow") else "ddpm"
+        if family != schedule.kind:
+            raise ConfigError(
+                f"sampling.scheduler: {scheduler!r} does not fit the {schedule.kind!r} training schedule."
+            )
     if config.hub.push_to_hub and not config.hub.hub_model_id:
         raise ConfigError("hub.hub_model_id: required when hub.push_to_hub is true.")
     train = config.train
@@ -300,8 +304,12 @@ def resume_config_changes(saved: dict, current: dict) -> list[str]:
         return flat
 
     old, new = flatten(saved), flatten(current)
+    # A key added to the schema after the checkpoint was written, left at its default, keeps what that code did.
+    defaults = flatten(config_to_dict(Config()))
     for key in sorted(set(old) | set(new)):
         if key in free_keys or not (key.split(".")[0] in fixed_sections or key in fixed_keys):
+            continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
             continue
         if old.get(key) != new.get(key):
             changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
