@@ -5,6 +5,7 @@ import copy
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -321,27 +322,26 @@ def test_velocity_on_a_ddpm_schedule_is_refused():
         load_config(QUICKSTART, ["objective.prediction_type=velocity"])
 
 
-def test_flow_recipes_build_and_sampling_says_what_is_missing():
+def test_flow_recipes_build_with_the_flow_sampling_scheduler():
     config = load_config(
         QUICKSTART, [*FLOW, "objective.schedule.path=gvp", "objective.sampler={kind: logit_normal, shift: 2.0}"]
     )
     assert build_noise_scheduler(config.objective.schedule) == FlowPath("gvp")
     objective = build_objective_for(config)
     assert objective.schedule == "flow" and objective.prediction_type == "velocity"
-    with pytest.raises(ValueError, match="flow sampling scheduler not available"):
-        build_sampling_scheduler(config, FlowPath("gvp"))
+    sampling = build_sampling_scheduler(config, FlowPath("gvp"))
+    assert type(sampling).__name__ == "FlowScheduler" and sampling.config.path == "gvp"
+    assert sampling.config.sampler == "euler" and sampling.config.prediction_type == "velocity"
 
 
 def test_a_tiny_flow_run_trains_through_the_trainer(tmp_path, monkeypatch):
-    """The quickstart as a flow recipe trains, logs a finite loss and checkpoints. Sample grids and the export need
-    a flow sampling scheduler, which is patched out here (the record gets a placeholder scheduler)."""
-    from diffusers import DDIMScheduler
-
+    """The quickstart as a flow recipe trains, logs a finite loss, checkpoints, and exports a pipeline that samples
+    with the flow scheduler, also from its checkpoint without the trainer."""
+    from diffusers_speedup import ClassConditionalPipeline
+    from diffusers_speedup.hub import export_checkpoint
     from diffusers_speedup.training import Trainer
     from diffusers_speedup.training import trainer as trainer_module
 
-    monkeypatch.setattr(trainer_module, "build_sampling_scheduler", lambda config, scheduler: DDIMScheduler())
-    monkeypatch.setattr(trainer_module.Trainer, "finish", lambda self: None)
     overrides = [
         *FLOW,
         "objective.sampler={kind: logit_normal}",
@@ -373,6 +373,13 @@ def test_a_tiny_flow_run_trains_through_the_trainer(tmp_path, monkeypatch):
     assert trainer.step == 4 and len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert any(not torch.equal(p, start[name]) for name, p in trainer.model.named_parameters())
+    assert (tmp_path / "run" / "samples" / "step_0000004.png").is_file()
+    for folder in (tmp_path / "run" / "pipeline", export_checkpoint(tmp_path / "run" / "checkpoint-2", tmp_path / "x")):
+        pipeline = ClassConditionalPipeline.from_pretrained(folder)
+        assert type(pipeline.scheduler).__name__ == "FlowScheduler"
+        pipeline.set_progress_bar_config(disable=True)
+        images = pipeline([0, 1], num_inference_steps=3, output_type="np").images
+        assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
 
 
 def test_a_checkpoint_written_before_the_flow_keys_resumes_but_a_changed_one_is_named():

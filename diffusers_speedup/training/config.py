@@ -29,7 +29,9 @@ FlowPathName = Literal[FLOW_PATHS]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 PredictionType = Literal[(*PREDICTION_TYPES, "velocity")]  # velocity: a flow path's α̇·x0 + σ̇·ε
 LossReduction = Literal[LOSS_REDUCTIONS]
-SamplingScheduler = Literal["ddim", "ddpm", "dpm_solver", "edm_euler", "edm_heun"]
+SamplingScheduler = Literal[
+    "ddim", "ddpm", "dpm_solver", "edm_euler", "edm_heun", "flow_euler", "flow_heun", "flow_sde"
+]
 EMAKind = Literal["none", "constant", "power"]
 OptimizerName = Literal["adamw", "adam"]
 # The schedules of `get_lr_scheduler` that need no options beyond the warm-up and the training length (its

@@ -114,12 +114,14 @@ def build_sampling_scheduler(config: Config, noise_scheduler):
     from ..schedulers.scheduling_edm_heun import EDMHeunScheduler
 
     schedule, prediction_type = config.objective.schedule, config.objective.prediction_type
+    default = {"edm": "edm_heun", "flow": "flow_euler"}.get(schedule.kind, "ddim")
+    name = config.sampling.scheduler or default
     if schedule.kind == "flow":
-        raise ValueError(
-            "flow sampling scheduler not available: sample grids and exports of a flow schedule need a scheduler "
-            "in diffusers_speedup.schedulers that integrates the velocity from t = 1 to t = 0 (see objectives.flow)."
-        )
-    name = config.sampling.scheduler or ("edm_heun" if schedule.kind == "edm" else "ddim")
+        from ..schedulers.scheduling_flow import FlowScheduler
+
+        # flow_euler / flow_heun: REPA's ODE sampler; flow_sde: the Euler–Maruyama sampler of SiT and REPA.
+        sampler = {"flow_euler": "euler", "flow_heun": "heun", "flow_sde": "euler_maruyama"}[name]
+        return FlowScheduler(sampler=sampler, path=schedule.path, prediction_type=prediction_type)
     if schedule.kind == "edm":
         cls = {"edm_heun": EDMHeunScheduler, "edm_euler": EDMEulerScheduler}[name]
         kwargs = {
