@@ -1,5 +1,6 @@
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -303,6 +304,32 @@ def test_bad_configs_fail_before_any_work_naming_the_key(overrides, message, tmp
     with pytest.raises(ConfigError, match=message):
         load_config(recipe, [f"train.output_dir={tmp_path}", *overrides])
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.lr=inf",
+        "optim.lr=nan",
+        "optim.betas=[0.9,inf]",
+        "optim.eps=inf",
+        "optim.weight_decay=nan",
+        "optim.max_grad_norm=inf",
+        "ema.decay=nan",
+        "ema.sigma_rels=[0.05,nan]",
+        "sampling.guidance_scale=inf",
+        "objective.schedule.sigma_max=inf",
+        "objective.weighting.gamma=.inf",
+        "data.latent_target_std=nan",
+        "hub.retry_delay=inf",
+    ],
+)
+def test_a_non_finite_number_in_a_recipe_is_refused_naming_the_key(override, tmp_path):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}(\[\d\])?: must be a finite number, got (inf|nan)"):
+        load_config(QUICKSTART, [f"train.output_dir={tmp_path}", override])
+    # A guidance interval open at the top guides every step above its lower end.
+    assert load_config(QUICKSTART, ["sampling.guidance_interval=[0.3,inf]"]).sampling.guidance_interval[1] == math.inf
 
 
 @pytest.mark.parametrize(
