@@ -459,6 +459,85 @@ def test_no_checkpoint_is_written_inside_a_non_finite_run(tmp_path, monkeypatch)
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == [f"checkpoint-{i}" for i in (1, 2, 3)]
 
 
+def poison_batches_after(monkeypatch, calls: int) -> None:
+    """From micro-batch ``calls + 1`` on, every batch is NaN: those steps have a non-finite loss and are skipped."""
+    original, seen = TrainingData.batch, {"n": 0}
+
+    def poisoned(self, indices, device):
+        seen["n"] += 1
+        x0, labels, extras = original(self, indices, device)
+        return Batch(x0 * float("nan") if seen["n"] > calls else x0, labels, extras)
+
+    monkeypatch.setattr(TrainingData, "batch", poisoned)
+
+
+def test_a_run_that_ends_on_skipped_steps_stops_without_a_last_checkpoint_or_export(tmp_path, monkeypatch):
+    poison_batches_after(monkeypatch, 3)
+    trainer = Trainer(load_config(QUICKSTART, tiny(tmp_path / "run")))
+    # Steps 4 to 6 are skipped, fewer than train.max_consecutive_nonfinite (10): the run still may not end as if
+    # it had trained.
+    with pytest.raises(
+        NonFiniteLossError, match=r"ended on 3 skipped optimizer step.*steps 4 to 6.*last good checkpoint is .*checkp"
+    ):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-3"]
+    assert not (tmp_path / "run" / "pipeline").exists()
+
+
+def test_a_learning_rate_that_blows_up_the_weights_stops_at_that_step_and_exports_nothing(tmp_path):
+    # lr 1e30: the update of step 1 sends the weights to ~1e30, with a finite gradient, and every later step is
+    # skipped; the run used to end there with exit 0 and export them.
+    trainer = Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", "optim.lr=1e30", "train.checkpoint_every=1")))
+    with pytest.raises(
+        NonFiniteLossError, match=r"update of step 1 left weights that are not finite .*seen at step 2.*none saved"
+    ):
+        trainer.train()
+    assert not list((tmp_path / "run").glob("checkpoint-*")) and not (tmp_path / "run" / "pipeline").exists()
+
+
+def test_an_update_that_leaves_nan_weights_stops_the_run_at_the_next_check(tmp_path, monkeypatch):
+    from diffusers_speedup.training import trainer as trainer_module
+
+    real_step = trainer_module.optimizer_step
+
+    def ruinous_step(accelerator, module, *args, **kwargs):
+        result = real_step(accelerator, module, *args, **kwargs)
+        if ruinous_step.calls == 3:  # the update of step 4 leaves a NaN weight, with a finite gradient
+            with torch.no_grad():
+                next(module.parameters()).view(-1)[0] = float("nan")
+        ruinous_step.calls += 1
+        return result
+
+    ruinous_step.calls = 0
+    monkeypatch.setattr(trainer_module, "optimizer_step", ruinous_step)
+    trainer = Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", "train.checkpoint_every=2", "train.log_every=6")))
+    with pytest.raises(
+        NonFiniteLossError, match=r"update of step 4 left weights that are not finite .*seen at step 6.*checkpoint-2"
+    ):
+        trainer.train()
+    # No checkpoint from step 4 on, where the weights were already lost; nothing exported.
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (tmp_path / "run" / "pipeline").exists()
+
+
+def test_the_weights_are_checked_after_each_update_without_reading_anything_on_the_host(monkeypatch):
+    counts = NonFiniteSteps(max_in_a_row=3, device="cpu")
+    weights = [torch.ones(3, 2), torch.zeros(4)]
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("the weight check read a tensor on the host")
+
+    with monkeypatch.context() as patch:
+        for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+            patch.setattr(torch.Tensor, name, host_read)
+        counts.record_weights(weights, step=1)
+        weights[1][2] = float("inf")
+        counts.record_weights(weights, step=2)
+        weights[1][2] = float("nan")
+        counts.record_weights(weights, step=3)
+    assert int(counts.weights_broken_at) == 2 and not counts.allow_checkpoint(step=3)
+
+
 def test_a_resumed_run_logs_every_step_once_in_tensorboard(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -486,7 +565,7 @@ def test_a_resumed_run_logs_every_step_once_in_tensorboard(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_the_non_finite_stop_is_one_line_without_a_traceback(tmp_path):
-    # A learning rate of 1e30 sends the weights to ~1e30 in one step; the next losses are not finite.
+    # A learning rate of 1e30 sends the weights to ~1e30 in one step, which stops the run at the next check.
     overrides = tiny(tmp_path / "run", "optim.lr=1e30", "train.max_consecutive_nonfinite=2", "train.checkpoint_every=1")
     result = subprocess.run(
         [sys.executable, str(REPO / "train" / "train.py"), "--config", str(QUICKSTART), *overrides],
@@ -496,7 +575,7 @@ def test_the_non_finite_stop_is_one_line_without_a_traceback(tmp_path):
     )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "optimizer steps in a row had a non-finite loss" in errors[0]
+    assert len(errors) == 1 and "The update of step 1 left weights that are not finite" in errors[0]
     assert "Traceback" not in result.stderr
 
 

@@ -189,8 +189,9 @@ class Trainer:
         )
         with self.progress, logging_redirect_tqdm():  # log lines print above the bar instead of through it
             self._loop()
-        if self.nonfinite.allow_checkpoint(self.step):
-            self.save_checkpoint()
+        # A run that ends on skipped steps or with ruined weights stops here, before its last checkpoint and export.
+        self.nonfinite.check_end(self.step, self.output_dir)
+        self.save_checkpoint()
         export_dir = self.finish()
         accelerator.end_training()
         return export_dir
@@ -215,6 +216,7 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         train, device = config.train, accelerator.device
         batches, tracker = self._batches(), LossTracker(device)
+        trained = [p for p in self.module.parameters() if p.requires_grad]  # what each update may leave non-finite
         steps_since_log, last_log_time = 0, time.perf_counter()
         while self.step < train.max_steps:
             step_start = time.perf_counter()
@@ -223,6 +225,7 @@ class Trainer:
                 accelerator, self.module, self.optimizer, micro_batches, config.optim.max_grad_norm, tracker
             )
             self.nonfinite.record(skipped)
+            self.nonfinite.record_weights(trained, self.step + 1)
             self.lr_scheduler.step()  # also on a skipped step: the schedule follows the step count, as with fp16
             self.step += 1
             self.images_seen += train.batch_size
