@@ -382,6 +382,35 @@ def test_an_hf_dataset_id_while_offline_is_named_without_trying_the_hub(tmp_path
     assert time.perf_counter() - started < 5
 
 
+def test_a_latent_cache_trains_at_its_own_resolution_and_refuses_another(tmp_path):
+    import yaml
+    from test_checkpoint_export import CASES, SHARED, latent_cache
+
+    cache = latent_cache(tmp_path / "data")  # 16 px images
+    recipe, _, overrides = CASES["latents"]
+    recipe = REPO / "configs" / recipe
+
+    def config(run, *extra):
+        return load_config(recipe, [*SHARED, *overrides, f"data.path={cache}", f"train.output_dir={run}", *extra])
+
+    with pytest.raises(ConfigError, match=rf"data.resolution: 8, but the latent cache {cache} holds 16 px images"):
+        Trainer(config(tmp_path / "refused", "data.resolution=8"))
+    assert not (tmp_path / "refused").exists()
+
+    # Left out, the resolution is the cache's, and every saved config says so.
+    run = tmp_path / "run"
+    Trainer(config(run)).train()
+    for saved in (run / "config.yaml", run / "checkpoint-2" / "config.yaml", run / "pipeline" / "training_config.yaml"):
+        assert yaml.safe_load(saved.read_text())["data"]["resolution"] == 16, saved
+
+    # Checkpoints of earlier versions recorded the unused default there; they still resume.
+    saved = run / "checkpoint-2" / "config.yaml"
+    saved.write_text(saved.read_text().replace("resolution: 16", "resolution: 32"))
+    resumed = Trainer(config(run, "train.resume=latest", "train.max_steps=3", "data.resolution=16"))
+    resumed.train()
+    assert resumed.step == 3
+
+
 def test_a_batch_larger_than_the_dataset_is_named_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"train.batch_size: 4096 .* needs at least 4096 samples, .* has 1617"):
         Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", "train.batch_size=4096")))

@@ -46,7 +46,7 @@ from .parts import (
 )
 from .step import LOG_SNR_BUCKETS, LossTracker, NonFiniteSteps, TrainingModule, optimizer_step
 from .trackers import log_image_to_trackers, tracker_config
-from .training_data import load_training_data
+from .training_data import load_training_data, with_data_resolution
 from .validation import check_environment, check_resume_config
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class Trainer:
     def __init__(self, config: Config, trackers: list[GeneralTracker] | tuple[GeneralTracker, ...] = ()):
         config = apply_launcher_settings(config)
         check_environment(config)
+        config = with_data_resolution(config)  # what is trained at, for every saved config and the resume check
         self.config, self.output_dir = config, Path(config.train.output_dir)
         self.accelerator = self._start_accelerator(trackers)
         # The checkpoint a resume will load, compared with this config before any work.

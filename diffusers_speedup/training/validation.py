@@ -78,7 +78,8 @@ def _check_ranges(config: Config) -> None:
         config.hub,
         config.train,
     )
-    _positive("data.resolution", data.resolution)
+    if data.resolution is not None:
+        _positive("data.resolution", data.resolution)
     if data.latents_std is not None and min(data.latents_std) <= 0:
         raise ConfigError(f"data.latents_std: must be positive, got {list(data.latents_std)}.")
     _positive("data.latent_target_std", data.latent_target_std)
@@ -304,6 +305,10 @@ def resume_config_changes(saved: dict, current: dict) -> list[str]:
     fixed_sections = ("model", "objective", "data")
     # Where the data is read from changes nothing of what is read.
     free_keys = ("data.in_memory",)
+    if (current.get("data") or {}).get("kind") == "latents":
+        # A latent cache fixes its resolution (and data.path is compared); checkpoints written before the cache's
+        # value was recorded hold the unused default there.
+        free_keys += ("data.resolution",)
     fixed_keys = (
         "train.batch_size",
         "train.gradient_accumulation_steps",
