@@ -1,3 +1,4 @@
+import errno
 import hashlib
 import json
 import math
@@ -565,6 +566,41 @@ def test_the_weights_are_checked_after_each_update_without_reading_anything_on_t
         weights[1][2] = float("nan")
         counts.record_weights(weights, step=3)
     assert int(counts.weights_broken_at) == 2 and not counts.allow_checkpoint(step=3)
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
+        # torch's zip writer reports a full disk without the OSError: at the next file, or when the archive closes.
+        (RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 179072 vs 178960"), "unexpected pos"),
+        (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), "file write failed"),
+    ],
+)
+def test_a_checkpoint_that_cannot_be_written_says_so_and_names_the_last_complete_one(
+    failure, reason, tmp_path, monkeypatch
+):
+    real_save = torch.save
+
+    def save_on_a_full_disk(obj, file, *args, **kwargs):
+        if "checkpoint-6" in str(file):
+            raise failure
+        return real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    run = tmp_path / "run"
+    with pytest.raises(OSError) as caught:
+        Trainer(load_config(QUICKSTART, tiny(run))).train()
+    message = str(caught.value)
+    assert f"Could not write checkpoint {run / 'checkpoint-6.tmp'}" in message and reason in message
+    assert "disk is full" in message and f"last complete checkpoint, {run / 'checkpoint-3'}" in message
+    assert "\n" not in message and "train.resume=latest" in message
+    assert find_latest_checkpoint(run, clean=False) == run / "checkpoint-3"
+
+    # Nothing is lost: with space again, the run resumes from checkpoint-3, clears the partial folder and finishes.
+    monkeypatch.setattr(torch, "save", real_save)
+    Trainer(load_config(QUICKSTART, tiny(run, "train.resume=latest"))).train()
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
 
 
 def test_a_resumed_run_logs_every_step_once_in_tensorboard(tmp_path, monkeypatch):

@@ -31,7 +31,14 @@ from ..distributed import check_world_size
 from ..hub.pipeline_record import PipelineRecord, build_pipeline, export_recorded_pipeline, load_recorded_vae
 from ..models import model_kind
 from ..run_folder import find_latest_checkpoint
-from .checkpoints import CONFIG_NAME, NAMED_STATE_FILE, NamedState, load_checkpoint, save_checkpoint
+from .checkpoints import (
+    CONFIG_NAME,
+    NAMED_STATE_FILE,
+    NamedState,
+    explain_failed_write,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import Config, config_to_dict, config_to_yaml, report_to_trackers
 from .ema import SNAPSHOT_DIR_NAME, PowerFunctionEMA
 from .launch import apply_launcher_settings, check_job, hardware_name
@@ -301,15 +308,16 @@ class Trainer:
             (folder / CONFIG_NAME).write_text(config_to_yaml(self.config))
             self.pipeline_record().save(folder)  # what exporting this checkpoint needs, data and trainer aside
 
-        path = save_checkpoint(
-            self.accelerator,
-            self.output_dir,
-            self.step,
-            self._trainer_state(),
-            save_fn=write_config_and_record,
-            total_limit=self.config.train.checkpoints_total_limit,
-            named_state=self.named_state,
-        )
+        with explain_failed_write(self.output_dir, self.step):  # a full disk, said as such, naming what is kept
+            path = save_checkpoint(
+                self.accelerator,
+                self.output_dir,
+                self.step,
+                self._trainer_state(),
+                save_fn=write_config_and_record,
+                total_limit=self.config.train.checkpoints_total_limit,
+                named_state=self.named_state,
+            )
         # Without periodic snapshots, each checkpoint is a point that post-hoc EMA can reconstruct from.
         ema = self.ema
         if isinstance(ema, PowerFunctionEMA) and ema.snapshot_every is None and ema.snapshot_dir is not None:
