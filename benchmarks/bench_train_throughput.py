@@ -101,7 +101,7 @@ def package_step(spec: BenchmarkModel, model, device, mixed_precision: str, comp
     from diffusers_speedup.training.ema import ConstantEMA
     from diffusers_speedup.training.parts import build_noise_scheduler, build_objective, build_optimizer
     from diffusers_speedup.training.recipes import config_from_mapping
-    from diffusers_speedup.training.step import LossTracker, TrainingModule, optimizer_step
+    from diffusers_speedup.training.step import LossTracker, NonFiniteSteps, TrainingModule, optimizer_step
 
     config = config_from_mapping(_recipe(spec))
     if device.type == "cuda":
@@ -116,12 +116,18 @@ def package_step(spec: BenchmarkModel, model, device, mixed_precision: str, comp
     module, optimizer = accelerator.prepare(module, optimizer)
     averaged = ConstantEMA(model, decay=0.9999).to(accelerator.device) if ema else None
     tracker = LossTracker(device)
+    nonfinite = NonFiniteSteps(config.train.max_consecutive_nonfinite, accelerator.device)
+    trained = [p for p in module.parameters() if p.requires_grad]
     counter = {"step": 0}
     module.train()
 
     def step(x0, labels):
-        # The trainer's own optimizer step (one accumulation step), with its loss tracking and EMA.
-        optimizer_step(accelerator, module, optimizer, [Batch(x0, labels, {})], config.optim.max_grad_norm, tracker)
+        # The trainer's own optimizer step (one accumulation step), with its loss tracking, its non-finite
+        # bookkeeping (the skipped steps and the weights' check after the update) and EMA.
+        batches = [Batch(x0, labels, {})]
+        _, skipped = optimizer_step(accelerator, module, optimizer, batches, config.optim.max_grad_norm, tracker)
+        nonfinite.record(skipped)
+        nonfinite.record_weights(trained, counter["step"] + 1)
         counter["step"] += 1
         if averaged is not None:
             averaged.update(model, counter["step"])

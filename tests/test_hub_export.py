@@ -147,6 +147,22 @@ def test_export_replaces_atomically_and_refuses_without_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_export_refuses_weights_that_are_not_finite_naming_the_tensor(bad, tmp_path):
+    target = tmp_path / "export"
+    export_pipeline(tiny_pipeline(), target)
+    pipe = tiny_pipeline()
+    with torch.no_grad():
+        pipe.transformer.proj_out.weight[0, 1] = bad
+    with pytest.raises(
+        ValueError, match=r"Refusing to export .*export: transformer weight 'proj_out.weight' is not fin"
+    ):
+        export_pipeline(pipe, target)
+    reloaded = ClassConditionalPipeline.from_pretrained(target)  # the previous export is intact
+    assert all(torch.isfinite(value).all() for value in reloaded.transformer.state_dict().values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
 @root_exports_classes
 def test_export_loads_with_installed_classes(tmp_path):
     pipe = tiny_pipeline()

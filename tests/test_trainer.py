@@ -1,5 +1,7 @@
+import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -306,6 +308,32 @@ def test_bad_configs_fail_before_any_work_naming_the_key(overrides, message, tmp
 
 
 @pytest.mark.parametrize(
+    "override",
+    [
+        "optim.lr=inf",
+        "optim.lr=nan",
+        "optim.betas=[0.9,inf]",
+        "optim.eps=inf",
+        "optim.weight_decay=nan",
+        "optim.max_grad_norm=inf",
+        "ema.decay=nan",
+        "ema.sigma_rels=[0.05,nan]",
+        "sampling.guidance_scale=inf",
+        "objective.schedule.sigma_max=inf",
+        "objective.weighting.gamma=.inf",
+        "data.latent_target_std=nan",
+        "hub.retry_delay=inf",
+    ],
+)
+def test_a_non_finite_number_in_a_recipe_is_refused_naming_the_key(override, tmp_path):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}(\[\d\])?: must be a finite number, got (inf|nan)"):
+        load_config(QUICKSTART, [f"train.output_dir={tmp_path}", override])
+    # A guidance interval open at the top guides every step above its lower end.
+    assert load_config(QUICKSTART, ["sampling.guidance_interval=[0.3,inf]"]).sampling.guidance_interval[1] == math.inf
+
+
+@pytest.mark.parametrize(
     ("content", "message"),
     [
         (b"model: {kind: uvit\ntrain: [", "is not valid YAML"),
@@ -353,6 +381,35 @@ def test_an_hf_dataset_id_while_offline_is_named_without_trying_the_hub(tmp_path
     with pytest.raises(ConfigError, match="data.path: 'mnist' is not a local folder, and the Hub is switched off"):
         Trainer(config)
     assert time.perf_counter() - started < 5
+
+
+def test_a_latent_cache_trains_at_its_own_resolution_and_refuses_another(tmp_path):
+    import yaml
+    from test_checkpoint_export import CASES, SHARED, latent_cache
+
+    cache = latent_cache(tmp_path / "data")  # 16 px images
+    recipe, _, overrides = CASES["latents"]
+    recipe = REPO / "configs" / recipe
+
+    def config(run, *extra):
+        return load_config(recipe, [*SHARED, *overrides, f"data.path={cache}", f"train.output_dir={run}", *extra])
+
+    with pytest.raises(ConfigError, match=rf"data.resolution: 8, but the latent cache {cache} holds 16 px images"):
+        Trainer(config(tmp_path / "refused", "data.resolution=8"))
+    assert not (tmp_path / "refused").exists()
+
+    # Left out, the resolution is the cache's, and every saved config says so.
+    run = tmp_path / "run"
+    Trainer(config(run)).train()
+    for saved in (run / "config.yaml", run / "checkpoint-2" / "config.yaml", run / "pipeline" / "training_config.yaml"):
+        assert yaml.safe_load(saved.read_text())["data"]["resolution"] == 16, saved
+
+    # Checkpoints of earlier versions recorded the unused default there; they still resume.
+    saved = run / "checkpoint-2" / "config.yaml"
+    saved.write_text(saved.read_text().replace("resolution: 16", "resolution: 32"))
+    resumed = Trainer(config(run, "train.resume=latest", "train.max_steps=3", "data.resolution=16"))
+    resumed.train()
+    assert resumed.step == 3
 
 
 def test_a_batch_larger_than_the_dataset_is_named_before_any_work(tmp_path):
@@ -432,6 +489,120 @@ def test_no_checkpoint_is_written_inside_a_non_finite_run(tmp_path, monkeypatch)
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == [f"checkpoint-{i}" for i in (1, 2, 3)]
 
 
+def poison_batches_after(monkeypatch, calls: int) -> None:
+    """From micro-batch ``calls + 1`` on, every batch is NaN: those steps have a non-finite loss and are skipped."""
+    original, seen = TrainingData.batch, {"n": 0}
+
+    def poisoned(self, indices, device):
+        seen["n"] += 1
+        x0, labels, extras = original(self, indices, device)
+        return Batch(x0 * float("nan") if seen["n"] > calls else x0, labels, extras)
+
+    monkeypatch.setattr(TrainingData, "batch", poisoned)
+
+
+def test_a_run_that_ends_on_skipped_steps_stops_without_a_last_checkpoint_or_export(tmp_path, monkeypatch):
+    poison_batches_after(monkeypatch, 3)
+    trainer = Trainer(load_config(QUICKSTART, tiny(tmp_path / "run")))
+    # Steps 4 to 6 are skipped, fewer than train.max_consecutive_nonfinite (10): the run still may not end as if
+    # it had trained.
+    with pytest.raises(
+        NonFiniteLossError, match=r"ended on 3 skipped optimizer step.*steps 4 to 6.*last good checkpoint is .*checkp"
+    ):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-3"]
+    assert not (tmp_path / "run" / "pipeline").exists()
+
+
+def test_a_learning_rate_that_blows_up_the_weights_stops_at_that_step_and_exports_nothing(tmp_path):
+    # lr 1e30: the update of step 1 sends the weights to ~1e30, with a finite gradient, and every later step is
+    # skipped; the run used to end there with exit 0 and export them.
+    trainer = Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", "optim.lr=1e30", "train.checkpoint_every=1")))
+    with pytest.raises(
+        NonFiniteLossError, match=r"update of step 1 left weights that are not finite .*seen at step 2.*none saved"
+    ):
+        trainer.train()
+    assert not list((tmp_path / "run").glob("checkpoint-*")) and not (tmp_path / "run" / "pipeline").exists()
+
+
+def test_an_update_that_leaves_nan_weights_stops_the_run_at_the_next_check(tmp_path, monkeypatch):
+    from diffusers_speedup.training import trainer as trainer_module
+
+    real_step = trainer_module.optimizer_step
+
+    def ruinous_step(accelerator, module, *args, **kwargs):
+        result = real_step(accelerator, module, *args, **kwargs)
+        if ruinous_step.calls == 3:  # the update of step 4 leaves a NaN weight, with a finite gradient
+            with torch.no_grad():
+                next(module.parameters()).view(-1)[0] = float("nan")
+        ruinous_step.calls += 1
+        return result
+
+    ruinous_step.calls = 0
+    monkeypatch.setattr(trainer_module, "optimizer_step", ruinous_step)
+    trainer = Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", "train.checkpoint_every=2", "train.log_every=6")))
+    with pytest.raises(
+        NonFiniteLossError, match=r"update of step 4 left weights that are not finite .*seen at step 6.*checkpoint-2"
+    ):
+        trainer.train()
+    # No checkpoint from step 4 on, where the weights were already lost; nothing exported.
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (tmp_path / "run" / "pipeline").exists()
+
+
+def test_the_weights_are_checked_after_each_update_without_reading_anything_on_the_host(monkeypatch):
+    counts = NonFiniteSteps(max_in_a_row=3, device="cpu")
+    weights = [torch.ones(3, 2), torch.zeros(4)]
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("the weight check read a tensor on the host")
+
+    with monkeypatch.context() as patch:
+        for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+            patch.setattr(torch.Tensor, name, host_read)
+        counts.record_weights(weights, step=1)
+        weights[1][2] = float("inf")
+        counts.record_weights(weights, step=2)
+        weights[1][2] = float("nan")
+        counts.record_weights(weights, step=3)
+    assert int(counts.weights_broken_at) == 2 and not counts.allow_checkpoint(step=3)
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
+        # torch's zip writer reports a full disk without the OSError: at the next file, or when the archive closes.
+        (RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 179072 vs 178960"), "unexpected pos"),
+        (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), "file write failed"),
+    ],
+)
+def test_a_checkpoint_that_cannot_be_written_says_so_and_names_the_last_complete_one(
+    failure, reason, tmp_path, monkeypatch
+):
+    real_save = torch.save
+
+    def save_on_a_full_disk(obj, file, *args, **kwargs):
+        if "checkpoint-6" in str(file):
+            raise failure
+        return real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    run = tmp_path / "run"
+    with pytest.raises(OSError) as caught:
+        Trainer(load_config(QUICKSTART, tiny(run))).train()
+    message = str(caught.value)
+    assert f"Could not write checkpoint {run / 'checkpoint-6.tmp'}" in message and reason in message
+    assert "disk is full" in message and f"last complete checkpoint, {run / 'checkpoint-3'}" in message
+    assert "\n" not in message and "train.resume=latest" in message
+    assert find_latest_checkpoint(run, clean=False) == run / "checkpoint-3"
+
+    # Nothing is lost: with space again, the run resumes from checkpoint-3, clears the partial folder and finishes.
+    monkeypatch.setattr(torch, "save", real_save)
+    Trainer(load_config(QUICKSTART, tiny(run, "train.resume=latest"))).train()
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+
+
 def test_a_resumed_run_logs_every_step_once_in_tensorboard(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -459,7 +630,7 @@ def test_a_resumed_run_logs_every_step_once_in_tensorboard(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_the_non_finite_stop_is_one_line_without_a_traceback(tmp_path):
-    # A learning rate of 1e30 sends the weights to ~1e30 in one step; the next losses are not finite.
+    # A learning rate of 1e30 sends the weights to ~1e30 in one step, which stops the run at the next check.
     overrides = tiny(tmp_path / "run", "optim.lr=1e30", "train.max_consecutive_nonfinite=2", "train.checkpoint_every=1")
     result = subprocess.run(
         [sys.executable, str(REPO / "train" / "train.py"), "--config", str(QUICKSTART), *overrides],
@@ -469,7 +640,7 @@ def test_the_non_finite_stop_is_one_line_without_a_traceback(tmp_path):
     )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "optimizer steps in a row had a non-finite loss" in errors[0]
+    assert len(errors) == 1 and "The update of step 1 left weights that are not finite" in errors[0]
     assert "Traceback" not in result.stderr
 
 

@@ -40,6 +40,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -200,6 +201,26 @@ def _card_info_for(pipeline, info: ModelCardInfo) -> ModelCardInfo:
     return dataclasses.replace(info, class_labels=labels)
 
 
+def check_weights_finite(pipeline, output_dir: str | os.PathLike) -> None:
+    """Refuse to export weights that are NaN or infinite (a diverged run): such a folder loads, and samples nothing
+    but NaN. Every network of the pipeline is checked, one fused reduction each; the message names the first
+    tensor that is not finite."""
+    import torch
+
+    for component_name, component in pipeline.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        tensors = {name: tensor for name, tensor in component.state_dict().items() if tensor.is_floating_point()}
+        if not tensors or torch.stack(torch._foreach_norm(list(tensors.values()), math.inf)).isfinite().all():
+            continue
+        name, tensor = next((name, t) for name, t in tensors.items() if not torch.isfinite(t).all())
+        nan, inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+        raise ValueError(
+            f"Refusing to export {output_dir}: {component_name} weight {name!r} is not finite ({nan} NaN and {inf} "
+            f"infinite of {tensor.numel()} values). The model diverged; export an earlier checkpoint instead."
+        )
+
+
 def export_pipeline(
     pipeline,
     output_dir: str | os.PathLike,
@@ -226,10 +247,15 @@ def export_pipeline(
         overwrite: replace an existing `output_dir` (else raise FileExistsError).
         ship_code: copy the single-file code of non-diffusers classes into the folder so that
             `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` works without this package.
+
+    Raises:
+        ValueError: naming the tensor, when a network's weights are not finite (`check_weights_finite`); nothing
+            is written then.
     """
     target = Path(output_dir)
     if target.exists() and not overwrite:
         raise FileExistsError(f"output_dir already exists and overwrite=False: {target}")
+    check_weights_finite(pipeline, target)
     info = ModelCardInfo.from_value(card_info)
     config = _plain_config(training_config)
     target.parent.mkdir(parents=True, exist_ok=True)

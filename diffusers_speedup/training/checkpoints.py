@@ -26,11 +26,13 @@ trainer_state.json lists no named parts, and `load_checkpoint` loads them as the
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..run_folder import (
@@ -59,6 +61,7 @@ __all__ = [
     "NamedState",
     "checkpoint_name",
     "clean_incomplete_checkpoints",
+    "explain_failed_write",
     "find_latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -214,6 +217,52 @@ def save_checkpoint(
         rotate_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final_dir
+
+
+@contextlib.contextmanager
+def explain_failed_write(output_dir: str | os.PathLike, step: int) -> Iterator[None]:
+    """Around `save_checkpoint`: a write that fails (a full disk, most often) becomes one OSError that says so, names
+    the checkpoint being written and the last complete one. A failed save never moves `latest`, and a resume removes
+    the partial folder, so that message is all there is to know.
+
+    torch's zip writer reports a failed write without its OSError ("PytorchStreamWriter failed writing file", or
+    "unexpected pos" when the archive closes), and safetensors as its own error naming the OS error; other errors
+    pass unchanged.
+    """
+    try:
+        yield
+    except Exception as error:
+        text = f"{error}"
+        if not isinstance(error, OSError) and not any(sign in text for sign in _FAILED_WRITE_SIGNS):
+            raise
+        output_dir = Path(output_dir)
+        if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text:
+            reason, remedy = f"no space left on device, the disk is full ({error})", "Free some space"
+        elif isinstance(error, OSError):
+            reason, remedy = f"the write failed ({type(error).__name__}: {text})", "Fix that"
+        else:  # torch's writer says neither why nor which errno
+            reason = f"the write failed ({type(error).__name__}: {text}), most often because the disk is full"
+            remedy = "Free some space"
+        try:
+            reason += f"; {shutil.disk_usage(output_dir).free / 2**20:.0f} MiB free there now"
+        except OSError:
+            pass
+        last = find_latest_checkpoint(output_dir, clean=False)
+        kept = (
+            f"`latest` names the last complete checkpoint, {last}"
+            if last is not None
+            else "there is no complete checkpoint yet, so a resume starts afresh"
+        )
+        partial = output_dir / (checkpoint_name(step) + TMP_SUFFIX)
+        message = (
+            f"Could not write checkpoint {partial}: {reason}. Nothing else is lost: {kept}. {remedy}, then continue "
+            f"with train.resume=latest, which removes the partial {partial.name}."
+        )
+        raise OSError(" ".join(message.split())) from error
+
+
+# How torch's zip writer and safetensors report a write that failed (see `explain_failed_write`).
+_FAILED_WRITE_SIGNS = ("PytorchStreamWriter failed", "unexpected pos", "No space left on device", "StorageFull")
 
 
 def load_checkpoint(accelerator, checkpoint_dir: str | os.PathLike, named_state: NamedState | None = None) -> dict:

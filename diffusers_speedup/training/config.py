@@ -64,7 +64,9 @@ class DataConfig:
     kind: DataKind = "builtin"
     name: str = "digits"  # the built-in dataset
     path: str | None = None  # image folder, 🤗 dataset name or folder, or cached-latents folder
-    resolution: int = 32
+    # Pixels: the side images are cropped to (None: 32). Cached latents: the cache's own, filled in from it when
+    # None; another value is refused. The saved config holds the resolution trained at.
+    resolution: int | None = None
     channels: Literal[1, 3] = 3  # 1 keeps the built-in digits grayscale
     random_flip: bool = False
     in_memory: bool = False  # hold the whole dataset on the training device (no reads during training)

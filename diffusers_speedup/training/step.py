@@ -25,7 +25,8 @@ LOG_SNR_BUCKETS = (
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+    """The run went non-finite: too many optimizer steps in a row had a non-finite loss or gradient, the run ended on
+    such steps, or an update left weights that are not finite."""
 
 
 class TrainingModule(nn.Module):
@@ -87,9 +88,14 @@ class LossTracker:
         self.terms = {}
 
 
+# `NonFiniteSteps.weights_broken_at` while every update left finite weights.
+_NEVER = torch.iinfo(torch.long).max
+
+
 class NonFiniteSteps:
-    """The optimizer steps skipped for a non-finite gradient, counted on the device (no host read per step) and
-    read only when the loss is logged (`check`) and at checkpoints (`allow_checkpoint`).
+    """The optimizer steps skipped for a non-finite gradient, and the first update that left a weight NaN or
+    infinite, tracked on the device (no host read per step) and read only when the loss is logged (`check`), at
+    checkpoints (`allow_checkpoint`) and when the run ends (`check_end`).
 
     Args:
         max_in_a_row: ``train.max_consecutive_nonfinite``: the run stops once this many steps in a row were skipped.
@@ -101,6 +107,8 @@ class NonFiniteSteps:
         self.in_a_row = torch.zeros((), dtype=torch.long, device=device)  # the latest steps, all skipped
         self.longest_run = self.in_a_row.clone()  # the longest run of skipped steps since the last log
         self.since_log = self.in_a_row.clone()  # steps skipped since the last log
+        # The first step whose update left a weight that is not finite; _NEVER while none has.
+        self.weights_broken_at = torch.full((), _NEVER, dtype=torch.long, device=device)
 
     def restore(self, in_a_row: int) -> None:
         """Continue from a checkpoint whose latest ``in_a_row`` steps were skipped."""
@@ -113,12 +121,38 @@ class NonFiniteSteps:
         self.longest_run = torch.maximum(self.longest_run, self.in_a_row)
         self.since_log += skipped
 
+    def record_weights(self, parameters: list[torch.Tensor], step: int) -> None:
+        """After the update of ``step``: remember it if it left weights that are not finite. A finite gradient does
+        not make a finite update (an enormous learning rate), and no later step can repair NaN weights, so they are
+        looked at after each update, as the gradient is before it: their norms, in the one fused kernel that
+        gradient clipping uses, on the device. As for the gradient, a norm that overflows counts as not finite:
+        weights beyond ~1e19 are as lost as NaN ones."""
+        finite = torch.stack(torch._foreach_norm(parameters)).isfinite().all()
+        self.weights_broken_at = torch.where(finite, self.weights_broken_at, self.weights_broken_at.clamp(max=step))
+
     def current_run(self) -> int:
         return int(self.in_a_row)
 
+    def _weights_broken_at(self) -> int | None:
+        """The first step that left a weight NaN or infinite on any process (FSDP's shards may differ), or None."""
+        broken_at = self.weights_broken_at
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            broken_at = broken_at.clone()
+            torch.distributed.all_reduce(broken_at, op=torch.distributed.ReduceOp.MIN)
+        broken_at = int(broken_at)
+        return None if broken_at == _NEVER else broken_at
+
     def allow_checkpoint(self, step: int) -> bool:
-        """False, with a warning, while the latest steps were skipped: a checkpoint written then would be named as
-        the last good one although the run had already gone wrong."""
+        """False, with a warning, while the latest steps were skipped or the weights are not finite: a checkpoint
+        written then would be named as the last good one although the run had already gone wrong."""
+        broken_at = self._weights_broken_at()
+        if broken_at is not None:
+            logger.warning(
+                "No checkpoint at step %d: the weights have not been finite since the update of step %d.",
+                step,
+                broken_at,
+            )
+            return False
         in_a_row = self.current_run()
         if in_a_row:
             logger.warning(
@@ -127,8 +161,9 @@ class NonFiniteSteps:
         return not in_a_row
 
     def check(self, steps: int, step: int, output_dir: Path) -> None:
-        """At a log: warn about the steps skipped among the last ``steps``, raise `NonFiniteLossError` once too many
-        came in a row, and start counting for the next log."""
+        """At a log: raise `NonFiniteLossError` if an update left weights that are not finite; warn about the steps
+        skipped among the last ``steps``, raise once too many came in a row, and start counting for the next log."""
+        self._raise_if_weights_broken(step, output_dir)
         skipped, longest_run = int(self.since_log), int(self.longest_run)
         self.since_log.zero_()
         self.longest_run.copy_(self.in_a_row)
@@ -141,12 +176,37 @@ class NonFiniteSteps:
             step,
         )
         if longest_run >= self.max_in_a_row:
-            last = find_latest_checkpoint(output_dir, clean=False)
             raise NonFiniteLossError(
                 f"{longest_run} optimizer steps in a row had a non-finite loss or gradient (seen at step {step}; "
-                f"train.max_consecutive_nonfinite is {self.max_in_a_row}); stopping. "
-                f"The last good checkpoint is {last or 'none (none saved)'}."
+                f"train.max_consecutive_nonfinite is {self.max_in_a_row}); stopping. {_last_good(output_dir)}"
             )
+
+    def check_end(self, step: int, output_dir: Path) -> None:
+        """When the last step is done: raise `NonFiniteLossError` unless the run ends on a step that trained and
+        finite weights, so that a run that went wrong is neither checkpointed nor exported, and exits non-zero."""
+        self._raise_if_weights_broken(step, output_dir)
+        in_a_row = self.current_run()
+        if in_a_row:
+            raise NonFiniteLossError(
+                f"The run ended on {in_a_row} skipped optimizer step(s) with a non-finite loss or gradient (steps "
+                f"{step - in_a_row + 1} to {step}; fewer than train.max_consecutive_nonfinite={self.max_in_a_row}), "
+                f"so its final weights are not those of a finished run: no checkpoint or export is written for step "
+                f"{step}. {_last_good(output_dir)}"
+            )
+
+    def _raise_if_weights_broken(self, step: int, output_dir: Path) -> None:
+        broken_at = self._weights_broken_at()
+        if broken_at is not None:
+            raise NonFiniteLossError(
+                f"The update of step {broken_at} left weights that are not finite (NaN, infinite, or so large that "
+                f"their norm overflows; seen at step {step}): no later step can repair them, so the run stops "
+                f"without a checkpoint or export. {_last_good(output_dir)}"
+            )
+
+
+def _last_good(output_dir: Path) -> str:
+    last = find_latest_checkpoint(output_dir, clean=False)
+    return f"The last good checkpoint is {last or 'none (none saved)'}."
 
 
 def optimizer_step(

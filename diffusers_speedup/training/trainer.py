@@ -31,7 +31,14 @@ from ..distributed import check_world_size
 from ..hub.pipeline_record import PipelineRecord, build_pipeline, export_recorded_pipeline, load_recorded_vae
 from ..models import model_kind
 from ..run_folder import find_latest_checkpoint
-from .checkpoints import CONFIG_NAME, NAMED_STATE_FILE, NamedState, load_checkpoint, save_checkpoint
+from .checkpoints import (
+    CONFIG_NAME,
+    NAMED_STATE_FILE,
+    NamedState,
+    explain_failed_write,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import Config, config_to_dict, config_to_yaml, report_to_trackers
 from .ema import SNAPSHOT_DIR_NAME, PowerFunctionEMA
 from .launch import apply_launcher_settings, check_job, hardware_name
@@ -46,7 +53,7 @@ from .parts import (
 )
 from .step import LOG_SNR_BUCKETS, LossTracker, NonFiniteSteps, TrainingModule, optimizer_step
 from .trackers import log_image_to_trackers, tracker_config
-from .training_data import load_training_data
+from .training_data import load_training_data, with_data_resolution
 from .validation import check_environment, check_resume_config
 
 logger = logging.getLogger(__name__)
@@ -68,6 +75,7 @@ class Trainer:
     def __init__(self, config: Config, trackers: list[GeneralTracker] | tuple[GeneralTracker, ...] = ()):
         config = apply_launcher_settings(config)
         check_environment(config)
+        config = with_data_resolution(config)  # what is trained at, for every saved config and the resume check
         self.config, self.output_dir = config, Path(config.train.output_dir)
         self.accelerator = self._start_accelerator(trackers)
         # The checkpoint a resume will load, compared with this config before any work.
@@ -189,8 +197,9 @@ class Trainer:
         )
         with self.progress, logging_redirect_tqdm():  # log lines print above the bar instead of through it
             self._loop()
-        if self.nonfinite.allow_checkpoint(self.step):
-            self.save_checkpoint()
+        # A run that ends on skipped steps or with ruined weights stops here, before its last checkpoint and export.
+        self.nonfinite.check_end(self.step, self.output_dir)
+        self.save_checkpoint()
         export_dir = self.finish()
         accelerator.end_training()
         return export_dir
@@ -215,6 +224,7 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         train, device = config.train, accelerator.device
         batches, tracker = self._batches(), LossTracker(device)
+        trained = [p for p in self.module.parameters() if p.requires_grad]  # what each update may leave non-finite
         steps_since_log, last_log_time = 0, time.perf_counter()
         while self.step < train.max_steps:
             step_start = time.perf_counter()
@@ -223,6 +233,7 @@ class Trainer:
                 accelerator, self.module, self.optimizer, micro_batches, config.optim.max_grad_norm, tracker
             )
             self.nonfinite.record(skipped)
+            self.nonfinite.record_weights(trained, self.step + 1)
             self.lr_scheduler.step()  # also on a skipped step: the schedule follows the step count, as with fp16
             self.step += 1
             self.images_seen += train.batch_size
@@ -297,15 +308,16 @@ class Trainer:
             (folder / CONFIG_NAME).write_text(config_to_yaml(self.config))
             self.pipeline_record().save(folder)  # what exporting this checkpoint needs, data and trainer aside
 
-        path = save_checkpoint(
-            self.accelerator,
-            self.output_dir,
-            self.step,
-            self._trainer_state(),
-            save_fn=write_config_and_record,
-            total_limit=self.config.train.checkpoints_total_limit,
-            named_state=self.named_state,
-        )
+        with explain_failed_write(self.output_dir, self.step):  # a full disk, said as such, naming what is kept
+            path = save_checkpoint(
+                self.accelerator,
+                self.output_dir,
+                self.step,
+                self._trainer_state(),
+                save_fn=write_config_and_record,
+                total_limit=self.config.train.checkpoints_total_limit,
+                named_state=self.named_state,
+            )
         # Without periodic snapshots, each checkpoint is a point that post-hoc EMA can reconstruct from.
         ema = self.ema
         if isinstance(ema, PowerFunctionEMA) and ema.snapshot_every is None and ema.snapshot_dir is not None:

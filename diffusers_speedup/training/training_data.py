@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -31,6 +32,36 @@ class TrainingData:
         return self.dataset.batch(indices, device)
 
 
+# The side that pixel data is cropped to when a recipe leaves data.resolution out.
+DEFAULT_PIXEL_RESOLUTION = 32
+
+
+def with_data_resolution(config: Config) -> Config:
+    """The recipe with ``data.resolution`` as it will be trained, so that every saved config and export records
+    that: for cached latents the resolution of the cache (read from its metadata, before any work), for pixels the
+    recipe's or 32.
+
+    Raises:
+        ConfigError: when the recipe asks for another resolution than a latent cache's, naming both and the cache.
+    """
+    data = config.data
+    resolution = DEFAULT_PIXEL_RESOLUTION if data.resolution is None else data.resolution
+    if data.kind == "latents":
+        from ..data.latent_cache import read_cache_metadata
+
+        cached = read_cache_metadata(data.path).get("resolution")
+        if cached is None:  # a cache that does not record it: nothing to compare, nothing to record
+            return config
+        if data.resolution is not None and data.resolution != cached:
+            raise ConfigError(
+                f"data.resolution: {data.resolution}, but the latent cache {data.path} holds {cached} px images; a "
+                f"cache trains at its own resolution. Leave data.resolution out (or set it to {cached}), or cache "
+                f"the images again at {data.resolution} px (cache-latents --resolution {data.resolution})."
+            )
+        resolution = cached
+    return dataclasses.replace(config, data=dataclasses.replace(data, resolution=resolution))
+
+
 def load_training_data(config: Config, device) -> TrainingData:
     from ..data import LatentDataset, load_pixel_dataset
 
@@ -45,7 +76,7 @@ def load_training_data(config: Config, device) -> TrainingData:
     try:
         dataset = load_pixel_dataset(
             source,
-            resolution=data.resolution,
+            resolution=DEFAULT_PIXEL_RESOLUTION if data.resolution is None else data.resolution,
             channels=data.channels,
             random_flip=data.random_flip,
             image_column=data.image_column,

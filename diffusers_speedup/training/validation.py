@@ -3,8 +3,10 @@ building it), the machine, and whether a checkpoint may be resumed with it. Ever
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import inspect
+import math
 import os
 from pathlib import Path
 
@@ -39,8 +41,31 @@ def validate_config(config: Config) -> None:
         OmegaConf.structured(config)  # the types and choices, for a Config built or changed in Python
     except OmegaConfBaseException as error:
         raise ConfigError(_omegaconf_message(error)) from None
+    _check_finite(dataclasses.asdict(config))
     _check_ranges(config)
     _check_combinations(config)
+
+
+# The one place where a recipe may hold an infinite number: a guidance interval open at the top, (sigma_lo, inf],
+# guides every step above sigma_lo (the pipeline takes it so).
+_MAY_BE_INFINITE = ("sampling.guidance_interval[1]",)
+# What to write instead, where an infinite value has a meaning that the recipe spells otherwise.
+_INSTEAD_OF_INFINITE = {"optim.max_grad_norm": " (null turns clipping off)"}
+
+
+def _check_finite(value, key: str = "") -> None:
+    """Every number in the recipe is finite, model and objective parameters included. An infinite or NaN learning
+    rate, β, ε, decay or scale trains nothing: every step is skipped, or the weights become NaN."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_finite(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_finite(item, f"{key}[{index}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        if value == math.inf and key in _MAY_BE_INFINITE:
+            return
+        raise ConfigError(f"{key}: must be a finite number, got {value}{_INSTEAD_OF_INFINITE.get(key, '')}.")
 
 
 def _check_ranges(config: Config) -> None:
@@ -53,7 +78,8 @@ def _check_ranges(config: Config) -> None:
         config.hub,
         config.train,
     )
-    _positive("data.resolution", data.resolution)
+    if data.resolution is not None:
+        _positive("data.resolution", data.resolution)
     if data.latents_std is not None and min(data.latents_std) <= 0:
         raise ConfigError(f"data.latents_std: must be positive, got {list(data.latents_std)}.")
     _positive("data.latent_target_std", data.latent_target_std)
@@ -283,6 +309,10 @@ def resume_config_changes(saved: dict, current: dict) -> list[str]:
     fixed_sections = ("model", "objective", "data")
     # Where the data is read from changes nothing of what is read.
     free_keys = ("data.in_memory",)
+    if (current.get("data") or {}).get("kind") == "latents":
+        # A latent cache fixes its resolution (and data.path is compared); checkpoints written before the cache's
+        # value was recorded hold the unused default there.
+        free_keys += ("data.resolution",)
     fixed_keys = (
         "train.batch_size",
         "train.gradient_accumulation_steps",
