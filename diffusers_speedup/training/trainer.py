@@ -12,6 +12,7 @@ trackers (`trackers.py`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -34,7 +35,7 @@ from ..run_folder import find_latest_checkpoint
 from .checkpoints import CONFIG_NAME, NAMED_STATE_FILE, NamedState, load_checkpoint, save_checkpoint
 from .config import Config, config_to_dict, config_to_yaml, report_to_trackers
 from .ema import SNAPSHOT_DIR_NAME, PowerFunctionEMA
-from .launch import apply_launcher_settings, check_job, hardware_name
+from .launch import apply_launcher_settings, check_job, claim_output_dir, hardware_name
 from .parts import (
     build_ema,
     build_lr_scheduler,
@@ -55,6 +56,35 @@ logger = logging.getLogger(__name__)
 # --- the trainer -------------------------------------------------------------------------------------------------
 
 
+def _gives_up_the_output_dir_on_error(init):
+    """A Trainer that fails to set up releases its output folder (removing it when it made it and left it empty)."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            if getattr(self, "run_lock", None) is not None:
+                self.run_lock.release(remove_created_folder=True)
+            raise
+
+    return wrapper
+
+
+def _gives_up_the_output_dir_at_the_end(train):
+    """The run owns its output folder until training ends, however it ends."""
+
+    @functools.wraps(train)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return train(self, *args, **kwargs)
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    return wrapper
+
+
 class Trainer:
     """Trains one recipe. ``Trainer(config).train()`` returns the exported pipeline folder.
 
@@ -65,11 +95,14 @@ class Trainer:
             those that ``train.report_to`` names.
     """
 
+    @_gives_up_the_output_dir_on_error
     def __init__(self, config: Config, trackers: list[GeneralTracker] | tuple[GeneralTracker, ...] = ()):
         config = apply_launcher_settings(config)
         check_environment(config)
         self.config, self.output_dir = config, Path(config.train.output_dir)
         self.accelerator = self._start_accelerator(trackers)
+        # From here until train() ends, no other run writes into output_dir (held by the main process).
+        self.run_lock = claim_output_dir(config, self.accelerator)
         # The checkpoint a resume will load, compared with this config before any work.
         self.resume_from = resume_checkpoint(config)
         if self.resume_from is not None:
@@ -151,9 +184,11 @@ class Trainer:
 
     # --- training ------------------------------------------------------------------------------------------------
 
+    @_gives_up_the_output_dir_at_the_end
     def train(self) -> Path | None:
         """Resume when asked, train to ``train.max_steps``, then write the last checkpoint, the final grid and the
-        export (and push it when asked). Returns the exported folder on the main process."""
+        export (and push it when asked). Returns the exported folder on the main process. The output folder is
+        given up when it returns or raises."""
         config, accelerator = self.config, self.accelerator
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -229,8 +229,13 @@ def check_environment(config: Config) -> None:
         if tracker not in ("all", "tensorboard") and importlib.util.find_spec(tracker) is None:
             raise ConfigError(f"train.report_to: {tracker!r} is not installed (pip install {tracker}).")
     _check_data_path(config.data)
+    refuse_existing_checkpoints(config)
+
+
+def refuse_existing_checkpoints(config: Config) -> None:
+    """A fresh run (no ``train.resume``) would write its own checkpoint-<step> folders over those already there."""
+    train = config.train
     if train.resume is None:
-        # A fresh run would write its own checkpoint-<step> folders over these.
         existing = list_checkpoints(train.output_dir)
         if existing:
             raise ConfigError(
