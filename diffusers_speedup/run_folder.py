@@ -44,6 +44,12 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{int(step)}"
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step of a checkpoint folder, from its name (-1 for a folder not named `checkpoint-<step>`)."""
+    match = _CHECKPOINT_RE.match(Path(path).name)
+    return int(match.group(1)) if match else -1
+
+
 def _is_complete(path: Path) -> bool:
     return path.is_dir() and _CHECKPOINT_RE.match(path.name) is not None and (path / TRAINER_STATE_NAME).is_file()
 
@@ -54,7 +60,7 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     if not output_dir.is_dir():
         return []
     found = [p for p in output_dir.iterdir() if _is_complete(p)]
-    return sorted(found, key=lambda p: int(_CHECKPOINT_RE.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
 
 
 def read_latest_pointer(output_dir: Path) -> Path | None:

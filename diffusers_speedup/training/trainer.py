@@ -31,8 +31,16 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..distributed import check_world_size
 from ..hub.pipeline_record import PipelineRecord, build_pipeline, export_recorded_pipeline, load_recorded_vae
 from ..models import model_kind
-from ..run_folder import find_latest_checkpoint
-from .checkpoints import CONFIG_NAME, NAMED_STATE_FILE, NamedState, load_checkpoint, save_checkpoint
+from ..run_folder import checkpoint_step, clean_incomplete_checkpoints, find_latest_checkpoint, list_checkpoints
+from .checkpoints import (
+    CONFIG_NAME,
+    NAMED_STATE_FILE,
+    DamagedCheckpointError,
+    NamedState,
+    checkpoint_damage,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import Config, config_to_dict, config_to_yaml, report_to_trackers
 from .ema import SNAPSHOT_DIR_NAME, PowerFunctionEMA
 from .launch import apply_launcher_settings, check_job, claim_output_dir, hardware_name
@@ -103,8 +111,8 @@ class Trainer:
         self.accelerator = self._start_accelerator(trackers)
         # From here until train() ends, no other run writes into output_dir (held by the main process).
         self.run_lock = claim_output_dir(config, self.accelerator)
-        # The checkpoint a resume will load, compared with this config before any work.
-        self.resume_from = resume_checkpoint(config)
+        # The checkpoint a resume will load, its files checked and compared with this config before any work.
+        self.resume_from = resume_checkpoint(config, self.accelerator)
         if self.resume_from is not None:
             check_resume_config(config, self.resume_from)
         if config.train.allow_tf32 and torch.cuda.is_available():
@@ -351,14 +359,16 @@ class Trainer:
         """Load the checkpoint ``train.resume`` names, if any, and continue from its step."""
         if self.config.train.resume is None:
             return
-        path = resume_checkpoint(self.config, clean=self.accelerator.is_main_process)
+        if self.config.train.resume == "latest" and self.accelerator.is_main_process:
+            for leftover in clean_incomplete_checkpoints(self.output_dir):
+                logger.info("Removed incomplete checkpoint %s", leftover)
+        # Chosen at set-up, when the folder was already this run's (no other run adds checkpoints to it since).
+        path = self.resume_from
         if path is None:
             logger.warning(
                 "train.resume=latest: no checkpoint in %s, so this run STARTS FROM SCRATCH (step 0).", self.output_dir
             )
             return
-        if self.resume_from is not None and path.resolve() != self.resume_from.resolve():
-            check_resume_config(self.config, path)  # a newer checkpoint appeared since the start-up check
         state = load_checkpoint(self.accelerator, path, self.named_state)
         self.step = int(state["step"])
         for key in ("epoch", "batches_into_epoch", "images_seen"):
@@ -551,13 +561,62 @@ def train(config: Config) -> Path | None:
     return Trainer(config).train()
 
 
-def resume_checkpoint(config: Config, clean: bool = False) -> Path | None:
-    """The checkpoint ``train.resume`` names (``latest``: the newest complete one in ``train.output_dir``), or None
-    for a fresh run. ``clean``: also remove the leftovers of interrupted saves (the main process does so when the
-    run resumes; the start-up check only reads)."""
+def resume_checkpoint(config: Config, accelerator: Accelerator) -> Path | None:
+    """The checkpoint ``train.resume`` names, its files checked before anything loads (`checkpoint_damage`), or
+    None for a fresh run or an output folder without checkpoints.
+
+    ``latest`` means the newest checkpoint that works: when the newest ones are damaged, the newest sound one is
+    taken, with a warning naming the damaged files and the steps that will be trained again. A checkpoint named by
+    its folder is never swapped for another: its damage stops the run, naming the previous sound checkpoint.
+
+    Raises:
+        DamagedCheckpointError: naming each damaged file, and what to resume instead.
+    """
     resume = config.train.resume
     if resume is None:
         return None
-    if resume == "latest":
-        return find_latest_checkpoint(config.train.output_dir, clean=clean)
-    return Path(resume)
+    if resume != "latest":
+        named = Path(resume)
+        damage = _damage(accelerator, named)
+        if not damage:
+            return named
+        earlier = [path for path in list_checkpoints(named.parent) if checkpoint_step(path) < checkpoint_step(named)]
+        previous = next((path for path in reversed(earlier) if not _damage(accelerator, path)), None)
+        way_forward = (
+            f"to resume from the previous checkpoint, set train.resume={previous}"
+            if previous is not None
+            else f"{named.parent} holds no earlier checkpoint that is sound"
+        )
+        raise DamagedCheckpointError(f"train.resume: {named} is damaged: {'; '.join(damage)}. {way_forward}.")
+
+    output_dir = config.train.output_dir
+    newest = find_latest_checkpoint(output_dir, clean=False)
+    if newest is None:
+        return None
+    older = [path for path in list_checkpoints(output_dir) if checkpoint_step(path) < checkpoint_step(newest)]
+    damaged = {}
+    for candidate in [newest, *reversed(older)]:
+        damage = _damage(accelerator, candidate)
+        if damage:
+            damaged[candidate.name] = "; ".join(damage)
+            continue
+        if damaged and accelerator.is_main_process:
+            logger.warning(
+                "train.resume=latest: damaged checkpoints (%s). RESUMING FROM %s, the newest sound one: steps %d to %d "
+                "will be trained again.",
+                "; ".join(f"{name}: {damage}" for name, damage in damaged.items()),
+                candidate,
+                checkpoint_step(candidate) + 1,
+                checkpoint_step(newest),
+            )
+        return candidate
+    listed = "; ".join(f"{name}: {damage}" for name, damage in damaged.items())
+    raise DamagedCheckpointError(
+        f"train.resume=latest: every checkpoint in {output_dir} is damaged ({listed}); start afresh in another "
+        "train.output_dir."
+    )
+
+
+def _damage(accelerator: Accelerator, checkpoint_dir: Path) -> list[str]:
+    """`checkpoint_damage` of a checkpoint for the Trainer, which prepares one model and one optimizer."""
+    return checkpoint_damage(accelerator, checkpoint_dir, models=1, optimizers=1)
