@@ -56,7 +56,7 @@ from .parts import (
 from .step import LOG_SNR_BUCKETS, LossTracker, NonFiniteSteps, TrainingModule, optimizer_step
 from .trackers import log_image_to_trackers, tracker_config
 from .training_data import load_training_data
-from .validation import check_environment, check_resume_config
+from .validation import check_environment, check_resume_config, check_resume_data
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,11 @@ class Trainer:
         set_seed(config.train.seed)  # model initialisation, then the training stream (restored on resume)
 
         self.data = load_training_data(config, self.accelerator.device)
+        self.data_identity = self.data.identity()  # recorded in each checkpoint; a resume compares it
+        if self.resume_from is not None:
+            data_warning = check_resume_data(config, self.resume_from, self.data_identity)
+            if data_warning and self.accelerator.is_main_process:
+                logger.warning(data_warning)
         self.micro_batch_size = check_job(config, self.accelerator, len(self.data.dataset), self._dataset_name())
         self._build_model()
         snapshot_dir = str(self.output_dir / SNAPSHOT_DIR_NAME) if self.accelerator.is_main_process else None
@@ -333,6 +338,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "hardware": self.hardware,
             "world_size": self.accelerator.num_processes,
+            "data": self.data_identity,
         }
 
     def save_checkpoint(self) -> Path:
