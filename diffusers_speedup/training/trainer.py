@@ -6,8 +6,8 @@ each checkpoint: a resumed run continues exactly where the interrupted one stopp
 
 `Trainer` reads as the run goes: set-up, the loop, checkpoints, sample grids and export. The pieces it is built from
 live beside it, one concept a file: the launch (`launch.py`), the data (`training_data.py`), the model, objective,
-EMA, optimizer and schedules (`parts.py`), one optimizer step (`step.py`), checkpoints (`checkpoints.py`) and the
-trackers (`trackers.py`).
+EMA, optimizer and schedules (`parts.py`), one optimizer step (`step.py`), checkpoints (`checkpoints.py`), the
+trackers (`trackers.py`) and the stop on SIGTERM (`preemption.py`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from .checkpoints import (
     DamagedCheckpointError,
     NamedState,
     checkpoint_damage,
+    checkpoint_name,
     load_checkpoint,
     save_checkpoint,
 )
@@ -53,6 +54,7 @@ from .parts import (
     build_optimizer,
     build_sampling_scheduler,
 )
+from .preemption import SigtermFlag, TrainingPreempted
 from .step import LOG_SNR_BUCKETS, LossTracker, NonFiniteSteps, TrainingModule, optimizer_step
 from .trackers import log_image_to_trackers, tracker_config
 from .training_data import load_training_data
@@ -140,6 +142,7 @@ class Trainer:
         self.latest_grid = None
         self.pusher = None
         self.push_result = None
+        self.saved_step = None  # the step of the newest checkpoint this run wrote
 
     # --- set-up --------------------------------------------------------------------------------------------------
 
@@ -235,7 +238,8 @@ class Trainer:
             dynamic_ncols=True,
             disable=not accelerator.is_main_process,
         )
-        with self.progress, logging_redirect_tqdm():  # log lines print above the bar instead of through it
+        # Log lines print above the bar instead of through it; a SIGTERM stops the loop at a step boundary.
+        with self.progress, logging_redirect_tqdm(), SigtermFlag(accelerator.num_processes) as self.sigterm:
             self._loop()
         if self.nonfinite.allow_checkpoint(self.step):
             self.save_checkpoint()
@@ -291,6 +295,8 @@ class Trainer:
             if train.checkpoint_every and self.step % train.checkpoint_every == 0 and self.step != train.max_steps:
                 if self.nonfinite.allow_checkpoint(self.step):
                     self._checkpoint_and_maybe_export()
+            if self.sigterm.received():
+                self._stop_for_sigterm()
 
     def _log(self, tracker: LossTracker, grad_norm, steps, seconds) -> None:
         accelerator = self.accelerator
@@ -359,7 +365,29 @@ class Trainer:
         ema = self.ema
         if isinstance(ema, PowerFunctionEMA) and ema.snapshot_every is None and ema.snapshot_dir is not None:
             ema.save_snapshot()
+        self.saved_step = self.step
         return path
+
+    def _stop_for_sigterm(self) -> None:
+        """Checkpoint the step reached (unless it just was, or lies in a run of non-finite steps, which no checkpoint
+        may claim as good) and end the run with `TrainingPreempted`."""
+        accelerator = self.accelerator
+        if self.saved_step == self.step:
+            outcome = f"its checkpoint was written just before, {self.output_dir / checkpoint_name(self.step)}"
+        elif self.nonfinite.allow_checkpoint(self.step):
+            outcome = f"saved {self.save_checkpoint()}"
+        else:
+            outcome = "no checkpoint, as the last steps were non-finite; the newest checkpoint stays the last good one"
+        message = (
+            f"SIGTERM: stopped at step {self.step} of {self.config.train.max_steps}; {outcome}. Continue with "
+            "train.resume=latest."
+        )
+        if accelerator.is_main_process:
+            logger.warning(message)
+        if self.pusher is not None:
+            self.pusher.close(timeout=0)  # stops retrying; a push under way is not waited for
+        accelerator.end_training()
+        raise TrainingPreempted(message)
 
     def resume(self) -> None:
         """Load the checkpoint ``train.resume`` names, if any, and continue from its step."""
