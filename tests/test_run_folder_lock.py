@@ -100,6 +100,20 @@ def test_the_lock_names_its_holder_and_is_free_again_once_released(tmp_path):
     RunFolderLock.acquire(tmp_path / "run").release()
 
 
+def test_a_file_system_without_locks_gets_a_warning_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+    import logging
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING):
+        RunFolderLock.acquire(tmp_path / "run").release()
+    assert f"Cannot lock {tmp_path / 'run' / LOCK_NAME} (No locks available)" in caplog.text
+
+
 def test_a_trainer_refused_after_taking_the_folder_gives_it_up_and_leaves_nothing(tmp_path):
     with pytest.raises(ConfigError, match="train.batch_size: 4096"):
         Trainer(load_config(QUICKSTART, tiny(tmp_path / "run", "train.batch_size=4096")))
@@ -126,7 +140,10 @@ def test_a_trainer_into_a_folder_held_by_another_stops_before_any_work(tmp_path,
 def test_a_run_ends_its_ownership_however_training_ends(tmp_path, monkeypatch):
     from diffusers_speedup.training.training_data import TrainingData
 
-    monkeypatch.setattr(TrainingData, "batch", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    def killed(*args):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(TrainingData, "batch", killed)
     trainer = Trainer(load_config(QUICKSTART, tiny(tmp_path / "run")))
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
