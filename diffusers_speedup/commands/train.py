@@ -9,6 +9,7 @@ import sys
 
 from diffusers_speedup.errors import one_line_errors, one_line_interrupt
 from diffusers_speedup.training import ConfigError, Trainer, load_config
+from diffusers_speedup.training.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
 
 
 def resume_point(output_dir) -> str:
@@ -36,7 +37,10 @@ def main(argv=None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         with one_line_interrupt(lambda: resume_point(trainer.output_dir)):
-            export_dir = trainer.train()
+            try:
+                export_dir = trainer.train()
+            except TrainingPreempted:
+                return PREEMPTED_EXIT_CODE  # the log says which checkpoint was saved and how to continue
     if trainer.push_result is not None and not trainer.push_result.ok:
         return 3  # trained and exported, but the final push failed (logged with how to retry)
     if export_dir is not None:

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -53,12 +54,14 @@ from ..utils import atomic_write, replace_folder
 __all__ = [
     "CHECKPOINT_PREFIX",
     "CONFIG_NAME",
+    "DamagedCheckpointError",
     "LATEST_NAME",
     "NAMED_STATE_FILE",
     "NUMBERED_PARTS",
     "TMP_SUFFIX",
     "TRAINER_STATE_NAME",
     "NamedState",
+    "checkpoint_damage",
     "checkpoint_name",
     "clean_incomplete_checkpoints",
     "explain_failed_write",
@@ -281,10 +284,15 @@ def load_checkpoint(accelerator, checkpoint_dir: str | os.PathLike, named_state:
         The dict stored in `trainer_state.json` (`step` and the trainer's `extra_state`).
 
     Raises:
+        DamagedCheckpointError: naming each file that is missing or cannot be read (`checkpoint_damage`);
+            nothing is loaded then.
         ValueError: naming the part, when the checkpoint lacks a part that `named_state` has or holds one it lacks;
             nothing is loaded then.
     """
     checkpoint_dir = Path(checkpoint_dir)
+    damage = checkpoint_damage(accelerator, checkpoint_dir)
+    if damage:
+        raise DamagedCheckpointError(f"{checkpoint_dir} is damaged: {'; '.join(damage)}.")
     trainer_state = load_trainer_state(checkpoint_dir)
     if named_state is None:
         accelerator.load_state(str(checkpoint_dir))
@@ -320,3 +328,91 @@ def _load_numbered(accelerator, checkpoint_dir: Path, named_state: NamedState) -
         accelerator.load_state(str(checkpoint_dir))
     finally:
         registered[:] = [named_state]
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint lacks a file that loading it reads, or holds one that cannot be read."""
+
+
+def checkpoint_damage(
+    accelerator, checkpoint_dir: str | os.PathLike, models: int | None = None, optimizers: int | None = None
+) -> list[str]:
+    """What would keep `checkpoint_dir` from loading into `accelerator`, found before anything loads: one line per
+    file that `load_checkpoint` reads and that is missing or cannot be read. Empty when the files are sound.
+
+    Raises FileNotFoundError for a folder without trainer_state.json, which is not a checkpoint at all.
+
+    Reads no tensor: a safetensors file's header must describe the whole file, a torch file (optimizer, RNG states,
+    the named state) must be a zip archive whose directory, at its end, is readable, and trainer_state.json and
+    config.yaml must parse. A file cut short (a full disk, a copy that stopped) fails these; a flipped bit inside
+    the tensors does not.
+
+    Args:
+        accelerator (`accelerate.Accelerator`): the accelerator the checkpoint is for (its processes and scaler).
+        checkpoint_dir: the checkpoint folder.
+        models, optimizers: how many of each accelerate will load; default: as many as `accelerator` has prepared
+            (give them to check before preparing).
+    """
+    import yaml
+    from accelerate.utils import DistributedType
+
+    checkpoint_dir = Path(checkpoint_dir)
+    problems = []
+    try:
+        trainer_state = load_trainer_state(checkpoint_dir)  # without it, a folder is no checkpoint: FileNotFoundError
+    except ValueError as error:
+        problems.append(f"{TRAINER_STATE_NAME} is not valid JSON ({error})")
+        trainer_state = {}
+    if (checkpoint_dir / CONFIG_NAME).is_file():
+        try:
+            yaml.safe_load((checkpoint_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+        except (yaml.YAMLError, ValueError) as error:
+            problems.append(f"{CONFIG_NAME} is not valid YAML ({' '.join(str(error).split())})")
+
+    torch_files = []
+    # FSDP, DeepSpeed and Megatron-LM write models and optimizers in layouts of their own, which they check.
+    own_layouts = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+    if accelerator.distributed_type not in own_layouts:
+        for i in range(len(accelerator._models) if models is None else models):
+            ending = f"_{i}" if i else ""
+            safetensors_file = checkpoint_dir / f"model{ending}.safetensors"
+            # accelerate reads pytorch_model.bin only when there is no safetensors file, which is what it writes.
+            if safetensors_file.is_file() or not (checkpoint_dir / f"pytorch_model{ending}.bin").is_file():
+                problems += _safetensors_problems(safetensors_file)
+            else:
+                torch_files.append(f"pytorch_model{ending}.bin")
+        count = len(accelerator._optimizers) if optimizers is None else optimizers
+        torch_files += [f"optimizer{f'_{i}' if i else ''}.bin" for i in range(count)]
+    if accelerator.scaler is not None:
+        torch_files.append("scaler.pt")
+    # Each process reads its own RNG states; a run on more processes than the checkpoint's finds none for the rest.
+    saved_processes = int(trainer_state.get("world_size", accelerator.num_processes))
+    torch_files += [f"random_states_{rank}.pkl" for rank in range(min(accelerator.num_processes, saved_processes))]
+    if NAMED_STATE_KEY in trainer_state:
+        torch_files.append(NAMED_STATE_FILE)
+    torch_files += sorted(path.name for path in checkpoint_dir.glob("custom_checkpoint_*.pkl"))
+    for name in dict.fromkeys(torch_files):
+        problems += _torch_file_problems(checkpoint_dir / name)
+    return problems
+
+
+def _safetensors_problems(path: Path) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return [f"{path.name} is missing"]
+    try:
+        with safe_open(str(path), framework="pt"):
+            return []
+    except (SafetensorError, OSError) as error:
+        return [f"{path.name} cannot be read, it is cut short or corrupt ({error})"]
+
+
+def _torch_file_problems(path: Path) -> list[str]:
+    if not path.is_file():
+        return [f"{path.name} is missing"]
+    try:
+        with zipfile.ZipFile(path):  # torch.save writes a zip archive; its directory is the last thing written
+            return []
+    except (zipfile.BadZipFile, OSError) as error:
+        return [f"{path.name} cannot be read, it is cut short or corrupt ({error})"]

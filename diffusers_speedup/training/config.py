@@ -169,6 +169,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     checkpoints_total_limit: int | None = 3
     resume: str | None = None  # "latest" or a checkpoint folder
+    allow_data_change: bool = False  # resume on data that changed since the checkpoint (warned; no longer exact)
     log_every: int = 50
     sample_every: int = 0  # steps between sample grids (0: only at the end)
     export_every_checkpoint: bool = False

@@ -1,5 +1,5 @@
 """What a training job takes from its launch: the launcher's precision and device choice, the rules that need the
-running job (processes, FSDP, the dataset's size), and a name for the hardware."""
+running job (processes, FSDP, the dataset's size), the ownership of its output folder, and a name for the hardware."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import platform
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, broadcast_object_list
 from accelerate.utils.environment import str_to_bool
 
 from ..models import model_kind
+from ..run_folder import RunFolderInUse, RunFolderLock
 from .config import MIXED_PRECISION, Config, ConfigError
+from .validation import refuse_existing_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +97,33 @@ def check_job(config: Config, accelerator: Accelerator, dataset_size: int, datas
         if refused:
             raise ConfigError(f"model.kind: {refused}.")
     return micro_batch_size
+
+
+def claim_output_dir(config: Config, accelerator: Accelerator) -> RunFolderLock | None:
+    """Make this run the one that writes ``train.output_dir``, before any work; stop every process otherwise.
+
+    The main process takes the folder's lock (`RunFolderLock`) for the run's life, and checks again under it that a
+    fresh run finds no checkpoints there (the check before the lock could race another run's first save). The
+    outcome is broadcast, so the other processes stop with the same message instead of waiting for the main one.
+    Returns the lock on the main process (None on the others).
+
+    Raises:
+        ConfigError: naming the folder and the process and host that hold it, or the checkpoints already there.
+    """
+    lock, problem = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = RunFolderLock.acquire(config.train.output_dir)
+            refuse_existing_checkpoints(config)
+        except (RunFolderInUse, ConfigError, OSError) as error:
+            if lock is not None:
+                lock.release(remove_created_folder=True)
+            problem = str(error) if isinstance(error, ConfigError) else f"train.output_dir: {error}"
+    if accelerator.num_processes > 1:
+        problem = broadcast_object_list([problem])[0]
+    if problem is not None:
+        raise ConfigError(problem)
+    return lock
 
 
 def hardware_name(accelerator: Accelerator) -> str:

@@ -6,12 +6,13 @@ each checkpoint: a resumed run continues exactly where the interrupted one stopp
 
 `Trainer` reads as the run goes: set-up, the loop, checkpoints, sample grids and export. The pieces it is built from
 live beside it, one concept a file: the launch (`launch.py`), the data (`training_data.py`), the model, objective,
-EMA, optimizer and schedules (`parts.py`), one optimizer step (`step.py`), checkpoints (`checkpoints.py`) and the
-trackers (`trackers.py`).
+EMA, optimizer and schedules (`parts.py`), one optimizer step (`step.py`), checkpoints (`checkpoints.py`), the
+trackers (`trackers.py`) and the stop on SIGTERM (`preemption.py`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -30,18 +31,21 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..distributed import check_world_size
 from ..hub.pipeline_record import PipelineRecord, build_pipeline, export_recorded_pipeline, load_recorded_vae
 from ..models import model_kind
-from ..run_folder import find_latest_checkpoint
+from ..run_folder import checkpoint_step, clean_incomplete_checkpoints, find_latest_checkpoint, list_checkpoints
 from .checkpoints import (
     CONFIG_NAME,
     NAMED_STATE_FILE,
+    DamagedCheckpointError,
     NamedState,
+    checkpoint_damage,
+    checkpoint_name,
     explain_failed_write,
     load_checkpoint,
     save_checkpoint,
 )
 from .config import Config, config_to_dict, config_to_yaml, report_to_trackers
 from .ema import SNAPSHOT_DIR_NAME, PowerFunctionEMA
-from .launch import apply_launcher_settings, check_job, hardware_name
+from .launch import apply_launcher_settings, check_job, claim_output_dir, hardware_name
 from .parts import (
     build_ema,
     build_lr_scheduler,
@@ -51,15 +55,45 @@ from .parts import (
     build_optimizer,
     build_sampling_scheduler,
 )
+from .preemption import SigtermFlag, TrainingPreempted
 from .step import LOG_SNR_BUCKETS, LossTracker, NonFiniteSteps, TrainingModule, optimizer_step
 from .trackers import log_image_to_trackers, tracker_config
 from .training_data import load_training_data, with_data_resolution
-from .validation import check_environment, check_resume_config
+from .validation import check_environment, check_resume_config, check_resume_data
 
 logger = logging.getLogger(__name__)
 
 
 # --- the trainer -------------------------------------------------------------------------------------------------
+
+
+def _gives_up_the_output_dir_on_error(init):
+    """A Trainer that fails to set up releases its output folder (removing it when it made it and left it empty)."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            if getattr(self, "run_lock", None) is not None:
+                self.run_lock.release(remove_created_folder=True)
+            raise
+
+    return wrapper
+
+
+def _gives_up_the_output_dir_at_the_end(train):
+    """The run owns its output folder until training ends, however it ends."""
+
+    @functools.wraps(train)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return train(self, *args, **kwargs)
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    return wrapper
 
 
 class Trainer:
@@ -72,14 +106,17 @@ class Trainer:
             those that ``train.report_to`` names.
     """
 
+    @_gives_up_the_output_dir_on_error
     def __init__(self, config: Config, trackers: list[GeneralTracker] | tuple[GeneralTracker, ...] = ()):
         config = apply_launcher_settings(config)
         check_environment(config)
         config = with_data_resolution(config)  # what is trained at, for every saved config and the resume check
         self.config, self.output_dir = config, Path(config.train.output_dir)
         self.accelerator = self._start_accelerator(trackers)
-        # The checkpoint a resume will load, compared with this config before any work.
-        self.resume_from = resume_checkpoint(config)
+        # From here until train() ends, no other run writes into output_dir (held by the main process).
+        self.run_lock = claim_output_dir(config, self.accelerator)
+        # The checkpoint a resume will load, its files checked and compared with this config before any work.
+        self.resume_from = resume_checkpoint(config, self.accelerator)
         if self.resume_from is not None:
             check_resume_config(config, self.resume_from)
         if config.train.allow_tf32 and torch.cuda.is_available():
@@ -88,6 +125,11 @@ class Trainer:
         set_seed(config.train.seed)  # model initialisation, then the training stream (restored on resume)
 
         self.data = load_training_data(config, self.accelerator.device)
+        self.data_identity = self.data.identity()  # recorded in each checkpoint; a resume compares it
+        if self.resume_from is not None:
+            data_warning = check_resume_data(config, self.resume_from, self.data_identity)
+            if data_warning and self.accelerator.is_main_process:
+                logger.warning(data_warning)
         self.micro_batch_size = check_job(config, self.accelerator, len(self.data.dataset), self._dataset_name())
         self._build_model()
         snapshot_dir = str(self.output_dir / SNAPSHOT_DIR_NAME) if self.accelerator.is_main_process else None
@@ -102,6 +144,7 @@ class Trainer:
         self.latest_grid = None
         self.pusher = None
         self.push_result = None
+        self.saved_step = None  # the step of the newest checkpoint this run wrote
 
     # --- set-up --------------------------------------------------------------------------------------------------
 
@@ -159,9 +202,11 @@ class Trainer:
 
     # --- training ------------------------------------------------------------------------------------------------
 
+    @_gives_up_the_output_dir_at_the_end
     def train(self) -> Path | None:
         """Resume when asked, train to ``train.max_steps``, then write the last checkpoint, the final grid and the
-        export (and push it when asked). Returns the exported folder on the main process."""
+        export (and push it when asked). Returns the exported folder on the main process. The output folder is
+        given up when it returns or raises."""
         config, accelerator = self.config, self.accelerator
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -195,7 +240,8 @@ class Trainer:
             dynamic_ncols=True,
             disable=not accelerator.is_main_process,
         )
-        with self.progress, logging_redirect_tqdm():  # log lines print above the bar instead of through it
+        # Log lines print above the bar instead of through it; a SIGTERM stops the loop at a step boundary.
+        with self.progress, logging_redirect_tqdm(), SigtermFlag(accelerator.num_processes) as self.sigterm:
             self._loop()
         # A run that ends on skipped steps or with ruined weights stops here, before its last checkpoint and export.
         self.nonfinite.check_end(self.step, self.output_dir)
@@ -254,6 +300,8 @@ class Trainer:
             if train.checkpoint_every and self.step % train.checkpoint_every == 0 and self.step != train.max_steps:
                 if self.nonfinite.allow_checkpoint(self.step):
                     self._checkpoint_and_maybe_export()
+            if self.sigterm.received():
+                self._stop_for_sigterm()
 
     def _log(self, tracker: LossTracker, grad_norm, steps, seconds) -> None:
         accelerator = self.accelerator
@@ -301,6 +349,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "hardware": self.hardware,
             "world_size": self.accelerator.num_processes,
+            "data": self.data_identity,
         }
 
     def save_checkpoint(self) -> Path:
@@ -322,20 +371,44 @@ class Trainer:
         ema = self.ema
         if isinstance(ema, PowerFunctionEMA) and ema.snapshot_every is None and ema.snapshot_dir is not None:
             ema.save_snapshot()
+        self.saved_step = self.step
         return path
+
+    def _stop_for_sigterm(self) -> None:
+        """Checkpoint the step reached (unless it just was, or lies in a run of non-finite steps, which no checkpoint
+        may claim as good) and end the run with `TrainingPreempted`."""
+        accelerator = self.accelerator
+        if self.saved_step == self.step:
+            outcome = f"its checkpoint was written just before, {self.output_dir / checkpoint_name(self.step)}"
+        elif self.nonfinite.allow_checkpoint(self.step):
+            outcome = f"saved {self.save_checkpoint()}"
+        else:
+            outcome = "no checkpoint, as the last steps were non-finite; the newest checkpoint stays the last good one"
+        message = (
+            f"SIGTERM: stopped at step {self.step} of {self.config.train.max_steps}; {outcome}. Continue with "
+            "train.resume=latest."
+        )
+        if accelerator.is_main_process:
+            logger.warning(message)
+        if self.pusher is not None:
+            self.pusher.close(timeout=0)  # stops retrying; a push under way is not waited for
+        accelerator.end_training()
+        raise TrainingPreempted(message)
 
     def resume(self) -> None:
         """Load the checkpoint ``train.resume`` names, if any, and continue from its step."""
         if self.config.train.resume is None:
             return
-        path = resume_checkpoint(self.config, clean=self.accelerator.is_main_process)
+        if self.config.train.resume == "latest" and self.accelerator.is_main_process:
+            for leftover in clean_incomplete_checkpoints(self.output_dir):
+                logger.info("Removed incomplete checkpoint %s", leftover)
+        # Chosen at set-up, when the folder was already this run's (no other run adds checkpoints to it since).
+        path = self.resume_from
         if path is None:
             logger.warning(
                 "train.resume=latest: no checkpoint in %s, so this run STARTS FROM SCRATCH (step 0).", self.output_dir
             )
             return
-        if self.resume_from is not None and path.resolve() != self.resume_from.resolve():
-            check_resume_config(self.config, path)  # a newer checkpoint appeared since the start-up check
         state = load_checkpoint(self.accelerator, path, self.named_state)
         self.step = int(state["step"])
         for key in ("epoch", "batches_into_epoch", "images_seen"):
@@ -528,13 +601,62 @@ def train(config: Config) -> Path | None:
     return Trainer(config).train()
 
 
-def resume_checkpoint(config: Config, clean: bool = False) -> Path | None:
-    """The checkpoint ``train.resume`` names (``latest``: the newest complete one in ``train.output_dir``), or None
-    for a fresh run. ``clean``: also remove the leftovers of interrupted saves (the main process does so when the
-    run resumes; the start-up check only reads)."""
+def resume_checkpoint(config: Config, accelerator: Accelerator) -> Path | None:
+    """The checkpoint ``train.resume`` names, its files checked before anything loads (`checkpoint_damage`), or
+    None for a fresh run or an output folder without checkpoints.
+
+    ``latest`` means the newest checkpoint that works: when the newest ones are damaged, the newest sound one is
+    taken, with a warning naming the damaged files and the steps that will be trained again. A checkpoint named by
+    its folder is never swapped for another: its damage stops the run, naming the previous sound checkpoint.
+
+    Raises:
+        DamagedCheckpointError: naming each damaged file, and what to resume instead.
+    """
     resume = config.train.resume
     if resume is None:
         return None
-    if resume == "latest":
-        return find_latest_checkpoint(config.train.output_dir, clean=clean)
-    return Path(resume)
+    if resume != "latest":
+        named = Path(resume)
+        damage = _damage(accelerator, named)
+        if not damage:
+            return named
+        earlier = [path for path in list_checkpoints(named.parent) if checkpoint_step(path) < checkpoint_step(named)]
+        previous = next((path for path in reversed(earlier) if not _damage(accelerator, path)), None)
+        way_forward = (
+            f"to resume from the previous checkpoint, set train.resume={previous}"
+            if previous is not None
+            else f"{named.parent} holds no earlier checkpoint that is sound"
+        )
+        raise DamagedCheckpointError(f"train.resume: {named} is damaged: {'; '.join(damage)}. {way_forward}.")
+
+    output_dir = config.train.output_dir
+    newest = find_latest_checkpoint(output_dir, clean=False)
+    if newest is None:
+        return None
+    older = [path for path in list_checkpoints(output_dir) if checkpoint_step(path) < checkpoint_step(newest)]
+    damaged = {}
+    for candidate in [newest, *reversed(older)]:
+        damage = _damage(accelerator, candidate)
+        if damage:
+            damaged[candidate.name] = "; ".join(damage)
+            continue
+        if damaged and accelerator.is_main_process:
+            logger.warning(
+                "train.resume=latest: damaged checkpoints (%s). RESUMING FROM %s, the newest sound one: steps %d to %d "
+                "will be trained again.",
+                "; ".join(f"{name}: {damage}" for name, damage in damaged.items()),
+                candidate,
+                checkpoint_step(candidate) + 1,
+                checkpoint_step(newest),
+            )
+        return candidate
+    listed = "; ".join(f"{name}: {damage}" for name, damage in damaged.items())
+    raise DamagedCheckpointError(
+        f"train.resume=latest: every checkpoint in {output_dir} is damaged ({listed}); start afresh in another "
+        "train.output_dir."
+    )
+
+
+def _damage(accelerator: Accelerator, checkpoint_dir: Path) -> list[str]:
+    """`checkpoint_damage` of a checkpoint for the Trainer, which prepares one model and one optimizer."""
+    return checkpoint_damage(accelerator, checkpoint_dir, models=1, optimizers=1)

@@ -16,9 +16,10 @@ from omegaconf.errors import OmegaConfBaseException
 from ..models import MODEL_KINDS, model_kind
 from ..utils import meant_as_local_path
 from .checkpoints import CONFIG_NAME as CONFIG_FILE_NAME
-from .checkpoints import TRAINER_STATE_NAME, list_checkpoints
+from .checkpoints import TRAINER_STATE_NAME, list_checkpoints, load_trainer_state
 from .config import TRACKERS, Config, ConfigError, DataConfig, _omegaconf_message, config_to_dict, report_to_trackers
 from .parts import build_noise_scheduler, build_objective
+from .training_data import data_change
 
 
 def _choice(key: str, value, choices) -> None:
@@ -259,8 +260,13 @@ def check_environment(config: Config) -> None:
         if tracker not in ("all", "tensorboard") and importlib.util.find_spec(tracker) is None:
             raise ConfigError(f"train.report_to: {tracker!r} is not installed (pip install {tracker}).")
     _check_data_path(config.data)
+    refuse_existing_checkpoints(config)
+
+
+def refuse_existing_checkpoints(config: Config) -> None:
+    """A fresh run (no ``train.resume``) would write its own checkpoint-<step> folders over those already there."""
+    train = config.train
     if train.resume is None:
-        # A fresh run would write its own checkpoint-<step> folders over these.
         existing = list_checkpoints(train.output_dir)
         if existing:
             raise ConfigError(
@@ -365,3 +371,35 @@ def check_resume_config(config: Config, checkpoint_dir: str | Path) -> None:
             f"would not continue that run ({'; '.join(changes)}). Use the checkpoint's settings (its "
             f"{CONFIG_FILE_NAME}), or start a new run in another train.output_dir."
         )
+
+
+def check_resume_data(config: Config, checkpoint_dir: str | Path, identity: dict) -> str | None:
+    """Refuse to resume ``checkpoint_dir`` on data other than it was trained on (its recorded
+    `TrainingData.identity` against ``identity``, the data's now), unless ``train.allow_data_change`` is set.
+
+    Returns a warning to log, or None: the change, when it is allowed; that the data cannot be checked, for a
+    checkpoint written before checkpoints recorded their data.
+
+    Raises:
+        ConfigError: naming the change (the number of samples before and after, or which part changed).
+    """
+    saved = load_trainer_state(checkpoint_dir).get("data")
+    if saved is None:
+        return (
+            f"{checkpoint_dir} does not record which data it was trained on (it was written by an earlier version), "
+            "so whether the data changed since cannot be checked; resuming as before."
+        )
+    change = data_change(saved, identity)
+    if change is None:
+        return None
+    if not config.train.allow_data_change:
+        raise ConfigError(
+            f"train.resume: {checkpoint_dir} was trained on other data than {config.data.path or config.data.name}: "
+            f"{change}. It would continue its epoch at its place in different data, which is not the run it "
+            "continues. Resume on the data it was trained on, or set train.allow_data_change=true to continue "
+            "anyway (no longer an exact continuation)."
+        )
+    return (
+        f"train.allow_data_change=true: {change} since {checkpoint_dir}. Resuming anyway at its place in the epoch; "
+        "the run is no longer an exact continuation of the one that wrote it."
+    )
