@@ -1,6 +1,6 @@
 """Training FLOPs per image and model FLOPs utilisation (MFU) for the benchmarked models.
 
-    python benchmarks/flops.py                      # the four published models at their paper resolutions
+    python benchmarks/flops.py                      # the published models (and the flow presets) at 256 / 512 px
     python benchmarks/flops.py --tiny               # the tiny CPU configurations of the smoke benchmarks
 
 Counting convention:
@@ -48,6 +48,7 @@ PUBLISHED_FORWARD_GMACS = {
     "dit-xl-2": (118.64, "DiT paper, Table 4"),
     "uvit-l-2": (76.5, "counted from baofff/U-ViT configs/imagenet256_uvit_large.py"),
     "edm2-xs": (45.5, "EDM2 paper (Karras et al. 2024), Table 2"),
+    "sit-xl-2": (118.64, "SiT paper (Ma et al. 2024), Table 1: DiT-XL/2's network and Gflops"),
 }
 
 
@@ -125,6 +126,32 @@ MODELS = {
     ),
     "edm2-xs": BenchmarkModel("edm2-xs", _edm2("edm2-xs"), (4, 64, 64), 1000, True, 512),
 }
+# The flow-matching presets, counted by this script only (the throughput benchmark keeps to MODELS by default).
+# SiT-XL/2 is DiT-XL/2's network. LightningDiT's SwiGLU has hidden width int(2/3 · 4d), so its three matrix products
+# cost what GELU's two do (d·2h + h·d with h = 8d/3 is 8d², as 2·4d²); RoPE and RMSNorm are element-wise and not
+# model FLOPs. LightningDiT-XL/1 on VA-VAE f16d32 latents (16×16×32) has DiT-XL/2's 256 tokens; only its patch
+# embedding and final linear (32 values per token instead of 16) differ. The LightningDiT paper gives no Gflops.
+FLOW_MODELS = {
+    "sit-xl-2": BenchmarkModel(
+        "sit-xl-2", _dit("sit-xl-2", **_LATENT_256, out_channels=4, num_classes=1000), (4, 32, 32), 1000, False, 256
+    ),
+    "lightningdit-xl-2-sdvae": BenchmarkModel(  # the ladder's last SD-VAE rung: DiT-XL/2 + SwiGLU, RMSNorm, RoPE
+        "lightningdit-xl-2-sdvae",
+        _dit("lightningdit-xl-2", **_LATENT_256, out_channels=4, num_classes=1000),
+        (4, 32, 32),
+        1000,
+        False,
+        256,
+    ),
+    "lightningdit-xl-1": BenchmarkModel(
+        "lightningdit-xl-1",
+        _dit("lightningdit-xl-1", sample_size=16, in_channels=32, out_channels=32, num_classes=1000),
+        (32, 16, 16),
+        1000,
+        False,
+        256,
+    ),
+}
 # Same families and code paths, a few thousand parameters each: the CPU smoke mode.
 TINY_MODELS = {
     "dit-b-2": BenchmarkModel(
@@ -156,8 +183,8 @@ TINY_MODELS = {
 
 def get_models(names: list[str] | None = None, tiny: bool = False) -> list[BenchmarkModel]:
     """The benchmark models called ``names`` (all when None), full size or tiny."""
-    registry = TINY_MODELS if tiny else MODELS
-    names = list(registry) if names is None else names
+    registry = TINY_MODELS if tiny else {**MODELS, **FLOW_MODELS}
+    names = list(TINY_MODELS if tiny else MODELS) if names is None else names
     unknown = [name for name in names if name not in registry]
     if unknown:
         raise ValueError(f"--models: unknown model(s) {unknown}; choose from {sorted(registry)}.")
@@ -244,6 +271,8 @@ class FlopsRow:
 
 def flops_table(names: list[str] | None = None, tiny: bool = False) -> list[FlopsRow]:
     rows = []
+    if names is None and not tiny:
+        names = [*MODELS, *FLOW_MODELS]
     for spec in get_models(names, tiny):
         forward = forward_flops_per_image(spec)
         published, source = (None, None) if tiny else PUBLISHED_FORWARD_GMACS.get(spec.name, (None, None))
@@ -287,7 +316,7 @@ def format_table(rows: list[FlopsRow]) -> str:
 
 def main(argv=None) -> list[FlopsRow]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=None, help=f"subset of {list(MODELS)}")
+    parser.add_argument("--models", nargs="+", default=None, help=f"subset of {[*MODELS, *FLOW_MODELS]}")
     parser.add_argument("--tiny", action="store_true", help="the tiny CPU configurations instead")
     parser.add_argument("--output_dir", default=None, help="also write flops.json and flops.md here")
     args = parser.parse_args(argv)

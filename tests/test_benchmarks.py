@@ -157,3 +157,22 @@ def test_sampling_rejects_a_malformed_case(tmp_path):
     bench = _load("bench_sampling")
     with pytest.raises(SystemExit):
         bench.main(["--tiny", "--cases", "ddim-10", "--output_dir", str(tmp_path)])
+
+
+def test_flow_presets_flops(flops):
+    # SiT-XL/2 is DiT-XL/2's network: 118.64 Gflops (MACs) in SiT's Table 1 as in DiT's Table 4.
+    dit = flops.forward_flops_per_image(flops.MODELS["dit-xl-2"])
+    sit = flops.forward_flops_per_image(flops.FLOW_MODELS["sit-xl-2"])
+    assert sit == dit and sit / 2e9 == pytest.approx(118.64, rel=5e-3)
+    # LightningDiT's SwiGLU (hidden int(2/3 · 4d) = 3072 for d = 1152) costs d·2h + h·d = 9216·d MACs per token, GELU's
+    # d·4d + 4d·d the same; RoPE and RMSNorm are element-wise. So the SD-VAE rung counts exactly DiT-XL/2's FLOPs.
+    assert flops.forward_flops_per_image(flops.FLOW_MODELS["lightningdit-xl-2-sdvae"]) == dit
+    # XL/1 on 16×16×32 VA-VAE latents: the same 256 tokens; the patch embedding reads and the final linear writes 32
+    # values per token instead of 2·2·4 = 16, 2 · 256 · 1152 · 16 MACs more in all.
+    xl1 = flops.forward_flops_per_image(flops.FLOW_MODELS["lightningdit-xl-1"])
+    assert xl1 - dit == 2 * (2 * 256 * 1152 * 16)
+
+
+def test_flow_presets_are_counted_by_default_but_not_benchmarked_by_default(flops):
+    assert [spec.name for spec in flops.get_models()] == list(flops.MODELS)
+    assert flops.get_models(["lightningdit-xl-1"])[0].sample_shape == (32, 16, 16)

@@ -234,6 +234,8 @@ RECIPE_TAGS = {
     "cifar10/uvit_s2_scalelong_learned_per_skip.yaml": ["scalelong", "u-vit"],
     "imagenet256/dit_b2_baseline.yaml": [],
     "imagenet256/dit_xl2_speed.yaml": ["speed"],
+    "imagenet256/sit_xl2.yaml": [],
+    "imagenet256/lightningdit/lightningdit_xl1_vavae.yaml": [],
     "imagenet256/vit_b_minsnr_v.yaml": ["min-snr", "u-vit"],
     "imagenet512/edm2_xs.yaml": ["edm2"],
 }
