@@ -202,11 +202,13 @@ class FlowScheduler(SchedulerMixin, ConfigMixin):
         """Standard deviation of the initial noise: x_1 = ε."""
         return 1.0
 
+    # Copied from diffusers_speedup.schedulers.scheduling_edm_heun.EDMHeunScheduler.step_index
     @property
     def step_index(self) -> int | None:
         """Index (into `timesteps`) of the next network evaluation; advanced by one on every `step` call."""
         return self._step_index
 
+    # Copied from diffusers_speedup.schedulers.scheduling_edm_heun.EDMHeunScheduler.begin_index
     @property
     def begin_index(self) -> int | None:
         """The first index, when a pipeline sets it with `set_begin_index`."""
@@ -269,6 +271,7 @@ class FlowScheduler(SchedulerMixin, ConfigMixin):
             )
         return int(matches[1 if len(matches) > 1 else 0])
 
+    # Copied from diffusers_speedup.schedulers.scheduling_edm_heun.EDMHeunScheduler._init_step_index
     def _init_step_index(self, timestep):
         if self._begin_index is not None:
             self._step_index = self._begin_index
