@@ -8,8 +8,7 @@ from accelerate import Accelerator
 from datasets import Array2D, load_from_disk
 from diffusers import DDPMScheduler
 from PIL import Image
-from test_data_latent_cache import _tiny_vae
-from tiny_models import tiny_uvit
+from tiny_models import tiny_uvit, tiny_vae
 
 from diffusers_speedup.data import Batch, LatentDataset, cache_latents
 from diffusers_speedup.objectives import AuxiliaryLoss, DiffusionObjective
@@ -98,7 +97,7 @@ def test_extra_columns_of_a_latent_cache_come_in_the_same_batch(tmp_path):
         for i in range(3):
             pixels = np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(images / folder / f"{i}.png")
-    _tiny_vae().save_pretrained(tmp_path / "vae")
+    tiny_vae().save_pretrained(tmp_path / "vae")
     cache_latents(
         str(cache), image_folder=str(images), vae=str(tmp_path / "vae"), resolution=16, num_workers=0, progress=False
     )

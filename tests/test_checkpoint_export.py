@@ -9,8 +9,8 @@ import accelerate
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
 from PIL import Image
+from tiny_models import tiny_vae
 
 from diffusers_speedup.hub.pipeline_record import PIPELINE_RECORD_NAME, PipelineRecord, resolve_export_input
 from diffusers_speedup.training import Trainer, load_config
@@ -42,15 +42,7 @@ def latent_cache(root: Path) -> Path:
     """The images cached with a tiny AutoencoderKL saved in `root`/vae (which stays: the export loads it by id)."""
     from diffusers_speedup.data import cache_latents
 
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
+    vae = tiny_vae()
     vae.save_pretrained(root / "vae")
     images = image_folder(root)
     cache_latents(

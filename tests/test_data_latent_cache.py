@@ -10,6 +10,7 @@ import pytest
 import torch
 from datasets import load_from_disk
 from PIL import Image
+from tiny_models import tiny_vae
 
 from diffusers_speedup.data.latent_cache import cache_latents
 from diffusers_speedup.data.latent_dataset import LatentDataset, LatentNormalization
@@ -31,18 +32,7 @@ BAD = {"cat/d_corrupt.jpg": "corrupt", "dog/e_small.png": "too small", "zebra/b_
 
 
 def _tiny_vae():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=RESOLUTION,
-    )
+    return tiny_vae(RESOLUTION)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from typing import get_args
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
 from PIL import Image
+from tiny_models import tiny_vae
 
 from diffusers_speedup.training import ConfigError, Trainer, load_config
 from diffusers_speedup.training.config import LRSchedule
@@ -73,15 +73,7 @@ def tiny_data(tmp_path_factory):
         for index in range(6):
             pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / "images" / label / f"{index}.png")
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
+    vae = tiny_vae()
     vae.save_pretrained(root / "vae")
     from diffusers_speedup.data import cache_latents
 

@@ -18,6 +18,7 @@ from diffusers_speedup.training import ConfigError, Trainer, load_config
 sys.path.insert(0, str(Path(__file__).parent))
 from test_checkpoint_export import CASES, CONFIGS, SHARED  # noqa: E402
 from test_trainer import QUICKSTART, tiny  # noqa: E402
+from tiny_models import tiny_vae  # noqa: E402
 
 
 def images(root: Path, per_class: int = 24) -> Path:
@@ -32,20 +33,11 @@ def images(root: Path, per_class: int = 24) -> Path:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """A latent cache of 48 images, made with a tiny AutoencoderKL."""
-    from diffusers import AutoencoderKL
 
     from diffusers_speedup.data import cache_latents
 
     root = tmp_path_factory.mktemp("data")
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
+    vae = tiny_vae()
     vae.save_pretrained(root / "vae")
     cache_latents(
         str(root / "latents"), image_folder=str(images(root / "images")), vae=str(root / "vae"), resolution=16,

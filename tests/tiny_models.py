@@ -13,6 +13,22 @@ TINY_EDM2 = dict(sample_size=16, in_channels=3, num_classes=5, model_channels=16
                  attn_resolutions=(8,), channels_per_head=16, logvar_channels=16)  # fmt: skip
 
 
+def tiny_vae(sample_size: int = 16):
+    """A two-level AutoencoderKL with 4 latent channels (8× smaller images than an SD VAE's cost, same layout)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size,
+    )
+
+
 def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> torch.nn.Module:
     """Adds seeded noise to every weight, so that zero-initialised heads and gains (DiT's adaLN, EDM2's config G)
     do not hide most of the network from an output comparison."""
