@@ -34,14 +34,18 @@ def official_pos_embed(dim, grid_size):
     return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
 
 
-def official_state_dict(hidden=HIDDEN, depth=DEPTH, patch=PATCH, latent=LATENT, classes=CLASSES, channels=4, seed=0):
-    """A state dict with the key names and shapes of the official DiT(learn_sigma=True), random non-zero values."""
+def official_state_dict(
+    hidden=HIDDEN, depth=DEPTH, patch=PATCH, latent=LATENT, classes=CLASSES, channels=4, seed=0, learn_sigma=True,
+    qk_norm=False,
+):  # fmt: skip
+    """A state dict with the key names and shapes of the official DiT(learn_sigma=True), random non-zero values
+    (SiT's is the same; REPA's SiT has learn_sigma=False and, with --qk-norm, timm's q_norm / k_norm LayerNorms)."""
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
         return torch.randn(*shape, generator=generator) * 0.2
 
-    out = 2 * channels
+    out = 2 * channels if learn_sigma else channels
     state = {
         "pos_embed": torch.from_numpy(official_pos_embed(hidden, latent // patch)).float()[None],
         "x_embedder.proj.weight": rand(hidden, channels, patch, patch),
@@ -62,6 +66,10 @@ def official_state_dict(hidden=HIDDEN, depth=DEPTH, patch=PATCH, latent=LATENT, 
         }.items():
             state[f"blocks.{i}.{name}.weight"] = rand(rows, cols)
             state[f"blocks.{i}.{name}.bias"] = rand(rows)
+        if qk_norm:
+            for name in ("q_norm", "k_norm"):
+                state[f"blocks.{i}.attn.{name}.weight"] = 1 + rand(hidden // HEADS)
+                state[f"blocks.{i}.attn.{name}.bias"] = rand(hidden // HEADS)
     state["final_layer.linear.weight"] = rand(patch * patch * out, hidden)
     state["final_layer.linear.bias"] = rand(patch * patch * out)
     state["final_layer.adaLN_modulation.1.weight"] = rand(2 * hidden, hidden)
@@ -70,7 +78,8 @@ def official_state_dict(hidden=HIDDEN, depth=DEPTH, patch=PATCH, latent=LATENT, 
 
 
 def reference_forward(state, x, t, y, heads=HEADS):
-    """The official DiT.forward in eval mode, written out with functional ops."""
+    """The official DiT.forward in eval mode, written out with functional ops (timm's affine LayerNorm QK-norm, eps
+    1e-5, when the state has it)."""
 
     def linear(h, name):
         return F.linear(h, state[f"{name}.weight"], state[f"{name}.bias"])
@@ -84,7 +93,7 @@ def reference_forward(state, x, t, y, heads=HEADS):
     half = 128
     freqs = torch.exp(-math.log(10000) * torch.arange(0, half, dtype=torch.float32) / half)
     args = t[:, None].float() * freqs[None]
-    t_freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    t_freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(state["t_embedder.mlp.0.weight"].dtype)
     c = linear(F.silu(linear(t_freq, "t_embedder.mlp.0")), "t_embedder.mlp.2")
     c = c + state["y_embedder.embedding_table.weight"][y]
     batch, tokens, dim = h.shape
@@ -94,6 +103,11 @@ def reference_forward(state, x, t, y, heads=HEADS):
         shift1, scale1, gate1, shift2, scale2, gate2 = linear(F.silu(c), f"{block}.adaLN_modulation.1").chunk(6, 1)
         a = modulate(F.layer_norm(h, (dim,), eps=1e-6), shift1, scale1)
         q, k, v = linear(a, f"{block}.attn.qkv").reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        if f"{block}.attn.q_norm.weight" in state:
+            q, k = (
+                F.layer_norm(x, (dim // heads,), state[f"{block}.attn.{n}.weight"], state[f"{block}.attn.{n}.bias"])
+                for x, n in ((q, "q_norm"), (k, "k_norm"))
+            )
         weights = (q * (dim // heads) ** -0.5) @ k.transpose(-2, -1)
         a = (weights.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, tokens, dim)
         h = h + gate1[:, None] * linear(a, f"{block}.attn.proj")

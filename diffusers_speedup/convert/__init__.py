@@ -2,7 +2,7 @@
 
     diffusers-speedup convert <format> CHECKPOINT --output_dir DIR [format options]
 
-One module per checkpoint family (``uvit``, ``minsnr_vit``, ``edm2``, ``dit``). Each defines
+One module per checkpoint family (``uvit``, ``minsnr_vit``, ``edm2``, ``dit``, ``sit``, ``repa``). Each defines
 
     add_arguments(parser)   the format's own command-line options
     run(args) -> Path       converts ``args.checkpoint`` into a pipeline folder at ``args.output_dir``
@@ -20,7 +20,7 @@ from ..errors import one_line_errors
 from .common import CheckpointFormatError
 
 # Command-line format name -> module of this package.
-FORMATS = {"uvit": "uvit", "minsnr-vit": "minsnr_vit", "edm2": "edm2", "dit": "dit"}
+FORMATS = {"uvit": "uvit", "minsnr-vit": "minsnr_vit", "edm2": "edm2", "dit": "dit", "sit": "sit", "repa": "repa"}
 
 __all__ = ["FORMATS", "CheckpointFormatError", "main"]
 
@@ -28,7 +28,7 @@ __all__ = ["FORMATS", "CheckpointFormatError", "main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffusers-speedup convert",
-        description="Convert a released checkpoint of U-ViT, the Min-SNR ViT-B, EDM2 or DiT into a pipeline folder.",
+        description="Convert a released checkpoint of U-ViT, the Min-SNR ViT-B, EDM2, DiT, SiT or REPA into a pipeline folder.",
     )
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
     for name, module_name in FORMATS.items():

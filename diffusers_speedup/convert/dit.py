@@ -55,45 +55,62 @@ _BLOCK_KEYS = [
     for part in ("weight", "bias")
 ]
 
-__all__ = ["convert_dit_checkpoint", "dit_config_from_state_dict", "load_dit_checkpoint", "official_dit_keys"]
+__all__ = [
+    "build_dit_model",
+    "convert_dit_checkpoint",
+    "dit_config_from_state_dict",
+    "load_dit_checkpoint",
+    "official_dit_keys",
+]
 
 
-def official_dit_keys(num_layers: int) -> list[str]:
-    """The state-dict keys of the official ``models.DiT`` with `num_layers` blocks."""
-    return _OUTER_KEYS + [f"blocks.{i}.{key}" for i in range(num_layers) for key in _BLOCK_KEYS]
+_QK_NORM_KEYS = [f"attn.{norm}.{part}" for norm in ("q_norm", "k_norm") for part in ("weight", "bias")]
 
 
-def read_dit_state_dict(path: str | os.PathLike, weights: str = "ema") -> dict[str, torch.Tensor]:
+def official_dit_keys(num_layers: int, qk_norm: bool = False) -> list[str]:
+    """The state-dict keys of the official ``models.DiT`` (or SiT, or REPA's SiT without its projectors) with
+    `num_layers` blocks; `qk_norm` adds the affine LayerNorms of timm's ``Attention(qk_norm=True)`` (REPA's option)."""
+    block_keys = _BLOCK_KEYS + (_QK_NORM_KEYS if qk_norm else [])
+    return _OUTER_KEYS + [f"blocks.{i}.{key}" for i in range(num_layers) for key in block_keys]
+
+
+def read_dit_state_dict(path: str | os.PathLike, weights: str = "ema", what: str = WHAT) -> dict[str, torch.Tensor]:
     """The weights in a DiT ``.pt`` file: the file itself when it is a state dict, else its `weights` entry
     ("ema" or "model") of a ``train.py`` checkpoint. Nothing in the file is executed (weights-only loading; the
-    checkpoint's ``argparse.Namespace`` of training arguments is the one non-tensor object allowed)."""
+    checkpoint's ``argparse.Namespace`` of training arguments is the one non-tensor object allowed). SiT's and
+    REPA's files have the same two layouts; `what` names the family in errors."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights={weights!r}: choose 'ema' or 'model'")
     with torch.serialization.safe_globals([argparse.Namespace]):
-        state = load_torch_state_dict(path, WHAT)
+        state = load_torch_state_dict(path, what)
     if all(isinstance(value, torch.Tensor) for value in state.values()):
         return state
     if isinstance(state.get(weights), Mapping):
         return dict(state[weights])
     raise CheckpointFormatError(
-        f"{path}: not {WHAT}: expected a state dict or a train.py checkpoint with a {weights!r} entry, found the "
+        f"{path}: not {what}: expected a state dict or a train.py checkpoint with a {weights!r} entry, found the "
         f"entries {sorted(map(str, state))}"
     )
 
 
 def dit_config_from_state_dict(
-    state: Mapping[str, torch.Tensor], path: str | os.PathLike, num_attention_heads: int | None = None
+    state: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    num_attention_heads: int | None = None,
+    what: str = WHAT,
+    qk_norm: bool = False,
 ) -> dict:
-    """`DiTModel` config of an official DiT state dict, read from its shapes after checking its keys.
+    """`DiTModel` config of an official DiT state dict, read from its shapes after checking its keys (those of
+    `official_dit_keys(num_layers, qk_norm)`; `what` names the family in errors).
 
     Raises:
         CheckpointFormatError: one error naming every missing and unexpected key, or the shape that does not fit.
     """
     block_ids = {int(match.group(1)) for key in state if (match := re.match(r"blocks\.(\d+)\.", key))}
     num_layers = max(block_ids) + 1 if block_ids else 0
-    check_state_dict_keys(state, official_dit_keys(num_layers), path, WHAT)
+    check_state_dict_keys(state, official_dit_keys(num_layers, qk_norm), path, what)
     if num_layers == 0:
-        raise CheckpointFormatError(f"{path}: not {WHAT}: it has no blocks.")
+        raise CheckpointFormatError(f"{path}: not {what}: it has no blocks.")
 
     hidden_size, in_channels, patch_size, _ = state["x_embedder.proj.weight"].shape
     num_tokens = state["pos_embed"].shape[1]
@@ -127,6 +144,7 @@ def dit_config_from_state_dict(
         "num_classes": num_classes,
         "class_dropout_prob": 0.1,
         "frequency_embedding_size": state["t_embedder.mlp.0.weight"].shape[1],
+        "use_qk_norm": qk_norm,
     }
 
 
@@ -135,16 +153,22 @@ def load_dit_checkpoint(
 ) -> DiTModel:
     """A `DiTModel` holding the weights of an official DiT ``.pt`` file (see `read_dit_state_dict`), in eval mode."""
     state = read_dit_state_dict(path, weights)
-    config = dit_config_from_state_dict(state, path, num_attention_heads)
+    return build_dit_model(state, dit_config_from_state_dict(state, path, num_attention_heads), path)
+
+
+def build_dit_model(
+    state: Mapping[str, torch.Tensor], config: dict, path: str | os.PathLike, what: str = WHAT
+) -> DiTModel:
+    """A `DiTModel` of `config` holding `state` (checked keys, official names), in float32 and eval mode."""
     try:
         with torch.device("meta"):  # every weight comes from the file: skip initialising 675 M parameters
             model = DiTModel(**config)
     except ValueError as error:
-        raise CheckpointFormatError(f"{path}: the shapes give an impossible DiT: {error}") from None
+        raise CheckpointFormatError(f"{path}: the shapes give an impossible network: {error}") from None
     try:
         model.load_state_dict({key: value.float() for key, value in state.items()}, strict=True, assign=True)
     except RuntimeError as error:
-        raise CheckpointFormatError(f"{path}: not {WHAT} of consistent shapes: {error}") from None
+        raise CheckpointFormatError(f"{path}: not {what} of consistent shapes: {error}") from None
     return model.eval()
 
 
@@ -181,11 +205,34 @@ def convert_dit_checkpoint(
     return ClassConditionalPipeline(transformer=model, scheduler=scheduler, vae=vae_model)
 
 
+def model_name_and_title(config, family: str = "DiT") -> tuple[str, str, int]:
+    """The folder's model name ("dit-xl-2-256"), the title ("DiT-XL/2") and the image resolution of a converted
+    DiT-shaped network (DiT, SiT, REPA's SiT: `family`), from its config."""
+    resolution = config.sample_size * 8  # the SD VAE's downsampling
+    preset = next(
+        (
+            name
+            for name, shape in DIT_PRESETS.items()
+            if name.startswith("dit-")
+            and all(config[key] == value for key, value in shape.items() if key != "num_attention_heads")
+        ),
+        None,
+    )
+    if preset is None:
+        name = f"{family.lower()}-{config.num_layers}x{config.hidden_size}-{config.patch_size}-{resolution}"
+        title = (
+            f"A {family} of {config.num_layers} blocks of width {config.hidden_size}, patch size {config.patch_size},"
+        )
+        return name, title, resolution
+    size, patch = preset[len("dit-") :].rsplit("-", 1)
+    return f"{family.lower()}-{size}-{patch}-{resolution}", f"{family}-{size.upper()}/{patch}", resolution
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vae",
         default="ema",
-        help="'ema' or 'mse' (stabilityai/sd-vae-ft-ema / -mse; DiT's FIDs use ema), or a folder or Hub id of an "
+        help="'ema' or 'mse' (stabilityai/sd-vae-ft-ema / -mse; DiT's, SiT's and REPA's FIDs use ema), or a folder or Hub id of an "
         "AutoencoderKL (default: ema)",
     )
     parser.add_argument(
@@ -205,21 +252,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Path:
     pipeline = convert_dit_checkpoint(args.checkpoint, args.vae, args.weights, args.num_attention_heads)
     config = pipeline.transformer.config
-    resolution = config.sample_size * 8  # the SD VAE's downsampling
-    preset = next(
-        (
-            name
-            for name, shape in DIT_PRESETS.items()
-            if all(config[key] == value for key, value in shape.items() if key != "num_attention_heads")
-        ),
-        None,
-    )
-    if preset is None:
-        model_name = f"dit-{config.num_layers}x{config.hidden_size}-{config.patch_size}-{resolution}"
-        title = f"A DiT of {config.num_layers} blocks of width {config.hidden_size}, patch size {config.patch_size},"
-    else:
-        size, patch = preset[len("dit-") :].rsplit("-", 1)
-        model_name, title = f"{preset}-{resolution}", f"DiT-{size.upper()}/{patch}"
+    model_name, title, resolution = model_name_and_title(config)
     data = "ImageNet" if config.num_classes == 1000 else f"{config.num_classes} classes"
     source = Path(args.checkpoint).name
     if source in RELEASED_FILES:

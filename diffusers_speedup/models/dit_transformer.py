@@ -429,6 +429,13 @@ class DiTModel(ModelMixin, ConfigMixin):
         use_qk_norm (`bool`, defaults to `False`): LightningDiT's QK-norm (``use_qknorm``): each head's queries and
             keys are normalised before RoPE and attention, by RMSNorm (eps 1e-6) when `norm_type` is `"rmsnorm"`,
             else by an affine ``nn.LayerNorm`` (eps 1e-5), as its ``Attention`` builds them. Its configs ship it off.
+            (REPA's ``--qk-norm``, timm's ``Attention(qk_norm=True)``, is the LayerNorm one.)
+        time_input (`str`, defaults to `"noise_at_1"`): the time direction the weights were trained in.
+            `"noise_at_1"` is this package's (and REPA's): t = 1 is noise and a flow model predicts dx/dt.
+            `"data_at_1"` is willisma/SiT's code (``transport/path.py`` ``ICPlan``: x_t = t·x_data + (1 − t)·ε): the
+            network is fed ``1 − t`` and its output negated (SiT's velocity is −dx/dt in our time), so a released
+            SiT checkpoint is called like every other flow model here. With a learned σ only the mean half is negated
+            (SiT discards the variance half).
 
     The presets (`DIT_PRESETS`) are DiT's ``dit-{s,b,l,xl}-{2,4,8}``, SiT's ``sit-{s,b,l,xl}-{2,4,8}`` (the same
     network with SiT's learn_sigma, out_channels 8) and LightningDiT's ``lightningdit-{b,xl}-{1,2}`` (SwiGLU,
@@ -466,6 +473,7 @@ class DiTModel(ModelMixin, ConfigMixin):
         norm_type: str = "layernorm",
         use_rope: bool = False,
         use_qk_norm: bool = False,
+        time_input: str = "noise_at_1",
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -486,6 +494,7 @@ class DiTModel(ModelMixin, ConfigMixin):
             norm_type=norm_type,
             use_rope=use_rope,
             use_qk_norm=use_qk_norm,
+            time_input=time_input,
         )
         # The resolved values go into the config, so pipelines that read out_channels (DiTPipeline,
         # ClassConditionalPipeline's learned-σ check) see the number.
@@ -596,7 +605,11 @@ class DiTModel(ModelMixin, ConfigMixin):
         # Like DiT, the fixed position table is added in its own precision: under autocast the residual stream stays
         # in float32.
         x = self.x_embedder(hidden_states) + self.pos_embed
-        c = self.t_embedder(_broadcast_timestep(timestep, batch, device))
+        timestep = _broadcast_timestep(timestep, batch, device)
+        data_at_1 = config.time_input == "data_at_1"
+        if data_at_1:
+            timestep = 1 - timestep
+        c = self.t_embedder(timestep)
         if self.y_embedder is not None:
             c = c + self.y_embedder(self._prepare_labels(class_labels, batch, device))
         elif class_labels is not None:
@@ -607,6 +620,9 @@ class DiTModel(ModelMixin, ConfigMixin):
             else:
                 x = block(x, c, self.feat_rope)
         sample = self._unpatchify(self.final_layer(x, c))
+        if data_at_1:  # SiT's velocity points to the data; ours to the noise. A learned σ half keeps its sign.
+            channels = config.in_channels
+            sample = torch.cat([-sample[:, :channels], sample[:, channels:]], dim=1)
         if not return_dict:
             return (sample,)
         return Transformer2DModelOutput(sample=sample)
@@ -699,10 +715,18 @@ class DiTModel(ModelMixin, ConfigMixin):
                 f"diffusers' DiT has mlp_ratio 4 and 256 timestep features, got mlp_ratio={config.mlp_ratio}, "
                 f"frequency_embedding_size={config.frequency_embedding_size}"
             )
-        options = {"mlp_type": "gelu", "norm_type": "layernorm", "use_rope": False, "use_qk_norm": False}
+        options = {
+            "mlp_type": "gelu",
+            "norm_type": "layernorm",
+            "use_rope": False,
+            "use_qk_norm": False,
+            "time_input": "noise_at_1",
+        }
         changed = {name: config[name] for name, default in options.items() if config[name] != default}
         if changed:
-            problems.append(f"diffusers' DiT has none of LightningDiT's options, got {changed}")
+            problems.append(
+                f"diffusers' DiT has none of LightningDiT's options nor SiT's time direction, got {changed}"
+            )
         if problems:
             raise ValueError("cannot convert to DiTTransformer2DModel: " + "; ".join(problems))
         if exact and (config.downscale_freq_shift != 1 or config.norm_eps != 1e-6):
@@ -889,6 +913,8 @@ def _check_config(**c) -> None:
     for name in ("use_rope", "use_qk_norm"):
         if not isinstance(c[name], bool):
             _reject_config(c, name, "must be True or False")
+    if c["time_input"] not in ("noise_at_1", "data_at_1"):
+        _reject_config(c, "time_input", "must be 'noise_at_1' (this package's, REPA's) or 'data_at_1' (SiT's code)")
     if c["use_rope"] and (c["hidden_size"] // c["num_attention_heads"]) % 4:
         _reject_config(c, "use_rope", "needs a head dimension (hidden_size / num_attention_heads) divisible by 4")
 
