@@ -142,3 +142,18 @@ def test_sit_recipes_build_the_papers_model(recipe, millions, official):
     assert model.config.out_channels == 4
     assert count == official - (hidden + 1) * patch * patch * 4  # the unused variance half of the final linear
     assert int(count / 1e6) == millions  # the papers truncate: 130.5 M is "130M"
+
+
+@pytest.mark.parametrize(
+    "overrides, target",
+    [
+        ([], "epsilon"),  # DDPM: diffusers' default
+        (["objective.schedule.kind=flow"], "velocity"),  # SiT, REPA, LightningDiT, SD3
+        (["model.kind=edm2_unet", "objective.schedule.kind=edm"], "sample"),  # a σ-conditioned network returns x0
+        (["objective.schedule.kind=flow", "objective.prediction_type=epsilon"], "epsilon"),  # a named one is kept
+    ],
+)
+def test_a_recipe_without_a_target_trains_its_familys_own_and_says_so(overrides, target):
+    config = load_config(None, overrides)
+    assert config.objective.prediction_type == target
+    assert config_to_dict(config)["objective"]["prediction_type"] == target  # the saved config names it

@@ -98,7 +98,8 @@ class ScheduleConfig:
 @dataclass
 class ObjectiveConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    prediction_type: PredictionType = "epsilon"
+    # None: the family's own target (`family_prediction_type`), filled in when the recipe is loaded.
+    prediction_type: PredictionType | None = None
     sampler: dict[str, Any] = field(default_factory=lambda: {"kind": "default"})
     weighting: dict[str, Any] = field(default_factory=lambda: {"kind": "constant"})
     learned_uncertainty: bool = False
@@ -189,6 +190,21 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def with_family_defaults(config: Config) -> Config:
+    """`config` with the fields whose default depends on the objective family filled in, so the saved config says
+    what was trained: the target is the flow family's velocity, a σ-conditioned network's denoised sample (EDM2), and
+    ε otherwise (DDPM's and diffusers' default)."""
+    objective = config.objective
+    if objective.prediction_type is None:
+        if objective.schedule.kind == "flow":
+            objective.prediction_type = "velocity"
+        elif config.model.kind in MODEL_KINDS and MODEL_KINDS[config.model.kind].conditioning == "sigma":
+            objective.prediction_type = "sample"
+        else:
+            objective.prediction_type = "epsilon"
+    return config
 
 
 def _omegaconf_message(error: OmegaConfBaseException) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import Config, ConfigError, _omegaconf_message
+from .config import Config, ConfigError, _omegaconf_message, with_family_defaults
 from .validation import validate_config
 
 
@@ -120,7 +120,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             schema = OmegaConf.merge(schema, OmegaConf.from_dotlist([override]))
     except OmegaConfBaseException as error:
         raise ConfigError(f"{source}: {_omegaconf_message(error)}") from None
-    config: Config = OmegaConf.to_object(schema)
+    config: Config = with_family_defaults(OmegaConf.to_object(schema))
     validate_config(config)
     return config
 
@@ -128,7 +128,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def config_from_mapping(mapping: dict | DictConfig) -> Config:
     """A typed, validated config from a plain mapping (e.g. the ``config.yaml`` saved with a checkpoint)."""
     try:
-        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), mapping))
+        config = with_family_defaults(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), mapping)))
     except OmegaConfBaseException as error:
         raise ConfigError(_omegaconf_message(error)) from None
     validate_config(config)
