@@ -28,6 +28,7 @@ FORMATS = {
     "dit": "dit",
     "sit": "sit",
     "repa": "repa",
+    "lightningdit": "lightningdit",
     "vavae": "vavae",
 }
 
