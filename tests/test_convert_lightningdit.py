@@ -257,3 +257,16 @@ def test_the_convert_command_lists_lightningdit_and_vavae():
 
     choices = build_parser()._subparsers._group_actions[0].choices
     assert {"lightningdit", "vavae"} <= set(choices)
+
+
+def test_the_released_xl_1_shapes_give_the_lightningdit_xl_1_preset():
+    from diffusers_speedup.models.dit_transformer import DIT_PRESETS
+
+    shapes = official_state_shapes(28, 1152, 16, 1, 32, 16, 1000, **LIGHTNINGDIT_CONFIG)
+    state = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+    config = lightningdit.lightningdit_config_from_state_dict(state, "lightningdit-xl-imagenet256-800ep.pt")
+    assert {**DIT_PRESETS["lightningdit-xl-1"], "time_input": "data_at_1"}.items() <= config.items()
+    assert (config["num_classes"], config["out_channels"], config["num_attention_heads"]) == (1000, 32, 16)
+    with torch.device("meta"):
+        model = DiTModel(**config)
+    assert lightningdit.model_name_and_title(model.config, 16) == ("lightningdit-xl-1-256", "LightningDiT-XL/1", 256)

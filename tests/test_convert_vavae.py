@@ -396,3 +396,19 @@ def test_cache_latents_with_a_converted_vavae_and_train_on_its_per_channel_stati
     # ... or the released latents_stats.pt that the converted VAE's config carries.
     recorded = training_normalisation("data.latent_norm=vae")
     assert recorded.latents_mean == tuple(metadata["latents_mean"]) and recorded.scaling_factor == 1.0
+
+
+def test_the_released_f16d32_shape_is_read_and_mapped_onto_every_autoencoderkl_tensor():
+    # tokenizer/configs/vavae_f16d32.yaml at full size, as shapes only (meta tensors).
+    shapes = ldm_state_shapes(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=32, attn_levels=(4,))
+    state = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+    shape = vavae.ldm_autoencoder_shape(state, "vavae-imagenet256-f16d32-dinov2.pt")
+    assert (shape.widths, shape.downsampling, shape.attn_levels) == ((128, 128, 256, 256, 512), 16, (4,))
+    with torch.device("meta"):
+        model = AutoencoderKL(**vavae.diffusers_vae_config(shape))
+    ours = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    mapping = vavae.ldm_to_diffusers_keys(shape)
+    assert set(mapping) == set(shapes) and set(mapping.values()) == set(ours)
+    for official, name in mapping.items():  # 1×1 attention convolutions become linears
+        expected = shapes[official][:2] if ".attn" in official and shapes[official][-1:] == (1,) else shapes[official]
+        assert ours[name] == expected, official
