@@ -309,7 +309,8 @@ def run(args: argparse.Namespace) -> Path:
     official = sampling["official"]
     low, high = sampling["guidance_interval"]
     fid = f" (FID-50K {official['fid']})" if official["fid"] else ""
-    vae_source = vavae.source_name(args.vae) if Path(str(args.vae)).is_file() else str(args.vae)
+    vae_path = Path(str(args.vae))  # a file, a local folder (named, not its full path), or a Hub id
+    vae_source = vavae.source_name(vae_path) if vae_path.is_file() else vae_path.name if vae_path.is_dir() else args.vae
     return save_converted_pipeline(
         pipeline,
         args.output_dir,
