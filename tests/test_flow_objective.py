@@ -308,6 +308,7 @@ FLOW = ["objective.schedule.kind=flow", "objective.prediction_type=velocity", "s
         (["objective.sampler={kind: mode, mode_scale: 3}"], "objective.sampler: .*mode_scale must lie in"),
         (["objective.schedule.path=vp"], "objective.schedule.path"),
         (["sampling.scheduler=ddim"], "sampling.scheduler: 'ddim' does not fit the 'flow' training schedule"),
+        (["sampling.shift=0"], "sampling.shift: must be > 0"),
     ],
 )
 def test_flow_recipes_that_cannot_run_are_refused_naming_the_keys(overrides, message):
@@ -315,6 +316,13 @@ def test_flow_recipes_that_cannot_run_are_refused_naming_the_keys(overrides, mes
     recipe = None if "model.kind" in overrides[0] else QUICKSTART
     with pytest.raises(ConfigError, match=message):
         load_config(recipe, [*FLOW, *overrides])
+
+
+def test_a_sampling_shift_on_a_ddpm_or_edm_schedule_is_refused():
+    with pytest.raises(ConfigError, match="sampling.shift: 3.0 warps a flow sampler's time grid .*'ddpm'"):
+        load_config(QUICKSTART, ["sampling.shift=3.0"])
+    with pytest.raises(ConfigError, match="sampling.shift: .*'edm' training schedule samples with a EDM"):
+        load_config("cifar10/edm2_c", ["sampling.shift=2"])
 
 
 def test_velocity_on_a_ddpm_schedule_is_refused():
@@ -332,6 +340,9 @@ def test_flow_recipes_build_with_the_flow_sampling_scheduler():
     sampling = build_sampling_scheduler(config, FlowPath("gvp"))
     assert type(sampling).__name__ == "FlowScheduler" and sampling.config.path == "gvp"
     assert sampling.config.sampler == "euler" and sampling.config.prediction_type == "velocity"
+    assert sampling.config.shift == 1.0
+    shifted = build_sampling_scheduler(load_config(QUICKSTART, [*FLOW, "sampling.shift=3.5"]), FlowPath("linear"))
+    assert shifted.config.shift == 3.5
 
 
 def test_a_tiny_flow_run_trains_through_the_trainer(tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ ASPECTS = {
     "RMSNorm": ("model.params.norm_type",),
     "RoPE": ("model.params.use_rope",),
     "patch 1 on VA-VAE f16d32": ("model.preset", "data"),
-    "training length": ("train.max_steps",),
+    "training length, and the released sampling": ("train.max_steps", "sampling"),
 }
 
 # (recipe, the aspect it changes from the one before, LightningDiT Table 1 FID without guidance)
@@ -44,7 +44,8 @@ LADDER = [
     ("r7_rmsnorm", "RMSNorm", 9.25),
     ("r8_rope", "RoPE", 7.13),
     ("r9_vavae_patch1", "patch 1 on VA-VAE f16d32", 4.29),
-    ("lightningdit_xl1_vavae", "training length", None),  # the released config: 64 epochs, FID 5.14 (Table 3)
+    # the released config: 64 epochs (FID 5.14, Table 3), its grids on LightningDiT's shifted Euler grid
+    ("lightningdit_xl1_vavae", "training length, and the released sampling", None),
 ]
 LADDER_DIR = recipes_dir() / "imagenet256" / "lightningdit"
 
@@ -114,7 +115,9 @@ def test_the_released_lightningdit_config_values():
     assert objective.sampler == {"kind": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0}
     assert objective.cosine_loss_weight == 1.0 and not objective.learned_variance
     assert (config.data.latent_norm, config.data.latent_target_std) == ("per_channel", 1.0)  # latent_multiplier 1.0
-    assert (config.sampling.scheduler, config.sampling.num_inference_steps) == ("flow_euler", 250)
+    # sample.num_sampling_steps 250 grid points (249 Euler steps), timestep_shift 0.3 in SiT's time
+    assert (config.sampling.scheduler, config.sampling.num_inference_steps) == ("flow_euler", 249)
+    assert config.sampling.shift == 1 / 0.3
 
 
 # SiT (arXiv 2401.08740 Table 1, same as DiT's Table 4): B/2 130 M, XL/2 675 M parameters. SiT's network has

@@ -125,9 +125,47 @@ def test_grids_are_the_official_ones():
     assert sde.init_noise_sigma == 1.0
 
 
+@pytest.mark.parametrize("sampler", ["euler", "heun", "euler_maruyama"])
+@pytest.mark.parametrize("shift", [3.0, 1 / 0.3, 0.5])
+def test_shift_warps_every_grid_by_sd3s_closed_form(sampler, shift):
+    plain, shifted = FlowScheduler(sampler=sampler), FlowScheduler(sampler=sampler, shift=shift)
+    plain.set_timesteps(7)
+    shifted.set_timesteps(7)
+    t = plain.time_grid
+    expected = shift * t / (1 + (shift - 1) * t)  # SD3 §5.3.2; diffusers' FlowMatchEulerDiscreteScheduler(shift=s)
+    torch.testing.assert_close(shifted.time_grid, expected, rtol=1e-15, atol=1e-15)
+    assert shifted.time_grid[0] == 1 and shifted.time_grid[-1] == 0  # the ends stay exact
+    assert len(shifted) == len(plain)
+    torch.testing.assert_close(shifted.evaluation_step_times, expected[plain.evaluation_step_indices])
+
+
+def test_shift_is_lightningdits_timestep_shift_seen_from_the_other_end():
+    # hustvl/LightningDiT transport/integrators.py ode: t = linspace(0, 1, N) in SiT's time (1 = data), then
+    # t_m = c·t_n / (1 + (c − 1)·t_n) with timestep_shift c; 250 points make 249 Euler steps. (The official grid is
+    # float32; the identity is checked in float64 here, the float32 trajectory in test_convert_lightningdit.)
+    c, points = 0.3, 250
+    t_sit = torch.linspace(0, 1, points, dtype=torch.float64)
+    t_sit = torch.stack([c * t_n / (1 + (c - 1) * t_n) for t_n in t_sit])
+    scheduler = FlowScheduler(shift=1 / c)
+    scheduler.set_timesteps(points - 1)
+    torch.testing.assert_close(scheduler.time_grid, 1 - t_sit, rtol=0, atol=1e-15)
+
+
+def test_shift_one_leaves_the_grids_bit_identical():
+    for sampler in ("euler", "heun", "euler_maruyama"):
+        default, explicit = FlowScheduler(sampler=sampler), FlowScheduler(sampler=sampler, shift=1.0)
+        default.set_timesteps(9)
+        explicit.set_timesteps(9)
+        assert torch.equal(default.time_grid, explicit.time_grid)
+    assert torch.equal(FlowScheduler().time_grid, torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
+        (dict(shift=0.0), "shift"),
+        (dict(shift=float("inf")), "shift"),
+        (dict(shift=True), "shift"),
         (dict(sampler="dopri5"), "sampler"),
         (dict(path="vp"), "path"),
         (dict(prediction_type="epsilon"), "velocity"),

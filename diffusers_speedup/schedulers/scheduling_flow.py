@@ -26,6 +26,22 @@ DIFFUSION_FORMS = ("sigma", "time")
 PathCoefficients = namedtuple("PathCoefficients", ["alpha", "sigma", "d_alpha", "d_sigma"])
 
 
+def shift_time(t: float | torch.Tensor, shift: float) -> float | torch.Tensor:
+    """
+    The time warp t' = s·t / (1 + (s − 1)·t) (t = 1 noise), which keeps t = 0 and t = 1 and, for s > 1, spends more
+    of a uniform grid at high noise.
+
+    It is SD3's resolution shift (Esser et al. 2024, §5.3.2) and the `shift` of diffusers'
+    `FlowMatchEulerDiscreteScheduler`. LightningDiT's `timestep_shift` c (hustvl/LightningDiT `transport/integrators.py`
+    `ode.__init__`: t_m = c·t_n / (1 + (c − 1)·t_n) on its grid, in SiT's time where t = 1 is data) is the same warp
+    seen from the other end: with t = 1 − u, 1 − c·u/(1 + (c − 1)·u) = (1/c)·t / (1 + (1/c − 1)·t), so its
+    `timestep_shift: 0.3` is `shift = 1 / 0.3` here.
+
+    Computed as t / (t + (1 − t)/s), the same value written so that t = 0 and t = 1 stay exactly 0 and 1.
+    """
+    return t / (t + (1 - t) / shift)
+
+
 def path_coefficients(t: float | torch.Tensor, path: str) -> PathCoefficients:
     """
     α(t), σ(t) and their time derivatives for x_t = α·x0 + σ·ε (t = 1 is noise).
@@ -98,6 +114,10 @@ class FlowScheduler(SchedulerMixin, ConfigMixin):
       twice the paper's notation: w_t = 2·σ(t) (SiT's `--diffusion-form sigma`, noise `sqrt(2 * diffusion)`) or
       w_t = 2·t (REPA's `compute_diffusion`, whatever the path); the two agree on the linear path.
 
+    With `shift` s ≠ 1 every grid above is warped by t' = s·t / (1 + (s − 1)·t) (`shift_time`; SD3's shift, and
+    LightningDiT's `timestep_shift` c as s = 1/c) before anything else uses it; the steps then run on the warped
+    grid (for the SDE the last mean step starts at the warped `last_step_size`).
+
     The pipeline calls the model once per entry of `timesteps` (the t fed to the model, in [0, 1], unscaled) and then
     `step` once, as diffusers' Heun schedulers are driven. Guidance belongs to the caller: the velocity passed to
     `step` may already be guided (the SDE drift is affine in v with weights that sum to one, so guiding v equals
@@ -113,6 +133,8 @@ class FlowScheduler(SchedulerMixin, ConfigMixin):
         diffusion_norm (`float`, defaults to 1.0): SiT's `--diffusion-norm`, a factor on w_t.
         last_step_size (`float`, defaults to 0.04): the SDE's final deterministic step to t = 0 (SiT's and REPA's
             0.04).
+        shift (`float`, defaults to 1.0): the time-grid warp s (above); 1 leaves the official grids unchanged, bit
+            for bit. LightningDiT's released sampling (`timestep_shift: 0.3`) is `shift = 1 / 0.3`.
     """
 
     config_name = "scheduler_config.json"
@@ -127,6 +149,7 @@ class FlowScheduler(SchedulerMixin, ConfigMixin):
         diffusion_form: str = "sigma",
         diffusion_norm: float = 1.0,
         last_step_size: float = 0.04,
+        shift: float = 1.0,
     ):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
@@ -140,6 +163,8 @@ class FlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"diffusion_norm must be non-negative, got {diffusion_norm}.")
         if not 0 < last_step_size < 1:
             raise ValueError(f"last_step_size must lie in (0, 1), got {last_step_size}.")
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < math.inf:
+            raise ValueError(f"shift must be a positive finite number (1 for no warp), got {shift!r}.")
         # Diffusers' pipelines read `order` for progress bars; a Heun step takes two evaluations.
         self.order = 2 if sampler == "heun" else 1
         self.num_inference_steps = None
@@ -153,7 +178,7 @@ class FlowScheduler(SchedulerMixin, ConfigMixin):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         """
-        Builds the official time grid t_0 = 1 > … > t_N = 0 and the list of network evaluations.
+        Builds the official time grid t_0 = 1 > … > t_N = 0 (warped by `shift`) and the list of network evaluations.
 
         Args:
             num_inference_steps (`int`): REPA's and SiT's `num_steps` N: ODE steps (Heun: 2N − 1 evaluations), or the
@@ -168,6 +193,8 @@ class FlowScheduler(SchedulerMixin, ConfigMixin):
             grid = torch.cat([grid, grid.new_zeros(1)])
         else:
             grid = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)
+        if self.config.shift != 1:
+            grid = shift_time(grid, float(self.config.shift))
         times = grid.tolist()
 
         # One entry per network evaluation: the t the network sees, and the step it belongs to.

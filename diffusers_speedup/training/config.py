@@ -139,6 +139,9 @@ class SamplingConfig:
     num_inference_steps: int = 50
     guidance_scale: float = 1.0
     guidance_interval: list[float] | None = None  # [sigma_lo, sigma_hi]
+    # Flow schedules only: FlowScheduler's time-grid warp t' = s·t / (1 + (s − 1)·t), SD3's shift (1: none);
+    # LightningDiT's timestep_shift c is 1 / c (its released sampling: 1 / 0.3).
+    shift: float = 1.0
     images_per_class: int = 4
     max_classes: int = 10
 

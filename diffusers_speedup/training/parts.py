@@ -121,7 +121,9 @@ def build_sampling_scheduler(config: Config, noise_scheduler):
 
         # flow_euler / flow_heun: REPA's ODE sampler; flow_sde: the Euler–Maruyama sampler of SiT and REPA.
         sampler = {"flow_euler": "euler", "flow_heun": "heun", "flow_sde": "euler_maruyama"}[name]
-        return FlowScheduler(sampler=sampler, path=schedule.path, prediction_type=prediction_type)
+        return FlowScheduler(
+            sampler=sampler, path=schedule.path, prediction_type=prediction_type, shift=config.sampling.shift
+        )
     if schedule.kind == "edm":
         cls = {"edm_heun": EDMHeunScheduler, "edm_euler": EDMEulerScheduler}[name]
         kwargs = {

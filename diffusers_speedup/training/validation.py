@@ -107,6 +107,7 @@ def _check_ranges(config: Config) -> None:
     _positive("sampling.images_per_class", sampling.images_per_class)
     _positive("sampling.max_classes", sampling.max_classes)
     _positive("sampling.guidance_scale", sampling.guidance_scale, allow_zero=True)
+    _positive("sampling.shift", sampling.shift)
     if sampling.guidance_interval is not None:
         lo_hi = list(sampling.guidance_interval)
         if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1]:
@@ -200,6 +201,12 @@ def _check_combinations(config: Config) -> None:
         raise ConfigError(f"objective.label_dropout: {name} drops labels itself (class_dropout_prob); set it to 0.")
     _check_objective(config)
 
+    if config.sampling.shift != 1 and schedule.kind != "flow":
+        raise ConfigError(
+            f"sampling.shift: {config.sampling.shift} warps a flow sampler's time grid (FlowScheduler); the "
+            f"{schedule.kind!r} training schedule samples with a {'EDM' if schedule.kind == 'edm' else 'DDPM'} "
+            "scheduler, which has none. Leave it at 1 or train with objective.schedule.kind: flow."
+        )
     scheduler = config.sampling.scheduler
     if scheduler is not None:
         family = "edm" if scheduler.startswith("edm") else "flow" if scheduler.startswith("flow") else "ddpm"
