@@ -135,7 +135,8 @@ def test_the_release_converts_with_the_official_forward_and_sampling_settings(re
     card = (folder / "README.md").read_text()
     assert "license: mit" in card and "huggingface.co/hustvl/lightningdit-xl-imagenet256-800ep" in card
     assert "6.7" in card and "0.125" in card and "guidance_channels=3" in card and "1.35" in card
-    assert "num_inference_steps=249" in card
+    assert "num_inference_steps=249" in card and "    guidance_channels=3,\n" in card  # in the example code
+    assert "while the flow time t (1 is noise) is between 0 and 0.875" in card  # not a σ interval
 
 
 def test_train_checkpoint_takes_the_ema_unless_asked_for_the_live_weights(release):

@@ -327,6 +327,9 @@ def run(args: argparse.Namespace) -> Path:
         f"{TIMESTEP_SHIFT} (the scheduler's `shift` = 1/{TIMESTEP_SHIFT}), guidance scale {official['cfg_scale']} "
         f"where its time is at least cfg_interval_start {official['cfg_interval_start']} (`guidance_interval=({low}, "
         f"{high:g})`){fid}. Its forward_with_cfg guides only the first 3 of the {config.in_channels} latent "
-        "channels; pass `guidance_channels=3` to reproduce it.",
-        sampling={key: sampling[key] for key in ("num_inference_steps", "guidance_scale", "guidance_interval")},
+        "channels, and so does the example below (`guidance_channels=3`).",
+        sampling={
+            key: sampling[key]
+            for key in ("num_inference_steps", "guidance_scale", "guidance_interval", "guidance_channels")
+        },
     )

@@ -78,6 +78,8 @@ class ModelCardInfo:
         extra_tags: more Hub tags.
         num_inference_steps, guidance_scale, guidance_interval: sampling settings shown in the example code; when
             None, the training config's ``sampling`` section (the model's own recipe), else the pipeline defaults.
+        guidance_channels: shown in the example code when set (a released model whose guidance covered only its
+            first channels, as DiT's and LightningDiT's ``forward_with_cfg``).
         class_labels: class ids used in the example code.
         widget_file: file name, inside the folder, of the image the Hub shows in the model's widget and gallery
             (the sample grid upscaled to a readable size); the card's sample image too.
@@ -104,6 +106,7 @@ class ModelCardInfo:
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     guidance_interval: tuple[float, float] | None = None
+    guidance_channels: int | None = None
     class_labels: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2, 3])
     widget_file: str | None = None
 
@@ -207,6 +210,8 @@ def _sampling_kwargs(info: ModelCardInfo, training_config: Mapping[str, Any] | N
     if interval is not None and (scale is None or float(scale) != 1.0):
         lo, hi = (float(v) for v in interval)
         kwargs["guidance_interval"] = (lo, hi)
+    if info.guidance_channels is not None and "guidance_scale" in kwargs:
+        kwargs["guidance_channels"] = int(info.guidance_channels)
     return kwargs
 
 
@@ -216,19 +221,23 @@ def _call(info: ModelCardInfo, kwargs: Mapping[str, Any], indent: str) -> str:
     return f"pipe(\n{indent}" + f",\n{indent}".join([*arguments, "generator=torch.Generator().manual_seed(0)"]) + ",\n)"
 
 
-def _loading_code(location: str, info: ModelCardInfo, training_config: Mapping[str, Any] | None) -> str:
+def _loading_code(
+    location: str, info: ModelCardInfo, training_config: Mapping[str, Any] | None, flow_time: bool = False
+) -> str:
     kwargs = _sampling_kwargs(info, training_config)
     settings = ", ".join(f"`{key}={value!r}`" for key, value in kwargs.items()) or "the pipeline's defaults"
     if "guidance_interval" in kwargs:
         lo, hi = kwargs["guidance_interval"]
+        level = "the flow time t (1 is noise)" if flow_time else "the noise level σ"
         guidance = (
-            f"Guidance runs only while the noise level σ is between {lo:g} and {hi:g} (limited-interval guidance, "
+            f"Guidance runs only while {level} is between {lo:g} and {hi:g} (limited-interval guidance, "
             "Kynkäänniemi et al., 2024): outside it the unconditional pass is skipped, which the paper found both "
             "faster and better than guiding at every step."
         )
     else:
+        bounds = "(t_lo, t_hi)` in flow time" if flow_time else "(sigma_lo, sigma_hi)`"
         guidance = (
-            "`guidance_interval=(sigma_lo, sigma_hi)` limits classifier-free guidance to noise levels in that interval "
+            f"`guidance_interval={bounds} limits classifier-free guidance to noise levels in that interval "
             "(Kynkäänniemi et al., 2024); this model's recipe does not use it, so tune it for this model before "
             "relying on it."
         )
@@ -382,7 +391,8 @@ def build_model_card(
             lines.append(f"- **Sampling settings:** {info.fid_settings}")
         lines += [""]
 
-    lines += ["## Usage", "", _loading_code(location, info, training_config)]
+    flow_time = "Flow" in component_classes.get("scheduler", "")  # FlowScheduler, FlowMatchEulerDiscreteScheduler
+    lines += ["## Usage", "", _loading_code(location, info, training_config, flow_time)]
 
     content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip() + "\n"
     return ModelCard(content)
