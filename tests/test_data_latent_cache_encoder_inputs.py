@@ -326,3 +326,23 @@ def test_a_hand_made_cache_without_mirrored_features_is_refused_only_when_mirror
         LatentDataset(str(copy), random_flip=False, extra_columns=("encoder_features",)).columns[-1]
         == "encoder_features"
     )
+
+
+def test_batches_are_copied_out_of_every_arrow_chunk_as_stored(workspace, tmp_path):
+    # Re-saved in three shards, the table has several chunks; rows come out of each, in the asked order.
+    sharded = tmp_path / "sharded"
+    load_from_disk(str(workspace["reference"])).save_to_disk(str(sharded), num_shards=3)
+    shutil.copy(workspace["reference"] / "latents_metadata.json", sharded / "latents_metadata.json")
+    columns = ("image", "encoder_features")
+    latents = LatentDataset(str(sharded), extra_columns=columns)
+    assert len(latents.dataset.data.table.column("image").chunks) == 3
+    indices = [6, 0, 3, 3, 5, 1, 6, 2]
+    batch = latents.read_batch(indices)
+    for name in ("mean", "std", "mean_flip", "std_flip", "image", "encoder_features", "encoder_features_flip"):
+        expected = _column(workspace["reference"], name)[indices]
+        assert batch[name].numpy().dtype == expected.dtype and np.array_equal(batch[name].numpy(), expected), name
+    # Arrow's own `take`, the way columns without a numpy view are read, gives the same rows.
+    latents._views = dict.fromkeys(latents._views)
+    assert all(torch.equal(value, batch[name]) for name, value in latents.read_batch(indices).items())
+    with pytest.raises(IndexError, match=r"row indices must lie in \[0, 7\), got 0..7"):
+        latents.read_batch([0, 7])
