@@ -718,13 +718,11 @@ def _encode_own_chunks(
     for (chunk, indices), batch in zip(batches, loader):
         if batch["indices"]:
             encoded = encoder(batch["pixels"])
-            if store_images or feature_encoder is not None:
-                # The very pixels the VAE just encoded, channels first: (B, 3, R, R) uint8.
-                images = batch["pixels"].permute(0, 3, 1, 2)
+            # The very pixels the VAE just encoded, channels first: (B, 3, R, R) uint8.
             if store_images:
-                encoded[IMAGE_COLUMN] = images
+                encoded[IMAGE_COLUMN] = batch["pixels"].permute(0, 3, 1, 2)
             if feature_encoder is not None:
-                images = images.to(encoder.device, non_blocking=True).contiguous()
+                images = batch["pixels"].to(encoder.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
                 encoded[FEATURES_COLUMN] = encode_features(feature_encoder, images)
                 if encoder.flip:
                     encoded[FEATURES_FLIP_COLUMN] = encode_features(feature_encoder, images.flip(-1))
