@@ -6,8 +6,9 @@
 The real mode generates ``--num_images`` JPEGs of ImageNet's typical size (500x375, quality 90, smooth content so
 they compress like photos) unless ``--image_folder`` is given. ``--vae random-sd`` builds the SD VAE architecture with
 random weights (same compute) for machines without Hub access. Goal: >= 1000 img/s end to end on one H100 with 16
-CPU cores (both the image and its mirror encoded). Writes ``caching.json`` to ``--output_dir``: the settings and
-every rate measured, also when a later stage fails (``error`` then says how).
+CPU cores (both the image and its mirror encoded). ``--store_images`` also stores the uint8 crop (what a REPA recipe
+needs). Writes ``caching.json`` to ``--output_dir``: the settings, every rate measured and the cache's bytes per
+image on disk, also when a later stage fails (``error`` then says how).
 """
 
 import argparse
@@ -119,6 +120,7 @@ def main(argv=None):
     parser.add_argument("--num_workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--store_images", action="store_true", help="also store the uint8 crop (REPA's encoder input)")
     parser.add_argument("--output_dir", default="outputs/bench_cache_latents")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -137,6 +139,7 @@ def main(argv=None):
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
         "vae": args.vae,
+        "store_images": args.store_images,
         "error": None,
     }
     try:
@@ -182,8 +185,9 @@ def measure(args, device, dtype, result: dict) -> None:
         print(f"VAE encode only (image + mirror): {vae_rate:.1f} img/s")
         result["vae_images_per_second"] = vae_rate
         start = time.perf_counter()
+        cache = os.path.join(scratch, "cache")
         metadata = cache_latents(
-            os.path.join(scratch, "cache"),
+            cache,
             image_folder=image_folder,
             vae=vae,
             resolution=args.resolution,
@@ -194,6 +198,7 @@ def measure(args, device, dtype, result: dict) -> None:
             device=device,
             compile=args.compile,
             max_images=args.num_images,
+            store_images=args.store_images,
             progress=not args.tiny,
         )
         elapsed = time.perf_counter() - start
@@ -206,6 +211,11 @@ def measure(args, device, dtype, result: dict) -> None:
             end_to_end_images=metadata["num_accepted"],
             end_to_end_seconds=round(elapsed, 1),
         )
+        # The final dataset's Arrow shards, per image: what the cache costs on disk (metadata files aside).
+        shards = [name for name in os.listdir(cache) if name.endswith(".arrow")]
+        per_image = sum(os.path.getsize(os.path.join(cache, name)) for name in shards) / metadata["num_accepted"]
+        print(f"cache on disk: {per_image:,.0f} B per image (columns {', '.join(metadata['columns'])})")
+        result.update(cache_bytes_per_image=round(per_image), columns=metadata["columns"])
 
 
 if __name__ == "__main__":

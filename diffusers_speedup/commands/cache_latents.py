@@ -4,6 +4,7 @@ One process:            diffusers-speedup cache-latents --image_folder /data/ima
 Every GPU of a machine: accelerate launch -m diffusers_speedup cache-latents --image_folder ... --output_dir ...
                         (or torchrun --nproc_per_node 8 -m diffusers_speedup cache-latents ...)
 Run the same command again to resume an interrupted run; a folder made with other settings is refused.
+--store_images also keeps the uint8 crop the VAE encoded (what a REPA recipe's encoder looks at), 3·R² bytes per image.
 Push the finished cache with --push_to_hub --hub_dataset_id user/name [--private].
 
 Old spellings still work for one release, with a warning: --dtype (now --mixed_precision), --push_to_hub REPO_ID
@@ -39,6 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vae_subfolder", default=None)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--no_flip", action="store_true", help="do not store the mirrored posterior")
+    parser.add_argument(
+        "--store_images",
+        action="store_true",
+        help="also store the uint8 (3, R, R) centre crop the VAE encoded, for a REPA recipe's encoder (196,608 B per "
+        "image at 256 px); not its mirror, which is an exact flip of it",
+    )
     parser.add_argument("--batch_size", type=int, default=64, help="images per VAE call and process")
     parser.add_argument("--chunk_size", type=int, default=1024, help="images per resumable chunk")
     parser.add_argument("--num_workers", type=int, default=8, help="image-decoding workers per process")
@@ -116,6 +123,7 @@ def run(args) -> dict:
             vae_subfolder=args.vae_subfolder,
             resolution=args.resolution,
             flip=not args.no_flip,
+            store_images=args.store_images,
             batch_size=args.batch_size,
             chunk_size=args.chunk_size,
             num_workers=args.num_workers,

@@ -2,7 +2,15 @@
 
 from .batching import Batch, epoch_permutation, index_batches, steps_per_epoch
 from .builtin import DIGITS_CLASS_NAMES, load_builtin_arrays, load_builtin_dataset
-from .latent_cache import DEFAULT_VAE, LatentEncoder, cache_latents, load_vae, read_cache_metadata, vae_fingerprint
+from .latent_cache import (
+    DEFAULT_VAE,
+    LatentEncoder,
+    cache_latents,
+    cached_encoder_inputs,
+    load_vae,
+    read_cache_metadata,
+    vae_fingerprint,
+)
 from .latent_dataset import LatentDataset, LatentNormalization, sample_latents
 from .pixels import PixelDataset, load_pixel_dataset
 from .preprocessing import ImageRejectedError, center_crop_arr, open_image, preprocess_image, to_rgb
@@ -21,6 +29,7 @@ __all__ = [
     "LatentNormalization",
     "PixelDataset",
     "cache_latents",
+    "cached_encoder_inputs",
     "center_crop_arr",
     "epoch_permutation",
     "index_batches",

@@ -16,6 +16,16 @@ processes, and a killed run (or one resumed with another number of processes) re
 Every row stores the posterior mean and std of the image *and of its horizontal mirror* (fp16), so a trainer can
 sample ``z = mean + std * eps`` afresh each step (normalised as the VAE config, or per channel, says) with a random mirror
 (REPA/EDM2/U-ViT practice) instead of freezing one sample and one flip (fast-DiT).
+
+A REPA recipe's frozen encoder looks at the clean image, so a row can also carry what it needs (both are part of the
+cache's identity and recorded in its metadata as ``images`` and ``encoder_features``):
+
+- ``image`` (``store_images=True``): the uint8 ``(3, R, R)`` ADM centre crop that the VAE encoded, the same pixels.
+  Only the unmirrored crop is kept: the mirror is an exact ``flip(-1)`` of it, which the reader applies to the rows
+  whose mirrored latent it picks, so storing it would double the column (196,608 B per image at 256 px) for nothing.
+- ``encoder_features`` and, with mirrors, ``encoder_features_flip`` (``feature_encoder=...``): an encoder's float16
+  ``(N, C)`` tokens of the crop and of its mirror. A mirror's features are not a flip of the features (patches are
+  not mirror-symmetric), so both are computed. DINOv2-B at 256 px: 256 × 768 × 2 B = 393,216 B per image and view.
 """
 
 from __future__ import annotations
@@ -40,7 +50,14 @@ from .sources import ImageSource, make_source
 CONFIG_NAME = "cache_config.json"
 METADATA_NAME = "latents_metadata.json"
 CHUNKS_DIR = "chunks"
+# The image and encoder-feature columns came later without a new version: they are optional, and a cache written
+# before them reads as one without them (`_IDENTITY_DEFAULTS`), so every earlier cache stays loadable and resumable.
 FORMAT_VERSION = 1
+IMAGE_COLUMN = "image"
+FEATURES_COLUMN = "encoder_features"
+FEATURES_FLIP_COLUMN = "encoder_features_flip"
+# What a cache that does not record these keys (one written before they existed) holds.
+_IDENTITY_DEFAULTS = {"images": False, "encoder_features": None}
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -181,6 +198,78 @@ class LatentEncoder:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Encoder features (what REPA's frozen encoder sees, computed once instead of every step)
+
+
+def feature_encoder_identity(feature_encoder, resolution: int, device: torch.device) -> dict:
+    """What a cache records of a feature encoder: ``{**feature_encoder.info, "tokens": N, "dim": C}``, with ``N`` and
+    ``C`` read from one call on a black ``resolution``² crop.
+
+    Raises:
+        TypeError: ``feature_encoder`` is not callable, or its ``info`` is not a JSON-serialisable dict.
+        ValueError: ``info`` uses the reserved keys ``tokens`` or ``dim``, or the call does not return ``(B, N, C)``.
+    """
+    if not callable(feature_encoder):
+        raise TypeError(
+            f"feature_encoder must be callable (uint8 images (B, 3, R, R) -> (B, N, C)), got {feature_encoder!r}"
+        )
+    info = getattr(feature_encoder, "info", None)
+    if not isinstance(info, dict):
+        raise TypeError(
+            "feature_encoder.info must be a dict describing the encoder (e.g. its model id, revision and weights "
+            f"hash), which the cache records and compares on resume; got {info!r}"
+        )
+    reserved = sorted({"tokens", "dim"} & set(info))
+    if reserved:
+        raise ValueError(f"feature_encoder.info must not set {reserved}: the cache fills them in from the features")
+    try:
+        plain = json.loads(json.dumps(info))  # tuples become lists now, so a resume compares equal values
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"feature_encoder.info is not JSON-serialisable: {error}") from error
+    probe = torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8, device=device)
+    tokens, dim = encode_features(feature_encoder, probe).shape[1:]
+    return {**plain, "tokens": int(tokens), "dim": int(dim)}
+
+
+@torch.no_grad()
+def encode_features(feature_encoder, images: torch.Tensor) -> torch.Tensor:
+    """``feature_encoder(images)`` checked and stored as float16 on the CPU.
+
+    Args:
+        feature_encoder: callable taking uint8 ``(B, 3, R, R)`` images on their device, returning a float ``(B, N, C)``.
+        images: uint8 ``(B, 3, R, R)``.
+
+    Raises:
+        ValueError: the result is not a float tensor ``(B, N, C)``.
+        FloatingPointError: a feature is not finite, or not within float16's range.
+    """
+    features = feature_encoder(images)
+    count = images.shape[0]
+    if not (
+        isinstance(features, torch.Tensor)
+        and features.is_floating_point()
+        and features.ndim == 3
+        and features.shape[0] == count
+    ):
+        described = (
+            f"{features.dtype} tensor of shape {tuple(features.shape)}"
+            if isinstance(features, torch.Tensor)
+            else type(features).__name__
+        )
+        raise ValueError(
+            f"feature_encoder returned a {described} for {count} images; expected a float (B, N, C) tensor"
+        )
+    stored = features.detach().half()
+    if not torch.isfinite(stored).all():
+        largest = features.detach().float().abs().nan_to_num(float("inf")).max().item()
+        raise FloatingPointError(
+            f"feature_encoder returned features that are not finite in float16 (largest |value| {largest:.4g}; "
+            "float16 holds up to 65504)"
+        )
+    return stored.cpu()
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Decoding images on DataLoader workers
 
 
@@ -239,7 +328,7 @@ def _check_output_dir(output_dir: str, identity: dict) -> None:
             )
         return
     with open(config_path) as file:
-        stored = json.load(file)
+        stored = {**_IDENTITY_DEFAULTS, **json.load(file)}
     differences = _differences(stored, identity)
     if differences:
         raise ValueError(
@@ -259,19 +348,34 @@ def _differences(stored, current, prefix: str = "") -> list[str]:
     return []
 
 
-def _features(class_names: list[str] | None, latent_shape: tuple[int, int, int], flip: bool):
-    from datasets import Array3D, ClassLabel, Features, Value
+def _array_columns(
+    latent_shape: tuple[int, int, int], flip: bool, resolution: int, store_images: bool, encoder_features: dict | None
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{column: (shape of one row, dtype)}`` of every array column, in the order the rows store them."""
+    latent = (tuple(latent_shape), "float16")
+    columns = {"mean": latent, "std": latent}
+    if flip:
+        columns.update(mean_flip=latent, std_flip=latent)
+    if store_images:
+        columns[IMAGE_COLUMN] = ((3, resolution, resolution), "uint8")
+    if encoder_features is not None:
+        features = ((encoder_features["tokens"], encoder_features["dim"]), "float16")
+        columns[FEATURES_COLUMN] = features
+        if flip:
+            columns[FEATURES_FLIP_COLUMN] = features
+    return columns
+
+
+def _features(class_names: list[str] | None, array_columns: dict[str, tuple[tuple[int, ...], str]]):
+    from datasets import Array2D, Array3D, ClassLabel, Features, Value
 
     columns = {
         "index": Value("int64"),
         "path": Value("string"),
         "label": ClassLabel(names=class_names) if class_names else Value("int64"),
-        "mean": Array3D(shape=latent_shape, dtype="float16"),
-        "std": Array3D(shape=latent_shape, dtype="float16"),
     }
-    if flip:
-        columns["mean_flip"] = Array3D(shape=latent_shape, dtype="float16")
-        columns["std_flip"] = Array3D(shape=latent_shape, dtype="float16")
+    for name, (shape, dtype) in array_columns.items():
+        columns[name] = (Array3D if len(shape) == 3 else Array2D)(shape=shape, dtype=dtype)
     return Features(columns)
 
 
@@ -338,12 +442,24 @@ def _check_something_accepted(chunk_dir: str, num_chunks: int, listing_rejected:
 
 
 def read_cache_metadata(output_dir: str) -> dict:
-    """The ``latents_metadata.json`` of a complete cache (raises if the cache is incomplete)."""
+    """The ``latents_metadata.json`` of a complete cache, as stored (raises if the cache is incomplete).
+
+    A cache written before the image and feature columns existed has no ``images`` or ``encoder_features`` keys:
+    read them with :func:`cached_encoder_inputs`. They are not filled in here, so the metadata (which a training
+    checkpoint hashes to tell whether its data changed) reads as it always did.
+    """
     path = os.path.join(output_dir, METADATA_NAME)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{output_dir!r} is not a complete latent cache (no {METADATA_NAME})")
     with open(path) as file:
         return json.load(file)
+
+
+def cached_encoder_inputs(metadata: dict) -> dict:
+    """What a cache holds for a representation encoder, from its metadata: ``images`` (whether rows carry the uint8
+    ``image`` crop) and ``encoder_features`` (``None``, or the encoder's ``info`` with ``tokens`` and ``dim``).
+    A cache that does not record them (one written before they existed) holds neither."""
+    return {key: metadata.get(key, default) for key, default in _IDENTITY_DEFAULTS.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -364,6 +480,8 @@ def cache_latents(
     vae_subfolder: str | None = None,
     resolution: int = 256,
     flip: bool = True,
+    store_images: bool = False,
+    feature_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
     batch_size: int = 64,
     chunk_size: int = 1024,
     num_workers: int = 8,
@@ -395,6 +513,17 @@ def cache_latents(
         vae_revision, vae_subfolder: where in the Hub repo the VAE is.
         resolution: side of the ADM centre crop fed to the VAE; smaller images are rejected.
         flip: also store the posterior of each image's horizontal mirror (``mean_flip``, ``std_flip``).
+        store_images: also store, in the column ``image``, the uint8 ``(3, R, R)`` crop that the VAE encoded (the
+            clean image a REPA encoder looks at; ``3·R²`` bytes per image). Only the unmirrored crop: the mirror is
+            its exact ``flip(-1)``, which :class:`~diffusers_speedup.data.latent_dataset.LatentDataset` applies
+            to the rows whose mirrored latent it picks, so storing it would double the column for nothing.
+        feature_encoder: a callable from uint8 images ``(B, 3, R, R)`` on the encoding device to a float tensor
+            ``(B, N, C)`` (an ``nn.Module`` is moved to the device), with an attribute ``info``: a small
+            JSON-serialisable dict describing it (model id, revision, weights hash, preprocessing), which the
+            cache's identity and metadata record together with ``tokens`` ``N`` and ``dim`` ``C``. Its features of
+            the crop go to ``encoder_features`` and, with ``flip``, those of the mirrored crop (computed, not a flip
+            of the features) to ``encoder_features_flip``; both float16, ``2·N·C`` bytes per image and view. It
+            runs under ``torch.no_grad`` in whatever precision it chooses.
         batch_size: images per VAE call (the mirror doubles the VAE batch).
         chunk_size: inputs per chunk file, the unit of resumption and of work split. Part of the cache identity.
         num_workers: DataLoader workers decoding images per process (``0`` decodes in the main thread).
@@ -411,7 +540,8 @@ def cache_latents(
     Returns:
         The cache metadata (also in ``output_dir/latents_metadata.json``): VAE id/revision/fingerprint,
         ``scaling_factor``, ``shift_factor``, ``latents_mean``, ``latents_std`` (the VAE config's normalisation),
-        ``resolution``, ``latent_shape``, ``crop_method``, counts, rejected files with reasons, class names.
+        ``resolution``, ``latent_shape``, ``crop_method``, ``images`` (bool), ``encoder_features`` (``None`` or the
+        encoder's ``info`` with ``tokens`` and ``dim``), counts, rejected files with reasons, class names.
     """
     from accelerate import PartialState
 
@@ -424,6 +554,8 @@ def cache_latents(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if dtype not in ("auto", *_DTYPES):
         raise ValueError(f"dtype={dtype!r} is not one of ('auto', 'fp16', 'bf16', 'fp32')")
+    if not isinstance(store_images, bool):
+        raise TypeError(f"store_images must be True or False, got {store_images!r}")
 
     # Without cpu=True accelerate treats a CPU-only torchrun as one process per rank and would skip the barriers.
     on_cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
@@ -441,6 +573,11 @@ def cache_latents(
         raise ValueError(f"no images found in the input {source.description}")
     model, vae_info = load_vae(vae, vae_revision, vae_subfolder)
     latent_shape = latent_shape_of(model, resolution)
+    features_identity = None
+    if feature_encoder is not None:
+        if isinstance(feature_encoder, torch.nn.Module):
+            feature_encoder.to(device)
+        features_identity = feature_encoder_identity(feature_encoder, resolution, device)
     identity = {
         "format_version": FORMAT_VERSION,
         "vae_fingerprint": vae_info["vae_fingerprint"],
@@ -448,6 +585,8 @@ def cache_latents(
         "crop_method": CROP_METHOD,
         "exif_orientation": EXIF_ORIENTATION,
         "flip": flip,
+        "images": store_images,
+        "encoder_features": features_identity,
         "encode_dtype": encode_dtype,
         "chunk_size": chunk_size,
         "input": {**source.description, "num_items": len(source), "fingerprint": source.fingerprint()},
@@ -470,14 +609,17 @@ def cache_latents(
         return metadata
 
     num_chunks = math.ceil(len(source) / chunk_size)
-    features = _features(source.class_names, latent_shape, flip)
+    array_columns = _array_columns(latent_shape, flip, resolution, store_images, features_identity)
+    features = _features(source.class_names, array_columns)
     encoded_here, encode_seconds = _encode_own_chunks(
         source,
         LatentEncoder(model, device, encode_dtype, flip, compile),
         state,
         chunk_dir,
         features,
-        latent_shape=latent_shape,
+        array_columns=array_columns,
+        store_images=store_images,
+        feature_encoder=feature_encoder,
         resolution=resolution,
         batch_size=batch_size,
         chunk_size=chunk_size,
@@ -530,7 +672,9 @@ def _encode_own_chunks(
     chunk_dir: str,
     features,
     *,
-    latent_shape: tuple[int, ...],
+    array_columns: dict[str, tuple[tuple[int, ...], str]],
+    store_images: bool,
+    feature_encoder: Callable[[torch.Tensor], torch.Tensor] | None,
     resolution: int,
     batch_size: int,
     chunk_size: int,
@@ -570,15 +714,22 @@ def _encode_own_chunks(
         disable=not (progress and state.is_main_process),
         smoothing=0.05,
     )
-    rows, rejected, started = _empty_rows(encoder.flip), [], time.perf_counter()
+    rows, rejected, started = _empty_rows(array_columns), [], time.perf_counter()
     for (chunk, indices), batch in zip(batches, loader):
         if batch["indices"]:
             encoded = encoder(batch["pixels"])
+            # The very pixels the VAE just encoded, channels first: (B, 3, R, R) uint8.
+            if store_images:
+                encoded[IMAGE_COLUMN] = batch["pixels"].permute(0, 3, 1, 2)
+            if feature_encoder is not None:
+                images = batch["pixels"].to(encoder.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+                encoded[FEATURES_COLUMN] = encode_features(feature_encoder, images)
+                if encoder.flip:
+                    encoded[FEATURES_FLIP_COLUMN] = encode_features(feature_encoder, images.flip(-1))
             for name, values in encoded.items():
-                if tuple(values.shape[1:]) != latent_shape:  # datasets does not validate Array3D shapes on write
-                    raise RuntimeError(
-                        f"VAE output {name} has shape {tuple(values.shape[1:])}, expected {latent_shape}"
-                    )
+                expected = array_columns[name][0]
+                if tuple(values.shape[1:]) != expected:  # datasets does not validate Array3D shapes on write
+                    raise RuntimeError(f"{name} has shape {tuple(values.shape[1:])} per image, expected {expected}")
                 rows[name].append(values.numpy())
             rows["index"] += batch["indices"]
             rows["path"] += [source.keys[index] for index in batch["indices"]]
@@ -591,29 +742,27 @@ def _encode_own_chunks(
             _write_chunk(
                 chunk_dir,
                 chunk,
-                _stack_rows(rows, latent_shape),
+                _stack_rows(rows, array_columns),
                 rejected,
                 features,
                 (state.process_index, state.num_processes),
             )
             if on_chunk_written is not None:
                 on_chunk_written(chunk)
-            rows, rejected = _empty_rows(encoder.flip), []
+            rows, rejected = _empty_rows(array_columns), []
     bar.close()
     return bar.n, time.perf_counter() - started
 
 
-def _empty_rows(flip: bool) -> dict:
-    names = ["mean", "std", "mean_flip", "std_flip"] if flip else ["mean", "std"]
-    return {"index": [], "path": [], "label": [], **{name: [] for name in names}}
+def _empty_rows(array_columns: dict) -> dict:
+    return {"index": [], "path": [], "label": [], **{name: [] for name in array_columns}}
 
 
-def _stack_rows(rows: dict, latent_shape: tuple[int, int, int]) -> dict:
+def _stack_rows(rows: dict, array_columns: dict[str, tuple[tuple[int, ...], str]]) -> dict:
     stacked = dict(rows)
-    for name in ("mean", "std", "mean_flip", "std_flip"):
-        if name in rows:
-            parts = rows[name]
-            stacked[name] = np.concatenate(parts) if parts else np.zeros((0, *latent_shape), np.float16)
+    for name, (shape, dtype) in array_columns.items():
+        parts = rows[name]
+        stacked[name] = np.concatenate(parts) if parts else np.zeros((0, *shape), dtype)
     return stacked
 
 

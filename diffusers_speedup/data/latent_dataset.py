@@ -18,9 +18,21 @@ import pyarrow as pa
 import torch
 
 from .batching import Batch, index_batches
-from .latent_cache import read_cache_metadata
+from .latent_cache import (
+    FEATURES_COLUMN,
+    FEATURES_FLIP_COLUMN,
+    IMAGE_COLUMN,
+    cached_encoder_inputs,
+    read_cache_metadata,
+)
 
 _LATENT_COLUMNS = ("mean", "std", "mean_flip", "std_flip")
+# How to make a cache that has a column a recipe asks for.
+_HOW_TO_CACHE = {
+    IMAGE_COLUMN: "cache the images again with `cache-latents --store_images` (cache_latents(..., store_images=True))",
+    FEATURES_COLUMN: "cache the images again with cache_latents(..., feature_encoder=...)",
+    FEATURES_FLIP_COLUMN: "cache the images again with cache_latents(..., feature_encoder=...) and mirrors",
+}
 
 
 @dataclass(frozen=True)
@@ -130,13 +142,47 @@ def sample_latents(
     Returns:
         ``float32`` tensor ``(B, C, h, w)``.
     """
+    return _sample_latents(batch, normalization, random_flip, generator)[0]
+
+
+def _sample_latents(
+    batch: dict[str, torch.Tensor], normalization: LatentNormalization, random_flip: bool, generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`sample_latents` and the mirror choice it made: a bool ``(B,)`` on the batch's device, or ``None`` when
+    no sample was mirrored. The draws (mirror, then ``eps``) are what they have always been, so runs resume."""
     mean, std = batch["mean"].float(), batch["std"].float()
+    mirrored = None
     if random_flip and "mean_flip" in batch:
-        mirrored = (torch.rand(mean.shape[0], generator=generator, device=mean.device) < 0.5)[:, None, None, None]
-        mean = torch.where(mirrored, batch["mean_flip"].float(), mean)
-        std = torch.where(mirrored, batch["std_flip"].float(), std)
+        mirrored = torch.rand(mean.shape[0], generator=generator, device=mean.device) < 0.5
+        as_latent = mirrored[:, None, None, None]
+        mean = torch.where(as_latent, batch["mean_flip"].float(), mean)
+        std = torch.where(as_latent, batch["std_flip"].float(), std)
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return normalization.normalize(mean + std * eps)
+    return normalization.normalize(mean + std * eps), mirrored
+
+
+def _take_rows(views: list[np.ndarray], starts: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Rows ``indices`` (global) of a column held as per-chunk ``views`` starting at rows ``starts``, in order."""
+    if len(views) == 1:
+        return views[0][indices]
+    chunks = np.searchsorted(starts, indices, side="right") - 1
+    out = np.empty((len(indices), *views[0].shape[1:]), dtype=views[0].dtype)
+    for chunk in np.unique(chunks):
+        rows = chunks == chunk
+        out[rows] = views[chunk][indices[rows] - starts[chunk]]
+    return out
+
+
+def _mirrored_extra(name: str, batch: dict[str, torch.Tensor], mirrored: torch.Tensor) -> torch.Tensor:
+    """Extra column ``name`` of each row as its chosen view shows it: the image flipped along its width (exact for
+    uint8) and the features of the mirrored crop where ``mirrored``; as stored elsewhere. No host sync."""
+    value = batch[name]
+    where = mirrored.view(-1, *[1] * (value.ndim - 1))
+    if name == IMAGE_COLUMN:
+        return torch.where(where, value.flip(-1), value)
+    if name == FEATURES_COLUMN:
+        return torch.where(where, batch[FEATURES_FLIP_COLUMN], value)
+    return value
 
 
 class LatentDataset:
@@ -145,18 +191,25 @@ class LatentDataset:
     Args:
         path: the cache folder.
         random_flip: default for :meth:`sample`: use the mirrored posterior for half of the samples.
-        in_memory: read every row into RAM now (``device`` moves it further, e.g. onto the GPU: ImageNet-256 with both
-            mirrors is about 21 GB in fp16); otherwise batches are gathered from the memory-mapped Arrow files.
+        in_memory: read every row into RAM now (``device`` moves it further, e.g. onto the GPU: ImageNet-256's mean
+            and std with both mirrors are 4 × 32 × 32 × 2 B × 4 = 32 KB per image, 42 GB); otherwise batches are
+            copied out of the memory-mapped Arrow files.
         device: where to keep the in-memory tensors.
         normalization: how :meth:`sample` maps raw latents to the model's data; default: the VAE's own config as
             the cache recorded it (``z * 0.18215`` for SD VAEs). See :meth:`latent_statistics` for EDM2-style
             per-channel normalisation.
-        extra_columns: further columns of the cache (an image crop, encoder features) that every batch also
-            carries, as they are stored (not mirrored), in the batch's ``extras``; read in the same gather.
+        extra_columns: further columns of the cache that every batch also carries in its ``extras``, read in the
+            same gather. ``"image"`` (uint8 ``(3, R, R)``, the crop the VAE encoded) and ``"encoder_features"``
+            (float16 ``(N, C)``) follow the mirror choice of :meth:`sample`: a row whose mirrored posterior is
+            picked gets its image flipped along the width and the features of the mirrored crop (the
+            ``encoder_features_flip`` column, read in the same gather); other rows get them as stored. Any other
+            column comes as stored. ``in_memory`` holds them too (ImageNet-256 images: 252 GB, so not on a GPU).
 
     Attributes:
-        metadata: the cache's ``latents_metadata.json``.
+        metadata: the cache's ``latents_metadata.json``, as stored.
         latent_shape, scaling_factor, num_classes, class_names, has_flip, normalization.
+        has_images: whether the rows carry the ``image`` crop.
+        encoder_features: ``None``, or the feature encoder's ``info`` with ``tokens`` and ``dim``.
         labels: ``int64`` tensor of every row's label.
     """
 
@@ -182,16 +235,27 @@ class LatentDataset:
         self.num_classes = int(self.metadata["num_classes"])
         self.has_flip = "mean_flip" in self.dataset.column_names
         self.random_flip = random_flip and self.has_flip
-        missing = [name for name in extra_columns if name not in self.dataset.column_names]
+        encoder_inputs = cached_encoder_inputs(self.metadata)
+        self.has_images, self.encoder_features = encoder_inputs["images"], encoder_inputs["encoder_features"]
+        self.extra_columns = tuple(extra_columns)
+        # A mirrored row's features come from their own column, read in the same gather when mirrors are picked
+        # (a cache with mirrors always has it; only a hand-made one can lack it). Without random flips (REPA trains
+        # without augmentation) it is not read: that would double the features' reads for nothing.
+        mirror_columns = []
+        if FEATURES_COLUMN in self.extra_columns and self.random_flip:
+            mirror_columns.append(FEATURES_FLIP_COLUMN)
+        wanted = [*self.extra_columns, *mirror_columns]
+        missing = [name for name in dict.fromkeys(wanted) if name not in self.dataset.column_names]
         if missing:
+            hints = [_HOW_TO_CACHE.get(name, "cache it with the column") for name in missing]
             raise ValueError(
                 f"The latent cache {path} has no column {', '.join(map(repr, missing))} (it has "
-                f"{', '.join(self.dataset.column_names)}); cache it with the column to train with it."
+                f"{', '.join(self.dataset.column_names)}); to train with it, {'; '.join(dict.fromkeys(hints))}."
             )
-        self.extra_columns = tuple(extra_columns)
         self.columns = [name for name in _LATENT_COLUMNS if name in self.dataset.column_names]
-        self.columns += [name for name in self.extra_columns if name not in self.columns]
+        self.columns += [name for name in wanted if name not in self.columns]
         self.labels = torch.from_numpy(np.array(self.dataset.data.table.column("label").to_numpy(), dtype=np.int64))
+        self._views = {name: self._row_views(name) for name in self.columns}
         self._memory = None
         if in_memory:
             everything = self._gather(np.arange(len(self)))
@@ -200,24 +264,59 @@ class LatentDataset:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _gather(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        # One Arrow `take` per batch, then a zero-copy-ish flatten of the fixed-shape lists: no per-row Python.
-        taken = self.dataset.data.table.select([*self.columns]).take(pa.array(indices, type=pa.int64()))
-        batch = {}
-        for name in self.columns:
-            column = taken.column(name).combine_chunks()
-            values = column.storage if hasattr(column, "storage") else column
-            shape = self.latent_shape if name in _LATENT_COLUMNS else tuple(getattr(self.features[name], "shape", ()))
+    def _shape(self, name: str) -> tuple[int, ...]:
+        return self.latent_shape if name in _LATENT_COLUMNS else tuple(getattr(self.features[name], "shape", ()))
+
+    def _row_views(self, name: str) -> tuple[list[np.ndarray], np.ndarray] | None:
+        """Zero-copy ``(rows, *shape)`` numpy views of column ``name``'s memory-mapped values, one per Arrow chunk,
+        with each chunk's first row; ``None`` where there are none (nulls, a non-numeric column)."""
+        shape, views, starts = self._shape(name), [], []
+        row = 0
+        for chunk in self.dataset.data.table.column(name).chunks:
+            values = chunk.storage if hasattr(chunk, "storage") else chunk  # datasets' Array*D are extension arrays
             for _ in shape:
                 values = values.flatten()
-            # np.array copies: Arrow buffers are read-only and torch warns about (and must not write to) them.
-            array = np.array(values.to_numpy(zero_copy_only=False)).reshape(len(indices), *shape)
-            batch[name] = torch.from_numpy(array)
-        return batch
+            if values.null_count or len(values) != len(chunk) * math.prod(shape):
+                return None
+            try:
+                array = values.to_numpy(zero_copy_only=True)
+            except (pa.ArrowInvalid, NotImplementedError):
+                return None
+            views.append(array.reshape(len(chunk), *shape))
+            starts.append(row)
+            row += len(chunk)
+        return views, np.array(starts, dtype=np.int64)
+
+    def _gather(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        # Rows copied straight out of the memory-mapped Arrow values with numpy: no per-row Python, and much faster
+        # than Arrow's `take` on nested lists (about 7x for 256 px uint8 images), which stays for other columns.
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"row indices must lie in [0, {len(self)}), got {indices.min()}..{indices.max()}")
+        batch, others = {}, []
+        for name in self.columns:
+            if self._views[name] is None:
+                others.append(name)
+            else:
+                # Fancy indexing copies: the views are read-only, and torch must not write to them.
+                batch[name] = torch.from_numpy(_take_rows(*self._views[name], indices))
+        if others:
+            taken = self.dataset.data.table.select(others).take(pa.array(indices, type=pa.int64()))
+            for name in others:
+                column = taken.column(name).combine_chunks()
+                values = column.storage if hasattr(column, "storage") else column
+                shape = self._shape(name)
+                for _ in shape:
+                    values = values.flatten()
+                # np.array copies: Arrow buffers are read-only and torch warns about (and must not write to) them.
+                array = np.array(values.to_numpy(zero_copy_only=False)).reshape(len(indices), *shape)
+                batch[name] = torch.from_numpy(array)
+        return {name: batch[name] for name in self.columns}
 
     def read_batch(self, indices) -> dict[str, torch.Tensor]:
-        """Rows ``indices`` as ``float16`` ``mean``, ``std`` (``mean_flip``, ``std_flip``) ``(B, C, h, w)`` plus
-        ``int64`` ``label`` ``(B,)`` and ``index`` (the row numbers), on CPU (or on the in-memory device)."""
+        """Rows ``indices`` as ``float16`` ``mean``, ``std`` (``mean_flip``, ``std_flip``) ``(B, C, h, w)``, the
+        extra columns as stored (with ``encoder_features_flip`` when ``encoder_features`` is asked for and mirrors
+        are cached), ``int64`` ``label`` ``(B,)`` and ``index`` (the row numbers), on CPU (or on the in-memory
+        device)."""
         indices = torch.as_tensor(indices, dtype=torch.int64)
         if self._memory is not None:
             device_indices = indices.to(self._memory["mean"].device)
@@ -247,12 +346,22 @@ class LatentDataset:
         random_flip: bool | None = None,
     ) -> Batch:
         """Move a batch to ``device`` and draw ``Batch(z float32 (B, C, h, w), labels int64 (B,), extras)``; see
-        :func:`sample_latents`. ``generator`` must live on ``device``."""
+        :func:`sample_latents`. ``generator`` must live on ``device``. The extras follow each row's mirror choice
+        (see ``extra_columns``); the draws are the same as without extras."""
         if device is not None:
             batch = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
         flip = self.random_flip if random_flip is None else random_flip and self.has_flip
-        z = sample_latents(batch, self.normalization, flip, generator)
-        return Batch(z, batch["label"], {name: batch[name] for name in self.extra_columns})
+        if flip and FEATURES_COLUMN in self.extra_columns and FEATURES_FLIP_COLUMN not in self.columns:
+            raise ValueError(
+                "sample(random_flip=True) on a LatentDataset made with random_flip=False: the features of mirrored "
+                "crops were not read; make it with random_flip=True to mirror samples"
+            )
+        z, mirrored = _sample_latents(batch, self.normalization, flip, generator)
+        if mirrored is None:
+            extras = {name: batch[name] for name in self.extra_columns}
+        else:
+            extras = {name: _mirrored_extra(name, batch, mirrored) for name in self.extra_columns}
+        return Batch(z, batch["label"], extras)
 
     def latent_statistics(self, max_rows: int = 16384) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of raw latents ``z = mean + std * eps`` (no normalisation), in float64.
