@@ -215,3 +215,43 @@ def test_resuming_with_another_repa_section_is_refused():
     assert resume_config_changes(saved, current) == ["repa.depth: 8 -> 4"]
     del saved["repa"]  # a checkpoint written before the section existed resumes with it off
     assert resume_config_changes(saved, config_to_dict(load_config(None))) == []
+
+
+@pytest.mark.parametrize("column", ["image", "encoder_features"])
+def test_a_latent_cache_with_images_or_features_trains_with_repa(column, tmp_path, dinov2_folder, monkeypatch):
+    """The latent cache's side of the contract (its writer lives elsewhere): an ``image`` column (uint8, (3, R, R))
+    with ``"images": true``, or ``encoder_features`` (float16, (N, C)) with their encoder in the metadata, in which
+    case the encoder is never loaded."""
+    import numpy as np
+    from datasets import Array2D, Array3D, load_from_disk
+
+    from diffusers_speedup.data import cache_latents
+    from diffusers_speedup.objectives import repa
+    from tests.tiny_models import tiny_vae
+
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    cache_latents(str(tmp_path / "cache"), builtin="digits", vae=str(tmp_path / "vae"), resolution=32,
+                  num_workers=0, max_images=32, progress=False)  # fmt: skip
+    dataset = load_from_disk(str(tmp_path / "cache"))
+    metadata = json.loads((tmp_path / "cache" / "latents_metadata.json").read_text())
+    rng = np.random.default_rng(0)
+    if column == "image":
+        values, feature = rng.integers(0, 256, (len(dataset), 3, 32, 32), dtype=np.uint8), Array3D((3, 32, 32), "uint8")
+        metadata["images"] = True
+    else:
+        values, feature = rng.standard_normal((len(dataset), 4, 12)).astype(np.float16), Array2D((4, 12), "float16")
+        metadata["encoder_features"] = {"encoder": str(dinov2_folder), "tokens": 4, "dim": 12}
+    dataset.add_column(column, values.tolist(), feature=feature).save_to_disk(str(tmp_path / "extended"))
+    (tmp_path / "extended" / "latents_metadata.json").write_text(json.dumps(metadata))
+
+    loaded = []
+    original = repa.FrozenEncoder.from_pretrained
+    monkeypatch.setattr(repa.FrozenEncoder, "from_pretrained", lambda *a, **k: loaded.append(a) or original(*a, **k))
+    overrides = ["data.kind=latents", f"data.path={tmp_path / 'extended'}", "data.resolution=null",
+                 "model.params.patch_size=8", "train.max_steps=2", "train.checkpoint_every=0"]  # fmt: skip
+    trainer = Trainer(load_config(None, tiny_repa(tmp_path / "run", dinov2_folder, *overrides)))
+    assert trainer.data.dataset.extra_columns == (column,)
+    trainer.train()
+    assert trainer.step == 2 and len(loaded) == (column == "image")  # features stand in for the encoder
+    alignment = trainer.auxiliary_losses[0]
+    assert (alignment.encoder is None) == (column == "encoder_features")
