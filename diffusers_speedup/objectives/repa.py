@@ -44,7 +44,8 @@ PROJECTORS = ("mlp", "conv")
 
 def encoder_grid(resolution: int) -> int:
     """The side of DINOv2's patch grid for images of ``resolution`` px: REPA resizes them to 224·R/256 px, which
-    its 14 px patches cut into R/16 per side (16 at 256 px, 32 at 512 px)."""
+    its 14 px patches cut into R/16 per side (16 at 256 px, 32 at 512 px). REPA's code runs at 256 and 512 px only,
+    where its ``224 * (resolution // 256)`` is this size; other multiples of 16 follow the same rule."""
     if resolution < 16 or resolution % 16:
         raise ValueError(
             f"resolution {resolution}: REPA's encoder input is 224·R/256 px cut into 14 px patches, so R must be a "
