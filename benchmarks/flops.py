@@ -2,6 +2,7 @@
 
     python benchmarks/flops.py                      # the published models (and the flow presets) at 256 / 512 px
     python benchmarks/flops.py --tiny               # the tiny CPU configurations of the smoke benchmarks
+    python benchmarks/flops.py --repa               # also REPA's share of a training step (encoder, projector)
 
 Counting convention:
 
@@ -49,6 +50,7 @@ PUBLISHED_FORWARD_GMACS = {
     "uvit-l-2": (76.5, "counted from baofff/U-ViT configs/imagenet256_uvit_large.py"),
     "edm2-xs": (45.5, "EDM2 paper (Karras et al. 2024), Table 2"),
     "sit-xl-2": (118.64, "SiT paper (Ma et al. 2024), Table 1: DiT-XL/2's network and Gflops"),
+    "sit-b-2": (23.01, "SiT paper (Ma et al. 2024), Table 1: DiT-B/2's network and Gflops"),
 }
 
 
@@ -132,6 +134,9 @@ MODELS = {
 # model FLOPs. LightningDiT-XL/1 on VA-VAE f16d32 latents (16×16×32) has DiT-XL/2's 256 tokens; only its patch
 # embedding and final linear (32 values per token instead of 16) differ. The LightningDiT paper gives no Gflops.
 FLOW_MODELS = {
+    "sit-b-2": BenchmarkModel(
+        "sit-b-2", _dit("sit-b-2", **_LATENT_256, out_channels=4, num_classes=1000), (4, 32, 32), 1000, False, 256
+    ),
     "sit-xl-2": BenchmarkModel(
         "sit-xl-2", _dit("sit-xl-2", **_LATENT_256, out_channels=4, num_classes=1000), (4, 32, 32), 1000, False, 256
     ),
@@ -294,6 +299,90 @@ def flops_table(names: list[str] | None = None, tiny: bool = False) -> list[Flop
     return rows
 
 
+# REPA's extra work per training image (sihyun-yu/REPA's defaults): the frozen DINOv2-B/14 runs forward only, on the
+# image resized to 224·R/256 px (R/16 × R/16 patches and the class token), and the projector (Linear D→2048, SiLU,
+# Linear 2048→2048, SiLU, Linear 2048→768) runs forward and backward over the model's tokens. The block depth is the
+# paper's (4 for B, 8 for L and XL); it changes no count.
+REPA_ENCODER = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, patch_size=14)
+REPA_MODELS = {"sit-b-2": 4, "sit-xl-2": 8}
+
+
+def repa_encoder_flops(resolution: int) -> int:
+    """Forward FLOPs of DINOv2-B/14 on one image of ``resolution`` px as REPA feeds it (224·R/256 px), counted on the
+    meta device with eager attention, so both attention products are counted."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    side = 224 * resolution // 256
+    config = Dinov2Config(**REPA_ENCODER, image_size=side, attn_implementation="eager")
+    with torch.device("meta"):
+        encoder = Dinov2Model(config).eval()
+        pixels = torch.zeros(1, 3, side, side)
+    with torch.no_grad():
+        return count_flops(lambda: encoder(pixel_values=pixels))
+
+
+def repa_projector_flops(hidden_size: int, tokens: int, projector_dim: int = 2048, z_dim: int = 768) -> int:
+    """Training FLOPs (forward + backward = 3 × forward) of REPA's projector over ``tokens`` tokens of one image."""
+    from diffusers_speedup.objectives.repa import mlp_projector
+
+    with torch.device("meta"):
+        projector = mlp_projector(hidden_size, projector_dim, z_dim)
+        hidden = torch.zeros(1, tokens, hidden_size)
+    with torch.no_grad():
+        return 3 * count_flops(lambda: projector(hidden))
+
+
+@dataclass
+class RepaRow:
+    model: str
+    depth: int
+    model_training_gflops: float
+    encoder_gflops: float
+    projector_gflops: float
+    encoder_share: float  # ÷ the model's own training FLOPs per image
+    projector_share: float
+
+
+def repa_table(names: list[str] | None = None) -> list[RepaRow]:
+    """REPA's share of a training step for the REPA models (`REPA_MODELS`), in training FLOPs per image."""
+    rows = []
+    for spec in get_models(list(REPA_MODELS) if names is None else names):
+        with torch.device("meta"):
+            model = spec.build()
+        tokens = (model.config.sample_size // model.config.patch_size) ** 2
+        training = training_flops_per_image(spec)
+        encoder = repa_encoder_flops(spec.resolution)
+        projector = repa_projector_flops(model.config.hidden_size, tokens)
+        rows.append(
+            RepaRow(
+                model=spec.name,
+                depth=REPA_MODELS.get(spec.name, 8),
+                model_training_gflops=training / 1e9,
+                encoder_gflops=encoder / 1e9,
+                projector_gflops=projector / 1e9,
+                encoder_share=encoder / training,
+                projector_share=projector / training,
+            )
+        )
+    return rows
+
+
+def format_repa_table(rows: list[RepaRow]) -> str:
+    lines = [
+        "| model + REPA (DINOv2-B) | depth | model train GFLOP/img | encoder fwd GFLOP (share) "
+        "| projector fwd+bwd GFLOP (share) | REPA in all |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.model} | {row.depth} | {_num(row.model_training_gflops)} "
+            f"| {_num(row.encoder_gflops)} (+{100 * row.encoder_share:.1f} %) "
+            f"| {_num(row.projector_gflops)} (+{100 * row.projector_share:.1f} %) "
+            f"| +{100 * (row.encoder_share + row.projector_share):.1f} % |"
+        )
+    return "\n".join(lines)
+
+
 def _num(value: float) -> str:
     return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3g}"
 
@@ -319,14 +408,21 @@ def main(argv=None) -> list[FlopsRow]:
     parser.add_argument("--models", nargs="+", default=None, help=f"subset of {[*MODELS, *FLOW_MODELS]}")
     parser.add_argument("--tiny", action="store_true", help="the tiny CPU configurations instead")
     parser.add_argument("--output_dir", default=None, help="also write flops.json and flops.md here")
+    parser.add_argument("--repa", action="store_true", help=f"also REPA's share of a step for {list(REPA_MODELS)}")
     args = parser.parse_args(argv)
     rows = flops_table(args.models, args.tiny)
     table = format_table(rows)
+    repa_rows = repa_table() if args.repa else []
+    if repa_rows:
+        table += "\n\n" + format_repa_table(repa_rows)
     print(table)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "flops.json"), "w") as f:
             json.dump([asdict(row) for row in rows], f, indent=2)
+        if repa_rows:
+            with open(os.path.join(args.output_dir, "flops_repa.json"), "w") as f:
+                json.dump([asdict(row) for row in repa_rows], f, indent=2)
         with open(os.path.join(args.output_dir, "flops.md"), "w") as f:
             f.write(table + "\n")
     return rows

@@ -176,3 +176,14 @@ def test_flow_presets_flops(flops):
 def test_flow_presets_are_counted_by_default_but_not_benchmarked_by_default(flops):
     assert [spec.name for spec in flops.get_models()] == list(flops.MODELS)
     assert flops.get_models(["lightningdit-xl-1"])[0].sample_shape == (32, 16, 16)
+
+
+def test_repas_share_of_a_step_is_the_research_notes(flops):
+    # DINOv2-B/14 at 224 px: 23.2 GMAC forward, +6.5 % on SiT-XL/2's 712 training GFLOP per image and +34 % on
+    # SiT-B/2's 138; the projector over 256 tokens, forward and backward, +1.8 % on XL (flow_repa.md §1.5).
+    rows = {row.model: row for row in flops.repa_table()}
+    assert rows["sit-xl-2"].encoder_gflops / 2 == pytest.approx(23.16, abs=0.01)
+    assert rows["sit-xl-2"].encoder_share == pytest.approx(0.065, abs=0.001)
+    assert rows["sit-b-2"].encoder_share == pytest.approx(0.336, abs=0.001)
+    assert rows["sit-xl-2"].projector_gflops == pytest.approx(12.48, abs=0.01)
+    assert rows["sit-xl-2"].projector_share == pytest.approx(0.0175, abs=0.001)

@@ -42,6 +42,12 @@ TECHNIQUES: dict[str, dict[str, str]] = {
         "Quality in Diffusion Models*, NeurIPS 2024",
         "arxiv": "2404.07724",
     },
+    "repa": {
+        "name": "Representation alignment (REPA)",
+        "citation": "Yu et al., *Representation Alignment for Generation: Training Diffusion Transformers Is Easier "
+        "Than You Think*, ICLR 2025",
+        "arxiv": "2410.06940",
+    },
     "u-vit": {
         "name": "U-ViT backbone",
         "citation": "Bao et al., *All are Worth Words: A ViT Backbone for Diffusion Models*, CVPR 2023",
@@ -140,6 +146,7 @@ def detect_techniques(training_config: Mapping[str, Any] | None, pipeline_class_
     model = _recipe_section(training_config, "model")
     objective = _recipe_section(training_config, "objective")
     sampling = _recipe_section(training_config, "sampling")
+    repa = _recipe_section(training_config, "repa")
     params = model.get("params") if isinstance(model.get("params"), Mapping) else {}
 
     def kind(section: Mapping[str, Any], key: str) -> str | None:
@@ -151,6 +158,7 @@ def detect_techniques(training_config: Mapping[str, Any] | None, pipeline_class_
         ("speed", kind(objective, "sampler") == "speed"),
         ("min-snr", kind(objective, "weighting") in ("min_snr", "soft_min_snr")),
         ("limited-interval-guidance", not _is_off(sampling.get("guidance_interval"))),
+        ("repa", repa.get("enabled") is True),
     ]
     # The model family's own tag (the registry's), from the recipe's model.kind or the exported classes.
     used += [
@@ -283,8 +291,31 @@ def _fid_result(info: ModelCardInfo, datasets: list[str]) -> EvalResult:
     )
 
 
+def _technique_details(training_config: Mapping[str, Any] | None) -> dict[str, str]:
+    """How the recipe used a technique, where the card should say it (REPA: the encoder, the block and λ)."""
+    repa = _recipe_section(training_config, "repa")
+    if repa.get("enabled") is not True:
+        return {}
+    encoder = repa.get("encoder")
+    # A Hub id is named; a local folder is not (it would leak a machine's file layout).
+    named = f"`{encoder}`" if hub_repo_id(encoder) else "a local DINOv2 folder"
+    details = f"encoder {named}, aligned at the output of block {repa.get('depth')}, λ = {repa.get('weight')}"
+    if repa.get("projector") == "conv":
+        details += f", iREPA's conv projector (kernel {repa.get('conv_kernel_size')})"
+    if repa.get("zscore_alpha") is not None:
+        details += f", iREPA's spatial z-score (α = {repa.get('zscore_alpha')})"
+    if repa.get("stop_after_step") is not None:
+        details += f", switched off after step {repa.get('stop_after_step')} (HASTE)"
+    return {"repa": details}
+
+
 def _training_lines(
-    info: ModelCardInfo, datasets: list[str], base_model: str | None, has_config: bool, techniques: list[str]
+    info: ModelCardInfo,
+    datasets: list[str],
+    base_model: str | None,
+    has_config: bool,
+    techniques: list[str],
+    details: Mapping[str, str] | None = None,
 ) -> list[str]:
     """The card's "How it was trained" section: data, starting point, the reported facts, and the techniques."""
     recipe = []
@@ -308,8 +339,9 @@ def _training_lines(
         lines += ["### Techniques", ""]
         for tag in techniques:
             t = TECHNIQUES[tag]
+            used = f"; {details[tag]}" if details and tag in details else ""
             lines.append(
-                f"- **{t['name']}**: {t['citation']} ([arXiv:{t['arxiv']}](https://arxiv.org/abs/{t['arxiv']}))"
+                f"- **{t['name']}**: {t['citation']} ([arXiv:{t['arxiv']}](https://arxiv.org/abs/{t['arxiv']})){used}"
             )
         lines += [""]
     return lines
@@ -382,7 +414,8 @@ def build_model_card(
     lines += [f"- `{name}`: `{cls}`" for name, cls in component_classes.items()]
     lines += [""]
 
-    lines += _training_lines(info, datasets, base_model, bool(training_config), techniques)
+    details = _technique_details(training_config)
+    lines += _training_lines(info, datasets, base_model, bool(training_config), techniques, details)
 
     if info.fid is not None:
         lines += ["## Evaluation", ""]

@@ -9,15 +9,76 @@ one model file in this folder plus one entry here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
+
+import torch
+from torch import nn
 
 from .dit_transformer import DIT_PRESETS, DiTModel
 from .edm2_unet import EDM2_PRESETS, EDM2UNetModel
 from .uvit import UVIT_PRESETS, UViTModel
 
 Conditioning = Literal["timestep", "sigma"]
+TokenLayout = Literal["tokens", "extra_tokens_first", "feature_map"]
+
+
+@dataclass(frozen=True)
+class HiddenStates:
+    """Where an auxiliary loss (REPA) reads a model's hidden state, and how that state becomes patch tokens.
+
+    Attributes:
+        blocks: the attribute holding the blocks whose output can be read, numbered from 1 in the order the forward
+            pass runs them (a recipe's ``repa.depth``).
+        what: what one of those blocks is called, for messages.
+        layout: how a block's output becomes patch tokens (B, N, D), N = grid², in row-major order, as an image
+            encoder orders its patches. ``"tokens"``: the output is the patch tokens. ``"extra_tokens_first"``: the
+            output starts with the model's ``num_extra_tokens`` time and class tokens, which are dropped.
+            ``"feature_map"``: the output is a (B, C, H, W) map, flattened to (B, H·W, C); its side is the model's
+            ``sample_size`` halved by every block up to it whose ``resample_mode`` is ``"down"``, its width the
+            block's ``out_channels``.
+    """
+
+    blocks: str
+    what: str
+    layout: TokenLayout = "tokens"
+
+    def count(self, model: nn.Module) -> int:
+        """How many blocks can be read."""
+        return len(getattr(model, self.blocks))
+
+    def block(self, model: nn.Module, depth: int) -> nn.Module:
+        """Block ``depth`` (1 = the first), or a ValueError naming the range."""
+        count = self.count(model)
+        if not 1 <= depth <= count:
+            raise ValueError(
+                f"depth {depth} is not a block of this {type(model).__name__}, which has {count} {self.what}s "
+                f"(depth 1 to {count})."
+            )
+        return getattr(model, self.blocks)[depth - 1]
+
+    def tokens_of(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The function from a block's output to its patch tokens (B, N, D)."""
+        if self.layout == "extra_tokens_first":
+            extra = model.num_extra_tokens
+            return lambda output: output[:, extra:]
+        if self.layout == "feature_map":
+            return lambda output: output.flatten(2).transpose(1, 2)
+        return lambda output: output
+
+    def grid(self, model: nn.Module, depth: int) -> int:
+        """The side of the square token grid that block ``depth`` outputs."""
+        if self.layout == "feature_map":
+            blocks = getattr(model, self.blocks)[:depth]
+            return model.config.sample_size >> sum(block.resample_mode == "down" for block in blocks)
+        return model.config.sample_size // model.config.patch_size
+
+    def width(self, model: nn.Module, depth: int) -> int:
+        """The width D of block ``depth``'s tokens."""
+        if self.layout == "feature_map":
+            return getattr(model, self.blocks)[depth - 1].out_channels
+        return model.config.hidden_size
 
 
 @dataclass(frozen=True)
@@ -42,6 +103,7 @@ class ModelKind:
         fsdp_refused: why it cannot be trained under FSDP, or None when it can.
         xformers_refused: why it has no xformers attention path, or None when it has one.
         card_tag: the technique tag its model card gets (a key of ``hub.model_card.TECHNIQUES``), or None.
+        hidden_states: where an auxiliary loss (REPA) reads its hidden state (`HiddenStates`); None when none can.
     """
 
     name: str
@@ -54,6 +116,7 @@ class ModelKind:
     fsdp_refused: str | None = None
     xformers_refused: str | None = None
     card_tag: str | None = None
+    hidden_states: HiddenStates | None = None
 
     @property
     def pipeline_slot(self) -> str:
@@ -73,7 +136,15 @@ class ModelKind:
 MODEL_KINDS: dict[str, ModelKind] = {
     kind.name: kind
     for kind in (
-        ModelKind("uvit", UViTModel, UVIT_PRESETS, card_tag="u-vit"),
+        # An in-block: the long-skip encoder half (every block without long skips); its output starts with the
+        # time and class tokens.
+        ModelKind(
+            "uvit",
+            UViTModel,
+            UVIT_PRESETS,
+            card_tag="u-vit",
+            hidden_states=HiddenStates("in_blocks", "U-ViT in-block", "extra_tokens_first"),
+        ),
         ModelKind(
             "edm2_unet",
             EDM2UNetModel,
@@ -84,8 +155,18 @@ MODEL_KINDS: dict[str, ModelKind] = {
             "normalisation), which FSDP's shards would not keep; train it with DDP",
             xformers_refused="EDM2UNetModel's cosine attention has no xformers path; use 'sdpa'",
             card_tag="edm2",
+            # The output of an encoder block (downsampling blocks included), a feature map flattened to tokens; its
+            # grid halves at each level (at 512 px on 64×64 latents: 64, 32, 16, 8).
+            hidden_states=HiddenStates("encoder", "EDM2 encoder block", "feature_map"),
         ),
-        ModelKind("dit", DiTModel, DIT_PRESETS, learned_variance=True, drops_labels_itself=True),
+        ModelKind(
+            "dit",
+            DiTModel,
+            DIT_PRESETS,
+            learned_variance=True,
+            drops_labels_itself=True,
+            hidden_states=HiddenStates("blocks", "DiT block"),  # DiT, SiT and LightningDiT: a block's output tokens
+        ),
     )
 }
 # The kind a recipe trains when it names none.
@@ -112,6 +193,7 @@ __all__ = [
     "DiTModel",
     "EDM2UNetModel",
     "EDM2_PRESETS",
+    "HiddenStates",
     "MODEL_KINDS",
     "ModelKind",
     "UVIT_PRESETS",

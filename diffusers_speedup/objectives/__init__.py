@@ -1,7 +1,8 @@
-"""What training minimises: noise-level samplers, loss weights, the loss itself and auxiliary losses."""
+"""What training minimises: noise-level samplers, loss weights, the loss itself and auxiliary losses (REPA)."""
 
 from .auxiliary import AuxiliaryLoss
 from .objective import DiffusionObjective, ObjectiveOutput, UncertaintyHead
+from .repa import FrozenEncoder, RepresentationAlignment
 from .samplers import (
     SAMPLER_KINDS,
     LogitNormalTimestepSampler,
@@ -17,11 +18,13 @@ from .weighting import PREDICTION_TYPES, WEIGHTING_KINDS, LossWeighting, compute
 __all__ = [
     "AuxiliaryLoss",
     "DiffusionObjective",
+    "FrozenEncoder",
     "LogNormalSigmaSampler",
     "LossWeighting",
     "LogitNormalTimestepSampler",
     "ObjectiveOutput",
     "PREDICTION_TYPES",
+    "RepresentationAlignment",
     "SAMPLER_KINDS",
     "SpeeDTimestepSampler",
     "UncertaintyHead",

@@ -8,8 +8,15 @@ averages its parameters, checkpoints save and resume them with the model, the lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+
+def first_output(output):
+    """A block's hidden state when its output is a tensor, or a tuple that starts with it."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 class AuxiliaryLoss(nn.Module):
@@ -20,18 +27,27 @@ class AuxiliaryLoss(nn.Module):
 
     Args:
         block: the network's submodule whose output the loss reads (e.g. the 8th transformer block).
+        hidden_state_of: the function from the block's output to the hidden state the loss reads (default: the
+            output itself, or the first item of a tuple). E.g. U-ViT's tokens without its time and class tokens, or
+            the image stream of an SD3 block's ``(encoder_hidden_states, hidden_states)``.
+
+    Attributes:
+        step: the number of optimizer steps taken before the one under way. The trainer sets it before each step,
+            from its own count (restored on resume), for losses that change with training (REPA's optional stop).
     """
 
     name = "auxiliary"
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, hidden_state_of: Callable | None = None):
         super().__init__()
         self._hidden_state = None
+        self._hidden_state_of = hidden_state_of or first_output
+        self.step = 0
         # Not stored as a submodule: the block's parameters belong to the network, not to this loss.
         self._hook = block.register_forward_hook(self._keep_output)
 
     def _keep_output(self, module, args, output) -> None:
-        self._hidden_state = output[0] if isinstance(output, tuple) else output
+        self._hidden_state = self._hidden_state_of(output)
 
     def loss(self, hidden_state: torch.Tensor, **extras: torch.Tensor) -> torch.Tensor:
         """The per-sample term (shape (B,)), already weighted, from the block's output and the batch's extras."""

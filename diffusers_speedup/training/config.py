@@ -18,6 +18,7 @@ from ..models import DEFAULT_MODEL_KIND, MODEL_KINDS
 from ..objectives import PREDICTION_TYPES
 from ..objectives.flow import FLOW_PATHS
 from ..objectives.objective import LOSS_REDUCTIONS
+from ..objectives.repa import PROJECTORS
 
 # The choices of the recipe fields. OmegaConf checks a value against its field's Literal whenever a recipe or an
 # override is merged, and `validate_config` does so for a Config built in Python.
@@ -41,6 +42,7 @@ LRSchedule = Literal[
 ]
 MixedPrecision = Literal["fp32", "bf16", "fp16"]
 AttentionBackend = Literal["sdpa", "xformers"]
+Projector = Literal[PROJECTORS]
 MIXED_PRECISION = get_args(MixedPrecision)
 # accelerate's experiment trackers (accelerate.utils.LoggerType); train.report_to takes one, several joined by
 # commas, "all" (every one installed) or "none". The Python module each needs has the same name.
@@ -184,6 +186,21 @@ class TrainConfig:
 
 
 @dataclass
+class RepaConfig:
+    """Representation alignment (REPA; `objectives.repa`): off unless ``enabled``."""
+
+    enabled: bool = False
+    encoder: str = "facebook/dinov2-base"  # a transformers DINOv2 (with registers or not): Hub id or folder
+    depth: int = 8  # the block whose output is aligned, from 1 (REPA: 8 for L and XL, 4 for B)
+    weight: float = 0.5  # λ (REPA's --proj-coeff)
+    projector: Projector = "mlp"  # mlp: REPA's three Linear layers; conv: iREPA's Conv2d over the token grid
+    projector_dim: int = 2048  # the MLP's hidden width
+    conv_kernel_size: int = 1  # the conv projector's kernel (iREPA's trainer default; its README shows 3)
+    zscore_alpha: float | None = None  # iREPA's spatial z-score of the encoder tokens with this α (0.6); null: off
+    stop_after_step: int | None = None  # HASTE: no alignment after this many optimizer steps; null: throughout
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -193,6 +210,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
 
 
 def with_family_defaults(config: Config) -> Config:

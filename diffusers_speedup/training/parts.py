@@ -1,5 +1,5 @@
 """The parts of a training run, built from a recipe: the model (fitted to the data), the noise schedule, the
-objective, the EMA, the optimizer, the learning-rate schedule and the sampling scheduler.
+objective, the auxiliary losses (REPA), the EMA, the optimizer, the learning-rate schedule and the sampling scheduler.
 
 One function per part, so that the trainer, the recipe checks and the benchmarks build them the same way.
 """
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..models import model_kind
-from .config import Config, ScheduleConfig, config_to_dict
+from .config import Config, ConfigError, ScheduleConfig, config_to_dict
 from .ema import ConstantEMA, PowerFunctionEMA
 from .lr_schedules import get_lr_scheduler
 from .training_data import TrainingData
@@ -62,6 +62,39 @@ def build_model(config: Config, data: TrainingData) -> nn.Module:
     if config.model.preset is None:
         return kind.model_class(**params)
     return kind.model_class.from_preset(config.model.preset, **params)
+
+
+def build_auxiliary_losses(config: Config, model: nn.Module, data: TrainingData) -> list:
+    """The recipe's auxiliary losses on ``model``: REPA (`objectives.repa.RepresentationAlignment`) on block
+    ``repa.depth`` when ``repa.enabled``, with its encoder loaded (frozen, resampled to the data's resolution), or
+    none when the data brings the encoder's features precomputed. Check the recipe first (`check_repa_fits`)."""
+    from ..objectives.repa import FrozenEncoder, RepresentationAlignment
+
+    repa = config.repa
+    if not repa.enabled:
+        return []
+    features = data.encoder_features
+    if features is None:
+        try:
+            encoder, encoder_dim = FrozenEncoder.from_pretrained(repa.encoder, config.data.resolution), None
+        except (OSError, ValueError) as error:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ConfigError(f"repa.encoder: {first_line}") from None
+    else:
+        encoder, encoder_dim = None, int(features["dim"])
+    alignment = RepresentationAlignment.attach(
+        model,
+        repa.depth,
+        encoder=encoder,
+        encoder_dim=encoder_dim,
+        weight=repa.weight,
+        projector=repa.projector,
+        projector_dim=repa.projector_dim,
+        conv_kernel_size=repa.conv_kernel_size,
+        zscore_alpha=repa.zscore_alpha,
+        stop_after_step=repa.stop_after_step,
+    )
+    return [alignment]
 
 
 def build_ema(config: Config, model: nn.Module, snapshot_dir: str | None) -> ConstantEMA | PowerFunctionEMA | None:

@@ -47,6 +47,11 @@ class TrainingModule(nn.Module):
         self.shard = (rank, world_size)
         self.auxiliary_losses = nn.ModuleList(auxiliary_losses)
 
+    def set_step(self, step: int) -> None:
+        """Tell the auxiliary losses how many optimizer steps were taken before the next one (their ``step``)."""
+        for auxiliary in self.auxiliary_losses:
+            auxiliary.step = step
+
     def forward(self, x0: torch.Tensor, class_labels: torch.Tensor, **extras: torch.Tensor):
         # Every process draws the noise of the whole global batch and keeps its slice: N processes train on exactly
         # what one process would, and no two processes reuse the same noise.

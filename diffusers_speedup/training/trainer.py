@@ -47,6 +47,7 @@ from .config import Config, config_to_dict, config_to_yaml, report_to_trackers
 from .ema import SNAPSHOT_DIR_NAME, PowerFunctionEMA
 from .launch import apply_launcher_settings, check_job, claim_output_dir, hardware_name
 from .parts import (
+    build_auxiliary_losses,
     build_ema,
     build_lr_scheduler,
     build_model,
@@ -59,7 +60,7 @@ from .preemption import SigtermFlag, TrainingPreempted
 from .step import LOG_SNR_BUCKETS, LossTracker, NonFiniteSteps, TrainingModule, optimizer_step
 from .trackers import log_image_to_trackers, tracker_config
 from .training_data import load_training_data, with_data_resolution
-from .validation import check_environment, check_resume_config, check_resume_data
+from .validation import check_environment, check_repa_fits, check_resume_config, check_resume_data
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,9 @@ class Trainer:
             self.model.enable_xformers_memory_efficient_attention()
         self.noise_scheduler = build_noise_scheduler(config.objective.schedule)
         self.objective = build_objective(config, self.noise_scheduler, self.data.num_classes)
+        # REPA: the block and its token grid are checked before the encoder loads and before any step.
+        check_repa_fits(config, self.model, self.data.encoder_features)
+        self.auxiliary_losses = build_auxiliary_losses(config, self.model, self.data)
 
     def _prepare_for_training(self) -> None:
         """Compile, hand the model and the optimizer to accelerate, and register what else checkpoints hold: the LR
@@ -188,7 +192,14 @@ class Trainer:
             # In place rather than torch.compile(model): the parameter names, and so checkpoints, stay the same
             # with and without compilation, and a run can be resumed either way.
             self.model.compile()
-        trainable = TrainingModule(self.model, self.objective, accelerator.process_index, accelerator.num_processes)
+        trainable = TrainingModule(
+            self.model,
+            self.objective,
+            accelerator.process_index,
+            accelerator.num_processes,
+            auxiliary_losses=self.auxiliary_losses,
+        )
+        self.training_module = trainable  # unwrapped, to tell the auxiliary losses the step
         optimizer = build_optimizer(config, trainable.parameters(), accelerator.device)
         self.module, self.optimizer = accelerator.prepare(trainable, optimizer)
         # Not passed through prepare: accelerate would step it once per process per step.
@@ -275,6 +286,7 @@ class Trainer:
         while self.step < train.max_steps:
             step_start = time.perf_counter()
             micro_batches = (self.data.batch(next(batches), device) for _ in range(train.gradient_accumulation_steps))
+            self.training_module.set_step(self.step)  # the restored count on resume (REPA's optional stop reads it)
             grad_norm, skipped = optimizer_step(
                 accelerator, self.module, self.optimizer, micro_batches, config.optim.max_grad_norm, tracker
             )

@@ -26,13 +26,27 @@ class TrainingData:
     is_latent: bool
     class_names: list[str]
     sample_shape: tuple[int, int, int]
+    # Pixels only: each batch also carries its clean images as ``extras["image"]`` in [0, 255], (x0 + 1)·127.5 (for
+    # REPA's encoder; a mirrored sample's image is mirrored with it).
+    pixels_as_image: bool = False
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def encoder_features(self) -> dict | None:
+        """What a latent cache's metadata says of the encoder features its batches carry (``encoder``, ``tokens``,
+        ``dim``, ...), or None when they carry none."""
+        if not self.is_latent or "encoder_features" not in self.dataset.extra_columns:
+            return None
+        return self.dataset.metadata["encoder_features"]
+
     def batch(self, indices: torch.Tensor, device) -> Batch:
-        return self.dataset.batch(indices, device)
+        batch = self.dataset.batch(indices, device)
+        if self.pixels_as_image:
+            batch = Batch(batch.x0, batch.class_labels, {**batch.extras, "image": (batch.x0 + 1) * 127.5})
+        return batch
 
     def identity(self) -> dict:
         """What a checkpoint records of the data, for a resume to tell whether it changed (`data_change`).
@@ -107,12 +121,44 @@ def with_data_resolution(config: Config) -> Config:
     return dataclasses.replace(config, data=dataclasses.replace(data, resolution=resolution))
 
 
+def repa_extra_columns(config: Config) -> tuple[str, ...]:
+    """The latent-cache columns a REPA recipe reads next to the latents: ``encoder_features`` when the cache holds
+    features of ``repa.encoder``, else ``image`` when it holds the clean images; none for pixel data (the image is
+    the data itself) or without REPA.
+
+    Raises:
+        ConfigError: naming the cache when it holds neither, and how to cache the images.
+    """
+    data, repa = config.data, config.repa
+    if not repa.enabled or data.kind != "latents":
+        return ()
+    from ..data.latent_cache import read_cache_metadata
+
+    metadata = read_cache_metadata(data.path)
+    features = metadata.get("encoder_features") or {}
+    if features.get("encoder") == repa.encoder:
+        return ("encoder_features",)
+    if metadata.get("images"):
+        return ("image",)
+    also = f" (its encoder features are of {features.get('encoder')!r}, not of {repa.encoder!r})" if features else ""
+    raise ConfigError(
+        f"repa.enabled: the latent cache {data.path} holds no clean images for REPA's encoder{also}; cache the "
+        "images with the latents: diffusers-speedup cache-latents ... --store_images."
+    )
+
+
 def load_training_data(config: Config, device) -> TrainingData:
     from ..data import LatentDataset, load_pixel_dataset
 
     data = config.data
     if data.kind == "latents":
-        dataset = LatentDataset(data.path, random_flip=data.random_flip, in_memory=data.in_memory, device=device)
+        dataset = LatentDataset(
+            data.path,
+            random_flip=data.random_flip,
+            in_memory=data.in_memory,
+            device=device,
+            extra_columns=repa_extra_columns(config),
+        )
         if data.latent_norm == "per_channel":
             dataset.normalization = per_channel_normalization(dataset, data)
         names = dataset.class_names or [str(i) for i in range(dataset.num_classes)]
@@ -135,7 +181,7 @@ def load_training_data(config: Config, device) -> TrainingData:
     if dataset.rejected:
         logger.warning("%d images were rejected, e.g. %s", len(dataset.rejected), dataset.rejected[:3])
     names = dataset.class_names or [str(i) for i in range(int(dataset.labels.max()) + 1)]
-    return TrainingData(dataset, False, list(names), dataset.sample_shape)
+    return TrainingData(dataset, False, list(names), dataset.sample_shape, pixels_as_image=config.repa.enabled)
 
 
 def per_channel_normalization(dataset, data) -> LatentNormalization:

@@ -19,7 +19,7 @@ from .checkpoints import CONFIG_NAME as CONFIG_FILE_NAME
 from .checkpoints import TRAINER_STATE_NAME, list_checkpoints, load_trainer_state
 from .config import TRACKERS, Config, ConfigError, DataConfig, _omegaconf_message, config_to_dict, report_to_trackers
 from .parts import build_noise_scheduler, build_objective
-from .training_data import data_change
+from .training_data import data_change, repa_extra_columns
 
 
 def _choice(key: str, value, choices) -> None:
@@ -118,6 +118,8 @@ def _check_ranges(config: Config) -> None:
     _positive("hub.max_retries", hub.max_retries, allow_zero=True)
     _positive("hub.retry_delay", hub.retry_delay, allow_zero=True)
 
+    _check_repa_ranges(config)
+
     _positive("train.batch_size", train.batch_size)
     _positive("train.gradient_accumulation_steps", train.gradient_accumulation_steps)
     _positive("train.max_steps", train.max_steps)
@@ -136,6 +138,69 @@ def _check_ranges(config: Config) -> None:
     if not train.tracker_project_name.strip():
         raise ConfigError("train.tracker_project_name: must not be empty.")
     _check_resume(train.resume)
+
+
+def _check_repa_ranges(config: Config) -> None:
+    """The ``repa`` section's values, when it is enabled, and whether the model kind has blocks it can read."""
+    repa = config.repa
+    if not repa.enabled:
+        return
+    if not repa.encoder.strip():
+        raise ConfigError("repa.encoder: must name a DINOv2 (a Hub id such as facebook/dinov2-base, or a folder).")
+    if repa.depth < 1:
+        raise ConfigError(f"repa.depth: the aligned block is counted from 1, got {repa.depth}.")
+    _positive("repa.weight", repa.weight)
+    _positive("repa.projector_dim", repa.projector_dim)
+    if repa.conv_kernel_size < 1 or repa.conv_kernel_size % 2 == 0:
+        raise ConfigError(
+            f"repa.conv_kernel_size: must be odd and positive (the token grid keeps its size), got "
+            f"{repa.conv_kernel_size}."
+        )
+    if repa.zscore_alpha is not None and not 0 <= repa.zscore_alpha <= 1:
+        raise ConfigError(f"repa.zscore_alpha: must lie in [0, 1] (iREPA's 0.6), or be null, got {repa.zscore_alpha}.")
+    if repa.stop_after_step is not None:
+        _positive("repa.stop_after_step", repa.stop_after_step)
+    if model_kind(config.model.kind).hidden_states is None:
+        raise ConfigError(f"repa.enabled: model.kind {config.model.kind!r} has no block that REPA can read.")
+
+
+def check_repa_fits(config: Config, model, encoder_features: dict | None = None) -> None:
+    """Before any training step: the block ``repa.depth`` exists in the built ``model`` and its token grid is the
+    encoder's (REPA aligns token to token: R px images give DINOv2 R/16 × R/16 patches), and precomputed encoder
+    features (a latent cache's ``encoder_features`` metadata) have that many tokens.
+
+    Raises:
+        ConfigError: naming ``repa.depth`` or ``data.resolution`` (the grids of every block, to choose from).
+    """
+    repa = config.repa
+    if not repa.enabled:
+        return
+    where = model_kind(config.model.kind).hidden_states
+    try:
+        where.block(model, repa.depth)
+    except ValueError as error:
+        raise ConfigError(f"repa.depth: {error}") from None
+    resolution = config.data.resolution
+    if resolution is None or resolution < 16 or resolution % 16:
+        raise ConfigError(
+            f"data.resolution: REPA's encoder sees the R px images as R/16 × R/16 patches (224·R/256 px, 14 px "
+            f"patches), so R must be a multiple of 16, got {resolution}."
+        )
+    wanted = resolution // 16
+    grid = where.grid(model, repa.depth)
+    if grid != wanted:
+        fitting = [d for d in range(1, where.count(model) + 1) if where.grid(model, d) == wanted]
+        choice = f"blocks {fitting[0]} to {fitting[-1]} have it" if fitting else "no block of this model has it"
+        raise ConfigError(
+            f"repa.depth: {where.what} {repa.depth} of this {type(model).__name__} outputs a {grid}×{grid} token "
+            f"grid, but the encoder sees data.resolution={resolution} px images as {wanted}×{wanted} patches; REPA "
+            f"aligns token to token, so the grids must be equal ({choice})."
+        )
+    if encoder_features is not None and encoder_features.get("tokens") != wanted * wanted:
+        raise ConfigError(
+            f"data.path: the cache's encoder features have {encoder_features.get('tokens')} tokens per image, but "
+            f"{resolution} px images give {wanted * wanted} ({wanted}×{wanted}); cache them again."
+        )
 
 
 def _check_resume(resume: str | None) -> None:
@@ -267,7 +332,21 @@ def check_environment(config: Config) -> None:
         if tracker not in ("all", "tensorboard") and importlib.util.find_spec(tracker) is None:
             raise ConfigError(f"train.report_to: {tracker!r} is not installed (pip install {tracker}).")
     _check_data_path(config.data)
+    _check_repa_encoder(config)
     refuse_existing_checkpoints(config)
+
+
+def _check_repa_encoder(config: Config) -> None:
+    """A REPA recipe's data carries what the encoder needs (`repa_extra_columns`) and ``repa.encoder`` is a DINOv2
+    (only its config is read here; the weights load when the run is built)."""
+    if not config.repa.enabled or "encoder_features" in repa_extra_columns(config):
+        return
+    from ..objectives.repa import encoder_config
+
+    try:
+        encoder_config(config.repa.encoder)
+    except ValueError as error:
+        raise ConfigError(f"repa.encoder: {error}") from None
 
 
 def refuse_existing_checkpoints(config: Config) -> None:
@@ -314,12 +393,12 @@ def resume_config_changes(saved: dict, current: dict) -> list[str]:
     """The changes between a checkpoint's saved config and the config resuming it that would break the model or
     the exactness of the resumed run, as ``key: saved -> current`` lines (empty when the resume is sound).
 
-    Refused: anything under ``model``, ``objective`` and ``data`` (but ``data.in_memory``), the global batch and its
-    split into accumulation steps, the seed (which fixes the data order), the optimizer, and the EMA kind and
-    profiles (whose state the checkpoint holds). Allowed: everything else — ``train.max_steps``, the log, sample
+    Refused: anything under ``model``, ``objective``, ``data`` (but ``data.in_memory``) and ``repa``, the global
+    batch and its split into accumulation steps, the seed (which fixes the data order), the optimizer, and the EMA
+    kind and profiles (whose state the checkpoint holds). Allowed: everything else — ``train.max_steps``, the log, sample
     and checkpoint cadences, the output and hub settings, the learning-rate values, mixed precision, compilation.
     """
-    fixed_sections = ("model", "objective", "data")
+    fixed_sections = ("model", "objective", "data", "repa")
     # Where the data is read from changes nothing of what is read.
     free_keys = ("data.in_memory",)
     if (current.get("data") or {}).get("kind") == "latents":
