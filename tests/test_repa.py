@@ -240,8 +240,8 @@ def test_an_encoder_that_is_not_dinov2_is_refused_naming_the_encoder(tmp_path):
         FrozenEncoder(vit, 256)
     with pytest.raises(ValueError, match=r"encoder '.*nowhere' cannot be read"):
         FrozenEncoder.from_pretrained(str(tmp_path / "nowhere"), 256)
-    with pytest.raises(ValueError, match="R must be a multiple of 16"):
-        FrozenEncoder(tiny_dinov2(), 40)
+    with pytest.raises(ValueError, match="input of 35 px is not a whole number of its 14 px patches"):
+        FrozenEncoder(tiny_dinov2(), 40)  # REPA's 224·40/256 = 35 px
 
 
 # --- the projectors, the loss, iREPA's z-score ----------------------------------------------------------------------

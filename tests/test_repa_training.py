@@ -128,6 +128,7 @@ def test_a_repa_run_resumes_bit_identically_across_its_stop_and_exports_without_
         ("repa.conv_kernel_size=2", "repa.conv_kernel_size: must be odd and positive"),
         ("repa.zscore_alpha=1.5", r"repa.zscore_alpha: must lie in \[0, 1\]"),
         ("repa.stop_after_step=0", "repa.stop_after_step: must be > 0"),
+        ("repa.encoder_resolution=0", "repa.encoder_resolution: must be > 0"),
         ("repa.encoder=' '", "repa.encoder: must name a DINOv2"),
         ("repa.projector=linear", "repa.projector: Invalid value 'linear', expected one of"),
     ],
@@ -150,16 +151,34 @@ def test_a_disabled_section_is_not_checked(tmp_path):
         ),
         (
             ["model.params.patch_size=8"],
-            r"repa.depth: DiT block 1 of this DiTModel outputs a 4×4 token grid, but the encoder sees "
-            r"data.resolution=32 px images as 2×2 patches; .*no block of this model has it",
+            r"repa.depth: DiT block 1 of this DiTModel outputs a 4×4 token grid, but the encoder, which sees the 32 px "
+            r"images at 28 px in 14 px patches, gives 2×2; .*no block of this model has it; or set "
+            r"repa.encoder_resolution to 4 × the encoder's patch size",
         ),
-        (["data.resolution=24", "model.params.patch_size=12"], "data.resolution: .* must be a multiple of 16, got 24"),
+        (
+            ["data.resolution=24", "model.params.patch_size=12"],
+            "data.resolution: the encoder's input of 21 px is not a whole number of its 14 px patches",
+        ),
+        (
+            ["model.params.patch_size=8", "repa.encoder_resolution=50"],
+            "repa.encoder_resolution: the encoder's input of 50 px is not a whole number of its 14 px patches",
+        ),
     ],
 )
 def test_a_block_or_grid_that_cannot_be_aligned_is_named_before_any_step(overrides, message, tmp_path, dinov2_folder):
     with pytest.raises(ConfigError, match=message):
         Trainer(load_config(None, tiny_repa(tmp_path / "run", dinov2_folder, *overrides)))
     assert not (tmp_path / "run").exists()
+
+
+def test_encoder_resolution_meets_a_network_with_another_token_grid(tmp_path, dinov2_folder):
+    """Patch 8 on 32 px gives a 4×4 grid, which REPA's 28 px input (2×2 DINOv2 patches) cannot meet; a 56 px input
+    (4 × 14) can, and the run trains with the term."""
+    recorder = Recorder()
+    overrides = ("model.params.patch_size=8", "repa.encoder_resolution=56", "train.max_steps=2")
+    Trainer(load_config(None, tiny_repa(tmp_path / "run", dinov2_folder, *overrides)), trackers=[recorder]).train()
+    terms = [values["train/repa_loss"] for values in recorder.logged.values()]
+    assert len(terms) == 2 and all(-0.5 <= term <= 0.5 and term != 0 for term in terms)  # λ·(−cos), λ = 0.5
 
 
 def test_an_encoder_that_is_not_a_vision_model_is_named_before_any_work(tmp_path):

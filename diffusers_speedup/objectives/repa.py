@@ -13,7 +13,8 @@ DINOv2 (``encoder_input``): ÷255, ImageNet mean and std, then a bicubic resize 
 resampled once, when it is loaded, to the R/16 × R/16 grid of patches by timm's ``resample_abs_pos_embed``
 (``utils.py`` ``load_encoders``; `resample_position_embedding`); its target is ``x_norm_patchtokens``, the patch
 tokens after the final LayerNorm, without the class and register tokens. So at 256 px DINOv2's 16×16 patches meet a
-SiT-XL/2's 16×16 tokens one to one. The projector is REPA's ``build_mlp`` (Linear D→2048, SiLU, Linear 2048→2048,
+SiT-XL/2's 16×16 tokens one to one. A network with another token grid can be met by another input size
+(``encoder_resolution`` = grid side × the encoder's patch size; REPA's own rule is the default). The projector is REPA's ``build_mlp`` (Linear D→2048, SiLU, Linear 2048→2048,
 SiLU, Linear 2048→C), xavier-uniform with zero biases, as the official ``initialize_weights`` initialises every
 Linear of the SiT it lives in.
 
@@ -42,25 +43,41 @@ SUPPORTED_ENCODERS = ("dinov2", "dinov2_with_registers")
 PROJECTORS = ("mlp", "conv")
 
 
-def encoder_grid(resolution: int) -> int:
-    """The side of DINOv2's patch grid for images of ``resolution`` px: REPA resizes them to 224·R/256 px, which
-    its 14 px patches cut into R/16 per side (16 at 256 px, 32 at 512 px). REPA's code runs at 256 and 512 px only,
-    where its ``224 * (resolution // 256)`` is this size; other multiples of 16 follow the same rule."""
-    if resolution < 16 or resolution % 16:
+def encoder_input_size(resolution: int, encoder_resolution: int | None = None) -> int:
+    """The side in px that the clean R px images are resized to for the encoder: ``encoder_resolution`` when given,
+    else REPA's 224·R/256 (its ``224 * (resolution // 256)`` at the 256 and 512 px it runs at), which DINOv2's 14 px
+    patches cut into R/16 per side, one patch per token of a patch-2 network on f8 latents."""
+    if encoder_resolution is not None:
+        if encoder_resolution < 1:
+            raise ValueError(f"encoder_resolution {encoder_resolution}: must be a positive number of px.")
+        return encoder_resolution
+    if resolution < 8 or (224 * resolution) % 256:
         raise ValueError(
-            f"resolution {resolution}: REPA's encoder input is 224·R/256 px cut into 14 px patches, so R must be a "
-            "multiple of 16."
+            f"resolution {resolution}: REPA resizes the images to 224·R/256 px, which needs R to be a multiple of 8; "
+            "give the encoder's input side explicitly (encoder_resolution)."
         )
-    return resolution // 16
+    return 224 * resolution // 256
 
 
-def encoder_input(images: torch.Tensor) -> torch.Tensor:
+def encoder_grid(input_size: int, patch_size: int) -> int:
+    """The side of the encoder's patch grid for ``input_size`` px inputs cut into ``patch_size`` px patches."""
+    if input_size % patch_size:
+        raise ValueError(
+            f"the encoder's input of {input_size} px is not a whole number of its {patch_size} px patches: use images "
+            f"whose side is a multiple of 16 (REPA's 224·R/256 px), or set encoder_resolution to a multiple of "
+            f"{patch_size} (the grid side × {patch_size})."
+        )
+    return input_size // patch_size
+
+
+def encoder_input(images: torch.Tensor, size: int | None = None) -> torch.Tensor:
     """REPA's ``preprocess_raw_image`` for DINOv2: the clean images (B, 3, R, R) in [0, 255] (uint8 or float) ÷255,
-    then ImageNet mean and std, then a bicubic resize to 224·R/256 px (``F.interpolate``'s defaults: corners not
-    aligned, no antialiasing), in that order. A grayscale image (1 channel) is the same gray in each of R, G, B."""
+    then ImageNet mean and std, then a bicubic resize to ``size`` px, by default REPA's 224·R/256
+    (``F.interpolate``'s defaults: corners not aligned, no antialiasing), in that order. A grayscale image (1
+    channel) is the same gray in each of R, G, B."""
     if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[-1] != images.shape[-2]:
         raise ValueError(f"images must be (batch, 3, R, R) in [0, 255], got shape {tuple(images.shape)}.")
-    size = 14 * encoder_grid(images.shape[-1])
+    size = encoder_input_size(images.shape[-1]) if size is None else size
     x = images.expand(-1, 3, -1, -1).float() / 255.0
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
@@ -92,7 +109,7 @@ def resample_position_embedding(table: torch.Tensor, grid: int, prefix_tokens: i
 
 
 class FrozenEncoder:
-    """A frozen DINOv2 as REPA uses it: clean images (B, 3, R, R) in [0, 255] in, patch tokens (B, (R/16)², C) out.
+    """A frozen DINOv2 as REPA uses it: clean images (B, 3, R, R) in [0, 255] in, patch tokens (B, grid², C) out.
 
     Eval mode, no gradients, weights as loaded (float32); it runs under whatever autocast the caller is in (the
     trainer's training precision, as REPA runs it under ``accelerator.autocast()``). Not an ``nn.Module`` on purpose:
@@ -101,19 +118,23 @@ class FrozenEncoder:
 
     Args:
         model: a transformers ``Dinov2Model`` or ``Dinov2WithRegistersModel``; its position table is replaced, once,
-            by the one resampled to the R/16 grid (`resample_position_embedding`).
+            by the one resampled to its patch grid at the input size (`resample_position_embedding`).
         resolution: the side R in px of the clean images it will see.
         name: what it was loaded from (a Hub id or folder), to compare with precomputed features.
+        input_size: the side in px the images are resized to (`encoder_input_size`): by default REPA's 224·R/256,
+            whose grid is R/16 with DINOv2's 14 px patches. Another size gives another grid (input_size / patch),
+            e.g. to meet a network with another token grid.
     """
 
-    def __init__(self, model: nn.Module, resolution: int, name: str | None = None):
+    def __init__(self, model: nn.Module, resolution: int, name: str | None = None, input_size: int | None = None):
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in SUPPORTED_ENCODERS or not hasattr(model, "embeddings"):
             raise ValueError(
                 f"encoder: a {type(model).__name__} (model type {model_type!r}) is not a DINOv2 vision encoder; "
                 f"REPA here takes transformers' Dinov2Model or Dinov2WithRegistersModel ({', '.join(SUPPORTED_ENCODERS)})."
             )
-        self.grid = encoder_grid(resolution)
+        self.input_size = encoder_input_size(resolution, input_size)
+        self.grid = encoder_grid(self.input_size, model.config.patch_size)
         self.resolution, self.name = resolution, name
         embeddings = model.embeddings
         with torch.no_grad():
@@ -125,7 +146,7 @@ class FrozenEncoder:
         self.first_patch = 1 + getattr(model.config, "num_register_tokens", 0)
 
     @classmethod
-    def from_pretrained(cls, name: str, resolution: int, **kwargs) -> FrozenEncoder:
+    def from_pretrained(cls, name: str, resolution: int, input_size: int | None = None, **kwargs) -> FrozenEncoder:
         """Load a DINOv2 by Hub id or folder (``facebook/dinov2-base``, ``facebook/dinov2-with-registers-base``);
         ``kwargs`` go to transformers' ``from_pretrained`` (``revision``, ``cache_dir``, ...).
 
@@ -135,7 +156,7 @@ class FrozenEncoder:
         from transformers import AutoModel
 
         encoder_config(name, **kwargs)
-        return cls(AutoModel.from_pretrained(name, **kwargs), resolution, name=name)
+        return cls(AutoModel.from_pretrained(name, **kwargs), resolution, name=name, input_size=input_size)
 
     def to(self, device) -> FrozenEncoder:
         self.model.to(device)
@@ -143,7 +164,7 @@ class FrozenEncoder:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """DINOv2's normalised patch tokens (B, (R/16)², C) of clean images (B, 3, R, R) in [0, 255]."""
+        """DINOv2's normalised patch tokens (B, grid², C) of clean images (B, 3, R, R) in [0, 255]."""
         if images.shape[-1] != self.resolution:
             raise ValueError(
                 f"the encoder was set up for {self.resolution} px images (its position table has a "
@@ -151,7 +172,7 @@ class FrozenEncoder:
             )
         if self.model.device != images.device:
             self.model.to(images.device)
-        hidden = self.model(pixel_values=encoder_input(images)).last_hidden_state
+        hidden = self.model(pixel_values=encoder_input(images, self.input_size)).last_hidden_state
         return hidden[:, self.first_patch :]
 
 
@@ -315,6 +336,7 @@ class RepresentationAlignment(AuxiliaryLoss):
         depth: int,
         resolution: int | None = None,
         encoder: str | nn.Module | FrozenEncoder | None = "facebook/dinov2-base",
+        encoder_resolution: int | None = None,
         **options,
     ) -> RepresentationAlignment:
         """REPA on the output of block ``depth`` (1 = the first) of ``model``.
@@ -329,6 +351,9 @@ class RepresentationAlignment(AuxiliaryLoss):
             resolution: the side in px of the clean images (needed to load an encoder).
             encoder: a Hub id or folder of a DINOv2, a loaded ``Dinov2Model``, a `FrozenEncoder`, or None when the
                 features come precomputed (then pass ``encoder_dim``).
+            encoder_resolution: the side in px the images are resized to for the encoder (default REPA's 224·R/256,
+                a R/16 grid for DINOv2); set it to the block's token grid side × the encoder's patch size for a
+                network with another grid (SD3 at 1024 px has 64×64 image tokens: 896 px with DINOv2).
             options: the remaining arguments of `RepresentationAlignment` (``weight``, ``projector``, ...).
         """
         from ..models import model_kind_of
@@ -360,9 +385,9 @@ class RepresentationAlignment(AuxiliaryLoss):
             if resolution is None:
                 raise ValueError("resolution: the side in px of the clean images is needed to set up the encoder.")
             if isinstance(encoder, str):
-                encoder = FrozenEncoder.from_pretrained(encoder, resolution)
+                encoder = FrozenEncoder.from_pretrained(encoder, resolution, input_size=encoder_resolution)
             else:
-                encoder = FrozenEncoder(encoder, resolution)
+                encoder = FrozenEncoder(encoder, resolution, input_size=encoder_resolution)
         return cls(block, hidden_size, encoder=encoder, **options)
 
     @property
@@ -395,7 +420,7 @@ class RepresentationAlignment(AuxiliaryLoss):
             raise ValueError(
                 f"{self.name}: the block gives {hidden_state.shape[1]} tokens per sample but the encoder's features "
                 f"have {target.shape[1]} ({_grid(target.shape[1])} grid); REPA aligns token to token, so the "
-                "network's token grid must be the encoder's (the image side / 16)."
+                "network's token grid must be the encoder's (by default the image side / 16; see encoder_resolution)."
             )
         if self.zscore_alpha is not None:
             target = spatial_zscore(target, self.zscore_alpha)

@@ -198,6 +198,9 @@ class RepaConfig:
     conv_kernel_size: int = 1  # the conv projector's kernel (iREPA's trainer default; its README shows 3)
     zscore_alpha: float | None = None  # iREPA's spatial z-score of the encoder tokens with this α (0.6); null: off
     stop_after_step: int | None = None  # HASTE: no alignment after this many optimizer steps; null: throughout
+    # The side in px the clean images are resized to for the encoder; null: REPA's 224·R/256 (a R/16 grid with
+    # DINOv2's 14 px patches). Set it to the aligned block's grid side × the encoder's patch size for another grid.
+    encoder_resolution: int | None = None
 
 
 @dataclass

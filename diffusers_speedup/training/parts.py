@@ -76,7 +76,10 @@ def build_auxiliary_losses(config: Config, model: nn.Module, data: TrainingData)
     features = data.encoder_features
     if features is None:
         try:
-            encoder, encoder_dim = FrozenEncoder.from_pretrained(repa.encoder, config.data.resolution), None
+            encoder = FrozenEncoder.from_pretrained(
+                repa.encoder, config.data.resolution, input_size=repa.encoder_resolution
+            )
+            encoder_dim = None
         except (OSError, ValueError) as error:
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise ConfigError(f"repa.encoder: {first_line}") from None

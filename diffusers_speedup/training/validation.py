@@ -160,17 +160,21 @@ def _check_repa_ranges(config: Config) -> None:
         raise ConfigError(f"repa.zscore_alpha: must lie in [0, 1] (iREPA's 0.6), or be null, got {repa.zscore_alpha}.")
     if repa.stop_after_step is not None:
         _positive("repa.stop_after_step", repa.stop_after_step)
+    if repa.encoder_resolution is not None:
+        _positive("repa.encoder_resolution", repa.encoder_resolution)
     if model_kind(config.model.kind).hidden_states is None:
         raise ConfigError(f"repa.enabled: model.kind {config.model.kind!r} has no block that REPA can read.")
 
 
 def check_repa_fits(config: Config, model, encoder_features: dict | None = None) -> None:
     """Before any training step: the block ``repa.depth`` exists in the built ``model`` and its token grid is the
-    encoder's (REPA aligns token to token: R px images give DINOv2 R/16 × R/16 patches), and precomputed encoder
-    features (a latent cache's ``encoder_features`` metadata) have that many tokens.
+    target's (REPA aligns token to token): the encoder's patch grid at its input size (REPA's 224·R/256 px give
+    DINOv2 R/16 × R/16 patches; ``repa.encoder_resolution`` another), or the grid of precomputed encoder features
+    (a latent cache's ``encoder_features`` metadata).
 
     Raises:
-        ConfigError: naming ``repa.depth`` or ``data.resolution`` (the grids of every block, to choose from).
+        ConfigError: naming ``repa.depth``, ``repa.encoder_resolution`` or ``data.resolution`` (the grids of every
+            block, to choose from).
     """
     repa = config.repa
     if not repa.enabled:
@@ -181,25 +185,30 @@ def check_repa_fits(config: Config, model, encoder_features: dict | None = None)
     except ValueError as error:
         raise ConfigError(f"repa.depth: {error}") from None
     resolution = config.data.resolution
-    if resolution is None or resolution < 16 or resolution % 16:
-        raise ConfigError(
-            f"data.resolution: REPA's encoder sees the R px images as R/16 × R/16 patches (224·R/256 px, 14 px "
-            f"patches), so R must be a multiple of 16, got {resolution}."
-        )
-    wanted = resolution // 16
+    if encoder_features is not None:  # the cache's features are what they are: their grid is the target's
+        tokens = int(encoder_features.get("tokens") or 0)
+        wanted, source = math.isqrt(tokens), f"the latent cache's encoder features ({tokens} tokens per image)"
+        if wanted * wanted != tokens:
+            raise ConfigError(f"data.path: the cache's encoder features have {tokens} tokens, not a square grid.")
+    else:
+        from ..objectives.repa import encoder_config, encoder_grid, encoder_input_size
+
+        try:
+            patch = encoder_config(repa.encoder).patch_size
+            size = encoder_input_size(resolution or 0, repa.encoder_resolution)
+            wanted = encoder_grid(size, patch)
+        except ValueError as error:
+            key = "repa.encoder_resolution" if repa.encoder_resolution is not None else "data.resolution"
+            raise ConfigError(f"{key}: {error}") from None
+        source = f"the encoder, which sees the {resolution} px images at {size} px in {patch} px patches,"
     grid = where.grid(model, repa.depth)
     if grid != wanted:
         fitting = [d for d in range(1, where.count(model) + 1) if where.grid(model, d) == wanted]
         choice = f"blocks {fitting[0]} to {fitting[-1]} have it" if fitting else "no block of this model has it"
         raise ConfigError(
             f"repa.depth: {where.what} {repa.depth} of this {type(model).__name__} outputs a {grid}×{grid} token "
-            f"grid, but the encoder sees data.resolution={resolution} px images as {wanted}×{wanted} patches; REPA "
-            f"aligns token to token, so the grids must be equal ({choice})."
-        )
-    if encoder_features is not None and encoder_features.get("tokens") != wanted * wanted:
-        raise ConfigError(
-            f"data.path: the cache's encoder features have {encoder_features.get('tokens')} tokens per image, but "
-            f"{resolution} px images give {wanted * wanted} ({wanted}×{wanted}); cache them again."
+            f"grid, but {source} gives {wanted}×{wanted}; REPA aligns token to token, so the grids must be equal "
+            f"({choice}; or set repa.encoder_resolution to {grid} × the encoder's patch size)."
         )
 
 
