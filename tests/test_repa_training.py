@@ -205,16 +205,20 @@ def test_a_latent_cache_gives_features_of_the_same_encoder_else_images_else_one_
                                              f"data.path={cache}", "data.resolution=null"))  # fmt: skip
         return repa_extra_columns(config), config
 
-    features = {"encoder": "facebook/dinov2-base", "tokens": 256, "dim": 768}
+    features = {"encoder": "facebook/dinov2-base", "input_size": 224, "tokens": 256, "dim": 768}
     assert columns(images=True, encoder_features=features)[0] == ("encoder_features",)
+    resized = {**features, "input_size": 448}  # another repa.encoder_resolution: other features
+    assert columns(images=True, encoder_features=resized)[0] == ("image",)
     other = {**features, "encoder": "facebook/dinov2-large"}
     assert columns(images=True, encoder_features=other)[0] == ("image",)
     assert columns(images=True, encoder_features=None)[0] == ("image",)
     with pytest.raises(ConfigError, match=r"repa.enabled: the latent cache .*cache\d holds no clean images for REPA's "
-                       r"encoder; cache the images with the latents: .*cache-latents .* --store_images"):  # fmt: skip
+                       r"encoder; cache the images with the latents \(.*cache-latents .* --store_images\), or the "
+                       r"features \(--encoder_features facebook/dinov2-base\)"):  # fmt: skip
         columns(images=False, encoder_features=None)
     with pytest.raises(
-        ConfigError, match="its encoder features are of 'facebook/dinov2-large', not of 'facebook/dinov2-base'"
+        ConfigError,
+        match="its encoder features are of 'facebook/dinov2-large' at 224 px, not of 'facebook/dinov2-base' at 224 px",
     ):
         columns(encoder_features=other)
     # In the trainer, before anything else is read.
@@ -238,30 +242,24 @@ def test_resuming_with_another_repa_section_is_refused():
 
 @pytest.mark.parametrize("column", ["image", "encoder_features"])
 def test_a_latent_cache_with_images_or_features_trains_with_repa(column, tmp_path, dinov2_folder, monkeypatch):
-    """The latent cache's side of the contract (its writer lives elsewhere): an ``image`` column (uint8, (3, R, R))
-    with ``"images": true``, or ``encoder_features`` (float16, (N, C)) with their encoder in the metadata, in which
-    case the encoder is never loaded."""
-    import numpy as np
-    from datasets import Array2D, Array3D, load_from_disk
-
-    from diffusers_speedup.data import cache_latents
+    """A cache made by ``cache-latents --store_images`` trains with the encoder run on its crops; one made with
+    ``--encoder_features`` (REPA's encoder on each crop and mirror, at cache time) trains without loading the encoder,
+    on the very features the encoder gives the stored crops."""
+    from diffusers_speedup.commands import cache_latents as command
     from diffusers_speedup.objectives import repa
     from tests.tiny_models import tiny_vae
 
     tiny_vae().save_pretrained(tmp_path / "vae")
-    cache_latents(str(tmp_path / "cache"), builtin="digits", vae=str(tmp_path / "vae"), resolution=32,
-                  num_workers=0, max_images=32, progress=False)  # fmt: skip
-    dataset = load_from_disk(str(tmp_path / "cache"))
-    metadata = json.loads((tmp_path / "cache" / "latents_metadata.json").read_text())
-    rng = np.random.default_rng(0)
-    if column == "image":
-        values, feature = rng.integers(0, 256, (len(dataset), 3, 32, 32), dtype=np.uint8), Array3D((3, 32, 32), "uint8")
-        metadata["images"] = True
-    else:
-        values, feature = rng.standard_normal((len(dataset), 4, 12)).astype(np.float16), Array2D((4, 12), "float16")
-        metadata["encoder_features"] = {"encoder": str(dinov2_folder), "tokens": 4, "dim": 12}
-    dataset.add_column(column, values.tolist(), feature=feature).save_to_disk(str(tmp_path / "extended"))
-    (tmp_path / "extended" / "latents_metadata.json").write_text(json.dumps(metadata))
+    option = ["--store_images"] if column == "image" else ["--store_images", "--encoder_features", str(dinov2_folder)]
+    command.main(["--output_dir", str(tmp_path / "extended"), "--builtin", "digits", "--vae", str(tmp_path / "vae"),
+                  "--resolution", "32", "--num_workers", "0", "--max_images", "32", "--no_progress", *option])  # fmt: skip
+    if column == "encoder_features":
+        from datasets import load_from_disk
+
+        rows = load_from_disk(str(tmp_path / "extended")).with_format("torch")[:4]
+        encoder = repa.FrozenEncoder.from_pretrained(str(dinov2_folder), 32)
+        for name, images in (("encoder_features", rows["image"]), ("encoder_features_flip", rows["image"].flip(-1))):
+            torch.testing.assert_close(rows[name].float(), encoder(images).half().float(), rtol=0, atol=0)
 
     loaded = []
     original = repa.FrozenEncoder.from_pretrained
@@ -274,3 +272,11 @@ def test_a_latent_cache_with_images_or_features_trains_with_repa(column, tmp_pat
     assert trainer.step == 2 and len(loaded) == (column == "image")  # features stand in for the encoder
     alignment = trainer.auxiliary_losses[0]
     assert (alignment.encoder is None) == (column == "encoder_features")
+
+
+def test_cache_latents_takes_an_encoder_resolution_only_with_encoder_features(capsys):
+    from diffusers_speedup.commands.cache_latents import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--output_dir", "x", "--builtin", "digits", "--encoder_resolution", "112"])
+    assert "--encoder_resolution only applies with --encoder_features" in capsys.readouterr().err

@@ -5,6 +5,8 @@ Every GPU of a machine: accelerate launch -m diffusers_speedup cache-latents --i
                         (or torchrun --nproc_per_node 8 -m diffusers_speedup cache-latents ...)
 Run the same command again to resume an interrupted run; a folder made with other settings is refused.
 --store_images also keeps the uint8 crop the VAE encoded (what a REPA recipe's encoder looks at), 3·R² bytes per image.
+--encoder_features facebook/dinov2-base stores that encoder's patch tokens of the crop (and of its mirror) instead,
+computed as REPA computes them in training (393,216 B per image and mirror for DINOv2-B at 256 px, fp16).
 Push the finished cache with --push_to_hub --hub_dataset_id user/name [--private].
 
 Old spellings still work for one release, with a warning: --dtype (now --mixed_precision), --push_to_hub REPO_ID
@@ -45,6 +47,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="also store the uint8 (3, R, R) centre crop the VAE encoded, for a REPA recipe's encoder (196,608 B per "
         "image at 256 px); not its mirror, which is an exact flip of it",
+    )
+    parser.add_argument(
+        "--encoder_features",
+        default=None,
+        metavar="ENCODER",
+        help="also store the patch tokens of this DINOv2 (Hub id or folder) for the crop and its mirror, as a REPA "
+        "recipe with repa.encoder=ENCODER computes them; the recipe then never runs the encoder",
+    )
+    parser.add_argument(
+        "--encoder_resolution",
+        type=int,
+        default=None,
+        help="with --encoder_features: the side in px the crops are resized to for the encoder (REPA's 224·R/256 "
+        "when left out), as the recipe's repa.encoder_resolution",
     )
     parser.add_argument("--batch_size", type=int, default=64, help="images per VAE call and process")
     parser.add_argument("--chunk_size", type=int, default=1024, help="images per resumable chunk")
@@ -98,6 +114,8 @@ def _accept_old_spellings(parser: argparse.ArgumentParser, args: argparse.Namesp
         warn_deprecated("--public", "repositories are now public unless --private is given, so leave it out")
     if args.push_to_hub and not args.hub_dataset_id:
         parser.error("--push_to_hub needs --hub_dataset_id user/name")
+    if args.encoder_resolution is not None and args.encoder_features is None:
+        parser.error("--encoder_resolution only applies with --encoder_features")
     return args
 
 
@@ -105,6 +123,16 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     with one_line_errors():
         return run(args)
+
+
+def _feature_encoder(args):
+    """REPA's frozen encoder for ``--encoder_features``, as a REPA recipe with the same ``repa.encoder`` and
+    ``repa.encoder_resolution`` would run it, or None."""
+    if args.encoder_features is None:
+        return None
+    from diffusers_speedup.objectives.repa import FrozenEncoder
+
+    return FrozenEncoder.from_pretrained(args.encoder_features, args.resolution, input_size=args.encoder_resolution)
 
 
 def run(args) -> dict:
@@ -124,6 +152,7 @@ def run(args) -> dict:
             resolution=args.resolution,
             flip=not args.no_flip,
             store_images=args.store_images,
+            feature_encoder=_feature_encoder(args),
             batch_size=args.batch_size,
             chunk_size=args.chunk_size,
             num_workers=args.num_workers,

@@ -723,9 +723,12 @@ def _encode_own_chunks(
                 encoded[IMAGE_COLUMN] = batch["pixels"].permute(0, 3, 1, 2)
             if feature_encoder is not None:
                 images = batch["pixels"].to(encoder.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
-                encoded[FEATURES_COLUMN] = encode_features(feature_encoder, images)
-                if encoder.flip:
-                    encoded[FEATURES_FLIP_COLUMN] = encode_features(feature_encoder, images.flip(-1))
+                # In the VAE's precision: fp16 autocast on a GPU by default, as REPA runs its encoder in training.
+                amp_dtype = encoder.amp_dtype
+                with torch.autocast(encoder.device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
+                    encoded[FEATURES_COLUMN] = encode_features(feature_encoder, images)
+                    if encoder.flip:
+                        encoded[FEATURES_FLIP_COLUMN] = encode_features(feature_encoder, images.flip(-1))
             for name, values in encoded.items():
                 expected = array_columns[name][0]
                 if tuple(values.shape[1:]) != expected:  # datasets does not validate Array3D shapes on write

@@ -162,6 +162,12 @@ class FrozenEncoder:
         self.model.to(device)
         return self
 
+    @property
+    def info(self) -> dict:
+        """What a latent cache records of features precomputed with this encoder, and what a REPA recipe must match
+        to use them instead of the images: the encoder and the side its input is resized to."""
+        return {"encoder": self.name, "input_size": self.input_size, "preprocessing": "repa"}
+
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """DINOv2's normalised patch tokens (B, grid², C) of clean images (B, 3, R, R) in [0, 255]."""

@@ -134,16 +134,28 @@ def repa_extra_columns(config: Config) -> tuple[str, ...]:
         return ()
     from ..data.latent_cache import read_cache_metadata
 
+    from ..objectives.repa import encoder_input_size
+
     metadata = read_cache_metadata(data.path)
     features = metadata.get("encoder_features") or {}
-    if features.get("encoder") == repa.encoder:
+    wanted = {
+        "encoder": repa.encoder,
+        "input_size": encoder_input_size(metadata["resolution"], repa.encoder_resolution),
+    }
+    if features and all(features.get(key) == value for key, value in wanted.items()):
         return ("encoder_features",)
     if metadata.get("images"):
         return ("image",)
-    also = f" (its encoder features are of {features.get('encoder')!r}, not of {repa.encoder!r})" if features else ""
+    also = (
+        f" (its encoder features are of {features.get('encoder')!r} at {features.get('input_size')} px, not of "
+        f"{repa.encoder!r} at {wanted['input_size']} px)"
+        if features
+        else ""
+    )
     raise ConfigError(
         f"repa.enabled: the latent cache {data.path} holds no clean images for REPA's encoder{also}; cache the "
-        "images with the latents: diffusers-speedup cache-latents ... --store_images."
+        "images with the latents (diffusers-speedup cache-latents ... --store_images), or the features "
+        f"(--encoder_features {repa.encoder})."
     )
 
 
