@@ -133,7 +133,6 @@ def repa_extra_columns(config: Config) -> tuple[str, ...]:
     if not repa.enabled or data.kind != "latents":
         return ()
     from ..data.latent_cache import read_cache_metadata
-
     from ..objectives.repa import encoder_input_size
 
     metadata = read_cache_metadata(data.path)
