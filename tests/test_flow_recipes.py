@@ -30,6 +30,7 @@ ASPECTS = {
     "RoPE": ("model.params.use_rope",),
     "patch 1 on VA-VAE f16d32": ("model.preset", "data"),
     "training length, and the released sampling": ("train.max_steps", "sampling"),
+    "REPA (and a cache with the clean images)": ("repa", "data.path"),
 }
 
 # (recipe, the aspect it changes from the one before, LightningDiT Table 1 FID without guidance)
@@ -46,6 +47,8 @@ LADDER = [
     ("r9_vavae_patch1", "patch 1 on VA-VAE f16d32", 4.29),
     # the released config: 64 epochs (FID 5.14, Table 3), its grids on LightningDiT's shifted Euler grid
     ("lightningdit_xl1_vavae", "training length, and the released sampling", None),
+    # REPA on top: no published number (the paper has no REPA row)
+    ("lightningdit_xl1_vavae_repa", "REPA (and a cache with the clean images)", None),
 ]
 LADDER_DIR = recipes_dir() / "imagenet256" / "lightningdit"
 
@@ -160,3 +163,31 @@ def test_a_recipe_without_a_target_trains_its_familys_own_and_says_so(overrides,
     config = load_config(None, overrides)
     assert config.objective.prediction_type == target
     assert config_to_dict(config)["objective"]["prediction_type"] == target  # the saved config names it
+
+
+@pytest.mark.parametrize(
+    "recipe, preset, depth, fid", [("sit_xl2_repa", "sit-xl-2", 8, "7.9"), ("sit_b2_repa", "sit-b-2", 4, "24.4")]
+)
+def test_the_repa_recipes_train_as_the_paper(recipe, preset, depth, fid):
+    """arXiv 2410.06940 App. D and G: DINOv2-B, block 8 (L, XL) or 4 (B), λ 0.5, projector width 2048, AdamW 1e-4
+    without decay, batch 256, clipping at 1.0, EMA 0.9999, no augmentation, fp16, linear path, velocity, uniform t,
+    400K steps; the header cites the Table 3 FID it reproduces."""
+    path = recipes_dir() / "imagenet256" / f"{recipe}.yaml"
+    config = load_config(path)
+    repa = config.repa
+    assert (repa.enabled, repa.encoder, repa.depth, repa.weight, repa.projector, repa.projector_dim) == (
+        True, "facebook/dinov2-base", depth, 0.5, "mlp", 2048)  # fmt: skip
+    assert (repa.zscore_alpha, repa.stop_after_step, repa.encoder_resolution) == (None, None, None)
+    assert config.model.preset == preset and config.data.random_flip is False
+    assert (config.optim.lr, config.optim.weight_decay, config.optim.max_grad_norm) == (1e-4, 0.0, 1.0)
+    assert (config.train.batch_size, config.train.max_steps, config.train.mixed_precision) == (256, 400_000, "fp16")
+    assert (config.ema.kind, config.ema.decay, config.ema.start_step) == ("constant", 0.9999, 0)
+    objective = config.objective
+    assert (objective.schedule.kind, objective.schedule.path, objective.prediction_type) == (
+        "flow",
+        "linear",
+        "velocity",
+    )
+    assert objective.sampler == {"kind": "uniform"} and objective.weighting == {"kind": "constant"}
+    assert (config.sampling.scheduler, config.sampling.num_inference_steps) == ("flow_sde", 250)
+    assert f"FID-50K {fid} without guidance at 400K" in path.read_text()

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from tiny_models import tiny_vae
 
+from diffusers_speedup.models import model_kind
 from diffusers_speedup.training import ConfigError, Trainer, load_config
 from diffusers_speedup.training.config import LRSchedule
 from diffusers_speedup.training.lr_schedules import get_lr_scheduler
@@ -47,6 +48,9 @@ def test_there_is_a_recipe_for_every_paper():
         "imagenet256/sit_b2.yaml",
         "imagenet256/sit_xl2.yaml",
         "imagenet256/lightningdit/lightningdit_xl1_vavae.yaml",
+        "imagenet256/sit_xl2_repa.yaml",
+        "imagenet256/sit_b2_repa.yaml",
+        "imagenet256/lightningdit/lightningdit_xl1_vavae_repa.yaml",
         "cifar10/edm2_c.yaml",
         "cifar10/edm2_e.yaml",
         "imagenet512/edm2_xs.yaml",
@@ -82,12 +86,33 @@ def tiny_data(tmp_path_factory):
         image_folder=str(root / "images"),
         vae=str(root / "vae"),
         resolution=16,
+        store_images=True,  # what a REPA recipe's encoder looks at
         batch_size=4,
         chunk_size=8,
         num_workers=0,
         progress=False,
     )
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)  # a tiny DINOv2 for the REPA recipes' encoder
+    Dinov2Model(Dinov2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2)).save_pretrained(
+        root / "dinov2"
+    )
     return root
+
+
+def repa_shrunk(config, tiny_data) -> list[str]:
+    """A REPA recipe's encoder replaced by the tiny one, aligned at the first block, its 14 px patches meeting the
+    shrunk network's token grid on the 16 px images' 8×8 latents."""
+    if not config.repa.enabled:
+        return []
+    patch = model_kind(config.model.kind).presets[config.model.preset]["patch_size"]
+    return [
+        f"repa.encoder={tiny_data / 'dinov2'}",
+        "repa.depth=1",
+        "repa.projector_dim=16",
+        f"repa.encoder_resolution={8 // patch * 14}",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -104,6 +129,7 @@ def test_recipe_runs_a_step_and_checkpoints_when_shrunk(recipe, tiny_data, tmp_p
     overrides = [
         *SHRINK[kind],
         *data,
+        *repa_shrunk(config, tiny_data),
         f"train.output_dir={tmp_path}",
         "train.cpu=true",
         "train.mixed_precision=fp32",
