@@ -3,6 +3,7 @@
     python benchmarks/bench_train_throughput.py --tiny                  # CPU smoke run, seconds
     python benchmarks/bench_train_throughput.py --output_dir outputs/bench_train          # one GPU, all models
     python benchmarks/bench_train_throughput.py --models dit-xl-2 --compile --output_dir outputs/bench_train_compile
+    python benchmarks/bench_train_throughput.py --models sit-xl-2 --repa --output_dir outputs/bench_train_repa
 
 For each model both loops train the same architecture from the same initial weights on the same random latents
 (random latents cost what cached latents cost once they sit on the GPU):
@@ -11,14 +12,26 @@ For each model both loops train the same architecture from the same initial weig
   accelerate with bf16 mixed precision, TF32, fused AdamW that skips non-finite steps on the device (no host read
   per step), PyTorch SDPA attention, gradient clipping, on-device loss and per-log-SNR sums, optionally ``torch.compile``
   (``--compile``) and EMA (``--ema``). The objective is the recipe's: Min-SNR-5 ε-prediction on DDPM's linear
-  schedule for DiT and U-ViT; EDM2's σ-sampling, EDM weighting and learned uncertainty for EDM2.
+  schedule for DiT and U-ViT; EDM2's σ-sampling, EDM weighting and learned uncertainty for EDM2; SiT's linear
+  interpolant, velocity and uniform t for SiT (``configs/imagenet256/sit_xl2.yaml``).
 * **plain** — the loop of diffusers' example scripts: ``DDPMScheduler.add_noise``, ``torch.autocast`` bf16, the
-  model's default attention, ``F.mse_loss`` on ε (EDM2: its EDM-weighted loss on the denoised sample),
-  ``torch.optim.AdamW`` without ``fused``, ``clip_grad_norm_(1.0)``, diffusers' ``EMAModel`` with ``--ema``, and a
-  ``loss.item()`` every step for the progress bar.
+  model's default attention, ``F.mse_loss`` on ε (EDM2: its EDM-weighted loss on the denoised sample; SiT: on the
+  velocity ε − x0 at x_t = (1 − t)·x0 + t·ε), ``torch.optim.AdamW`` without ``fused``, ``clip_grad_norm_(1.0)``,
+  diffusers' ``EMAModel`` with ``--ema``, and a ``loss.item()`` every step for the progress bar.
+
+``--repa`` adds SiT-XL/2 twice: ``sit-xl-2``, and ``sit-xl-2+repa``, the same network with REPA as
+``configs/imagenet256/sit_xl2_repa.yaml`` sets it (block 8's output aligned with DINOv2-B's patch tokens, λ 0.5,
+projector width 2048), so that the two give REPA's step-time overhead loop by loop. The package loop builds REPA from
+the recipe's ``repa`` section as the trainer does (``check_repa_fits``, ``build_auxiliary_losses``) into
+``TrainingModule``; the plain loop adds the drop-in ``RepresentationAlignment.attach`` to its own loop (the term's
+mean added to the loss, the projector in its AdamW and its clipping). The encoder is a DINOv2-B with random weights
+(``Dinov2Config``'s defaults are DINOv2-B's shape; nothing is downloaded, and the weights do not change the time),
+saved to a temporary folder that the recipe's ``repa.encoder`` names; the clean images are random uint8
+(B, 3, 256, 256) already on the device, as a cache's crops are once gathered.
 
 Warm-up steps are excluded; timing is wall clock around ``--steps`` steps, synchronised with the GPU before and
-after. Reports images/s, step time, MFU (model FLOPs from ``flops.py``: 3 × forward, FLOPs = 2 × MACs), peak
+after. Reports images/s, step time, MFU (model FLOPs from ``flops.py``: 3 × forward, FLOPs = 2 × MACs; with REPA
+also the encoder's forward and the projector's forward and backward, as ``flops.py --repa`` counts them), peak
 memory and the package/plain ratio, as a markdown table and JSON in ``--output_dir``. Imports nothing outside this
 package's own dependencies, downloads nothing (random initialisation).
 """
@@ -32,18 +45,84 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from flops import BenchmarkModel, get_models, mfu, peak_flops, run_forward, training_flops_per_image  # noqa: E402
+from flops import (  # noqa: E402
+    REPA_ENCODER,
+    REPA_MODELS,
+    BenchmarkModel,
+    get_models,
+    mfu,
+    peak_flops,
+    repa_encoder_flops,
+    repa_projector_flops,
+    run_forward,
+    training_flops_per_image,
+)
 
 # Per-device batch that fits one 80 GB GPU without gradient checkpointing for both loops.
-DEFAULT_BATCH_SIZES = {"dit-b-2": 256, "dit-xl-2": 128, "uvit-l-2": 128, "edm2-xs": 64}
+DEFAULT_BATCH_SIZES = {
+    "dit-b-2": 256,
+    "dit-xl-2": 128,
+    "uvit-l-2": 128,
+    "edm2-xs": 64,
+    "sit-xl-2": 128,
+    "sit-xl-2+repa": 128,
+}
+# --repa: this model with REPA (named with the suffix), next to it without.
+REPA_MODEL, REPA_SUFFIX = "sit-xl-2", "+repa"
+# The DINOv2 of the tiny run: DINOv2's 14 px patches, so REPA's 56 px input of a 64 px image is the tiny SiT's 4×4 grid.
+TINY_ENCODER = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14)
+
+
+@dataclass
+class RepaSetting:
+    """The recipe's ``repa`` section and the shape of the DINOv2 it aligns with (``Dinov2Config`` fields)."""
+
+    depth: int
+    projector_dim: int
+    encoder: dict
+    weight: float = 0.5
+
+
+def repa_setting(tiny: bool) -> RepaSetting:
+    """REPA as sit_xl2_repa.yaml sets it (block 8, λ 0.5, projector 2048, DINOv2-B), or its tiny counterpart."""
+    if tiny:
+        return RepaSetting(depth=2, projector_dim=32, encoder=TINY_ENCODER)
+    return RepaSetting(depth=REPA_MODELS[REPA_MODEL], projector_dim=2048, encoder=REPA_ENCODER)
+
+
+def save_random_encoder(folder: str, repa: RepaSetting) -> None:
+    """A DINOv2 of ``repa.encoder``'s shape with random weights, saved where the recipe's ``repa.encoder`` points:
+    the GPU machine cannot download facebook/dinov2-base. Its 518 px position table (dinov2-base's config) is
+    resampled to the patch grid when it is loaded, as the released one is."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(**repa.encoder, image_size=518)).save_pretrained(folder)
+
+
+def repa_flops_per_image(spec: BenchmarkModel, repa: RepaSetting) -> int:
+    """REPA's model FLOPs per training image: the encoder's forward and the projector's forward and backward."""
+    with torch.device("meta"):
+        model = spec.build()
+    tokens = (model.config.sample_size // model.config.patch_size) ** 2
+    encoder = repa_encoder_flops(spec.resolution, repa.encoder)
+    return encoder + repa_projector_flops(
+        model.config.hidden_size, tokens, repa.projector_dim, repa.encoder["hidden_size"]
+    )
+
+
+def _is_flow(spec: BenchmarkModel) -> bool:
+    return spec.name.startswith(("sit-", "lightningdit-"))
 
 
 @dataclass
@@ -62,9 +141,19 @@ class Result:
     failed: bool = False  # an error other than running out of memory
 
 
-def _recipe(spec: BenchmarkModel) -> dict:
-    """The objective and optimiser part of a training recipe for this model (the trainer's config format)."""
-    if spec.takes_sigma:
+def _recipe(spec: BenchmarkModel, repa: RepaSetting | None = None, encoder: str | None = None) -> dict:
+    """The objective and optimiser part of a training recipe for this model (the trainer's config format), with
+    REPA's section when ``repa`` is given (``encoder``: the folder of its DINOv2)."""
+    if _is_flow(spec):
+        objective = {
+            "schedule": {"kind": "flow", "path": "linear"},
+            "prediction_type": "velocity",
+            "sampler": {"kind": "uniform"},
+            "weighting": {"kind": "constant"},
+            "learned_variance": False,
+            "label_dropout": 0.0,  # SiT's network drops labels itself
+        }
+    elif spec.takes_sigma:
         objective = {
             "schedule": {"kind": "edm"},
             "prediction_type": "sample",
@@ -80,9 +169,24 @@ def _recipe(spec: BenchmarkModel) -> dict:
             "weighting": {"kind": "min_snr", "gamma": 5.0},
             "label_dropout": 0.0 if spec.name.startswith("dit") else 0.1,
         }
-    # The model kind says how the objective calls the network (σ for EDM2, a timestep for the others).
-    model = {"kind": "edm2_unet" if spec.takes_sigma else "uvit"}
-    return {"model": model, "objective": objective, "optim": {"lr": 1e-4, "max_grad_norm": 1.0}}
+    # The model kind says how the objective calls the network (σ for EDM2, a timestep for the others) and, for REPA,
+    # which blocks it reads.
+    model = {"kind": "edm2_unet" if spec.takes_sigma else "dit" if _is_flow(spec) else "uvit"}
+    recipe = {
+        "model": model,
+        "data": {"resolution": spec.resolution},
+        "objective": objective,
+        "optim": {"lr": 1e-4, "max_grad_norm": 1.0},
+    }
+    if repa is not None:
+        recipe["repa"] = {
+            "enabled": True,
+            "encoder": encoder,
+            "depth": repa.depth,
+            "weight": repa.weight,
+            "projector_dim": repa.projector_dim,
+        }
+    return recipe
 
 
 def _fresh_accelerator(mixed_precision: str, device: torch.device):
@@ -95,23 +199,42 @@ def _fresh_accelerator(mixed_precision: str, device: torch.device):
     return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
 
 
-def package_step(spec: BenchmarkModel, model, device, mixed_precision: str, compile: bool, ema: bool):
-    """Build this package's training step around ``model``; returns ``step(x0, labels) -> loss tensor``."""
+def package_step(
+    spec: BenchmarkModel,
+    model,
+    device,
+    mixed_precision: str,
+    compile: bool,
+    ema: bool,
+    repa: RepaSetting | None = None,
+    encoder: str | None = None,
+):
+    """Build this package's training step around ``model`` (with REPA when ``repa`` is given, its DINOv2 loaded
+    from the folder ``encoder``); returns ``step(x0, labels, extras) -> loss tensor``."""
     from diffusers_speedup.data import Batch
     from diffusers_speedup.training.ema import ConstantEMA
-    from diffusers_speedup.training.parts import build_noise_scheduler, build_objective, build_optimizer
+    from diffusers_speedup.training.parts import (
+        build_auxiliary_losses,
+        build_noise_scheduler,
+        build_objective,
+        build_optimizer,
+    )
     from diffusers_speedup.training.recipes import config_from_mapping
     from diffusers_speedup.training.step import LossTracker, NonFiniteSteps, TrainingModule, optimizer_step
+    from diffusers_speedup.training.validation import check_repa_fits
 
-    config = config_from_mapping(_recipe(spec))
+    config = config_from_mapping(_recipe(spec, repa, encoder))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     accelerator = _fresh_accelerator(mixed_precision, device)
     objective = build_objective(config, build_noise_scheduler(config.objective.schedule), spec.num_classes)
+    # As the trainer builds them: none without REPA; with it, the batches bring the clean images, not features.
+    check_repa_fits(config, model)
+    auxiliary_losses = build_auxiliary_losses(config, model, SimpleNamespace(encoder_features=None))
     if compile:
         model.compile()  # in place, as the trainer does
-    module = TrainingModule(model, objective)
+    module = TrainingModule(model, objective, auxiliary_losses=auxiliary_losses)
     optimizer = build_optimizer(config, module.parameters(), accelerator.device)
     module, optimizer = accelerator.prepare(module, optimizer)
     averaged = ConstantEMA(model, decay=0.9999).to(accelerator.device) if ema else None
@@ -121,10 +244,10 @@ def package_step(spec: BenchmarkModel, model, device, mixed_precision: str, comp
     counter = {"step": 0}
     module.train()
 
-    def step(x0, labels):
+    def step(x0, labels, extras):
         # The trainer's own optimizer step (one accumulation step), with its loss tracking, its non-finite
         # bookkeeping (the skipped steps and the weights' check after the update) and EMA.
-        batches = [Batch(x0, labels, {})]
+        batches = [Batch(x0, labels, extras)]
         _, skipped = optimizer_step(accelerator, module, optimizer, batches, config.optim.max_grad_norm, tracker)
         nonfinite.record(skipped)
         nonfinite.record_weights(trained, counter["step"] + 1)
@@ -136,12 +259,35 @@ def package_step(spec: BenchmarkModel, model, device, mixed_precision: str, comp
     return step
 
 
-def plain_step(spec: BenchmarkModel, model, device, mixed_precision: str, ema: bool):
-    """The training step of a hand-written diffusers-style script; returns ``step(x0, labels) -> loss tensor``."""
+def plain_step(
+    spec: BenchmarkModel,
+    model,
+    device,
+    mixed_precision: str,
+    ema: bool,
+    repa: RepaSetting | None = None,
+    encoder: str | None = None,
+):
+    """The training step of a hand-written diffusers-style script, with the drop-in REPA when ``repa`` is given;
+    returns ``step(x0, labels, extras) -> loss tensor``."""
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    parameters = list(model.parameters())
+    alignment = None
+    if repa is not None:
+        from diffusers_speedup import RepresentationAlignment
+
+        alignment = RepresentationAlignment.attach(
+            model,
+            repa.depth,
+            resolution=spec.resolution,
+            encoder=encoder,
+            weight=repa.weight,
+            projector_dim=repa.projector_dim,
+        ).to(device)
+        parameters += list(alignment.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
     ema_model = None
     if ema:
         from diffusers.training_utils import EMAModel
@@ -151,10 +297,16 @@ def plain_step(spec: BenchmarkModel, model, device, mixed_precision: str, ema: b
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
     model.train()
 
-    def step(x0, labels):
+    def step(x0, labels, extras):
         noise = torch.randn_like(x0)
         with autocast:
-            if spec.takes_sigma:
+            if _is_flow(spec):
+                # The linear interpolant, t = 1 being noise, regressed on the velocity.
+                t = torch.rand(x0.shape[0], device=device)
+                t4d = t[:, None, None, None]
+                prediction = run_forward(spec, model, (1 - t4d) * x0 + t4d * noise, t, labels)
+                loss = F.mse_loss(prediction.float(), (noise - x0).float())
+            elif spec.takes_sigma:
                 # EDM: log-normal σ, D(x0 + σn; σ) regressed on x0 with λ(σ) = (σ² + σ_d²) / (σ·σ_d)².
                 sigma = (torch.randn(x0.shape[0], device=device) * 1.2 - 1.2).exp()
                 sigma4d = sigma[:, None, None, None]
@@ -166,9 +318,11 @@ def plain_step(spec: BenchmarkModel, model, device, mixed_precision: str, ema: b
                 noisy = noise_scheduler.add_noise(x0, noise, timesteps)
                 prediction = run_forward(spec, model, noisy, timesteps, labels)
                 loss = F.mse_loss(prediction.float(), noise.float())
+            if alignment is not None:
+                loss = loss + alignment(**extras).mean()
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         if ema_model is not None:
             ema_model.step(model.parameters())
@@ -183,19 +337,24 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(step, spec, batch_size, steps, warmup_steps, device, flops_per_image, peak) -> dict:
-    """Time ``steps`` steps after ``warmup_steps`` untimed ones; same data every step."""
+def measure(step, spec, batch_size, steps, warmup_steps, device, flops_per_image, peak, images=False) -> dict:
+    """Time ``steps`` steps after ``warmup_steps`` untimed ones; same data every step. ``images``: the batch also
+    brings clean uint8 images (B, 3, R, R), for REPA's encoder."""
     generator = torch.Generator().manual_seed(0)
     x0 = torch.randn(batch_size, *spec.sample_shape, generator=generator).to(device)
     labels = torch.randint(0, spec.num_classes, (batch_size,), generator=generator).to(device)
+    extras = {}
+    if images:
+        shape = (batch_size, 3, spec.resolution, spec.resolution)
+        extras["image"] = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8).to(device)
     for _ in range(warmup_steps):
-        step(x0, labels)
+        step(x0, labels, extras)
     _synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(steps):
-        loss = step(x0, labels)
+        loss = step(x0, labels, extras)
     _synchronize(device)
     seconds = time.perf_counter() - start
     images_per_second = batch_size * steps / seconds
@@ -208,9 +367,11 @@ def measure(step, spec, batch_size, steps, warmup_steps, device, flops_per_image
     }
 
 
-def run_model(spec: BenchmarkModel, args, device, peak) -> list[Result]:
+def run_model(spec: BenchmarkModel, args, device, peak, encoder: str | None = None) -> list[Result]:
+    """Both loops on ``spec``; a ``+repa`` model with REPA, its DINOv2 loaded from the folder ``encoder``."""
     batch_size = args.batch_size or (4 if args.tiny else DEFAULT_BATCH_SIZES[spec.name])
-    flops_per_image = training_flops_per_image(spec)
+    repa = repa_setting(args.tiny) if spec.name.endswith(REPA_SUFFIX) else None
+    flops_per_image = training_flops_per_image(spec) + (0 if repa is None else repa_flops_per_image(spec, repa))
     results = []
     for loop in ("package", "plain"):
         result = Result(spec.name, loop, batch_size, args.steps, train_gflops_per_image=flops_per_image / 1e9)
@@ -219,11 +380,11 @@ def run_model(spec: BenchmarkModel, args, device, peak) -> list[Result]:
             torch.manual_seed(0)  # same initial weights for both loops
             model = spec.build().to(device)
             if loop == "package":
-                step = package_step(spec, model, device, args.mixed_precision, args.compile, args.ema)
+                step = package_step(spec, model, device, args.mixed_precision, args.compile, args.ema, repa, encoder)
             else:
-                step = plain_step(spec, model, device, args.mixed_precision, args.ema)
+                step = plain_step(spec, model, device, args.mixed_precision, args.ema, repa, encoder)
             for key, value in measure(
-                step, spec, batch_size, args.steps, args.warmup_steps, device, flops_per_image, peak
+                step, spec, batch_size, args.steps, args.warmup_steps, device, flops_per_image, peak, repa is not None
             ).items():
                 setattr(result, key, value)
         except torch.cuda.OutOfMemoryError as error:
@@ -243,8 +404,8 @@ def run_model(spec: BenchmarkModel, args, device, peak) -> list[Result]:
 
 def _format_line(result: Result) -> str:
     if result.error:
-        return f"{result.model:9s} {result.loop:8s} {result.error}"
-    line = f"{result.model:9s} {result.loop:8s} {result.images_per_second:10.1f} img/s  {1e3 * result.step_seconds:8.1f} ms/step"
+        return f"{result.model:13s} {result.loop:8s} {result.error}"
+    line = f"{result.model:13s} {result.loop:8s} {result.images_per_second:10.1f} img/s  {1e3 * result.step_seconds:8.1f} ms/step"
     if result.mfu is not None:
         line += f"  MFU {100 * result.mfu:5.1f} %"
     if result.peak_memory_gib is not None:
@@ -294,6 +455,9 @@ def describe_device(device: torch.device) -> str:
 def main(argv=None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=None, help="subset of dit-b-2 dit-xl-2 uvit-l-2 edm2-xs")
+    parser.add_argument(
+        "--repa", action="store_true", help=f"also {REPA_MODEL} with REPA (a random DINOv2-B) and without, after them"
+    )
     parser.add_argument("--batch_size", type=int, default=None, help=f"per model default: {DEFAULT_BATCH_SIZES}")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per loop")
     parser.add_argument("--warmup_steps", type=int, default=10, help="untimed steps first (compilation, autotuning)")
@@ -319,8 +483,13 @@ def main(argv=None) -> list[Result]:
     peak = peak_flops(device)
 
     results = []
-    for spec in specs:
-        results.extend(run_model(spec, args, device, peak))
+    with tempfile.TemporaryDirectory(prefix="bench_repa_encoder_") as encoder:
+        if args.repa:
+            base = get_models([REPA_MODEL], tiny=args.tiny)[0]
+            specs = [s for s in specs if s.name != REPA_MODEL] + [base, replace(base, name=REPA_MODEL + REPA_SUFFIX)]
+            save_random_encoder(encoder, repa_setting(args.tiny))
+        for spec in specs:
+            results.extend(run_model(spec, args, device, peak, encoder))
 
     environment = {
         "device": describe_device(device),
@@ -328,6 +497,7 @@ def main(argv=None) -> list[Result]:
         "mixed_precision": args.mixed_precision,
         "compile": args.compile,
         "ema": args.ema,
+        "repa": args.repa,
         "steps": args.steps,
         "warmup_steps": args.warmup_steps,
         "tiny": args.tiny,

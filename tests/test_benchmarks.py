@@ -119,6 +119,53 @@ def test_train_throughput_records_a_failing_loop_and_measures_the_rest(tmp_path,
     assert saved["results"][1]["failed"]
 
 
+def test_train_throughput_repa_runs_sit_with_and_without_the_alignment(tmp_path, monkeypatch):
+    bench = _load("bench_train_throughput")
+    from diffusers_speedup.objectives.repa import RepresentationAlignment
+
+    calls = []
+    original = RepresentationAlignment.loss
+
+    def counted(self, hidden_state, image=None, **extras):
+        calls.append((tuple(hidden_state.shape), image.dtype, tuple(image.shape)))
+        return original(self, hidden_state, image=image, **extras)
+
+    monkeypatch.setattr(RepresentationAlignment, "loss", counted)
+    results = bench.main(["--tiny", "--models", "sit-xl-2", "--repa", "--output_dir", str(tmp_path)])
+    assert [(r.model, r.loop) for r in results] == [  # SiT-XL/2 named as well is measured once
+        (model, loop) for model in ("sit-xl-2", "sit-xl-2+repa") for loop in ("package", "plain")
+    ]
+    assert all(r.error is None and math.isfinite(r.final_loss) for r in results)
+    # The term ran in every step of both REPA loops (1 warm-up + 2 timed each), on the tiny SiT's 4×4 tokens of
+    # width 24 and the clean uint8 images at 64 px, and never without REPA.
+    assert calls == [((4, 16, 24), torch.uint8, (4, 3, 64, 64))] * 6
+    # Its model FLOPs count the encoder's forward and the projector's forward and backward on top of the network's.
+    flops = _load("flops")
+    by_name = {(r.model, r.loop): r for r in results}
+    extra = (
+        by_name[("sit-xl-2+repa", "plain")].train_gflops_per_image
+        - by_name[("sit-xl-2", "plain")].train_gflops_per_image
+    )
+    encoder = flops.repa_encoder_flops(64, bench.TINY_ENCODER)
+    projector = flops.repa_projector_flops(24, 16, projector_dim=32, z_dim=16)
+    assert extra * 1e9 == pytest.approx(encoder + projector)
+    assert json.loads((tmp_path / "train_throughput.json").read_text())["environment"]["repa"] is True
+
+
+def test_train_throughput_repa_is_the_papers_setting_on_dinov2_b(flops):
+    # REPA on SiT-XL/2 as sit_xl2_repa.yaml: block 8, λ 0.5, projector 2048, DINOv2-B, which is transformers'
+    # Dinov2Config default shape; its FLOPs are flops.py --repa's +6.5 % encoder and +1.8 % projector.
+    bench = _load("bench_train_throughput")
+    from transformers import Dinov2Config
+
+    setting = bench.repa_setting(tiny=False)
+    assert (setting.depth, setting.weight, setting.projector_dim) == (8, 0.5, 2048)
+    assert {key: getattr(Dinov2Config(), key) for key in setting.encoder} == setting.encoder
+    spec = flops.get_models(["sit-xl-2"])[0]
+    share = bench.repa_flops_per_image(spec, setting) / flops.training_flops_per_image(spec)
+    assert share == pytest.approx(0.065 + 0.0175, abs=0.001)
+
+
 def test_train_throughput_rejects_bad_arguments(tmp_path):
     bench = _load("bench_train_throughput")
     with pytest.raises(SystemExit):
