@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO, "benchmarks")
 GPU = os.path.join(BENCHMARKS, "gpu")
 RUN_SUITE = os.path.join(GPU, "run_suite.sh")
-STEPS = ["train_dit_xl", "train_dit_xl_compile", "train_others", "caching", "sampling"]
+STEPS = ["train_dit_xl", "train_dit_xl_compile", "train_others", "train_repa", "caching", "sampling"]
 
 
 def _load(name, folder=GPU):
@@ -91,6 +91,9 @@ def test_dry_run_names_existing_scripts_with_flags_they_accept(mode, monkeypatch
     name, _, argv = steps[0]
     assert name == "train_dit_xl" and argv[argv.index("--models") + 1 :][:1] == ["dit-xl-2"]
     assert "--compile" in steps[1][2]
+    # REPA's row: SiT-XL/2 with and without it, in one run.
+    repa = dict((name, argv) for name, _, argv in steps)["train_repa"]
+    assert "--repa" in repa and repa[repa.index("--models") + 1 :][:1] == ["sit-xl-2"]
 
 
 def test_dry_run_rejects_unknown_steps_and_arguments():
@@ -104,7 +107,7 @@ def test_dry_run_rejects_unknown_steps_and_arguments():
 
 @pytest.fixture(scope="module")
 def tiny_suite(tmp_path_factory):
-    """The suite in its CPU smoke mode with two steps; `import datasets` is made to fail, so caching is skipped."""
+    """The suite in its CPU smoke mode with three steps; `import datasets` is made to fail, so caching is skipped."""
     root = tmp_path_factory.mktemp("suite")
     shadow = root / "shadow" / "datasets"
     shadow.mkdir(parents=True)
@@ -120,7 +123,10 @@ def tiny_suite(tmp_path_factory):
         "OMP_NUM_THREADS": "1",
     }
     result = subprocess.run(
-        ["bash", RUN_SUITE, "--tiny", "--only", "train_dit_xl,caching"], capture_output=True, text=True, env=env
+        ["bash", RUN_SUITE, "--tiny", "--only", "train_dit_xl,train_repa,caching"],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     return result, root / "out"
 
@@ -130,19 +136,25 @@ def test_tiny_suite_writes_results_and_reports_the_skipped_step(tiny_suite):
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]  # a step did not finish
     assert "import datasets: FAILED: ImportError: datasets hidden by the test" in result.stdout
     assert "=== caching: SKIPPED" in result.stdout
-    assert "1 of 2 steps did not finish: caching:SKIPPED" in result.stdout
+    assert "1 of 3 steps did not finish: caching:SKIPPED" in result.stdout
 
-    assert sorted(os.listdir(out)) == ["suite.log", "summary.json", "train_dit_xl.json"]  # at most 8, no folders
+    # At most 8, no folders.
+    assert sorted(os.listdir(out)) == ["suite.log", "summary.json", "train_dit_xl.json", "train_repa.json"]
     assert "=== caching: SKIPPED" in (out / "suite.log").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert [(s["step"], s["status"], s["result"]) for s in summary["steps"]] == [
         ("train_dit_xl", "ok", "train_dit_xl.json"),
+        ("train_repa", "ok", "train_repa.json"),
         ("caching", "SKIPPED", None),
     ]
     assert summary["steps"][0]["exit_code"] == 0 and summary["tiny"] is True
     assert summary["environment"]["ready"] == {"speed": True, "caching": False}
     train = json.loads((out / "train_dit_xl.json").read_text())
     assert [(r["model"], r["loop"]) for r in train["results"]] == [("dit-xl-2", "package"), ("dit-xl-2", "plain")]
+    repa = json.loads((out / "train_repa.json").read_text())
+    assert [(r["model"], r["loop"], r["error"]) for r in repa["results"]] == [
+        (model, loop, None) for model in ("sit-xl-2", "sit-xl-2+repa") for loop in ("package", "plain")
+    ]
 
 
 # ---- report.py -------------------------------------------------------------------------------------------------------
@@ -183,7 +195,7 @@ def test_report_prints_the_docs_tables_from_real_tiny_runs(tiny_suite, tmp_path,
     # Machine, date and commands.
     summary = json.loads((out / "summary.json").read_text())
     assert lines[0].startswith("Machine: ") and summary["environment"]["date"] in lines[0]
-    assert "`bash benchmarks/gpu/run_suite.sh --tiny --only train_dit_xl,caching 540`" in text
+    assert "`bash benchmarks/gpu/run_suite.sh --tiny --only train_dit_xl,train_repa,caching 540`" in text
     assert "- caching: SKIPPED" in text  # the skipped step is listed, not silently absent
     assert "python benchmarks/bench_train_throughput.py --tiny --models dit-xl-2" in lines  # no scratch paths
 
@@ -199,6 +211,19 @@ def test_report_prints_the_docs_tables_from_real_tiny_runs(tiny_suite, tmp_path,
         f"| dit-xl-2 | 4 | plain | {plain['images_per_second']:.1f} | {1e3 * plain['step_seconds']:.1f} | — | — |  |"
         in lines
     )
+
+    # REPA's rows join the eager table after the DiTs, and its overhead is computed here from the step times.
+    repa = {(r["model"], r["loop"]): r for r in json.loads((out / "train_repa.json").read_text())["results"]}
+    table = [line.split(" | ")[:3] for line in lines if line.startswith("| ")]
+    assert table.index(["| dit-xl-2", "4", "plain"]) < table.index(["| sit-xl-2", "4", "package"])
+    assert table.index(["| sit-xl-2", "4", "plain"]) + 1 == table.index(["| sit-xl-2+repa", "4", "package"])
+    with_repa, without = repa[("sit-xl-2+repa", "plain")], repa[("sit-xl-2", "plain")]
+    assert with_repa["train_gflops_per_image"] > without["train_gflops_per_image"]  # the encoder and projector count
+    overhead = [line for line in lines if line.startswith("REPA on SiT-XL/2")]
+    assert len(overhead) == 1
+    assert f"{with_repa['step_seconds'] / without['step_seconds'] - 1:+.1%} in the plain loop" in overhead[0]
+    flops_ratio = with_repa["train_gflops_per_image"] / without["train_gflops_per_image"] - 1
+    assert f"model FLOPs {flops_ratio:+.1%}" in overhead[0]
 
     # Sampling: guided DDIM / DPM-Solver evaluate 2 rows per step in both pipelines; EDM Heun with 32 steps evaluates
     # 2 × 32 − 1 = 63 times, 12 of them inside σ ∈ (0.19, 1.61] (see test_benchmarks.py).

@@ -4,7 +4,8 @@
     python benchmarks/gpu/report.py summary.json train_dit_xl.json ...
 
 Prints the machine and date (from ``summary.json``), the exact commands, and one table per benchmark in the column
-layout of docs/benchmarks.md's GPU sections: training throughput (one table per setting: eager, torch.compile),
+layout of docs/benchmarks.md's GPU sections: training throughput (one table per setting: eager, torch.compile;
+with REPA's step-time overhead on SiT-XL/2 when both SiT-XL/2 rows are there),
 sampling speed (the two DiT pipelines side by side, then the EDM2 guidance variants) and latent caching. Steps of the
 suite that did not finish are listed, so that a missing row is never mistaken for a measured one. Standard library
 only: it runs anywhere.
@@ -18,7 +19,7 @@ import json
 import os
 import sys
 
-MODEL_ORDER = ["dit-b-2", "dit-xl-2", "uvit-l-2", "edm2-xs"]
+MODEL_ORDER = ["dit-b-2", "dit-xl-2", "uvit-l-2", "edm2-xs", "sit-xl-2", "sit-xl-2+repa"]
 TRAIN_HEADER = [
     "| model | batch | loop | img/s | step (ms) | MFU | peak mem (GiB) | package / plain |",
     "|---|---|---|---|---|---|---|---|",
@@ -183,6 +184,9 @@ def training_sections(files: list[tuple[str, dict]]) -> list[str]:
         goal = _dit_xl_goal(by_model.get("dit-xl-2", {}))
         if goal:
             lines += ["", goal]
+        overhead = _repa_overhead(by_model.get("sit-xl-2", {}), by_model.get("sit-xl-2+repa", {}))
+        if overhead:
+            lines += ["", overhead]
     return lines
 
 
@@ -203,6 +207,27 @@ def _dit_xl_goal(loops: dict[str, dict]) -> str | None:
     return (
         f"DiT-XL/2 goal (≥ {GOAL_MFU:.0%} MFU and ≥ {GOAL_RATIO}× the plain loop): {package['mfu']:.1%} MFU, "
         f"{ratio:.2f}× — {'met' if met else 'not met'}."
+    )
+
+
+def _repa_overhead(without: dict[str, dict], with_repa: dict[str, dict]) -> str | None:
+    """REPA's cost on SiT-XL/2: the step time with it over the step time without it, loop by loop, next to what
+    the model FLOPs predict (the encoder's forward and the projector's forward and backward, from flops.py)."""
+    measured, predicted = [], None
+    for loop in ("package", "plain"):
+        base, aligned = without.get(loop), with_repa.get(loop)
+        if not base or not aligned:
+            continue
+        if base.get("train_gflops_per_image") and aligned.get("train_gflops_per_image"):
+            predicted = aligned["train_gflops_per_image"] / base["train_gflops_per_image"] - 1
+        if base.get("step_seconds") and aligned.get("step_seconds"):
+            measured.append(f"{aligned['step_seconds'] / base['step_seconds'] - 1:+.1%} in the {loop} loop")
+    if not measured:
+        return None
+    flops = "" if predicted is None else f"; model FLOPs {predicted:+.1%}"
+    return (
+        f"REPA on SiT-XL/2 (the encoder's forward and the projector{flops}): step time {', '.join(measured)} "
+        "(sit-xl-2+repa against sit-xl-2)."
     )
 
 

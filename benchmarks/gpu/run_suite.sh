@@ -5,7 +5,7 @@
 #
 # with .whl/ copied beside it (benchmarks/gpu/fetch_wheels.sh fills it). It installs those wheels, prints the machine,
 # checks the imports, then runs the benchmarks below in order, each under `timeout`, and writes into $OUT (default
-# ./outputs/gpu_suite) at most 7 files, none in a subfolder:
+# ./outputs/gpu_suite) at most 8 files, none in a subfolder:
 #
 #     suite.log       everything printed, by the suite and by every benchmark
 #     summary.json    the machine, the date, and each step's command, status, exit code and seconds
@@ -71,19 +71,24 @@ WORKERS=$((CPUS > 1 ? CPUS - 1 : 1))
 #   train_others          DiT-B/2 batch 256 (35 TFLOP/step, ~0.1 s), U-ViT-L/2 batch 128 (59 TFLOP/step, ~0.17 s),
 #                         EDM2-XS batch 64 at 512 px (17 TFLOP/step, ~0.1 s): (5 + 30) steps x 2 loops x 3 models
 #                         ~ 30 s, plus builds; ~55 s in all.                                       timeout 120 s
+#   train_repa            SiT-XL/2 batch 128 without REPA (91 TFLOP/step, as DiT-XL/2) and with it (+ DINOv2-B
+#                         forward 46 GFLOP and projector 12 GFLOP per image, +8.3 %: 99 TFLOP/step -> ~0.27 s
+#                         package, ~0.36 s plain); (5 + 20) steps x 4 loops ~ 30 s, plus 4 builds of SiT-XL/2 and
+#                         saving and loading the random DINOv2-B (350 MB) twice; ~65 s in all.    timeout 120 s
 #   caching               8192 generated 500x375 JPEGs (~20 ms each on 16 processes: ~10 s), decode alone (~3 s),
 #                         SD-VAE encode alone (2560 images + mirrors at 546 GFLOP ~ 5 s), cache_latents end to end
 #                         on 8192 images (~15 s at the 1000 img/s goal, slower if it misses); ~60 s.  timeout 150 s
 #   sampling              DiT-XL/2 batch 64 with CFG (128 rows x 237 GFLOP per evaluation): DDIM 250 steps ~ 20 s
 #                         per pipeline, DPM-Solver 50 steps ~ 4 s each, VAE decodes; EDM2-XS Heun 32 steps x 3
 #                         variants ~ 10 s; ~80 s in all.                                            timeout 180 s
-# Expected ~410 s, plus ~30 s for the install and the environment check: inside the 540 s default budget. The
+# Expected ~475 s, plus ~30 s for the install and the environment check: inside the 540 s default budget. The
 # timeouts add up to more than the budget on purpose: a slow step may use the slack of the others, and what runs
 # out is the least important step, last.
-STEPS=(train_dit_xl train_dit_xl_compile train_others caching sampling)
-declare -A TIMEOUT=([train_dit_xl]=150 [train_dit_xl_compile]=220 [train_others]=120 [caching]=150 [sampling]=180)
-declare -A NEEDS=([train_dit_xl]=speed [train_dit_xl_compile]=speed [train_others]=speed [caching]=caching
-    [sampling]=speed)
+STEPS=(train_dit_xl train_dit_xl_compile train_others train_repa caching sampling)
+declare -A TIMEOUT=([train_dit_xl]=150 [train_dit_xl_compile]=220 [train_others]=120 [train_repa]=120 [caching]=150
+    [sampling]=180)
+declare -A NEEDS=([train_dit_xl]=speed [train_dit_xl_compile]=speed [train_others]=speed [train_repa]=speed
+    [caching]=caching [sampling]=speed)
 
 # The command of a step (its Python arguments). Every benchmark writes its own JSON into its folder under $SCRATCH;
 # that file is copied to $OUT/STEP.json afterwards. Full-size runs name --device cuda so that a machine without a
@@ -96,6 +101,7 @@ step_command() {
         train_dit_xl) echo "$train --models dit-xl-2" ;;
         train_dit_xl_compile) echo "$train --models dit-xl-2 --compile --steps 30 --warmup_steps 5" ;;
         train_others) echo "$train --models dit-b-2 uvit-l-2 edm2-xs --steps 30 --warmup_steps 5" ;;
+        train_repa) echo "$train --models sit-xl-2 --repa --steps 20 --warmup_steps 5" ;;
         caching) echo "benchmarks/bench_cache_latents.py $tiny --vae random-sd --num_images 8192 --num_workers $WORKERS --output_dir $SCRATCH/$step" ;;
         sampling) echo "benchmarks/bench_sampling.py $tiny $device --output_dir $SCRATCH/$step" ;;
     esac
