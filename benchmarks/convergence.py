@@ -555,6 +555,7 @@ class Setting:
         inference_steps: network evaluations per sample (DDIM steps; EDM Heun gets (n+1)//2 steps, 2·steps−1 NFE).
         guidance_scale: classifier-free guidance at evaluation (1: none, the conditional model alone).
         classifier_epochs: training epochs of the feature classifier.
+        encoder_steps: training steps of REPA's encoder (``digits_encoder.py``; only for REPA recipes).
         target_fraction: where on the reference's curve the speed-up target lies (0.8: step 0.8·steps).
         hard_fraction: the hard target is the best selection recipe's seed-mean quality at step hard_fraction·steps.
         bootstrap_samples: resamples of every bootstrap interval.
@@ -579,6 +580,7 @@ class Setting:
     inference_steps: int = 16
     guidance_scale: float = 1.0
     classifier_epochs: int = 20
+    encoder_steps: int = 800
     large_samples_per_class: int = 100
     large_eval_every: int = 640
     target_fraction: float = 0.8
@@ -604,6 +606,7 @@ TINY = dict(
     samples_per_class=2,
     inference_steps=2,
     classifier_epochs=1,
+    encoder_steps=2,
     large_samples_per_class=4,
     large_eval_every=2,
     bootstrap_samples=200,
@@ -1548,7 +1551,7 @@ def reading(summary: dict, setting: Setting, selection: dict | None, reference: 
             if "held-out" in key
         ]
         lines.append(
-            f"- **Hard target** ({metric.replace('_large', f'@{large}')} {target['value']:.3f}, what "
+            f"- **Hard target** ({'FD@' + str(large) if metric == 'fd_large' else metric} {target['value']:.3f}, what "
             f"`{target['recipe']}` has at step {target['step']:.0f}): reached by every selection seed of "
             + (", ".join(f"`{key}`" for key in every) or "no recipe")
             + (f"; by some seeds of {', '.join(f'`{key}`' for key in some)}" if some else "")
@@ -1701,7 +1704,9 @@ def run_benchmark(
         from digits_encoder import EncoderSettings, load_or_train_encoders
 
         encoder_dir, encoder_report = load_or_train_encoders(
-            EncoderSettings(resolution=setting.resolution), Path(encoder_cache or output_dir / "encoder"), log=log
+            EncoderSettings(resolution=setting.resolution, steps=setting.encoder_steps),
+            Path(encoder_cache or output_dir / "encoder"),
+            log=log,
         )
 
     # The floors: real training digits (as many as the samples, a fixed subset) against the held-out ones.
