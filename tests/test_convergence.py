@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ def load_benchmark():
 
 
 convergence = load_benchmark()
-
+import digits_encoder  # noqa: E402  (benchmarks/ is on sys.path once convergence.py is loaded)
 
 # --- steps to reach ----------------------------------------------------------------------------------------------
 
@@ -98,7 +99,8 @@ def test_spread_is_mean_and_min_max():
 def fake_run(recipe, seed, fd, accuracy=None, steps=(100, 200, 300, 400, 500)):
     accuracy = accuracy or [0.1] * len(steps)
     points = [
-        {"step": s, "fd": f, "class_accuracy": a, "heldout_x0_mse": f / 100} for s, f, a in zip(steps, fd, accuracy)
+        {"step": s, "fd": f, "class_accuracy": a, "heldout_x0_mse": f / 100, "fd_large": f, "class_accuracy_large": a}
+        for s, f, a in zip(steps, fd, accuracy)
     ]
     label = convergence.RECIPES[recipe].label if recipe in convergence.RECIPES else recipe
     return {"recipe": recipe, "label": label, "seed": seed, "num_parameters": 10, "train_seconds": 1.0, "curve": points}
@@ -183,40 +185,101 @@ def aspects(config) -> dict:
     return {
         "model": (config.model.kind, tuple(sorted(config.model.params.items()))),
         "schedule": (objective.schedule.kind, objective.schedule.beta_schedule, config.sampling.scheduler),
+        "path": objective.schedule.path,
         "prediction": objective.prediction_type,
+        "variance": objective.learned_variance,
         "sampler": tuple(sorted(objective.sampler.items())),
         "weighting": tuple(sorted(objective.weighting.items())),
         "uncertainty": (objective.learned_uncertainty, objective.loss_reduction),
+        "cosine loss": objective.cosine_loss_weight,
     }
+
+
+# Rectified flow is one change of the objective family, as LightningDiT's rung 1 makes it
+# (tests/test_flow_recipes.py): the schedule and its sampler, the target, and (for the DiT) no learned variance.
+RECTIFIED_FLOW = ("schedule", "prediction")
 
 
 @pytest.mark.parametrize(
     ("recipe", "reference", "changed"),
     [
-        ("min_snr", "baseline", "weighting"),
-        ("v_baseline", "baseline", "prediction"),
-        ("x0_baseline", "baseline", "prediction"),
-        ("min_snr_v", "v_baseline", "weighting"),
-        ("min_snr_x0", "x0_baseline", "weighting"),
-        ("speed", "baseline", "sampler"),
-        ("linear_baseline", "baseline", "schedule"),
-        ("speed_linear", "linear_baseline", "sampler"),
-        ("edm_lognormal", "edm_precond", "sampler"),
-        ("edm_weighting", "edm_lognormal", "weighting"),
-        ("edm2", "edm_weighting", "uncertainty"),
-        ("dit_speed", "dit_baseline", "sampler"),
+        ("min_snr", "baseline", ("weighting",)),
+        ("v_baseline", "baseline", ("prediction",)),
+        ("x0_baseline", "baseline", ("prediction",)),
+        ("min_snr_v", "v_baseline", ("weighting",)),
+        ("min_snr_x0", "x0_baseline", ("weighting",)),
+        ("speed", "baseline", ("sampler",)),
+        ("linear_baseline", "baseline", ("schedule",)),
+        ("speed_linear", "linear_baseline", ("sampler",)),
+        ("edm_lognormal", "edm_precond", ("sampler",)),
+        ("edm_weighting", "edm_lognormal", ("weighting",)),
+        ("edm2", "edm_weighting", ("uncertainty",)),
+        ("dit_speed", "dit_baseline", ("sampler",)),
+        ("uvit_flow", "baseline", RECTIFIED_FLOW),
+        ("dit_flow", "dit_baseline", (*RECTIFIED_FLOW, "variance")),
+        ("dit_flow_lognorm", "dit_flow", ("sampler",)),
+        ("dit_flow_cosine", "dit_flow_lognorm", ("cosine loss",)),
+        ("dit_flow_gvp", "dit_flow", ("path",)),
+        ("dit_flow_min_snr", "dit_flow", ("weighting",)),
+        ("dit_swiglu", "dit_flow_lognorm", ("model",)),
+        ("dit_rmsnorm", "dit_swiglu", ("model",)),
+        ("dit_rope", "dit_rmsnorm", ("model",)),
     ],
 )
 def test_each_comparison_changes_one_thing(recipe, reference, changed, tmp_path):
     setting = convergence.Setting()
     ours, theirs = (aspects(convergence.build_config(n, setting, 0, tmp_path)) for n in (recipe, reference))
-    assert [key for key in ours if ours[key] != theirs[key]] == [changed]
+    assert [key for key in ours if ours[key] != theirs[key]] == list(changed)
     assert reference in convergence.RECIPES[recipe].compare_to or reference == "baseline"
+    if changed == ("model",):  # one LightningDiT rung: one constructor argument of the DiT, the others kept
+        ours, theirs = (
+            dict(convergence.build_config(n, setting, 0, tmp_path).model.params) for n in (recipe, reference)
+        )
+        assert len({key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key)}) == 1
+
+
+@pytest.mark.parametrize("recipe", [name for name, r in convergence.RECIPES.items() if r.repa])
+def test_each_repa_arm_is_its_reference_plus_repa(recipe):
+    # REPA's recipes cannot be built before REPA lands; what they train apart from REPA is their reference's.
+    arm = convergence.RECIPES[recipe]
+    reference = convergence.RECIPES[arm.compare_to[0]]
+    assert arm.repa in ("trained", "random") and reference.repa is None
+    for field in ("overrides", "weighting", "sampler", "model", "model_params"):
+        assert getattr(arm, field) == getattr(reference, field), field
+
+
+def test_repa_arms_wait_for_repa_and_spell_its_overrides_in_one_place(tmp_path, monkeypatch):
+    assert set(convergence.REPA_STUDY_RECIPES) <= set(convergence.RECIPES)
+    assert not set(convergence.REPA_STUDY_RECIPES) & set(convergence.STUDY_RECIPES)
+    assert {n for n, r in convergence.RECIPES.items() if r.repa} == set(convergence.REPA_STUDY_RECIPES)
+    if not convergence.repa_supported():
+        with pytest.raises(ValueError, match="needs REPA"):
+            convergence.build_config("dit_flow_repa", convergence.Setting(), 0, tmp_path, encoder_dir=tmp_path)
+        setting = convergence.Setting(**{**convergence.TINY, "recipes": ["baseline", "uvit_repa"]})
+        with pytest.raises(ValueError, match="uvit_repa"):
+            convergence.run_benchmark(setting, tmp_path)
+    monkeypatch.setattr(convergence, "repa_supported", lambda: True)
+    keys = convergence.REPA_OVERRIDE_KEYS
+    for name, encoder, depth in (("dit_flow_repa", "trained", 2), ("dit_flow_repa_random", "random", 2)):
+        assert convergence.repa_overrides(convergence.RECIPES[name], tmp_path) == [
+            f"{keys['encoder']}={tmp_path / encoder}",
+            f"{keys['depth']}={depth}",
+            f"{keys['weight']}=0.5",
+        ]
+    assert convergence.repa_overrides(convergence.RECIPES["uvit_repa"], tmp_path)[1] == f"{keys['depth']}=2"
+    assert convergence.repa_overrides(convergence.RECIPES["baseline"], tmp_path) == []
+    with pytest.raises(ValueError, match="encoder"):
+        convergence.repa_overrides(convergence.RECIPES["dit_repa"], None)
+    # A different encoder is a different training: the fingerprint a finished run is reused by names it.
+    ours = convergence.recipe_fingerprint(convergence.RECIPES["dit_flow_repa"], tmp_path / "a")
+    assert ours != convergence.recipe_fingerprint(convergence.RECIPES["dit_flow_repa"], tmp_path / "b")
 
 
 def test_every_recipe_builds_a_valid_config(tmp_path):
     setting = convergence.Setting()
     for name in convergence.RECIPES:
+        if convergence.RECIPES[name].repa and not convergence.repa_supported():
+            continue  # the test above
         config = convergence.build_config(name, setting, 3, tmp_path / name)
         assert config.train.max_steps == setting.steps and config.train.export_every_checkpoint
         assert config.train.seed == 3 and config.optim.lr_schedule == "constant_with_warmup"
@@ -227,6 +290,19 @@ def test_every_recipe_builds_a_valid_config(tmp_path):
     assert speed.schedule.beta_schedule == "linear" and speed.sampler["tau"] == 700
     dit = convergence.build_config("dit_baseline", setting, 0, tmp_path)
     assert dit.model.kind == "dit" and dit.objective.learned_variance and dit.objective.label_dropout == 0
+    flow = convergence.build_config("dit_rope", setting, 0, tmp_path)
+    assert (flow.objective.schedule.kind, flow.objective.prediction_type) == ("flow", "velocity")
+    assert not flow.objective.learned_variance and flow.sampling.scheduler == "flow_euler"
+    assert flow.model.params == {
+        "patch_size": 2,
+        "hidden_size": 64,
+        "num_layers": 5,
+        "num_attention_heads": 4,
+        "mlp_type": "swiglu",
+        "norm_type": "rmsnorm",
+        "use_rope": True,
+    }
+    assert flow.objective.sampler == {"kind": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0}
     assert set(convergence.STUDY_RECIPES) <= set(convergence.RECIPES)
     with pytest.raises(ValueError, match="no_such_recipe"):
         convergence.build_config("no_such_recipe", setting, 0, tmp_path)
@@ -263,6 +339,261 @@ def test_combination_takes_the_objective_and_the_sampler_of_its_parts(tmp_path):
     assert config.objective.sampler["kind"] == "speed"
 
 
+def test_flow_combination_takes_the_objective_and_the_architecture_of_its_parts(tmp_path):
+    recipe = convergence.flow_combination_recipe("dit_flow_gvp", "dit_rmsnorm")
+    config = convergence.build_config(recipe, convergence.Setting(), 0, tmp_path)
+    assert (config.objective.schedule.kind, config.objective.schedule.path) == ("flow", "gvp")
+    assert config.objective.sampler == {"kind": "uniform"}  # GVP's, not the rung's logit-normal
+    assert (config.model.params["mlp_type"], config.model.params["norm_type"]) == ("swiglu", "rmsnorm")
+    assert "use_rope" not in config.model.params and "SwiGLU + RMSNorm" in recipe.label
+    plain = convergence.flow_combination_recipe("dit_flow", "dit_flow_lognorm")
+    assert plain.model_params == () and convergence.build_config(plain, convergence.Setting(), 0, tmp_path)
+
+
+# --- the second generation's evaluation --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "snr", "t"),
+    [
+        ("linear", 1.0, 0.5),  # α = σ at t = 1/2
+        ("linear", 4.0, 1 / 3),  # (1 − t)/t = 2
+        ("linear", 1 / 9, 0.75),  # (1 − t)/t = 1/3
+        ("gvp", 1.0, 0.5),  # cos = sin at π/4
+        ("gvp", 3.0, 1 / 3),  # cot(π/6) = √3
+        ("gvp", 1 / 3, 2 / 3),  # cot(π/3) = 1/√3
+    ],
+)
+def test_flow_time_of_snr_against_closed_forms(path, snr, t):
+    from diffusers_speedup.objectives.flow import FlowPath
+
+    found = convergence.flow_time_of_snr(torch.tensor([snr], dtype=torch.float64), path)
+    assert found.item() == pytest.approx(t, abs=1e-12)
+    assert FlowPath(path).snr(found).item() == pytest.approx(snr, rel=1e-5)
+
+
+def test_flow_time_of_snr_rejects_unknown_paths():
+    with pytest.raises(ValueError, match="cosine"):
+        convergence.flow_time_of_snr(torch.ones(1), "cosine")
+
+
+@pytest.mark.parametrize("path", ["linear", "gvp"])
+def test_flow_x0_from_velocity_against_closed_forms(path):
+    generator = torch.Generator().manual_seed(0)
+    x0, noise, velocity = (torch.randn(4, 1, 8, 8, generator=generator) for _ in range(3))
+    t = torch.tensor(0.3, dtype=torch.float64)
+    half_pi = math.pi / 2
+    if path == "linear":  # α = 1 − t, σ = t, α̇ = −1, σ̇ = 1
+        alpha, sigma, d_alpha, d_sigma = 1 - t, t, -1.0, 1.0
+    else:  # α = cos(πt/2), σ = sin(πt/2)
+        alpha, sigma = torch.cos(half_pi * t), torch.sin(half_pi * t)
+        d_alpha, d_sigma = -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t)
+    noisy = alpha * x0 + sigma * noise
+    x0_hat = convergence.flow_x0_from_velocity(velocity, noisy, alpha, sigma, d_alpha, d_sigma)
+    closed = (
+        noisy - t * velocity
+        if path == "linear"
+        else torch.cos(half_pi * t) * noisy - torch.sin(half_pi * t) * velocity / half_pi
+    )
+    torch.testing.assert_close(x0_hat, closed.to(x0_hat.dtype), rtol=1e-6, atol=1e-6)
+    # The true velocity α̇·x0 + σ̇·ε gives back x0.
+    true_velocity = d_alpha * x0 + d_sigma * noise
+    recovered = convergence.flow_x0_from_velocity(true_velocity, noisy, alpha, sigma, d_alpha, d_sigma)
+    torch.testing.assert_close(recovered, x0.to(recovered.dtype), rtol=1e-6, atol=1e-6)
+
+
+class FakeFlowPipeline:
+    """What heldout_x0_mse reads from a pipeline: ``transformer`` (a velocity model) and a FlowScheduler."""
+
+    def __init__(self, path, velocity):
+        from diffusers_speedup.schedulers.scheduling_flow import FlowScheduler
+
+        self.scheduler = FlowScheduler(path=path)
+        self.transformer = lambda x, t, class_labels, return_dict: (velocity(x, t),)
+
+
+def small_evaluator(images=6):
+    from diffusers import DDPMScheduler
+
+    generator = torch.Generator().manual_seed(0)
+    alphas_cumprod = DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod.double()
+    timesteps = torch.tensor([100, 500, 900])
+    return convergence.Evaluator(
+        classifier=None,
+        classifier_accuracy=1.0,
+        reference=None,
+        test_pixels=torch.rand(images, 1, 8, 8, generator=generator) * 2 - 1,
+        test_labels=torch.arange(images) % 10,
+        sample_labels=[],
+        sample_noise=torch.zeros(0),
+        grid_timesteps=timesteps,
+        grid_alphas_cumprod=alphas_cumprod[timesteps].float(),
+        grid_noise=torch.randn(len(timesteps), images, 1, 8, 8, generator=generator),
+        inference_steps=1,
+        guidance_scale=1.0,
+        device="cpu",
+    )
+
+
+@pytest.mark.parametrize("path", ["linear", "gvp"])
+def test_heldout_x0_mse_of_a_flow_model_at_the_grids_snr(path):
+    evaluator = small_evaluator()
+    x0 = evaluator.test_pixels
+    snr = evaluator.grid_alphas_cumprod.double() / (1 - evaluator.grid_alphas_cumprod.double())
+
+    def coefficients(t):  # written out: SiT's paths, t = 1 noise
+        t = t.double()
+        if path == "linear":
+            return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+        h = math.pi / 2
+        return torch.cos(h * t), torch.sin(h * t), -h * torch.sin(h * t), h * torch.cos(h * t)
+
+    def oracle(x, t):  # the exact velocity of the noised test digits: x̂0 = x0 at every level
+        alpha, sigma, d_alpha, d_sigma = coefficients(t[0])
+        noise = (x.double() - alpha * x0.double()) / sigma
+        return (d_alpha * x0.double() + d_sigma * noise).float()
+
+    result = evaluator.heldout_x0_mse(FakeFlowPipeline(path, oracle))
+    assert result["heldout_x0_mse_per_log_snr"] == [pytest.approx(0.0, abs=1e-9)] * 3
+
+    # A model that returns zero velocity: x̂0 = σ̇·x_t/(α·σ̇ − σ·α̇), at the t whose (α/σ)² is the grid's SNR.
+    seen = []
+    result = evaluator.heldout_x0_mse(FakeFlowPipeline(path, lambda x, t: seen.append(t[0].item()) or 0 * x))
+    for level, (value, t) in enumerate(zip(result["heldout_x0_mse_per_log_snr"], seen)):
+        alpha, sigma, d_alpha, d_sigma = coefficients(torch.tensor(t))
+        assert (alpha / sigma).square().item() == pytest.approx(snr[level].item(), rel=1e-4)
+        noisy = alpha * x0.double() + sigma * evaluator.grid_noise[level].double()
+        x0_hat = d_sigma * noisy / (alpha * d_sigma - sigma * d_alpha)
+        assert value == pytest.approx((x0_hat.clamp(-1, 1) - x0.double()).square().mean().item(), rel=1e-5)
+
+
+def test_the_velocity_direction_loss_has_no_gradient_on_one_channel():
+    # LightningDiT's term, mean_flat(1 − cosine_similarity(v̂, v, dim=1)) (transport/transport.py), written out:
+    # over one channel the cosine is sign(v̂)·sign(v), flat in v̂, so the study leaves the arm out.
+    from diffusers_speedup.objectives.objective import velocity_direction_loss
+
+    generator = torch.Generator().manual_seed(0)
+    for channels, zero in ((1, True), (2, False)):
+        prediction = torch.randn(4, channels, 8, 8, generator=generator, requires_grad=True)
+        target = torch.randn(4, channels, 8, 8, generator=generator)
+        official = (1 - torch.nn.functional.cosine_similarity(prediction, target, dim=1)).flatten(1).mean(1)
+        (gradient,) = torch.autograd.grad(official.sum(), prediction)
+        (ours,) = torch.autograd.grad(velocity_direction_loss(prediction, target).sum(), prediction)
+        assert (gradient.abs().max().item() < 1e-6) == zero and (ours.abs().max().item() < 1e-6) == zero
+
+
+def test_the_first_studys_samples_and_grid_stay_when_the_larger_evaluation_is_added(tmp_path):
+    setting = convergence.Setting(classifier_epochs=1, samples_per_class=2, large_samples_per_class=5)
+    evaluator = convergence.Evaluator.build(setting, tmp_path)
+    generator = torch.Generator().manual_seed(1234)  # the first study's draws, in its order
+    torch.testing.assert_close(evaluator.sample_noise, torch.randn(20, 1, 8, 8, generator=generator))
+    torch.testing.assert_close(evaluator.grid_noise, torch.randn(13, 180, 1, 8, 8, generator=generator))
+    assert evaluator.extra_labels == [c for c in range(10) for _ in range(3)] and len(evaluator.extra_noise) == 30
+
+
+def test_evaluation_steps_and_the_settings_checks():
+    steps = convergence.evaluation_steps(convergence.Setting())
+    assert [s for s, _ in steps] == list(range(320, 3201, 320))
+    assert [s for s, large in steps if large] == [640, 1280, 1920, 2560, 3200]
+    odd = convergence.evaluation_steps(convergence.Setting(steps=1000, eval_every=300, large_eval_every=600))
+    assert odd == [(300, False), (600, True), (900, False), (1000, True)]  # the end always gets both
+    for change, option in (
+        ({"large_eval_every": 500}, "large_eval_every"),
+        ({"large_samples_per_class": 10}, "large_samples_per_class"),
+        ({"hard_fraction": 0.1}, "hard_fraction"),
+        ({"target_fraction": 1.5}, "target_fraction"),
+    ):
+        with pytest.raises(ValueError, match=option):
+            convergence.check_setting(convergence.Setting(**change))
+
+
+# --- the hard target and the second generation's selection -------------------------------------------------------
+
+
+def test_hard_target_is_the_best_recipes_quality_at_half_the_budget():
+    results = {
+        "baseline": [fake_run("baseline", s, [500, 400, 300, 200, 100], [0.1, 0.2, 0.3, 0.4, 0.5]) for s in (0, 1)],
+        # The best final FD (20): at step 250 (half of 500) its mean curve is 45, between 60 and 30.
+        "min_snr": [fake_run("min_snr", s, [100, 60, 30, 25, 20], [0.2, 0.4, 0.6, 0.8, 0.9]) for s in (0, 1)],
+    }
+    targets = convergence.hard_targets(results, SETTING)
+    assert targets["fd_large"]["recipe"] == "min_snr" and targets["fd_large"]["step"] == 250
+    assert targets["fd_large"]["value"] == pytest.approx(45.0)
+    assert targets["class_accuracy"]["recipe"] == "min_snr"  # higher is better
+    assert targets["class_accuracy"]["value"] == pytest.approx(0.5)
+    # The best recipe reaches its own target at half the budget; the baseline never does: counted as the budget.
+    best = convergence.steps_to_target(results["min_snr"], "fd_large", 45.0, SETTING)
+    assert best["steps"] == [pytest.approx(250.0)] * 2 and best["reached"] == 2
+    never = convergence.steps_to_target(results["baseline"], "fd_large", 45.0, SETTING)
+    assert never["steps"] == [500.0, 500.0] and never["reached"] == 0
+    summary = convergence.summarize(results, SETTING)
+    assert summary["steps_to_hard_target"]["baseline"]["class_accuracy"]["steps"] == [500.0, 500.0]
+
+
+def test_selection_of_the_second_generation():
+    falling = [500, 400, 300, 200, 100]
+    twice = [400, 200, 100, 50, 25]  # reaches the reference's FD at step 400 (200) at step 200: 2×
+    slow = [900, 800, 700, 600, 500]
+    results = {
+        "baseline": [fake_run("baseline", s, falling) for s in (0, 1)],
+        "min_snr": [fake_run("min_snr", s, slow) for s in (0, 1)],
+        "dit_flow": [fake_run("dit_flow", s, falling) for s in (0, 1)],
+        "dit_flow_gvp": [fake_run("dit_flow_gvp", s, slow) for s in (0, 1)],
+        "dit_flow_lognorm": [fake_run("dit_flow_lognorm", s, twice) for s in (0, 1)],
+        "dit_swiglu": [fake_run("dit_swiglu", s, slow) for s in (0, 1)],
+    }
+    chosen = convergence.select_axes(results, [0, 1], SETTING)
+    assert (chosen["objective"], chosen["sampler"]) == ("baseline", "baseline")
+    assert (chosen["flow_objective"], chosen["architecture"]) == ("dit_flow_lognorm", "dit_flow_lognorm")
+    assert chosen["scores"]["dit_flow_lognorm"] == pytest.approx(2.0) and chosen["scores"]["dit_swiglu"] < 1
+    assert chosen["generations"]["first"] == ("baseline", 1.0)
+    assert chosen["generations"]["second"][0] == "dit_flow_lognorm" and chosen["best"] == "second"
+    # Without the flow DiT, its axes stay empty and the first generation is the headline.
+    del results["dit_flow"], results["dit_flow_lognorm"]
+    chosen = convergence.select_axes(results, [0, 1], SETTING)
+    assert chosen["flow_objective"] is None and chosen["architecture"] is None and chosen["best"] == "first"
+
+
+# --- the REPA encoder --------------------------------------------------------------------------------------------
+
+
+def test_encoder_pixels_are_repas_preprocessing_of_dinov2s():
+    encoder = digits_encoder
+    gray = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)
+    pixels = encoder.encoder_pixels(gray)
+    assert pixels.shape == (2, 3, 1, 1)
+    for channel, (mean, std) in enumerate(zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))):
+        assert pixels[0, channel].item() == pytest.approx(-mean / std)
+        assert pixels[1, channel].item() == pytest.approx((1 - mean) / std)
+
+
+def test_the_repa_encoder_trains_in_tiny_mode_and_is_cached(tmp_path):
+    from transformers import Dinov2Model
+
+    encoder = digits_encoder
+    logged = []
+    folder, report = encoder.load_or_train_encoders(encoder.TINY, tmp_path, log=logged.append)
+    assert logged and report["training"]["seconds"] > 0 and report["training"]["machine"]
+    trained = Dinov2Model.from_pretrained(folder / "trained")
+    control = Dinov2Model.from_pretrained(folder / "random")
+    assert (folder / "trained" / "preprocessor_config.json").is_file()
+    # REPA resizes the clean image to token grid × encoder patch: 8×8 here, and the grid is the study DiT's 4×4.
+    setting = convergence.Setting()
+    tokens = encoder.patch_tokens(trained.eval(), torch.rand(3, 1, 8, 8))
+    assert tokens.shape == (3, (setting.resolution // setting.patch_size) ** 2, encoder.TINY.hidden_size)
+    assert trained.config.patch_size * 4 == setting.resolution
+    changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, control.state_dict()[k])]
+    assert changed  # the control is the initialisation, the trained encoder moved away from it
+    for name in ("trained", "random"):
+        assert 0 <= report["features"][name]["linear_probe_accuracy"] <= 1
+        assert report["features"][name]["own_patch_r2"] <= 1
+    assert report["features"]["pixels"]["knn5_accuracy"] > 0.9  # raw digits are easy: the reference line
+    # A second call reuses the cached encoders.
+    logged.clear()
+    assert encoder.load_or_train_encoders(encoder.TINY, tmp_path, log=logged.append) == (folder, report)
+    assert not logged
+
+
 def test_heldout_seeds_must_differ_from_the_selection_seeds(tmp_path):
     setting = convergence.Setting(**{**convergence.TINY, "heldout_seeds": [1]})
     with pytest.raises(ValueError, match="heldout_seeds"):
@@ -288,6 +619,7 @@ def test_tiny_study_runs_end_to_end(tmp_path):
             assert [point["step"] for point in run["curve"]] == [2, 4]
             for point in run["curve"]:
                 assert point["fd"] >= -1e-9 and 0.0 <= point["class_accuracy"] <= 1.0
+                assert point["fd_large"] >= -1e-9 and 0.0 <= point["class_accuracy_large"] <= 1.0
                 # Clipped x̂0 and data in [-1, 1]: the x0-MSE of each noise level lies in [0, 4].
                 assert len(point["heldout_x0_mse_per_log_snr"]) == 13
                 assert all(0.0 <= value <= 4.0 for value in point["heldout_x0_mse_per_log_snr"])
@@ -308,13 +640,33 @@ def test_tiny_study_runs_end_to_end(tmp_path):
     is_baseline = (results["selection"]["objective"], results["selection"]["sampler"]) == ("baseline", "baseline")
     assert trained_heldout == (["baseline_seed2"] if is_baseline else ["baseline_seed2", "combination_seed2"])
     comparisons = {(row["recipe"], row["reference"], row["seed_set"]) for row in results["summary"]["comparisons"]}
-    assert comparisons == {("min_snr", "baseline", "selection"), ("combination", "baseline", "held-out")}
+    assert comparisons == {
+        ("min_snr", "baseline", "selection"),
+        ("dit_flow", "baseline", "selection"),  # its DiT reference is not in the tiny study
+        ("combination", "baseline", "held-out"),
+    }
+    # The flow DiT is the second generation's only option: no architecture axis, so no second combination.
+    assert results["selection"]["flow_objective"] == "dit_flow" and results["selection"]["architecture"] is None
+    assert set(results["summary"]["hard_targets"]) == {"fd_large", "class_accuracy"}
+    assert results["real_data_reference"]["num_large"] == 40
     report = (output / "results.md").read_text()
     assert "### Reading" in report and "Min-SNR-γ, published 3.4×" in report and "held-out seeds" in report
+    assert "Steps to the hard targets" in report and "REPA, published 17.5×**: not yet run" in report
     with Image.open(output / "convergence.png") as plot:
         assert plot.width > 500 and plot.height > 300
 
     # A second call reuses every finished run instead of training again.
     logged.clear()
     convergence.run_benchmark(setting, output, classifier_cache=tmp_path / "classifier", log=logged.append)
-    assert sum("reusing" in line for line in logged) == 2 * 2 + len(trained_heldout)
+    assert sum("reusing" in line for line in logged) == 3 * 2 + len(trained_heldout)
+    # A changed evaluation re-evaluates the kept exports; nothing is trained again.
+    logged.clear()
+    larger = convergence.Setting(**{**convergence.TINY, "large_samples_per_class": 3})
+    evaluator = convergence.Evaluator.build(larger, tmp_path / "classifier")
+    run = convergence.run_recipe(
+        "baseline", convergence.RECIPES["baseline"], 0, larger, evaluator, output, log=logged.append
+    )
+    assert "re-evaluating" in logged[0] and run["setting"]["large_samples_per_class"] == 3
+    assert run["train_seconds"] == results["runs"]["baseline"][0]["train_seconds"]
+    # The first study's samples are kept, so its numbers are unchanged.
+    assert run["curve"][-1]["fd"] == pytest.approx(results["runs"]["baseline"][0]["curve"][-1]["fd"])
