@@ -35,10 +35,12 @@ each differs from the recipe it is compared with in one thing:
   (hidden int(2/3·4d)), RMSNorm, 2-D RoPE (configs/imagenet256/lightningdit/r6–r8). LightningDiT's rung 5, the
   velocity-direction loss, is left out: its cosine runs over the channels at each position, and over the digits'
   one channel it is ±1 with zero gradient, so it cannot act here (``--recipes dit_flow_cosine`` runs it anyway);
-* **REPA** (defined, waiting for REPA itself: ``REPA_STUDY_RECIPES``): alignment of block 2 (a third of the depth,
-  as REPA's block 4 of 12 and 8 of 24) to the patch tokens of a tiny DINOv2-shaped encoder trained here without
-  labels (``digits_encoder.py``), λ 0.5, on the flow DiT, the ε DiT and the ε U-ViT, and the control that aligns the
-  flow DiT to the same encoder at its random initialisation.
+* **REPA** (``repa.*``): alignment of block 2 (a third of the depth, as REPA's block 4 of 12 and 8 of 24) to the
+  patch tokens of a tiny DINOv2-shaped encoder trained here without labels (``digits_encoder.py``; it sees the 8×8
+  digit at its own size, ``repa.encoder_resolution=8``, in 2 px patches: the networks' 4×4 grid), λ 0.5, REPA's MLP
+  projector at width 256 (REPA's 2048 is 1.8–2.7× its networks' width; 4× the study's 64 keeps the projector
+  smaller than the network), on the flow DiT, the ε DiT and the ε U-ViT, and the control that aligns the flow DiT to
+  the same encoder at its random initialisation.
 
 **Seeds and intervals.** Every recipe runs on the selection seeds (default 0 1 2). Every final metric and speed-up
 carries the min–max over seeds and a 95 % percentile bootstrap interval (seeded; the recipe's and the reference's
@@ -384,7 +386,7 @@ RECIPES = {
         group=RUNG_GROUP,
         axis=("architecture", "dit_rope"),
     ),
-    # REPA (waiting for it: see REPA_STUDY_RECIPES): the DiT with flow, as REPA trains SiT, and with ε; the U-ViT;
+    # REPA: the DiT with flow, as REPA trains SiT, and with ε; the U-ViT;
     # and the control that aligns the flow DiT to a randomly initialised encoder of the same shape.
     "dit_flow_repa": Recipe(
         "DiT flow, + REPA (trained encoder)",
@@ -456,25 +458,18 @@ STUDY_RECIPES = [
     "dit_swiglu",
     "dit_rmsnorm",
     "dit_rope",
+    "dit_flow_repa",
+    "dit_flow_repa_random",
+    "dit_repa",
+    "uvit_repa",
 ]
 
-# --- REPA: waiting for it --------------------------------------------------------------------------------------
-# MARKER (REPA). The REPA arms above run once the package has REPA's `repa` recipe section; until then building one
-# stops with a clear error and they stay out of STUDY_RECIPES. At the merge: check the override names below (the
-# only place that spells them), then add REPA_STUDY_RECIPES to STUDY_RECIPES.
-REPA_STUDY_RECIPES = ["dit_flow_repa", "dit_flow_repa_random", "dit_repa", "uvit_repa"]
-REPA_OVERRIDE_KEYS = {"encoder": "repa.encoder", "depth": "repa.depth", "weight": "repa.weight"}
+# --- REPA ----------------------------------------------------------------------------------------------------------
 REPA_WEIGHT = 0.5  # λ of REPA's paper and code, everywhere
+REPA_PROJECTOR_DIM = 256  # REPA's 2048 is 1.8–2.7× SiT's width; 4× the study's 64
 # The block whose output is aligned: REPA uses block 4 of SiT-B/2's 12 and 8 of L/XL's 24/28, a third of the depth;
 # a third of the study's 5 DiT blocks and 7 U-ViT blocks is 2.
 REPA_DEPTH = {"dit": 2, "uvit": 2}
-
-
-def repa_supported() -> bool:
-    """Whether this package's recipes have REPA's `repa` section yet."""
-    from diffusers_speedup.training.config import Config
-
-    return "repa" in Config.__dataclass_fields__
 
 
 def repa_overrides(recipe: Recipe, encoder_dir: Path | None) -> list[str]:
@@ -483,17 +478,14 @@ def repa_overrides(recipe: Recipe, encoder_dir: Path | None) -> list[str]:
         return []
     if recipe.repa not in ("trained", "random"):
         raise ValueError(f"Recipe {recipe.label!r}: repa must be 'trained' or 'random', got {recipe.repa!r}.")
-    if not repa_supported():
-        raise ValueError(
-            f"Recipe {recipe.label!r} needs REPA, which this package does not have yet (no `repa` recipe "
-            "section); the REPA arms wait for it (see REPA_STUDY_RECIPES in benchmarks/convergence.py)."
-        )
     if encoder_dir is None:
         raise ValueError(f"Recipe {recipe.label!r} needs the REPA encoders' folder (encoder_dir).")
     return [
-        f"{REPA_OVERRIDE_KEYS['encoder']}={Path(encoder_dir) / recipe.repa}",
-        f"{REPA_OVERRIDE_KEYS['depth']}={REPA_DEPTH[recipe.model]}",
-        f"{REPA_OVERRIDE_KEYS['weight']}={REPA_WEIGHT}",
+        "repa.enabled=true",
+        f"repa.encoder={Path(encoder_dir) / recipe.repa}",
+        f"repa.depth={REPA_DEPTH[recipe.model]}",
+        f"repa.weight={REPA_WEIGHT}",
+        f"repa.projector_dim={REPA_PROJECTOR_DIM}",
     ]
 
 
@@ -610,7 +602,7 @@ TINY = dict(
     large_samples_per_class=4,
     large_eval_every=2,
     bootstrap_samples=200,
-    recipes=["baseline", "min_snr", "dit_flow"],
+    recipes=["baseline", "min_snr", "dit_flow", "dit_flow_repa"],
     seeds=[0, 1],
     heldout_seeds=[2],
 )
@@ -663,7 +655,10 @@ def build_config(recipe: str | Recipe, setting: Setting, seed: int, run_dir: Pat
         f"model.params.patch_size={setting.patch_size}",
         "model.params.skip_scaling=none",
     ]
-    config = load_config(QUICKSTART, common + list(recipe.overrides) + repa_overrides(recipe, encoder_dir))
+    repa = repa_overrides(recipe, encoder_dir)
+    if repa:  # the encoder sees the digit at its own side, in its 2 px patches: the networks' grid (digits_encoder.py)
+        repa.append(f"repa.encoder_resolution={setting.resolution}")
+    config = load_config(QUICKSTART, common + list(recipe.overrides) + repa)
     config.objective.weighting = dict(recipe.weighting)
     config.objective.sampler = dict(recipe.sampler)
     if recipe.model == "dit":
@@ -1466,11 +1461,6 @@ def reading(summary: dict, setting: Setting, selection: dict | None, reference: 
         ]
         if parts:
             lines.append(f"- **{claim}, published {CLAIMS[claim]}×**: " + "; ".join(parts) + ".")
-        elif claim == "REPA":
-            lines.append(
-                "- **REPA, published 17.5×**: not yet run (the package has no REPA yet; the arms and the encoder are "
-                "ready, see REPA_STUDY_RECIPES)."
-            )
     control = by_pair.get(("dit_flow_repa_random", "dit_flow_repa"))
     if control is not None:
         lines.append(
@@ -1690,10 +1680,6 @@ def run_benchmark(
     check_setting(setting)
     output_dir = Path(output_dir)
     repa_recipes = [name for name in setting.recipes if RECIPES[name].repa]
-    if repa_recipes and not repa_supported():
-        raise ValueError(
-            f"--recipes: {repa_recipes} need REPA, which this package does not have yet (no `repa` recipe section)."
-        )
     output_dir.mkdir(parents=True, exist_ok=True)
     classifier_cache = Path(classifier_cache or output_dir / "classifier")
     start = time.perf_counter()

@@ -248,28 +248,23 @@ def test_each_repa_arm_is_its_reference_plus_repa(recipe):
         assert getattr(arm, field) == getattr(reference, field), field
 
 
-def test_repa_arms_wait_for_repa_and_spell_its_overrides_in_one_place(tmp_path, monkeypatch):
-    assert set(convergence.REPA_STUDY_RECIPES) <= set(convergence.RECIPES)
-    assert not set(convergence.REPA_STUDY_RECIPES) & set(convergence.STUDY_RECIPES)
-    assert {n for n, r in convergence.RECIPES.items() if r.repa} == set(convergence.REPA_STUDY_RECIPES)
-    if not convergence.repa_supported():
-        with pytest.raises(ValueError, match="needs REPA"):
-            convergence.build_config("dit_flow_repa", convergence.Setting(), 0, tmp_path, encoder_dir=tmp_path)
-        setting = convergence.Setting(**{**convergence.TINY, "recipes": ["baseline", "uvit_repa"]})
-        with pytest.raises(ValueError, match="uvit_repa"):
-            convergence.run_benchmark(setting, tmp_path)
-    monkeypatch.setattr(convergence, "repa_supported", lambda: True)
-    keys = convergence.REPA_OVERRIDE_KEYS
-    for name, encoder, depth in (("dit_flow_repa", "trained", 2), ("dit_flow_repa_random", "random", 2)):
+def test_repa_arms_are_in_the_study_and_train_with_the_packages_repa_section(tmp_path):
+    assert {n for n, r in convergence.RECIPES.items() if r.repa} <= set(convergence.STUDY_RECIPES)
+    for name, encoder in (("dit_flow_repa", "trained"), ("dit_flow_repa_random", "random")):
         assert convergence.repa_overrides(convergence.RECIPES[name], tmp_path) == [
-            f"{keys['encoder']}={tmp_path / encoder}",
-            f"{keys['depth']}={depth}",
-            f"{keys['weight']}=0.5",
+            "repa.enabled=true",
+            f"repa.encoder={tmp_path / encoder}",
+            "repa.depth=2",
+            "repa.weight=0.5",
+            "repa.projector_dim=256",
         ]
-    assert convergence.repa_overrides(convergence.RECIPES["uvit_repa"], tmp_path)[1] == f"{keys['depth']}=2"
     assert convergence.repa_overrides(convergence.RECIPES["baseline"], tmp_path) == []
     with pytest.raises(ValueError, match="encoder"):
         convergence.repa_overrides(convergence.RECIPES["dit_repa"], None)
+    config = convergence.build_config("uvit_repa", convergence.Setting(), 0, tmp_path, encoder_dir=tmp_path)
+    repa = config.repa
+    assert (repa.enabled, repa.depth, repa.weight, repa.projector_dim) == (True, 2, 0.5, 256)
+    assert repa.encoder == str(tmp_path / "trained") and repa.encoder_resolution == 8  # the digit at its own side
     # A different encoder is a different training: the fingerprint a finished run is reused by names it.
     ours = convergence.recipe_fingerprint(convergence.RECIPES["dit_flow_repa"], tmp_path / "a")
     assert ours != convergence.recipe_fingerprint(convergence.RECIPES["dit_flow_repa"], tmp_path / "b")
@@ -278,9 +273,7 @@ def test_repa_arms_wait_for_repa_and_spell_its_overrides_in_one_place(tmp_path, 
 def test_every_recipe_builds_a_valid_config(tmp_path):
     setting = convergence.Setting()
     for name in convergence.RECIPES:
-        if convergence.RECIPES[name].repa and not convergence.repa_supported():
-            continue  # the test above
-        config = convergence.build_config(name, setting, 3, tmp_path / name)
+        config = convergence.build_config(name, setting, 3, tmp_path / name, encoder_dir=tmp_path / "encoders")
         assert config.train.max_steps == setting.steps and config.train.export_every_checkpoint
         assert config.train.seed == 3 and config.optim.lr_schedule == "constant_with_warmup"
     edm2 = convergence.build_config("edm2", setting, 0, tmp_path)
@@ -643,6 +636,8 @@ def test_tiny_study_runs_end_to_end(tmp_path):
     assert comparisons == {
         ("min_snr", "baseline", "selection"),
         ("dit_flow", "baseline", "selection"),  # its DiT reference is not in the tiny study
+        ("dit_flow_repa", "dit_flow", "selection"),  # REPA, with the encoder trained on the digits first
+        ("dit_flow_repa", "baseline", "selection"),
         ("combination", "baseline", "held-out"),
     }
     # The flow DiT is the second generation's only option: no architecture axis, so no second combination.
@@ -651,14 +646,16 @@ def test_tiny_study_runs_end_to_end(tmp_path):
     assert results["real_data_reference"]["num_large"] == 40
     report = (output / "results.md").read_text()
     assert "### Reading" in report and "Min-SNR-γ, published 3.4×" in report and "held-out seeds" in report
-    assert "Steps to the hard targets" in report and "REPA, published 17.5×**: not yet run" in report
+    assert "Steps to the hard targets" in report
+    assert "REPA, published 17.5×**: DiT flow, + REPA (trained encoder) vs DiT, rectified flow" in report
+    assert (output / "encoder").is_dir()  # REPA's encoder, trained once and cached
     with Image.open(output / "convergence.png") as plot:
         assert plot.width > 500 and plot.height > 300
 
     # A second call reuses every finished run instead of training again.
     logged.clear()
     convergence.run_benchmark(setting, output, classifier_cache=tmp_path / "classifier", log=logged.append)
-    assert sum("reusing" in line for line in logged) == 3 * 2 + len(trained_heldout)
+    assert sum("reusing" in line for line in logged) == 4 * 2 + len(trained_heldout)
     # A changed evaluation re-evaluates the kept exports; nothing is trained again.
     logged.clear()
     larger = convergence.Setting(**{**convergence.TINY, "large_samples_per_class": 3})
