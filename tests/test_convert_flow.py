@@ -176,6 +176,7 @@ def test_repa_last_pt_converts_with_the_official_outputs_and_drops_the_projector
     card = (folder / "README.md").read_text()
     assert "license: mit" in card and "sihyun-yu/REPA" in card and "dl.dropboxusercontent.com" in card
     assert "1.8" in card and "0.7" in card and "250" in card
+    assert "FID 1.80 (Table 4) guides every step with scale 1.35: `guidance_scale=1.35`" in card
 
 
 def test_repa_pipeline_equals_repas_euler_maruyama_sampler_with_the_guidance_interval(tmp_path):
