@@ -70,17 +70,26 @@ def encoder_grid(input_size: int, patch_size: int) -> int:
     return input_size // patch_size
 
 
-def encoder_input(images: torch.Tensor, size: int | None = None) -> torch.Tensor:
+def imagenet_normalization(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's mean and std as (1, 3, 1, 1) tensors on ``device``."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return mean, std
+
+
+def encoder_input(
+    images: torch.Tensor, size: int | None = None, normalization: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """REPA's ``preprocess_raw_image`` for DINOv2: the clean images (B, 3, R, R) in [0, 255] (uint8 or float) ÷255,
     then ImageNet mean and std, then a bicubic resize to ``size`` px, by default REPA's 224·R/256
     (``F.interpolate``'s defaults: corners not aligned, no antialiasing), in that order. A grayscale image (1
-    channel) is the same gray in each of R, G, B."""
+    channel) is the same gray in each of R, G, B. ``normalization``: `imagenet_normalization` already on the images'
+    device (the encoder keeps one, so a training step copies nothing from the host)."""
     if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[-1] != images.shape[-2]:
         raise ValueError(f"images must be (batch, 3, R, R) in [0, 255], got shape {tuple(images.shape)}.")
     size = encoder_input_size(images.shape[-1]) if size is None else size
     x = images.expand(-1, 3, -1, -1).float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = normalization or imagenet_normalization(x.device)
     return F.interpolate((x - mean) / std, size=size, mode="bicubic")
 
 
@@ -144,6 +153,7 @@ class FrozenEncoder:
         self.dim = model.config.hidden_size
         # x_norm_patchtokens: after the class token and the registers.
         self.first_patch = 1 + getattr(model.config, "num_register_tokens", 0)
+        self._normalization = None  # ImageNet's mean and std on the device of the images last seen
 
     @classmethod
     def from_pretrained(cls, name: str, resolution: int, input_size: int | None = None, **kwargs) -> FrozenEncoder:
@@ -176,9 +186,11 @@ class FrozenEncoder:
                 f"the encoder was set up for {self.resolution} px images (its position table has a "
                 f"{self.grid}×{self.grid} grid), got {images.shape[-1]} px."
             )
-        if self.model.device != images.device:
+        if self._normalization is None or self._normalization[0].device != images.device:
             self.model.to(images.device)
-        hidden = self.model(pixel_values=encoder_input(images, self.input_size)).last_hidden_state
+            self._normalization = imagenet_normalization(images.device)
+        pixels = encoder_input(images, self.input_size, self._normalization)
+        hidden = self.model(pixel_values=pixels).last_hidden_state
         return hidden[:, self.first_patch :]
 
 
