@@ -39,8 +39,9 @@ each differs from the recipe it is compared with in one thing:
   patch tokens of a tiny DINOv2-shaped encoder trained here without labels (``digits_encoder.py``; it sees the 8×8
   digit at its own size, ``repa.encoder_resolution=8``, in 2 px patches: the networks' 4×4 grid), λ 0.5, REPA's MLP
   projector at width 256 (REPA's 2048 is 1.8–2.7× its networks' width; 4× the study's 64 keeps the projector
-  smaller than the network), on the flow DiT, the ε DiT and the ε U-ViT, and the control that aligns the flow DiT to
-  the same encoder at its random initialisation.
+  smaller than the network), on the flow DiT, the ε DiT and the ε U-ViT; and for each of the three the control that
+  aligns the same network to the same encoder at its random initialisation (the same shape and the same extra loss
+  term, without the learned features).
 
 **Seeds and intervals.** Every recipe runs on the selection seeds (default 0 1 2). Every final metric and speed-up
 carries the min–max over seeds and a 95 % percentile bootstrap interval (seeded; the recipe's and the reference's
@@ -56,13 +57,14 @@ target only asks for the reference's quality, which the good recipes pass early.
 (on the selection seeds; the held-out runs against the same values). The best recipe reaches it at half the budget,
 and a recipe that reaches it at all is at most twice as slow as the best one; it is set on the selection seeds only.
 
-**The best combinations, on held-out seeds.** On the selection seeds each searched family is split into two axes,
+**The best combinations, on held-out seeds.** On the selection seeds each searched family is split into axes,
 and the option with the largest FD@1000 speed-up over the axis's reference wins each axis (``AXES``; the first
 study chose by FD): the ε-cosine U-ViT's objective (prediction type and weighting) and timestep sampler, against
-the ε baseline (the first generation); the flow DiT's objective (time density, path, weighting) against rectified
-flow, and its architecture (LightningDiT's rungs, cumulative) against the flow DiT with logit-normal t (the
-second). The families do not mix: ε/v/x0 and SpeeD belong to the DDPM schedule, the flow options to the flow path,
-the rungs to the DiT. Both combinations and the baseline are then trained on the held-out seeds (default 3 4 5),
+the ε baseline (the first generation); the flow DiT's objective (time density, path, weighting, Min-SNR from the
+first generation) against rectified flow, its architecture (LightningDiT's rungs, cumulative) against the flow DiT
+with logit-normal t, and REPA (with the trained encoder) or not against rectified flow (the second; three axes).
+The families do not mix: ε/v/x0 and SpeeD belong to the DDPM schedule, the flow options to the flow path, the rungs
+to the DiT. Both combinations and the baseline are then trained on the held-out seeds (default 3 4 5),
 and only those runs report their speed-ups, so the choice never sees them; the headline is the combination of the
 generation whose fastest recipe was fastest against the ε baseline on the selection seeds.
 
@@ -234,6 +236,12 @@ ROPE = (*RMSNORM, ("use_rope", True))
 FLOW_GROUP = "Flow matching"
 RUNG_GROUP = "LightningDiT rungs (DiT, flow)"
 REPA_GROUP = "REPA"
+# Each REPA arm's control, read as (control, the arm): the same recipe aligned to the encoder at its random init.
+REPA_CONTROLS = [
+    ("dit_flow_repa_random", "dit_flow_repa"),
+    ("dit_repa_random", "dit_repa"),
+    ("uvit_repa_random", "uvit_repa"),
+]
 
 RECIPES = {
     "baseline": Recipe("ε, constant weight (baseline)", compare_to=(), axis=("objective", "baseline")),
@@ -386,14 +394,15 @@ RECIPES = {
         group=RUNG_GROUP,
         axis=("architecture", "dit_rope"),
     ),
-    # REPA: the DiT with flow, as REPA trains SiT, and with ε; the U-ViT;
-    # and the control that aligns the flow DiT to a randomly initialised encoder of the same shape.
+    # REPA: the DiT with flow, as REPA trains SiT, and with ε; the U-ViT; each with its control, aligned to a
+    # randomly initialised encoder of the same shape.
     "dit_flow_repa": Recipe(
         "DiT flow, + REPA (trained encoder)",
         FLOW,
         model="dit",
         compare_to=("dit_flow", "baseline"),
         group=REPA_GROUP,
+        axis=("alignment", "dit_flow_repa"),
         repa="trained",
     ),
     "dit_flow_repa_random": Recipe(
@@ -412,7 +421,21 @@ RECIPES = {
         group=REPA_GROUP,
         repa="trained",
     ),
+    "dit_repa_random": Recipe(
+        DIT + ", + REPA (random encoder, control)",
+        LINEAR,
+        model="dit",
+        compare_to=("dit_baseline", "dit_repa"),
+        group=REPA_GROUP,
+        repa="random",
+    ),
     "uvit_repa": Recipe("ε U-ViT, + REPA (trained encoder)", group=REPA_GROUP, repa="trained"),
+    "uvit_repa_random": Recipe(
+        "ε U-ViT, + REPA (random encoder, control)",
+        compare_to=("baseline", "uvit_repa"),
+        group=REPA_GROUP,
+        repa="random",
+    ),
     # Not in the default study: the other recipes of the earlier one-seed runs (docs/benchmarks.md).
     "soft_min_snr": Recipe("ε, soft-min-SNR (γ=5)", weighting=_items({"kind": "soft_min_snr", "gamma": 5.0})),
     "scalelong_inv_sqrt2": Recipe("ScaleLong 1/√2", ("model.params.skip_scaling=inv_sqrt2",), group="ScaleLong"),
@@ -461,7 +484,9 @@ STUDY_RECIPES = [
     "dit_flow_repa",
     "dit_flow_repa_random",
     "dit_repa",
+    "dit_repa_random",
     "uvit_repa",
+    "uvit_repa_random",
 ]
 
 # --- REPA ----------------------------------------------------------------------------------------------------------
@@ -490,16 +515,19 @@ def repa_overrides(recipe: Recipe, encoder_dir: Path | None) -> list[str]:
 
 
 # --- the best combinations ---------------------------------------------------------------------------------------
-# Each searched family splits into two axes; an option is a measured recipe, scored on the selection seeds by its FD
+# Each searched family splits into axes; an option is a measured recipe, scored on the selection seeds by its FD
 # speed-up over the axis's reference (the recipe it differs from in that axis only, itself an option worth 1×).
 AXES = {
     # The first generation: the ε-cosine U-ViT, objective (prediction type and weighting) and timestep sampler.
     "objective": ("first", "baseline"),
     "sampler": ("first", "baseline"),
-    # The second: the flow DiT, objective (path, time density, weighting) and LightningDiT's architecture rungs.
+    # The second: the flow DiT, objective (path, time density, weighting), LightningDiT's architecture rungs, and
+    # REPA or not (its random-encoder control is not an option: it only tells where a gain comes from).
     "flow_objective": ("second", "dit_flow"),
     "architecture": ("second", "dit_flow_lognorm"),
+    "alignment": ("second", "dit_flow"),
 }
+FLOW_AXES = ("flow_objective", "architecture", "alignment")
 COMBINATION = "combination"  # the first generation's, as in the first study
 FLOW_COMBINATION = "combination_flow"  # the second generation's
 
@@ -514,18 +542,20 @@ def combination_recipe(objective: str, sampler: str) -> Recipe:
 RUNG_NAMES = {"mlp_type": "SwiGLU", "norm_type": "RMSNorm", "use_rope": "RoPE"}
 
 
-def flow_combination_recipe(objective: str, architecture: str) -> Recipe:
-    """The flow DiT with the objective of recipe ``objective`` and the architecture of recipe ``architecture``."""
-    chosen, built = RECIPES[objective], RECIPES[architecture]
+def flow_combination_recipe(objective: str, architecture: str, alignment: str = "dit_flow") -> Recipe:
+    """The flow DiT with the objective of recipe ``objective``, the architecture of recipe ``architecture`` and the
+    representation alignment (REPA's or none) of recipe ``alignment``."""
+    chosen, built, aligned = RECIPES[objective], RECIPES[architecture], RECIPES[alignment]
     rungs = " + ".join(RUNG_NAMES[key] for key, _ in built.model_params) or "DiT's own blocks"
     return Recipe(
-        f"best flow combination: {chosen.label} + {rungs}",
+        f"best flow combination: {chosen.label} + {rungs}" + (" + REPA" if aligned.repa else ""),
         chosen.overrides,
         chosen.weighting,
         chosen.sampler,
         model="dit",
         group="held-out seeds",
         model_params=built.model_params,
+        repa=aligned.repa,
     )
 
 
@@ -1461,11 +1491,11 @@ def reading(summary: dict, setting: Setting, selection: dict | None, reference: 
         ]
         if parts:
             lines.append(f"- **{claim}, published {CLAIMS[claim]}×**: " + "; ".join(parts) + ".")
-    control = by_pair.get(("dit_flow_repa_random", "dit_flow_repa"))
-    if control is not None:
+    controls = [f"{by_pair[pair]['label']}: {_fmt_pair(by_pair[pair])}" for pair in REPA_CONTROLS if pair in by_pair]
+    if controls:
         lines.append(
-            f"- **REPA's control**: the random encoder against the trained one: {_fmt_pair(control)}; the gain comes "
-            "from the features only where the trained encoder is faster than the random one."
+            "- **REPA's controls**, the random encoder against the trained one (below 1×: the trained encoder is "
+            "faster): " + "; ".join(controls) + ". A gain comes from the features only where its interval is below 1×."
         )
     for claim, pairs, kind in DIRECTION_CLAIMS:
         parts = [
@@ -1506,11 +1536,11 @@ def reading(summary: dict, setting: Setting, selection: dict | None, reference: 
         texts = []
         for name, axes in (
             (COMBINATION, ("objective", "sampler")),
-            (FLOW_COMBINATION, ("flow_objective", "architecture")),
+            (FLOW_COMBINATION, FLOW_AXES),
         ):
             if any(selection.get(axis) is None for axis in axes):
                 continue
-            text = f"{' and '.join(f'{axis} of `{selection[axis]}`' for axis in axes)}"
+            text = ", ".join(f"{axis} of `{selection[axis]}`" for axis in axes)
             if name in heldout:
                 text += f": on the held-out seeds {_fmt_pair(heldout[name])} against the baseline"
             texts.append(text)
@@ -1719,8 +1749,8 @@ def run_benchmark(
         tasks = [("baseline", RECIPES["baseline"], s) for s in setting.heldout_seeds]
         if (selection["objective"], selection["sampler"]) != ("baseline", "baseline"):
             tasks += [(COMBINATION, combination, s) for s in setting.heldout_seeds]
-        if selection["flow_objective"] is not None and selection["architecture"] is not None:
-            flow = flow_combination_recipe(selection["flow_objective"], selection["architecture"])
+        if all(selection[axis] is not None for axis in FLOW_AXES):
+            flow = flow_combination_recipe(*(selection[axis] for axis in FLOW_AXES))
             tasks += [(FLOW_COMBINATION, flow, s) for s in setting.heldout_seeds]
         heldout = {"baseline": [], COMBINATION: [], FLOW_COMBINATION: []}
         for (name, _, _), result in zip(tasks, run_all(tasks, *common)):

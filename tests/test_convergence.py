@@ -248,6 +248,19 @@ def test_each_repa_arm_is_its_reference_plus_repa(recipe):
         assert getattr(arm, field) == getattr(reference, field), field
 
 
+def test_every_repa_arm_has_its_random_encoder_control_in_the_study():
+    # The fairness check: the gain must come from the features, not from the extra loss term.
+    trained = {n for n, r in convergence.RECIPES.items() if r.repa == "trained"}
+    assert {arm for _, arm in convergence.REPA_CONTROLS} == trained
+    for control, arm in convergence.REPA_CONTROLS:
+        ours, theirs = convergence.RECIPES[control], convergence.RECIPES[arm]
+        assert (ours.repa, theirs.repa) == ("random", "trained")
+        assert ours.compare_to == (theirs.compare_to[0], arm)  # against its network without REPA, and the arm
+        assert control in convergence.STUDY_RECIPES and arm in convergence.STUDY_RECIPES
+        for field in ("overrides", "weighting", "sampler", "model", "model_params"):
+            assert getattr(ours, field) == getattr(theirs, field), field
+
+
 def test_repa_arms_are_in_the_study_and_train_with_the_packages_repa_section(tmp_path):
     assert {n for n, r in convergence.RECIPES.items() if r.repa} <= set(convergence.STUDY_RECIPES)
     for name, encoder in (("dit_flow_repa", "trained"), ("dit_flow_repa_random", "random")):
@@ -341,6 +354,12 @@ def test_flow_combination_takes_the_objective_and_the_architecture_of_its_parts(
     assert "use_rope" not in config.model.params and "SwiGLU + RMSNorm" in recipe.label
     plain = convergence.flow_combination_recipe("dit_flow", "dit_flow_lognorm")
     assert plain.model_params == () and convergence.build_config(plain, convergence.Setting(), 0, tmp_path)
+    assert plain.repa is None and not convergence.build_config(plain, convergence.Setting(), 0, tmp_path).repa.enabled
+    aligned = convergence.flow_combination_recipe("dit_flow_lognorm", "dit_rope", "dit_flow_repa")
+    config = convergence.build_config(aligned, convergence.Setting(), 0, tmp_path, encoder_dir=tmp_path)
+    assert config.repa.enabled and config.repa.encoder == str(tmp_path / "trained")  # never the random control
+    assert config.model.params["use_rope"] and config.objective.sampler["kind"] == "logit_normal"
+    assert aligned.label.endswith("SwiGLU + RMSNorm + RoPE + REPA")
 
 
 # --- the second generation's evaluation --------------------------------------------------------------------------
@@ -534,17 +553,21 @@ def test_selection_of_the_second_generation():
         "dit_flow_gvp": [fake_run("dit_flow_gvp", s, slow) for s in (0, 1)],
         "dit_flow_lognorm": [fake_run("dit_flow_lognorm", s, twice) for s in (0, 1)],
         "dit_swiglu": [fake_run("dit_swiglu", s, slow) for s in (0, 1)],
+        "dit_flow_repa": [fake_run("dit_flow_repa", s, twice) for s in (0, 1)],
+        "dit_flow_repa_random": [fake_run("dit_flow_repa_random", s, [300, 150, 75, 40, 20]) for s in (0, 1)],
     }
     chosen = convergence.select_axes(results, [0, 1], SETTING)
     assert (chosen["objective"], chosen["sampler"]) == ("baseline", "baseline")
     assert (chosen["flow_objective"], chosen["architecture"]) == ("dit_flow_lognorm", "dit_flow_lognorm")
+    # REPA is an axis of its own; its faster random-encoder control is not an option.
+    assert chosen["alignment"] == "dit_flow_repa" and "dit_flow_repa_random" not in chosen["scores"]
     assert chosen["scores"]["dit_flow_lognorm"] == pytest.approx(2.0) and chosen["scores"]["dit_swiglu"] < 1
     assert chosen["generations"]["first"] == ("baseline", 1.0)
     assert chosen["generations"]["second"][0] == "dit_flow_lognorm" and chosen["best"] == "second"
     # Without the flow DiT, its axes stay empty and the first generation is the headline.
     del results["dit_flow"], results["dit_flow_lognorm"]
     chosen = convergence.select_axes(results, [0, 1], SETTING)
-    assert chosen["flow_objective"] is None and chosen["architecture"] is None and chosen["best"] == "first"
+    assert all(chosen[axis] is None for axis in convergence.FLOW_AXES) and chosen["best"] == "first"
 
 
 # --- the REPA encoder --------------------------------------------------------------------------------------------
