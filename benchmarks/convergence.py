@@ -1301,9 +1301,7 @@ def _comparison(name, runs, reference, reference_runs, setting, seeds) -> dict:
 
 
 def _fmt_speedup(entry: dict) -> str:
-    mark = "≤ " if entry["censored"] else "≥ " if entry["at_first_evaluation"] else ""
-    low, high = entry["ci"]
-    return f"{mark}{entry['speedup']:.2f}× [{low:.2f}, {high:.2f}] ({entry['min']:.2f}–{entry['max']:.2f})"
+    return f"{_fmt_short(entry)} ({entry['min']:.2f}–{entry['max']:.2f})"
 
 
 def _fmt_spread(entry: dict, spec: str) -> str:
@@ -1319,6 +1317,43 @@ def _fmt_reach(entry: dict) -> str:
     return f"{mark}{entry['mean']:.0f} [{low:.0f}, {high:.0f}] ({entry['reached']}/{entry['n']})"
 
 
+def glance_table(summary: dict, setting: Setting) -> list[str]:
+    """One row per recipe, in the main metric: what it buys over the recipe it changes and over the ε baseline, its
+    final value and its steps to the hard target. The table to read first; the others hold every metric."""
+    large = 10 * setting.large_samples_per_class
+    target = summary["hard_targets"].get(MAIN_METRIC)
+    rows = {(row["recipe"], row["reference"], row["seed_set"]): row for row in summary["comparisons"]}
+    lines = [
+        f"| recipe | seeds | over the recipe it changes | over the ε baseline | final FD@{large} ↓ |"
+        + (f" steps to FD@{large} ≤ {target['value']:.3f} |" if target else ""),
+        "|---|---|---|---:|---:|" + ("---:|" if target else ""),
+    ]
+    for key, final in summary["finals"].items():
+        name = key.removesuffix(" (held-out seeds)")
+        seed_set = "held-out" if name != key else "selection"
+        own = RECIPES[name].compare_to if name in RECIPES else ()
+        changes = [
+            f"{_fmt_short(rows[name, ref, seed_set][MAIN_METRIC])} over `{ref}`"
+            for ref in own
+            if ref != "baseline" and (name, ref, seed_set) in rows
+        ]
+        if not changes and own[:1] == ("baseline",):
+            changes = ["(it changes the baseline)"]
+        baseline = rows.get((name, "baseline", seed_set))
+        lines.append(
+            f"| {final['label']} | {', '.join(map(str, final['seeds']))} | {'; '.join(changes) or '—'} "
+            f"| {_fmt_short(baseline[MAIN_METRIC]) if baseline else '—'} | {_fmt_spread(final[MAIN_METRIC], '.2f')} |"
+            + (f" {_fmt_reach(summary['steps_to_hard_target'][key][MAIN_METRIC])} |" if target else "")
+        )
+    return lines
+
+
+def _fmt_short(entry: dict) -> str:
+    mark = "≤ " if entry["censored"] else "≥ " if entry["at_first_evaluation"] else ""
+    low, high = entry["ci"]
+    return f"{mark}{entry['speedup']:.2f}× [{low:.2f}, {high:.2f}]"
+
+
 def markdown_report(summary: dict, setting: Setting, reference: dict, selection: dict | None) -> str:
     """The tables and the reading, in markdown."""
     large = 10 * setting.large_samples_per_class
@@ -1331,6 +1366,13 @@ def markdown_report(summary: dict, setting: Setting, reference: dict, selection:
         + f". Speed-up target: the reference's seed-mean value at step {setting.target_fraction * setting.steps:.0f}. "
         "Speed-ups: estimate [95 % bootstrap interval] (min–max over seeds); ≤: some seed never reached the target "
         "(counted as the full budget); ≥: reached at the first evaluation. FD@N, accuracy@N: the larger evaluation.",
+        "",
+        f"**At a glance** (FD@{large} speed-ups; every recipe against the same ε baseline, and against the recipe it "
+        "differs from in one thing where that is not the baseline):",
+        "",
+        *glance_table(summary, setting),
+        "",
+        "Every comparison in every metric:",
         "",
         f"| recipe | compared with | seeds | speed-up (FD) | speed-up (class accuracy) | speed-up (FD@{large}) |",
         "|---|---|---|---:|---:|---:|",

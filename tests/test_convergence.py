@@ -519,6 +519,28 @@ def test_evaluation_steps_and_the_settings_checks():
             convergence.check_setting(convergence.Setting(**change))
 
 
+def test_glance_table_has_each_recipes_gain_over_what_it_changes_and_over_the_baseline():
+    falling = [500, 400, 300, 200, 100]  # the target (80 % of 500 steps) is 180, at step 400
+    results = {
+        "baseline": [fake_run("baseline", s, falling) for s in (0, 1)],
+        "min_snr": [fake_run("min_snr", s, [400, 200, 100, 50, 25]) for s in (0, 1)],  # 180 at step 200: 2×
+        "dit_baseline": [fake_run("dit_baseline", s, falling) for s in (0, 1)],
+        "dit_repa": [fake_run("dit_repa", s, [400, 200, 100, 50, 25]) for s in (0, 1)],
+        "dit_repa_random": [fake_run("dit_repa_random", s, falling) for s in (0, 1)],
+    }
+    rows = {
+        line.split(" | ")[0][2:]: line
+        for line in convergence.glance_table(convergence.summarize(results, SETTING), SETTING)
+    }
+    assert rows["ε, Min-SNR-5"].split(" | ")[2:4] == ["(it changes the baseline)", "2.00× [2.00, 2.00]"]
+    repa = rows[convergence.RECIPES["dit_repa"].label].split(" | ")
+    assert repa[2] == "2.00× [2.00, 2.00] over `dit_baseline`" and repa[3] == "2.00× [2.00, 2.00]"
+    control = rows[convergence.RECIPES["dit_repa_random"].label].split(" | ")
+    # The control never reaches dit_repa's FD at step 400 (50): counted as the budget, 400/500, an upper bound.
+    assert control[2] == "1.00× [1.00, 1.00] over `dit_baseline`; ≤ 0.80× [0.80, 0.80] over `dit_repa`"
+    assert rows["ε, constant weight (baseline)"].split(" | ")[2:4] == ["—", "—"]
+
+
 # --- the hard target and the second generation's selection -------------------------------------------------------
 
 
