@@ -80,14 +80,11 @@ above 0.5) before the end, measured with one-seed trial runs of the baseline (20
 The 16×16 digits are the 8×8 ones upscaled, so at 16×16 the same noise level leaves four times the signal-to-noise
 ratio per original pixel and the uniform-t ε objective spends even less of its weight on the high noise levels that
 decide the class. The study therefore trains at 8×8, batch 32, **3200 steps** (evaluations every 320; the target at
-step 2560, where the baseline is at ≈ 0.5–0.6). The first study (15 recipes × 3 selection seeds + 2 × 3 held-out
-runs = 51 runs) took ≈ 1 h 45 min on two idle cores of that machine. The default study now has 23 recipes × 3 +
-3 × 3 held-out = 78 runs. Measured on 2026-12-02 (a 2-core Intel Xeon shared with other work; one run at a time,
-CPU time of the whole command): the flow DiT 116 s (83 s of training at ≈ 38 steps/s, 31 s for its 10 + 5
-evaluations), the DiT with all three LightningDiT rungs 130 s, the flow U-ViT 127 s. At ≈ 125 s of one core per
-run the 78 runs take ≈ 1 h 25 min with ``--jobs 2`` on two idle cores of that machine; at the first study's pace
-(≈ 19 steps/s per run with two runs at a time on the AMD machine) ≈ 2 h 45 min. The REPA arms, once they run, add
-4 × 3 runs and the encoder (≈ 1.5 min).
+step 2560, where the baseline is at ≈ 0.5–0.6). The default study has 29 recipes × 3 selection seeds + 3 × 3
+held-out runs = 96 runs, the classifier (≈ 1 min) and REPA's encoder (≈ 1.5 min). Measured on 2026-12-06 on a
+2-core Intel Xeon, ``--jobs 2``, otherwise idle: ≈ 62 s of wall time per run (≈ 28–32 steps/s per run while
+training, two at a time; a REPA run ≈ 1.5× the training time of its network), ≈ 1 h 45 min for the whole study;
+on the 2-core AMD EPYC of the first study (≈ 19 steps/s per run) about half as long again.
 
 **Evaluation** of every checkpoint's exported pipeline (EMA weights):
 
@@ -175,7 +172,8 @@ class Recipe:
         weighting: the whole ``objective.weighting`` mapping (replaced, not merged, so no stray parameters remain).
         sampler: the whole ``objective.sampler`` mapping.
         model: "uvit" or "dit" (the DiT is sized by the setting's ``dit_*`` fields).
-        compare_to: the recipes this one differs from in one change; its speed-ups are measured against each.
+        compare_to: the recipes this one differs from in one change (or, for a control, the arm it controls); its
+            speed-ups are measured against each, and against the ε baseline ``baseline`` in any case.
         group: the plot panel it is drawn in.
         axis: for the combination search, ``(axis, option)``: the axis of ``AXES`` this recipe is an option of
             (``option`` names the recipe itself); None for recipes outside both searched families.
@@ -1271,8 +1269,9 @@ def summarize(results: dict[str, list[dict]], setting: Setting, heldout: dict[st
             **{m: spread([curve(run, m)[1][-1] for run in runs], setting.bootstrap_samples) for m in METRICS},
         }
     for name, runs in results.items():
-        recipe = RECIPES[name]
-        for reference in recipe.compare_to:
+        # Every recipe against the ε baseline too, the one reference all rows share.
+        references = RECIPES[name].compare_to + (("baseline",) if name != "baseline" else ())
+        for reference in dict.fromkeys(references):
             if reference in results:
                 comparisons.append(_comparison(name, runs, reference, results[reference], setting, "selection"))
     for combination in (COMBINATION, FLOW_COMBINATION):

@@ -538,6 +538,7 @@ def test_glance_table_has_each_recipes_gain_over_what_it_changes_and_over_the_ba
     control = rows[convergence.RECIPES["dit_repa_random"].label].split(" | ")
     # The control never reaches dit_repa's FD at step 400 (50): counted as the budget, 400/500, an upper bound.
     assert control[2] == "1.00× [1.00, 1.00] over `dit_baseline`; ≤ 0.80× [0.80, 0.80] over `dit_repa`"
+    assert control[3] == "1.00× [1.00, 1.00]"  # every recipe against the ε baseline, though not in its compare_to
     assert rows["ε, constant weight (baseline)"].split(" | ")[2:4] == ["—", "—"]
 
 
