@@ -82,8 +82,8 @@ ratio per original pixel and the uniform-t ε objective spends even less of its 
 decide the class. The study therefore trains at 8×8, batch 32, **3200 steps** (evaluations every 320; the target at
 step 2560, where the baseline is at ≈ 0.5–0.6). The default study has 29 recipes × 3 selection seeds + 3 × 3
 held-out runs = 96 runs, the classifier (≈ 1 min) and REPA's encoder (≈ 1.5 min). Measured on 2026-12-06 on a
-2-core Intel Xeon, ``--jobs 2``, otherwise idle: ≈ 62 s of wall time per run (≈ 28–32 steps/s per run while
-training, two at a time; a REPA run ≈ 1.5× the training time of its network), ≈ 1 h 45 min for the whole study;
+2-core Intel Xeon, ``--jobs 2``, otherwise idle: ≈ 65 s of wall time per run (≈ 28–32 steps/s per run while
+training, two at a time; a REPA run ≈ 1.5× the training time of its network), ≈ 1 h 50 min for the whole study;
 on the 2-core AMD EPYC of the first study (≈ 19 steps/s per run) about half as long again.
 
 **Evaluation** of every checkpoint's exported pipeline (EMA weights):
