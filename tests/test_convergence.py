@@ -542,6 +542,23 @@ def test_glance_table_has_each_recipes_gain_over_what_it_changes_and_over_the_ba
     assert rows["ε, constant weight (baseline)"].split(" | ")[2:4] == ["—", "—"]
 
 
+def test_reading_says_whether_repas_gain_comes_from_the_features():
+    falling, fast = [500, 400, 300, 200, 100], [400, 200, 100, 50, 25]
+    results = {
+        "baseline": [fake_run("baseline", s, falling) for s in (0, 1)],
+        "dit_baseline": [fake_run("dit_baseline", s, falling) for s in (0, 1)],
+        "dit_repa": [fake_run("dit_repa", s, fast) for s in (0, 1)],
+        "dit_repa_random": [fake_run("dit_repa_random", s, falling) for s in (0, 1)],  # slower than the trained arm
+        "uvit_repa": [fake_run("uvit_repa", s, fast) for s in (0, 1)],
+        "uvit_repa_random": [fake_run("uvit_repa_random", s, fast) for s in (0, 1)],  # as fast: the loss term
+    }
+    lines = convergence.reading(convergence.summarize(results, SETTING), SETTING, None)
+    (controls,) = [line for line in lines if line.startswith("- **REPA's controls**")]
+    trained, random = controls.split("; ")
+    assert "DiT (linear β, learned σ), + REPA (random encoder" in trained and "its features count" in trained
+    assert "ε U-ViT, + REPA (random encoder" in random and "no gain is shown to come from the features" in random
+
+
 # --- the hard target and the second generation's selection -------------------------------------------------------
 
 
