@@ -66,7 +66,9 @@ with logit-normal t, and REPA (with the trained encoder) or not against rectifie
 The families do not mix: ε/v/x0 and SpeeD belong to the DDPM schedule, the flow options to the flow path, the rungs
 to the DiT. Both combinations and the baseline are then trained on the held-out seeds (default 3 4 5),
 and only those runs report their speed-ups, so the choice never sees them; the headline is the combination of the
-generation whose fastest recipe was fastest against the ε baseline on the selection seeds.
+generation whose fastest recipe was fastest against the ε baseline on the selection seeds. When REPA is chosen, the
+same flow combination without it is trained on the held-out seeds too (REPA costs ≈ 1.5× the time per step, so its
+part in the combination is measured where the choice never looked; 3 more runs).
 
 **Budget and time (CPU).** The budget is set so that the ε baseline draws recognisable digits (class accuracy
 above 0.5) before the end, measured with one-seed trial runs of the baseline (2026-12-01, 2-core AMD EPYC):
@@ -80,10 +82,10 @@ above 0.5) before the end, measured with one-seed trial runs of the baseline (20
 The 16×16 digits are the 8×8 ones upscaled, so at 16×16 the same noise level leaves four times the signal-to-noise
 ratio per original pixel and the uniform-t ε objective spends even less of its weight on the high noise levels that
 decide the class. The study therefore trains at 8×8, batch 32, **3200 steps** (evaluations every 320; the target at
-step 2560, where the baseline is at ≈ 0.5–0.6). The default study has 29 recipes × 3 selection seeds + 3 × 3
-held-out runs = 96 runs, the classifier (≈ 1 min) and REPA's encoder (≈ 1.5 min). Measured on 2026-12-06 on a
+step 2560, where the baseline is at ≈ 0.5–0.6). The default study has 29 recipes × 3 selection seeds + 4 × 3
+held-out runs = 99 runs, the classifier (≈ 1 min) and REPA's encoder (≈ 1.5 min). Measured on 2026-12-06 on a
 2-core Intel Xeon, ``--jobs 2``, otherwise idle: ≈ 65 s of wall time per run (≈ 28–32 steps/s per run while
-training, two at a time; a REPA run ≈ 1.5× the training time of its network), ≈ 1 h 50 min for the whole study;
+training, two at a time; a REPA run ≈ 1.5× the training time of its network), ≈ 1 h 55 min for the whole study;
 on the 2-core AMD EPYC of the first study (≈ 19 steps/s per run) about half as long again.
 
 **Evaluation** of every checkpoint's exported pipeline (EMA weights):
@@ -126,7 +128,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -528,6 +530,15 @@ AXES = {
 FLOW_AXES = ("flow_objective", "architecture", "alignment")
 COMBINATION = "combination"  # the first generation's, as in the first study
 FLOW_COMBINATION = "combination_flow"  # the second generation's
+# The second generation's combination without REPA, trained on the held-out seeds too when REPA was chosen: REPA
+# costs ≈ 1.5× the time per step, so its part in the combination is measured where the choice never looked.
+FLOW_COMBINATION_WITHOUT_REPA = "combination_flow_without_repa"
+HELDOUT_COMPARISONS = [
+    (COMBINATION, "baseline"),
+    (FLOW_COMBINATION, "baseline"),
+    (FLOW_COMBINATION, FLOW_COMBINATION_WITHOUT_REPA),
+    (FLOW_COMBINATION_WITHOUT_REPA, "baseline"),
+]
 
 
 def combination_recipe(objective: str, sampler: str) -> Recipe:
@@ -555,6 +566,21 @@ def flow_combination_recipe(objective: str, architecture: str, alignment: str = 
         model_params=built.model_params,
         repa=aligned.repa,
     )
+
+
+def heldout_tasks(selection: dict, setting: Setting) -> list[tuple[str, Recipe, int]]:
+    """What trains on the held-out seeds: the baseline; the first generation's combination unless it is the
+    baseline; the second's when its axes were measured, and that combination without REPA when REPA was chosen."""
+    tasks = [("baseline", RECIPES["baseline"])]
+    if (selection["objective"], selection["sampler"]) != ("baseline", "baseline"):
+        tasks.append((COMBINATION, combination_recipe(selection["objective"], selection["sampler"])))
+    if all(selection[axis] is not None for axis in FLOW_AXES):
+        flow = flow_combination_recipe(*(selection[axis] for axis in FLOW_AXES))
+        tasks.append((FLOW_COMBINATION, flow))
+        if flow.repa:
+            plain = flow_combination_recipe(selection["flow_objective"], selection["architecture"])
+            tasks.append((FLOW_COMBINATION_WITHOUT_REPA, replace(plain, label=f"{plain.label}, without REPA")))
+    return [(name, recipe, seed) for name, recipe in tasks for seed in setting.heldout_seeds]
 
 
 @dataclass
@@ -1274,10 +1300,10 @@ def summarize(results: dict[str, list[dict]], setting: Setting, heldout: dict[st
         for reference in dict.fromkeys(references):
             if reference in results:
                 comparisons.append(_comparison(name, runs, reference, results[reference], setting, "selection"))
-    for combination in (COMBINATION, FLOW_COMBINATION):
-        if heldout and heldout.get(combination) and "baseline" in heldout:
+    for combination, reference in HELDOUT_COMPARISONS:
+        if heldout and heldout.get(combination) and heldout.get(reference):
             comparisons.append(
-                _comparison(combination, heldout[combination], "baseline", heldout["baseline"], setting, "held-out")
+                _comparison(combination, heldout[combination], reference, heldout[reference], setting, "held-out")
             )
     targets = hard_targets(results, setting)
     reach = {
@@ -1330,13 +1356,17 @@ def glance_table(summary: dict, setting: Setting) -> list[str]:
     for key, final in summary["finals"].items():
         name = key.removesuffix(" (held-out seeds)")
         seed_set = "held-out" if name != key else "selection"
-        own = RECIPES[name].compare_to if name in RECIPES else ()
+        own = (
+            RECIPES[name].compare_to
+            if name in RECIPES
+            else tuple(reference for combination, reference in HELDOUT_COMPARISONS if combination == name)
+        )
         changes = [
             f"{_fmt_short(rows[name, ref, seed_set][MAIN_METRIC])} over `{ref}`"
             for ref in own
             if ref != "baseline" and (name, ref, seed_set) in rows
         ]
-        if not changes and own[:1] == ("baseline",):
+        if not changes and name in RECIPES and own[:1] == ("baseline",):
             changes = ["(it changes the baseline)"]
         baseline = rows.get((name, "baseline", seed_set))
         lines.append(
@@ -1491,7 +1521,9 @@ def reading(summary: dict, setting: Setting, selection: dict | None, reference: 
     by_pair = {
         (row["recipe"], row["reference"]): row for row in summary["comparisons"] if row["seed_set"] == "selection"
     }
-    heldout = {row["recipe"]: row for row in summary["comparisons"] if row["seed_set"] == "held-out"}
+    heldout = {
+        (row["recipe"], row["reference"]): row for row in summary["comparisons"] if row["seed_set"] == "held-out"
+    }
     large = 10 * setting.large_samples_per_class
     lines = []
     baseline = summary["finals"].get("baseline")
@@ -1591,8 +1623,13 @@ def reading(summary: dict, setting: Setting, selection: dict | None, reference: 
             if any(selection.get(axis) is None for axis in axes):
                 continue
             text = ", ".join(f"{axis} of `{selection[axis]}`" for axis in axes)
-            if name in heldout:
-                text += f": on the held-out seeds {_fmt_pair(heldout[name])} against the baseline"
+            if (name, "baseline") in heldout:
+                text += f": on the held-out seeds {_fmt_pair(heldout[name, 'baseline'])} against the baseline"
+            if (name, FLOW_COMBINATION_WITHOUT_REPA) in heldout:
+                text += (
+                    f", and {_fmt_pair(heldout[name, FLOW_COMBINATION_WITHOUT_REPA])} against the same combination "
+                    "without REPA"
+                )
             texts.append(text)
         best = selection.get("best")
         if texts:
@@ -1795,22 +1832,13 @@ def run_benchmark(
     if setting.heldout_seeds and "baseline" in results:
         selection = select_axes(results, setting.seeds, setting)
         log(f"chosen on seeds {setting.seeds}: {selection}")
-        combination = combination_recipe(selection["objective"], selection["sampler"])
-        tasks = [("baseline", RECIPES["baseline"], s) for s in setting.heldout_seeds]
-        if (selection["objective"], selection["sampler"]) != ("baseline", "baseline"):
-            tasks += [(COMBINATION, combination, s) for s in setting.heldout_seeds]
-        if all(selection[axis] is not None for axis in FLOW_AXES):
-            flow = flow_combination_recipe(*(selection[axis] for axis in FLOW_AXES))
-            tasks += [(FLOW_COMBINATION, flow, s) for s in setting.heldout_seeds]
-        heldout = {"baseline": [], COMBINATION: [], FLOW_COMBINATION: []}
+        tasks = heldout_tasks(selection, setting)
+        heldout = {name: [] for name, _, _ in tasks}
         for (name, _, _), result in zip(tasks, run_all(tasks, *common)):
             heldout[name].append(result)
-        if not heldout[COMBINATION]:  # nothing beat the baseline on the selection seeds: it is its own best
-            heldout[COMBINATION] = [
-                {**run, "recipe": COMBINATION, "label": combination.label} for run in heldout["baseline"]
-            ]
-        if not heldout[FLOW_COMBINATION]:
-            del heldout[FLOW_COMBINATION]
+        if COMBINATION not in heldout:  # nothing beat the baseline on the selection seeds: it is its own best
+            label = combination_recipe(selection["objective"], selection["sampler"]).label
+            heldout[COMBINATION] = [{**run, "recipe": COMBINATION, "label": label} for run in heldout["baseline"]]
 
     summary = summarize(results, setting, heldout)
     report = markdown_report(summary, setting, reference, selection)

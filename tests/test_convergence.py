@@ -362,6 +362,57 @@ def test_flow_combination_takes_the_objective_and_the_architecture_of_its_parts(
     assert aligned.label.endswith("SwiGLU + RMSNorm + RoPE + REPA")
 
 
+def test_heldout_seeds_train_the_combinations_and_repas_part_in_the_second():
+    setting = convergence.Setting(heldout_seeds=[3, 4])
+    chosen = {"objective": "min_snr_x0", "sampler": "speed", "flow_objective": "dit_flow_lognorm"}
+    tasks = convergence.heldout_tasks({**chosen, "architecture": "dit_rope", "alignment": "dit_flow_repa"}, setting)
+    names = [name for name, _, _ in tasks]
+    assert names == [
+        name
+        for name in ("baseline", "combination", "combination_flow", "combination_flow_without_repa")
+        for _ in (3, 4)
+    ]
+    recipes = {name: recipe for name, recipe, _ in tasks}
+    assert recipes["combination_flow"].repa == "trained" and recipes["combination_flow_without_repa"].repa is None
+    assert recipes["combination_flow_without_repa"].label.endswith("RoPE, without REPA")
+    for field in ("overrides", "weighting", "sampler", "model", "model_params"):  # REPA is all that differs
+        assert getattr(recipes["combination_flow"], field) == getattr(recipes["combination_flow_without_repa"], field)
+    # REPA not chosen: no ablation; nothing beat the baseline: no first-generation run; no flow DiT: no second.
+    plain = convergence.heldout_tasks({**chosen, "architecture": "dit_rope", "alignment": "dit_flow"}, setting)
+    assert "combination_flow_without_repa" not in {name for name, _, _ in plain}
+    empty = {"objective": "baseline", "sampler": "baseline", **dict.fromkeys(convergence.FLOW_AXES)}
+    assert [name for name, _, _ in convergence.heldout_tasks(empty, setting)] == ["baseline", "baseline"]
+
+
+def test_heldout_reading_and_table_give_repas_part_in_the_combination():
+    falling, fast = [500, 400, 300, 200, 100], [400, 200, 100, 50, 25]
+    results = {"baseline": [fake_run("baseline", s, falling) for s in (0, 1)]}
+    heldout = {
+        "baseline": [fake_run("baseline", s, falling) for s in (3, 4)],
+        "combination_flow": [fake_run("combination_flow", s, fast) for s in (3, 4)],
+        "combination_flow_without_repa": [fake_run("combination_flow_without_repa", s, falling) for s in (3, 4)],
+    }
+    summary = convergence.summarize(results, SETTING, heldout)
+    pairs = {(row["recipe"], row["reference"]) for row in summary["comparisons"] if row["seed_set"] == "held-out"}
+    assert pairs == {
+        ("combination_flow", "baseline"),
+        ("combination_flow", "combination_flow_without_repa"),
+        ("combination_flow_without_repa", "baseline"),
+    }
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in convergence.glance_table(summary, SETTING)}
+    assert rows["combination_flow, held-out seeds"][2] == "2.00× [2.00, 2.00] over `combination_flow_without_repa`"
+    assert rows["combination_flow_without_repa, held-out seeds"][2] == "—"  # a held-out run changes no recipe
+    selection = {
+        "objective": "baseline",
+        "sampler": "baseline",
+        "flow_objective": "dit_flow_lognorm",
+        "architecture": "dit_rope",
+        "alignment": "dit_flow_repa",
+    }
+    (line,) = [line for line in convergence.reading(summary, SETTING, selection) if "Best combinations" in line]
+    assert "2.00× [2.00, 2.00] against the same combination without REPA" in line
+
+
 # --- the second generation's evaluation --------------------------------------------------------------------------
 
 
