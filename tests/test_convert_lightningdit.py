@@ -5,13 +5,11 @@
 ``timestep_shift``, torchdiffeq's fixed-grid Euler, ``forward_with_cfg``) written out below in its own time, and the
 LDM decoder of test_convert_vavae."""
 
-import argparse
-
 import pytest
 import torch
 
 from diffusers_speedup import ClassConditionalPipeline, DiTModel
-from diffusers_speedup.convert import CheckpointFormatError, lightningdit, vavae
+from diffusers_speedup.convert import CheckpointFormatError, build_parser, lightningdit, vavae
 from diffusers_speedup.schedulers import FlowScheduler
 from tests.test_convert_vavae import TINY, latents_stats, ldm_decode, ldm_state_shapes, random_ldm_state
 from tests.test_dit_lightningdit import (
@@ -80,11 +78,9 @@ def lightningdit_euler_sampler(forward, z, y, num_steps, cfg_scale, cfg_interval
 
 
 def convert(checkpoint, output_dir, *options):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("checkpoint")
-    parser.add_argument("--output_dir", required=True)
-    lightningdit.add_arguments(parser)
-    return lightningdit.run(parser.parse_args([str(checkpoint), "--output_dir", str(output_dir), *options]))
+    """`diffusers-speedup convert lightningdit`, through the command's own parser; returns the folder written."""
+    args = build_parser().parse_args(["lightningdit", str(checkpoint), "--output_dir", str(output_dir), *options])
+    return args.run(args)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ Files are built here in the official layout of hustvl/LightningDiT@2725fed ``tok
 model is compared against it, never against the code under test.
 """
 
-import argparse
 import math
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from diffusers_speedup.convert import CheckpointFormatError, vavae
+from diffusers_speedup.convert import CheckpointFormatError, build_parser, vavae
 
 # VA-VAE f16d32's shape (tokenizer/configs/vavae_f16d32.yaml: ch 128, ch_mult 1 1 2 2 4, num_res_blocks 2,
 # z_channels 32, attn_resolutions [16] at 256 px: the lowest of the five levels) at a quarter of the width and an
@@ -213,11 +212,9 @@ def latents_stats(channels, seed=2):
 
 
 def convert(checkpoint, output_dir, *options):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("checkpoint")
-    parser.add_argument("--output_dir", required=True)
-    vavae.add_arguments(parser)
-    return vavae.run(parser.parse_args([str(checkpoint), "--output_dir", str(output_dir), *options]))
+    """`diffusers-speedup convert vavae`, through the command's own parser; returns the folder written."""
+    args = build_parser().parse_args(["vavae", str(checkpoint), "--output_dir", str(output_dir), *options])
+    return args.run(args)
 
 
 @pytest.fixture(scope="module")
