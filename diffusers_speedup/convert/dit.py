@@ -235,17 +235,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'ema' or 'mse' (stabilityai/sd-vae-ft-ema / -mse; DiT's, SiT's and REPA's FIDs use ema), or a folder or Hub id of an "
         "AutoencoderKL (default: ema)",
     )
+    add_weight_arguments(parser, "ema; ignored for the released files", "the paper's DiT")
+
+
+def add_weight_arguments(parser: argparse.ArgumentParser, default_note: str, family: str) -> None:
+    """``--weights`` (a train.py checkpoint's EMA or raw weights) and ``--num_attention_heads``, the options of every
+    DiT-shaped checkpoint (DiT, SiT, REPA, LightningDiT); ``default_note`` and ``family`` fill their help."""
     parser.add_argument(
         "--weights",
         choices=("ema", "model"),
         default="ema",
-        help="which weights of a train.py checkpoint to convert (default: ema; ignored for the released files)",
+        help=f"which weights of a train.py checkpoint to convert (default: {default_note})",
     )
     parser.add_argument(
         "--num_attention_heads",
         type=int,
         default=None,
-        help="attention heads, for a width that is none of the paper's DiT sizes (inferred otherwise)",
+        help=f"attention heads, for a width that is none of {family} sizes (inferred otherwise)",
     )
 
 

@@ -279,18 +279,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="LightningDiT's latents_stats.pt (per-channel mean and std); needed unless the VAE folder records them",
     )
-    parser.add_argument(
-        "--weights",
-        choices=("ema", "model"),
-        default="ema",
-        help="which weights of a train.py checkpoint to convert (default: ema, as inference.py)",
-    )
-    parser.add_argument(
-        "--num_attention_heads",
-        type=int,
-        default=None,
-        help="attention heads, for a width that is none of LightningDiT's sizes (inferred otherwise)",
-    )
+    dit.add_weight_arguments(parser, "ema, as inference.py", "LightningDiT's")
 
 
 def run(args: argparse.Namespace) -> Path:
